@@ -1,0 +1,245 @@
+"""`edgeprune` command line: argparse subcommands, each one library call.
+
+Every `EdgePruneError` becomes one line on stderr, `edgeprune: error: ...`, and its documented exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgeprune import __version__
+from edgeprune.errors import EdgePruneError, ExitCode
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class Progress:
+    """A rich progress bar on stderr, or nothing (for --json, or when rich is missing)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar = None
+        self._task = None
+        if enabled:
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                    TimeElapsedColumn
+
+                self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+            except ImportError:
+                self._bar = None
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def stage(self, description: str, total: int | None = None) -> Callable[[int, int], None]:
+        """Start a stage; returns a `(done, total)` callback for the library."""
+        if self._bar is None:
+            return lambda done, total: None
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+        task = self._task = self._bar.add_task(description, total=total)
+
+        def update(done: int, tot: int) -> None:
+            self._bar.update(task, completed=done, total=tot)
+
+        return update
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+
+
+# ---------------------------------------------------------------- targets
+
+
+def add_targets(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("targets", help="list device profiles", description="List the bundled device profiles.")
+    p.add_argument("--json", action="store_true", help="print the profiles as JSON")
+    return run_targets
+
+
+def run_targets(args: argparse.Namespace) -> int:
+    from edgeprune.targets import bundled_targets
+
+    targets = bundled_targets()
+    if args.json:
+        emit_json([t.to_dict() for t in targets.values()])
+        return 0
+    from edgeprune.runtimes import runtime_for
+
+    width = max(len(n) for n in targets)
+    for t in targets.values():
+        try:
+            runtime_for(t)
+            here = "measurable here" if t.remote is None else "through its [remote]"
+        except EdgePruneError:
+            here = "not here: measure on the device or with --lut"
+        alias = f" (alias {', '.join(t.aliases)})" if t.aliases else ""
+        print(f"{t.name:<{width}}  {t.runtime:<11} {t.precision:<4}  x{t.channel_multiple:<3} {here}{alias}")
+        print(f"{'':<{width}}  {t.description}")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="example (default: the bundled digits CNN), torchvision:NAME, timm:NAME, pkg.module:factory, "
+                        "or path/to/file.py:factory")
+    p.add_argument("--weights", default=None, metavar="PATH", help="a state dict, loaded with weights_only=True")
+    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                   help="example input shape (default: the model's own, 1,3,224,224 for torchvision)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+
+
+def add_export(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("export", help="export a model to simplified ONNX and check parity",
+                       description="Export a model to ONNX, simplify it with onnxsim and compare ONNX Runtime with torch.")
+    add_model_args(p)
+    p.add_argument("-o", "--out", required=True, metavar="PATH", help="ONNX file to write")
+    p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx exporter (default dynamo; torchscript is several times faster)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return run_export
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from edgeprune.export import export
+    from edgeprune.models import load_model, parse_shape
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    if args.opset < 17:
+        raise EdgePruneError(f"--opset must be 17 or newer, found {args.opset}")
+    loaded = load_model(args.model, args.weights, shape, seed=args.seed)
+    result = export(loaded.module, loaded.example_input, args.out, simplify=not args.no_simplify,
+                    exporter=args.exporter, opset=args.opset)
+    if args.json:
+        emit_json({"model": loaded.spec, "input_shape": list(loaded.input_shape), **result.to_dict()})
+    else:
+        par = result.parity
+        print(f"wrote {result.path} ({loaded.spec}, input {list(loaded.input_shape)}, {result.exporter}, opset "
+              f"{result.opset}{', simplified' if result.simplified else ''}) in {result.export_s + result.simplify_s:.1f}s; "
+              f"parity vs torch: max abs {par.max_abs:.2e}, relative {par.rel_error:.2e}")
+    return 0
+
+
+# ---------------------------------------------------------------- profile
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cache", action="store_true", help="measure even if this model was measured on this target")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="measurement cache (default $EDGEPRUNE_CACHE_DIR or ~/.cache/edgeprune)")
+
+
+def make_cache(args: argparse.Namespace):
+    from edgeprune.runtimes import MeasurementCache
+
+    if args.no_cache:
+        return None
+    return MeasurementCache(Path(args.cache_dir) / "measurements" if args.cache_dir else None)
+
+
+def add_profile(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("profile", help="measure an ONNX model's latency on a target",
+                       description="Measure an ONNX model on a device profile: fresh sessions, warm-up, median of repeat medians.")
+    p.add_argument("onnx", metavar="MODEL.onnx")
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu); see `edgeprune targets`")
+    p.add_argument("--repeats", type=int, default=None, help="fresh sessions to time (default: the target's)")
+    add_cache_args(p)
+    p.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    return run_profile
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from edgeprune.runtimes import measure
+    from edgeprune.runtimes.cache import file_sha256
+    from edgeprune.targets import load_target
+
+    target = load_target(args.device)
+    if args.repeats is not None and args.repeats < 1:
+        raise EdgePruneError(f"--repeats must be at least 1, found {args.repeats}")
+    with Progress(enabled=not args.json) as progress:
+        stats = measure(args.onnx, target, cache=make_cache(args), repeats=args.repeats,
+                        progress=progress.stage(f"measuring on {target.name}"))
+    if args.json:
+        emit_json({
+            "model": str(args.onnx), "sha256": file_sha256(args.onnx), "target": target.to_dict(),
+            "latency_ms": stats.summary(), "repeat_medians_ms": list(stats.repeat_medians), "source": stats.source,
+            "timing": stats.timing, "runtime": stats.runtime, "runtime_version": stats.runtime_version,
+        })
+    else:
+        cached = " (from cache; --no-cache to measure again)" if stats.source == "cache" else ""
+        print(f"{args.onnx} on {target.name} ({stats.runtime} {stats.runtime_version}, {stats.precision}, "
+              f"{target.threads} thread{'s' if target.threads > 1 else ''}): median {stats.median:.3f} ms, "
+              f"p90 {stats.p90:.3f}, std {stats.std:.3f}, n {stats.n}{cached}")
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_targets, add_export, add_profile]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    parser = argparse.ArgumentParser(
+        prog="edgeprune",
+        description="Prune a trained PyTorch CNN to an ONNX model that meets a latency budget measured on the "
+                    "target device, without retraining.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeprune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each stage to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    handlers = {}
+    for add in COMMANDS:
+        before = set(sub.choices)
+        handler = add(sub)
+        for name in set(sub.choices) - before:
+            handlers[name] = handler
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return int(ExitCode.BAD_INPUT)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return handlers[args.command](args)
+    except EdgePruneError as e:
+        sys.stderr.write(f"edgeprune: error: {e}\n")
+        return int(e.code)
+    except KeyboardInterrupt:
+        sys.stderr.write("edgeprune: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The one exception type users see, and the exit codes a release pipeline gates on (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    BAD_INPUT = 2
+    BUDGET_UNREACHABLE = 3
+    QUALITY_GATE = 4
+    DEVICE_UNREACHABLE = 5
+
+
+class EdgePruneError(Exception):
+    """A problem the user can fix: the message says what was wanted, what was found and what to do.
+
+    `cli.py` prints it as one line, `edgeprune: error: <message>`, and exits with `code`.
+    """
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = ExitCode(code)
+
+
+class BudgetUnreachable(EdgePruneError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.BUDGET_UNREACHABLE)
+
+
+class QualityGateFailed(EdgePruneError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.QUALITY_GATE)
+
+
+class DeviceUnreachable(EdgePruneError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.DEVICE_UNREACHABLE)

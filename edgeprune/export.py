@@ -1,0 +1,197 @@
+"""ONNX model from nn.Module: export (checked), onnxsim simplification, and parity of ONNX Runtime against torch.
+
+    from edgeprune.export import export
+    result = export(model, example_input, "model.onnx")          # simplified, checked, parity measured
+    print(result.parity.rel_error)
+
+Files are written to a temporary name in the destination folder and renamed, so an interrupted run never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgeprune.errors import EdgePruneError
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+log = logging.getLogger(__name__)
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest difference between torch and ONNX Runtime outputs on one input."""
+
+    max_abs: float
+    scale: float  # largest |output| of torch: the yardstick for the relative error
+    rel_error: float  # max_abs / scale
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: str
+    exporter: str
+    opset: int
+    simplified: bool
+    export_s: float
+    simplify_s: float
+    parity: Parity | None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["parity"] = self.parity.to_dict() if self.parity else None
+        return d
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A sibling temporary name: same filesystem, so the final rename is atomic."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def check_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and check an ONNX file; any problem is an `EdgePruneError` naming the file and what is wrong with it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgePruneError(f"ONNX file {path} does not exist")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise EdgePruneError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120] or 'parse error'}); "
+            f"is the file truncated? re-export it with `edgeprune export`"
+        ) from None
+    if len(model.graph.node) == 0 or len(model.graph.input) == 0:
+        raise EdgePruneError(f"{path} is not an ONNX model: it parsed to an empty graph (no nodes or inputs)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise EdgePruneError(f"{path} fails the ONNX checker: {str(e).splitlines()[0][:200]}") from None
+    return model
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export `model` (in eval mode) to a single ONNX file at `path` and run the ONNX checker on it."""
+    import torch
+
+    if exporter not in EXPORTERS:
+        raise EdgePruneError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    model.eval()
+    try:
+        # The dynamo exporter prints its progress to stdout; keep stdout clean for --json.
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=opset,
+                                  external_data=False, input_names=["input"], output_names=["output"], verbose=False)
+            else:
+                torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=["input"], output_names=["output"], do_constant_folding=True)
+        check_onnx(tmp)
+        os.replace(tmp, path)
+    except EdgePruneError:
+        raise
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise EdgePruneError(
+            f"the {exporter} exporter cannot export {type(model).__name__}: {first[:300]}; "
+            f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def simplify_onnx(src: str | Path, dst: str | Path | None = None) -> Path:
+    """Simplify with onnxsim (constant folding, shape inference, dead-node removal), checked numerically by onnxsim."""
+    import onnx
+    import onnxsim
+
+    src = Path(src)
+    dst = Path(dst) if dst is not None else src
+    model = onnx.load(str(src))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            simplified, ok = onnxsim.simplify(model)
+    except Exception as e:
+        raise EdgePruneError(f"onnxsim cannot simplify {src}: {str(e).splitlines()[0][:300]}") from None
+    if not ok:
+        raise EdgePruneError(f"onnxsim's check failed for {src}: the simplified model's outputs differ; use --no-simplify")
+    tmp = tmp_path_for(dst)
+    try:
+        onnx.save(simplified, str(tmp))
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def parity(model: torch.nn.Module, example_input: torch.Tensor, onnx_path: str | Path) -> Parity:
+    """Compare ONNX Runtime (1 thread, all optimisations) with torch on `example_input`."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        ref = model(example_input)
+    refs = [t.detach().cpu().numpy() for t in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {sess.get_inputs()[0].name: example_input.detach().cpu().numpy()})
+    max_abs = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outs, refs))
+    scale = max(float(np.abs(b).max()) for b in refs) or 1.0
+    return Parity(max_abs=max_abs, scale=scale, rel_error=max_abs / scale)
+
+
+def export(
+    model: torch.nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    simplify: bool = True,
+    exporter: str = "dynamo",
+    opset: int = DEFAULT_OPSET,
+    check_parity: bool = True,
+) -> ExportResult:
+    """Export, simplify and check parity: the ONNX file at `path` is the one that will be measured."""
+    t0 = time.perf_counter()
+    export_onnx(model, example_input, path, exporter=exporter, opset=opset)
+    t1 = time.perf_counter()
+    if simplify:
+        simplify_onnx(path)
+    t2 = time.perf_counter()
+    par = parity(model, example_input, path) if check_parity else None
+    log.info("exported %s with %s in %.2fs, simplified in %.2fs", path, exporter, t1 - t0, t2 - t1)
+    return ExportResult(path=str(path), exporter=exporter, opset=opset, simplified=simplify,
+                        export_s=t1 - t0, simplify_s=t2 - t1, parity=par)

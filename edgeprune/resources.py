@@ -1,0 +1,25 @@
+"""Where the bundled target profiles and calibration recipes live.
+
+In a source checkout they are the top-level `targets/` and `calibration/` folders (DESIGN.md §2); a wheel maps the
+same folders into `edgeprune.data_files` (see pyproject.toml), so both layouts resolve to real files.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def bundled_dir(kind: str) -> Path:
+    """Folder of bundled `kind` files ("targets" or "calibration")."""
+    local = _CHECKOUT / kind
+    if local.is_dir() and any(local.glob("*.toml")):
+        return local
+    return Path(str(resources.files(f"edgeprune.data_files.{kind}")))
+
+
+def asset(name: str) -> Path:
+    """A file shipped inside the package (`edgeprune/assets/`), such as the example's weights."""
+    return Path(__file__).resolve().parent / "assets" / name

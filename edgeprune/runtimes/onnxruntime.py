@@ -1,0 +1,91 @@
+"""ONNX Runtime backend: wall-clock latency of synchronous `InferenceSession.run` calls (DESIGN.md §5).
+
+Why a fresh session per repeat: a session's memory arena and thread pool settle into one layout; several fresh
+sessions sample the layouts a deployment will see, and the median of their medians is the repeatable figure.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
+from edgeprune.targets import Target
+
+_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+def version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def unavailable_reason() -> str | None:
+    return None if version() is not None else "onnxruntime is not installed (pip install onnxruntime)"
+
+
+def session_options(target: Target):  # -> onnxruntime.SessionOptions
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = target.threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs with the model's declared shapes (symbolic dims become 1); values do not change a CNN's latency."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        dtype = _DTYPES.get(inp.type)
+        if dtype is None:
+            raise EdgePruneError(f"model input {inp.name} has type {inp.type}, which edgeprune cannot feed")
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype in (np.float32, np.float16, np.float64) \
+            else np.zeros(shape, dtype)
+    return feeds
+
+
+def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress=None) -> LatencyStats:
+    """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions."""
+    import onnxruntime as ort
+
+    model_bytes = Path(onnx_path).read_bytes()
+    cfg = target.measure
+    repeats = repeats or cfg.repeats
+    total = repeats * cfg.iterations
+    per_repeat: list[list[float]] = []
+    for r in range(repeats):
+        try:
+            sess = ort.InferenceSession(model_bytes, session_options(target), providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise EdgePruneError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
+        feeds = random_feeds(sess)
+        for _ in range(cfg.warmup):
+            sess.run(None, feeds)
+        times = []
+        for i in range(cfg.iterations):
+            t0 = time.perf_counter_ns()
+            sess.run(None, feeds)
+            times.append((time.perf_counter_ns() - t0) / 1e6)
+            if progress is not None:
+                progress(r * cfg.iterations + i + 1, total)
+        per_repeat.append(times)
+        del sess
+    return stats_from_repeats(
+        per_repeat, target=target.name, runtime="onnxruntime", runtime_version=version() or "unknown",
+        precision=target.precision, timing="wall",
+    )

@@ -1,0 +1,71 @@
+"""`LatencyStats`: one latency figure with its spread, and the helper that makes it from raw timings."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SOURCES = ("measured", "cache", "lut")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one target, in milliseconds.
+
+    `median` is the median of the repeat medians (each repeat is a fresh session), so one slow repeat cannot move it;
+    `p90`, `std`, `min`, `max` and `mean` are over all `n` timed runs.
+    """
+
+    median: float
+    p90: float
+    std: float
+    min: float
+    max: float
+    mean: float
+    n: int
+    repeat_medians: tuple[float, ...]
+    target: str
+    runtime: str
+    runtime_version: str
+    precision: str
+    source: str = "measured"  # measured | cache | lut
+    timing: str = "wall"  # wall: host clock around a synchronous run; gpu_compute: device-side time (TensorRT)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["repeat_medians"] = list(self.repeat_medians)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyStats:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["repeat_medians"] = tuple(kw.get("repeat_medians", ()))
+        return cls(**kw)
+
+    def summary(self) -> dict[str, float | int]:
+        """The `latency_ms` block of the JSON outputs."""
+        return {"median": self.median, "p90": self.p90, "std": self.std, "min": self.min, "max": self.max,
+                "mean": self.mean, "n": self.n}
+
+
+def stats_from_repeats(repeats_ms: list[list[float]], **meta: Any) -> LatencyStats:
+    """Latency statistics from per-repeat lists of timed runs (milliseconds)."""
+    if not repeats_ms or not all(repeats_ms):
+        raise ValueError("no timings")
+    allt = np.concatenate([np.asarray(r, dtype=np.float64) for r in repeats_ms])
+    medians = tuple(float(np.median(r)) for r in repeats_ms)
+    return LatencyStats(
+        median=float(np.median(medians)),
+        p90=float(np.percentile(allt, 90)),
+        std=float(allt.std()),
+        min=float(allt.min()),
+        max=float(allt.max()),
+        mean=float(allt.mean()),
+        n=int(allt.size),
+        repeat_medians=medians,
+        **meta,
+    )

@@ -1,0 +1,177 @@
+"""Device profiles: where and how a model is measured (DESIGN.md §3).
+
+    from edgeprune.targets import load_target
+    target = load_target("jetson")          # a name, an alias, or a path to a TOML file
+    print(target.runtime, target.precision, target.channel_multiple)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.resources import bundled_dir
+from edgeprune.tomlcheck import check_keys, read_toml, take
+
+RUNTIME_NAMES = ("onnxruntime", "tensorrt", "trtexec")
+PRECISIONS = ("fp32", "fp16", "int8")
+ARCHES = ("any", "x86_64", "aarch64")
+
+_TOP_KEYS = ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch", "measure", "remote")
+_MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats")
+_REMOTE_KEYS = ("agent", "ssh", "token_env", "timeout_s")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How many runs make one latency figure. `final_repeats` is used for the verification of a build's result."""
+
+    warmup: int = 10  # untimed runs per repeat: caches, allocator and thread pool settle
+    iterations: int = 50  # timed runs per repeat
+    repeats: int = 3  # fresh sessions; the figure is the median of repeat medians
+    final_repeats: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "repeats", "final_repeats"):
+            if getattr(self, name) < 1:
+                raise EdgePruneError(f"measure.{name} must be at least 1, found {getattr(self, name)}")
+        if self.warmup < 0:
+            raise EdgePruneError(f"measure.warmup must be at least 0, found {self.warmup}")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How a build host reaches the device: an `edgeprune agent` URL, or `user@host` for SSH."""
+
+    agent: str | None = None
+    ssh: str | None = None
+    token_env: str = "EDGEPRUNE_AGENT_TOKEN"  # environment variable holding the agent's token
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if (self.agent is None) == (self.ssh is None):
+            raise EdgePruneError("[remote] needs exactly one of 'agent' (an http:// URL) or 'ssh' (user@host)")
+        if self.agent is not None and not self.agent.startswith(("http://", "https://")):
+            raise EdgePruneError(f"[remote] agent must be an http:// or https:// URL, found {self.agent!r}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device profile: runtime, precision, channel rounding and measurement settings."""
+
+    name: str
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"
+    channel_multiple: int = 8  # widths are rounded to this; a LUT can tell the best value
+    threads: int = 1  # intra-op threads for CPU runtimes
+    arch: str = "any"
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    remote: RemoteConfig | None = None
+    source: str = ""  # the file it was read from; not part of the profile
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIME_NAMES:
+            raise EdgePruneError(f"target {self.name}: runtime {self.runtime!r} unknown; allowed: {', '.join(RUNTIME_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise EdgePruneError(f"target {self.name}: precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
+        if self.runtime == "onnxruntime" and self.precision == "int8":
+            raise EdgePruneError(f"target {self.name}: precision int8 needs a TensorRT runtime (tensorrt or trtexec)")
+        if self.channel_multiple < 1 or self.threads < 1:
+            raise EdgePruneError(f"target {self.name}: channel_multiple and threads must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["aliases"] = list(self.aliases)
+        d.pop("source")
+        if self.remote is None:
+            d.pop("remote")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "target") -> Target:
+        """Validated construction from a TOML/JSON table; every key and type is checked."""
+        check_keys(d, _TOP_KEYS, where)
+        measure = take(d, "measure", dict, where, {})
+        check_keys(measure, _MEASURE_KEYS, f"{where} [measure]")
+        mw = f"{where} [measure]"
+        mc = MeasureConfig(
+            warmup=take(measure, "warmup", int, mw, 10),
+            iterations=take(measure, "iterations", int, mw, 50),
+            repeats=take(measure, "repeats", int, mw, 3),
+            final_repeats=take(measure, "final_repeats", int, mw, 5),
+        )
+        remote = take(d, "remote", dict, where, None)
+        rc = None
+        if remote is not None:
+            rw = f"{where} [remote]"
+            check_keys(remote, _REMOTE_KEYS, rw)
+            rc = RemoteConfig(
+                agent=take(remote, "agent", str, rw, None),
+                ssh=take(remote, "ssh", str, rw, None),
+                token_env=take(remote, "token_env", str, rw, "EDGEPRUNE_AGENT_TOKEN"),
+                timeout_s=take(remote, "timeout_s", float, rw, 600.0),
+            )
+        aliases = take(d, "aliases", list, where, [])
+        if not all(isinstance(a, str) for a in aliases):
+            raise EdgePruneError(f"{where}: key 'aliases' must be a list of strings, found {aliases!r}")
+        try:
+            return cls(
+                name=take(d, "name", str, where),
+                runtime=take(d, "runtime", str, where, "onnxruntime", RUNTIME_NAMES),
+                precision=take(d, "precision", str, where, "fp32", PRECISIONS),
+                channel_multiple=take(d, "channel_multiple", int, where, 8),
+                threads=take(d, "threads", int, where, 1),
+                arch=take(d, "arch", str, where, "any", ARCHES),
+                description=take(d, "description", str, where, ""),
+                aliases=tuple(aliases),
+                measure=mc,
+                remote=rc,
+            )
+        except EdgePruneError as e:
+            msg = str(e)
+            raise EdgePruneError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+    def fingerprint(self) -> str:
+        """Digest of everything that changes a measured figure (not the description, aliases or remote address)."""
+        d = self.to_dict()
+        for k in ("description", "aliases", "remote"):
+            d.pop(k, None)
+        d["measure"].pop("final_repeats", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_target_file(path: str | Path) -> Target:
+    path = Path(path)
+    table = read_toml(path, "target")
+    return dataclasses.replace(Target.from_dict(table, where=f"target file {path}"), source=str(path))
+
+
+def bundled_targets() -> dict[str, Target]:
+    """The shipped profiles by name, in name order."""
+    out = {}
+    for p in sorted(bundled_dir("targets").glob("*.toml")):
+        t = load_target_file(p)
+        out[t.name] = t
+    return dict(sorted(out.items()))
+
+
+def load_target(spec: str | Path) -> Target:
+    """A target from a profile name, an alias, or a path to a TOML file."""
+    s = str(spec)
+    if s.endswith(".toml") or "/" in s or Path(s).is_file():
+        return load_target_file(s)
+    targets = bundled_targets()
+    if s in targets:
+        return targets[s]
+    for t in targets.values():
+        if s in t.aliases:
+            return t
+    names = ", ".join(f"{t.name} ({'/'.join(t.aliases)})" if t.aliases else t.name for t in targets.values())
+    raise EdgePruneError(f"unknown device {s!r}; known targets: {names}; or pass a path to a target TOML file")
