@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edgeprune.targets import MeasureConfig, Target, load_target
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.head(x.mean((2, 3)))
+
+
+def make_tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyNet().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real ONNX model (TorchScript exporter: fast)."""
+    from edgeprune.export import export_onnx
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
+    export_onnx(make_tiny(), torch.randn(1, 3, 32, 32), path, exporter="torchscript")
+    return path
+
+
+@pytest.fixture
+def fast_cpu() -> Target:
+    """The `cpu` target with few runs: tests check behaviour, benchmarks check speed."""
+    return dataclasses.replace(load_target("cpu"), measure=MeasureConfig(warmup=2, iterations=10, repeats=2))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPRUNE_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.runtimes import MeasurementCache, measure
+from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
+from edgeprune.targets import Target, load_target
+
+
+def test_measure_returns_consistent_stats(tiny_onnx: Path, fast_cpu: Target) -> None:
+    s = measure(tiny_onnx, fast_cpu)
+    cfg = fast_cpu.measure
+    assert s.n == cfg.iterations * cfg.repeats and len(s.repeat_medians) == cfg.repeats
+    assert 0 < s.min <= s.median <= s.max and s.min <= s.p90 <= s.max
+    assert s.median == pytest.approx(float(np.median(s.repeat_medians)))
+    assert s.source == "measured" and s.runtime == "onnxruntime" and s.target == "cpu"
+
+
+def test_stats_from_repeats_median_of_medians() -> None:
+    s = stats_from_repeats([[1.0, 2.0, 3.0], [10.0, 11.0, 12.0], [4.0, 5.0, 100.0]], target="t", runtime="r",
+                           runtime_version="1", precision="fp32")
+    assert s.repeat_medians == (2.0, 11.0, 5.0) and s.median == 5.0
+    assert s.max == 100.0 and s.n == 9 and s.mean == pytest.approx(148 / 9)
+    assert LatencyStats.from_dict(s.to_dict()) == s
+
+
+def test_measure_cache_hit_then_miss_after_change(tiny_onnx: Path, fast_cpu: Target, tmp_path: Path) -> None:
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx, model)
+    cache = MeasurementCache(tmp_path / "c")
+    first = measure(model, fast_cpu, cache=cache)
+    second = measure(model, fast_cpu, cache=cache)
+    assert first.source == "measured" and second.source == "cache"
+    assert dataclasses.replace(second, source="measured") == first
+    # A changed file (same graph, different weights) is a different model: measured again.
+    proto = onnx.load(str(model))
+    init = proto.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(init) * 1.5
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(proto, str(model))
+    third = measure(model, fast_cpu, cache=cache)
+    assert third.source == "measured" and third != first
+
+
+def test_measure_cache_is_per_target(tiny_onnx: Path, fast_cpu: Target, tmp_path: Path) -> None:
+    cache = MeasurementCache(tmp_path / "c")
+    measure(tiny_onnx, fast_cpu, cache=cache)
+    two = dataclasses.replace(fast_cpu, name="cpu-2t", threads=2)
+    assert measure(tiny_onnx, two, cache=cache).source == "measured"
+
+
+def test_measure_rejects_corrupt_file(tiny_onnx: Path, fast_cpu: Target, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(tiny_onnx.read_bytes()[:100])
+    with pytest.raises(EdgePruneError):
+        measure(bad, fast_cpu)
+
+
+@pytest.mark.skipif(__import__("platform").machine() in ("aarch64", "arm64"), reason="this machine is arm64: rpi5 is local")
+def test_measure_other_arch_target_is_unreachable(tiny_onnx: Path) -> None:
+    with pytest.raises(DeviceUnreachable, match="aarch64 device.*\\[remote\\].*--lut"):
+        measure(tiny_onnx, load_target("rpi5"))

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.example import TRAIN_COUNT, digits_32
+from edgeprune.models import load_model, parse_shape
+
+
+def test_example_is_trained_on_digits() -> None:
+    """The shipped weights classify digits never seen in training."""
+    m = load_model("example")
+    x, y, perm = digits_32()
+    held = perm[TRAIN_COUNT:]
+    with torch.no_grad():
+        pred = m.module(torch.from_numpy(x[held])).argmax(1).numpy()
+    assert (pred == y[held]).mean() >= 0.95
+
+
+def test_load_model_is_deterministic() -> None:
+    a, b = load_model("torchvision:resnet18"), load_model("torchvision:resnet18")
+    assert torch.equal(a.module.fc.weight, b.module.fc.weight) and torch.equal(a.example_input, b.example_input)
+    c = load_model("torchvision:resnet18", seed=1)
+    assert not torch.equal(a.module.fc.weight, c.module.fc.weight)
+
+
+def test_load_model_factory_spec_with_weights(tmp_path: Path) -> None:
+    src = tmp_path / "mynet.py"
+    src.write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())\n")
+    ref = load_model(f"{src}:make", input_shape=(1, 3, 8, 8), seed=3)
+    torch.save(ref.module.state_dict(), tmp_path / "w.pt")
+    m = load_model(f"{src}:make", weights=tmp_path / "w.pt", input_shape=(1, 3, 8, 8), seed=4)
+    assert torch.equal(m.module[0].weight, ref.module[0].weight)
+
+
+def test_load_model_weights_mismatch_is_clear(tmp_path: Path) -> None:
+    torch.save({"bogus.weight": torch.zeros(1)}, tmp_path / "w.pt")
+    with pytest.raises(EdgePruneError, match="do not fit the model.*unexpected"):
+        load_model("torchvision:resnet18", weights=tmp_path / "w.pt")
+
+
+def test_load_model_wrong_input_shape_is_clear() -> None:
+    with pytest.raises(EdgePruneError, match="does not run on an input of shape.*--input-shape"):
+        load_model("example", input_shape=(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("resnet18", "unknown model spec"),
+    ("torchvision:resnet19", "did you mean"),
+    ("no_such_pkg.mod:fn", "cannot import"),
+])
+def test_load_model_bad_spec(spec: str, match: str) -> None:
+    with pytest.raises(EdgePruneError, match=match):
+        load_model(spec)
+
+
+def test_parse_shape() -> None:
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224) == parse_shape("1x3x224x224")
+    with pytest.raises(EdgePruneError):
+        parse_shape("1,-3")

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.targets import PRECISIONS, RUNTIME_NAMES, Target, bundled_targets, load_target
+
+SHIPPED = ("cpu", "cpu-2t", "rpi5", "jetson-orin-nano", "jetson-agx-orin", "jetson-orin-nano-int8", "x86-trt")
+
+
+def test_bundled_targets_include_design_profiles() -> None:
+    targets = bundled_targets()
+    assert set(SHIPPED) <= set(targets)
+    assert targets["cpu"].runtime == "onnxruntime" and targets["cpu"].threads == 1
+    assert targets["cpu-2t"].threads == 2
+    assert targets["rpi5"].threads == 4 and targets["rpi5"].arch == "aarch64"
+    assert targets["jetson-orin-nano"].precision == "fp16" and targets["jetson-orin-nano"].runtime == "tensorrt"
+    assert targets["jetson-orin-nano-int8"].precision == "int8"
+    assert targets["x86-trt"].runtime == "trtexec"
+
+
+def test_load_target_resolves_alias() -> None:
+    assert load_target("jetson").name == "jetson-orin-nano"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_target_dict_round_trip(name: str) -> None:
+    t = load_target(name)
+    back = Target.from_dict(t.to_dict())
+    assert back == Target(**{**back.__dict__, "source": ""}) and back.to_dict() == t.to_dict()
+    assert back.fingerprint() == t.fingerprint()
+
+
+def test_fingerprint_changes_with_measurement_settings() -> None:
+    cpu, cpu2 = load_target("cpu"), load_target("cpu-2t")
+    assert cpu.fingerprint() != cpu2.fingerprint()
+
+
+def test_load_target_unknown_lists_targets() -> None:
+    with pytest.raises(EdgePruneError, match="unknown device 'nosuch'.*cpu.*jetson-orin-nano"):
+        load_target("nosuch")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "t.toml"
+    p.write_text(text)
+    return p
+
+
+def test_load_target_file_misspelt_key_names_key_and_file(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\nruntime = "onnxruntime"\nchanel_multiple = 8\n')
+    with pytest.raises(EdgePruneError, match=r"t\.toml.*unknown key 'chanel_multiple'.*channel_multiple"):
+        load_target(str(p))
+
+
+def test_load_target_file_misspelt_measure_key(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\n[measure]\niteration = 5\n')
+    with pytest.raises(EdgePruneError, match=r"\[measure\].*unknown key 'iteration'"):
+        load_target(str(p))
+
+
+def test_load_target_file_wrong_type(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\nthreads = "four"\n')
+    with pytest.raises(EdgePruneError, match="'threads' must be an integer, found str"):
+        load_target(str(p))
+
+
+@pytest.mark.parametrize("key,allowed", [("runtime", RUNTIME_NAMES), ("precision", PRECISIONS)])
+def test_load_target_file_unknown_choice_lists_allowed(tmp_path: Path, key: str, allowed: tuple) -> None:
+    p = write(tmp_path, f'name = "x"\n{key} = "nope"\n')
+    with pytest.raises(EdgePruneError, match=f"'{key}' is 'nope'; allowed values are: {', '.join(allowed)}"):
+        load_target(str(p))
+
+
+def test_load_target_file_not_toml(tmp_path: Path) -> None:
+    p = write(tmp_path, "name = \n")
+    with pytest.raises(EdgePruneError, match="not valid TOML"):
+        load_target(str(p))
+
+
+def test_load_target_file_remote_needs_one_address(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\n[remote]\ntimeout_s = 3\n')
+    with pytest.raises(EdgePruneError, match="exactly one of 'agent'"):
+        load_target(str(p))
+
+
+def test_int8_needs_tensorrt(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\nruntime = "onnxruntime"\nprecision = "int8"\n')
+    with pytest.raises(EdgePruneError, match="int8 needs a TensorRT runtime"):
+        load_target(str(p))
