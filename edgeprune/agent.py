@@ -1,0 +1,351 @@
+"""HTTP profiling agent: runs on the device, measures the models a build host sends it (DESIGN.md §1, §3).
+
+    edgeprune agent --host 0.0.0.0 --port 8765 --token-file ~/.edgeprune-token      # on the Jetson
+
+    from edgeprune.agent import AgentConfig, start_agent
+    server = start_agent(AgentConfig(port=0))                 # loopback, in a background thread
+    print(server.url); server.close()
+
+Protocol. Every answer is JSON; an error is `{"error": "<what went wrong and what to do>", "status": <code>}`.
+
+- `GET /health` -> `{"edgeprune": "0.1.0", "arch": "aarch64", "max_request_bytes": 536870912,
+  "runtimes": {"onnxruntime": {"version": "1.18.1", "available": true, "reason": null},
+  "tensorrt": {...}, "trtexec": {...}}}`
+- `POST /measure`: the body is the ONNX file's bytes (`Content-Length` required); header `X-Edgeprune-Target` holds
+  the target profile as one line of JSON (`Target.to_dict()`; a `remote` table is ignored) or the name of a profile
+  bundled with the agent's edgeprune; optional header `X-Edgeprune-Repeats: N`. The answer is
+  `LatencyStats.to_dict()` plus `"agent": {"host", "waited_s", "started_at", "finished_at"}` (Unix seconds of the
+  measurement itself). With curl:
+  `curl -H "Authorization: Bearer $TOKEN" -H 'X-Edgeprune-Target: cpu' --data-binary @model.onnx
+  http://jetson.local:8765/measure`
+
+Status codes: 400 bad model, target or header (the message says which); 401 missing or wrong token; 404 unknown
+path; 411 no Content-Length; 413 body over `max_request_bytes`; 500 unexpected failure; 503 the target's runtime
+cannot run on this device.
+
+Security: with a token every request needs `Authorization: Bearer <token>` (compared in constant time). Without a
+token the agent only binds to a loopback address, and refuses to start otherwise. Measurements run one at a time
+(a lock), since two at once would time each other; other requests wait their turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import platform
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from edgeprune import __version__
+from edgeprune.errors import DeviceUnreachable, EdgePruneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8765
+DEFAULT_MAX_REQUEST_BYTES = 512 * 1024 * 1024
+TARGET_HEADER = "X-Edgeprune-Target"
+REPEATS_HEADER = "X-Edgeprune-Repeats"
+_CHUNK = 1 << 20
+_DRAIN_BYTES = 16 << 20  # an unread body up to this size is read and dropped before an error answer (see _drain)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` keeps the agent reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Where the agent listens and what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    token: str | None = field(default=None, repr=False)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise EdgePruneError(f"agent port must be in 0..65535, found {self.port}")
+        if self.max_request_bytes < 1:
+            raise EdgePruneError(f"agent request limit must be at least 1 byte, found {self.max_request_bytes}")
+        if self.token is not None and not self.token.strip():
+            raise EdgePruneError("the agent token is empty; put a long random string in the token file "
+                                 "(for example `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        if self.token is None and not is_loopback(self.host):
+            raise EdgePruneError(
+                f"refusing to serve on {self.host} without a token: anyone who can reach it could run models on "
+                f"this device; pass --token-file FILE (and set the same token in the build host's "
+                f"EDGEPRUNE_AGENT_TOKEN), or bind to 127.0.0.1"
+            )
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in `path` (surrounding whitespace removed); warns when others can read the file."""
+    path = Path(path).expanduser()
+    try:
+        token = path.read_text().strip()
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise EdgePruneError(f"cannot read the token file {path}: {e.strerror}") from None
+    if not token:
+        raise EdgePruneError(f"the token file {path} is empty; write a long random string into it")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file %s is readable by other users; chmod 600 it", path)
+    return token
+
+
+def health() -> dict[str, Any]:
+    """What this device can measure with: edgeprune, its architecture and each runtime's version."""
+    from edgeprune.runtimes import RUNTIMES, local_arch, runtime_module
+
+    runtimes = {}
+    for name in RUNTIMES:
+        if name == "remote":
+            continue
+        mod = runtime_module(name)
+        reason = mod.unavailable_reason()
+        runtimes[name] = {"version": mod.version(), "available": reason is None, "reason": reason}
+    return {"edgeprune": __version__, "arch": local_arch(), "python": platform.python_version(), "runtimes": runtimes}
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_target_header(value: str | None) -> Any:  # -> Target
+    """The target a request asks for: JSON of `Target.to_dict()`, or the name of a bundled profile."""
+    from edgeprune.targets import Target, bundled_targets
+
+    if not value or not value.strip():
+        raise _HttpError(400, f"missing {TARGET_HEADER} header: send the target profile as one line of JSON "
+                              f"(Target.to_dict()) or the name of a bundled profile")
+    value = value.strip()
+    if value.startswith("{"):
+        try:
+            d = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _HttpError(400, f"{TARGET_HEADER} is not valid JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(d, dict):
+            raise _HttpError(400, f"{TARGET_HEADER} must be a JSON object")
+        d.pop("remote", None)  # the agent measures locally; a [remote] table would point back at itself
+        try:
+            return Target.from_dict(d, where=f"{TARGET_HEADER} header")
+        except EdgePruneError as e:
+            raise _HttpError(400, str(e)) from None
+    targets = bundled_targets()  # names only: a path would let a client read files on the device
+    for t in targets.values():
+        if value == t.name or value in t.aliases:
+            return t
+    raise _HttpError(400, f"unknown target {value!r}; profiles bundled here: {', '.join(targets)}; or send the "
+                          f"profile as JSON")
+
+
+class AgentServer(ThreadingHTTPServer):
+    """The agent's HTTP server; one thread per request, one measurement at a time."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.measure_lock = threading.Lock()
+        self.measurements = 0
+        super().__init__((config.host, config.port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://[{shown}]:{port}" if ":" in str(shown) else f"http://{shown}:{port}"
+
+    def close(self) -> None:
+        """Stop serving (from another thread than `serve_forever`'s) and release the socket."""
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentServer
+    server_version = f"edgeprune-agent/{__version__}"
+    timeout = 600  # seconds a client may stall mid-request before its thread gives up
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.info("%s %s", self.address_string(), format % args)
+
+    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="edgeprune-agent"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, status: int, message: str) -> None:
+        self._send_json(status, {"error": message, "status": status})
+
+    def _authorize(self) -> None:
+        token = self.server.config.token
+        if token is None:
+            if not is_loopback(self.server.config.host):  # AgentConfig forbids this; never serve it by accident
+                raise _HttpError(401, "this agent has no token and is not bound to loopback; it serves nothing")
+            return
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise _HttpError(401, "missing or wrong token: send `Authorization: Bearer <token>` with the token from "
+                                  "the agent's --token-file")
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        try:
+            self._authorize()
+            if self.path.rstrip("/") != "/health":
+                raise _HttpError(404, f"no such endpoint {self.path}; GET /health or POST /measure")
+            self._send_json(200, {**health(), "max_request_bytes": self.server.config.max_request_bytes})
+        except _HttpError as e:
+            self._send_error(e.status, str(e))
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._body_read = False
+        try:
+            self._authorize()
+            if self.path.rstrip("/") != "/measure":
+                raise _HttpError(404, f"no such endpoint {self.path}; POST /measure")
+            self._send_json(200, self._measure())
+        except _HttpError as e:
+            self._drain()
+            self._send_error(e.status, str(e))
+        except Exception as e:  # a bug, not the client's fault: answer it, keep serving
+            log.exception("measurement failed")
+            self._drain()
+            self._send_error(500, f"the agent failed: {type(e).__name__}: {e}")
+
+    def _drain(self) -> None:
+        """Read and drop a body the request still has in flight, so the client reads the error answer.
+
+        Closing a socket with unread data makes the kernel reset the connection, and a reset can reach the client
+        before it has read the answer; past `_DRAIN_BYTES` the agent closes anyway."""
+        self.close_connection = True
+        if self._body_read:
+            return
+        self._body_read = True
+        length = self.headers.get("Content-Length", "")
+        remaining = int(length) if length.strip().isdigit() else 0
+        if remaining > _DRAIN_BYTES:
+            return
+        try:
+            while remaining:
+                chunk = self.rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+        except OSError:
+            return
+
+    def _read_body(self, dest: Path) -> int:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            raise _HttpError(411, "Content-Length is required (send the ONNX file as the request body)")
+        size = int(length)
+        limit = self.server.config.max_request_bytes
+        if size > limit:
+            raise _HttpError(413, f"the model is {size} bytes and this agent accepts at most {limit}; restart the "
+                                  f"agent with a larger --max-request-mb")
+        remaining = size
+        self._body_read = True
+        with open(dest, "wb") as f:
+            while remaining:
+                chunk = self.rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise _HttpError(400, f"the request body ended after {size - remaining} of {size} bytes")
+                f.write(chunk)
+                remaining -= len(chunk)
+        return size
+
+    def _measure(self) -> dict[str, Any]:
+        from edgeprune.export import check_onnx
+        from edgeprune.runtimes import local_arch, runtime_module
+
+        target = parse_target_header(self.headers.get(TARGET_HEADER))
+        repeats_header = self.headers.get(REPEATS_HEADER)
+        repeats = None
+        if repeats_header is not None:
+            if not repeats_header.strip().isdigit() or int(repeats_header) < 1:
+                raise _HttpError(400, f"{REPEATS_HEADER} must be a positive integer, found {repeats_header!r}")
+            repeats = int(repeats_header)
+        with tempfile.TemporaryDirectory(prefix="edgeprune-agent-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            self._read_body(path)
+            try:
+                check_onnx(path)
+            except EdgePruneError as e:
+                raise _HttpError(400, str(e).replace(str(path), "the uploaded model")) from None
+            mod = runtime_module(target.runtime)
+            reason = mod.unavailable_reason()
+            here = local_arch()
+            if reason is None and target.arch not in ("any", here):
+                reason = f"the target is an {target.arch} device and this agent runs on {here}"
+            if reason is not None:
+                raise _HttpError(503, f"this device cannot measure target {target.name} with {target.runtime}: "
+                                      f"{reason}")
+            asked = time.time()
+            with self.server.measure_lock:
+                started = time.time()
+                try:
+                    stats = mod.measure(path, dataclasses.replace(target, remote=None), repeats=repeats)
+                except DeviceUnreachable as e:
+                    raise _HttpError(503, str(e).replace(str(path), "the uploaded model")) from None
+                except EdgePruneError as e:
+                    raise _HttpError(400, str(e).replace(str(path), "the uploaded model")) from None
+                finished = time.time()
+                self.server.measurements += 1
+        log.info("measured %s on %s: median %.4f ms (n %d) in %.1fs", target.name, target.runtime, stats.median,
+                 stats.n, finished - started)
+        return {**stats.to_dict(), "agent": {"host": platform.node(), "waited_s": started - asked,
+                                             "started_at": started, "finished_at": finished}}
+
+
+def start_agent(config: AgentConfig) -> AgentServer:
+    """An agent serving in a daemon thread (for tests and for embedding); stop it with `server.close()`."""
+    server = AgentServer(config)
+    threading.Thread(target=server.serve_forever, name="edgeprune-agent", daemon=True).start()
+    return server
+
+
+def serve(config: AgentConfig, on_ready: Callable[[AgentServer], None] | None = None) -> None:
+    """Serve until interrupted (the `edgeprune agent` command)."""
+    try:
+        server = AgentServer(config)
+    except OSError as e:
+        raise EdgePruneError(f"cannot listen on {config.host}:{config.port}: {e.strerror}") from None
+    log.info("edgeprune agent on %s (%s)", server.url, "token required" if config.token else "loopback, no token")
+    if on_ready is not None:
+        on_ready(server)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+__all__ = ["AgentConfig", "AgentServer", "health", "is_loopback", "read_token_file", "serve", "start_agent",
+           "DEFAULT_PORT", "DEFAULT_MAX_REQUEST_BYTES", "TARGET_HEADER", "REPEATS_HEADER"]

@@ -1,0 +1,205 @@
+"""Activation statistics of consumer inputs, and the closed-form compensation of a consumer (CAP.md §2-3).
+
+    stats = collect_statistics(model, graph.consumer_modules(), data.calib_batches())
+    w_new, b_new = compensate_layer(weight2d, bias, stats["layer2.0.conv1"], keep_coords, rescale=True)
+
+Statistics are taken once, on the unpruned model, then frozen (CAP.md §7.1): hooks are removed before returning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.errors import EdgePruneError
+
+log = logging.getLogger(__name__)
+
+MAX_POSITIONS = 64  # patches kept per image and layer: a 56x56 map is subsampled by a stride of 7
+
+
+@dataclass
+class LayerStats:
+    """Mean and covariance (float64) of one consumer's unfolded input, over `count` patches."""
+
+    mean: np.ndarray  # (D,)
+    cov: np.ndarray  # (D, D)
+    count: int
+    block: int  # coordinates per input channel: kh*kw for a conv, 1 for a linear
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[0]
+
+
+class _Accumulator:
+    """Running sums of x and x xᵀ, accumulated in float64.
+
+    Each batch's product is a float32 GEMM on data shifted by the first batch's mean (so no large common offset
+    cancels): 1.7x faster than float64 products, with covariances within ~1e-6 relative of the float64 ones on the
+    bundled example (measured), far below the sampling noise of the statistics.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.shift: torch.Tensor | None = None
+        self.s = torch.zeros(dim, dtype=torch.float64)
+        self.q = torch.zeros(dim, dim, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift
+        self.s += x.sum(0)
+        x32 = x.to(torch.float32)
+        self.q += (x32.T @ x32).to(torch.float64)
+        self.n += x.shape[0]
+
+    def finish(self, block: int) -> LayerStats:
+        m = self.s / self.n
+        cov = self.q / self.n - torch.outer(m, m)
+        cov = (cov + cov.T) / 2
+        return LayerStats(mean=(m + self.shift).numpy(), cov=cov.numpy(), count=self.n, block=block)
+
+
+def unfold_input(module: nn.Module, x: torch.Tensor, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
+    """(patches, D) view of a consumer's input, channel-major (C, kh, kw) so that it matches weight.reshape(N, -1)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    assert isinstance(module, nn.Conv2d) and module.groups == 1
+    if isinstance(module.padding, str):
+        raise EdgePruneError(f"conv with padding={module.padding!r} is not supported for compensation")
+    h_out = (x.shape[2] + 2 * module.padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
+    w_out = (x.shape[3] + 2 * module.padding[1] - module.dilation[1] * (module.kernel_size[1] - 1) - 1) // module.stride[1] + 1
+    sub = max(1, math.ceil(math.sqrt(h_out * w_out / max_positions)))  # spatial subsampling for large maps
+    if module.padding_mode != "zeros":
+        raise EdgePruneError(f"conv with padding_mode={module.padding_mode!r} is not supported for compensation")
+    cols = nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                stride=(module.stride[0] * sub, module.stride[1] * sub))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def block_of(module: nn.Module) -> int:
+    return module.kernel_size[0] * module.kernel_size[1] if isinstance(module, nn.Conv2d) else 1
+
+
+def collect_statistics(
+    model: nn.Module,
+    consumers: list[str],
+    batches: Iterable[torch.Tensor],
+    max_positions: int = MAX_POSITIONS,
+    progress: Callable[[int, int], None] | None = None,
+    total_batches: int | None = None,
+) -> dict[str, LayerStats]:
+    """One pass of calibration batches through the unpruned model, accumulating each consumer's input statistics."""
+    modules = dict(model.named_modules())
+    accs: dict[str, _Accumulator] = {}
+    handles = []
+    for name in consumers:
+        module = modules[name]
+
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            cols = unfold_input(mod, args[0].detach(), max_positions)
+            if name not in accs:
+                accs[name] = _Accumulator(cols.shape[1])
+            accs[name].add(cols)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    t0 = time.perf_counter()
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                if not torch.isfinite(x).all():
+                    raise EdgePruneError(f"calibration batch {i} contains NaN or infinite values")
+                model(x)
+                if progress is not None:
+                    progress(i + 1, total_batches or i + 1)
+    finally:
+        for h in handles:
+            h.remove()  # statistics are frozen after calibration (CAP.md §7.1)
+    stats = {}
+    for name in consumers:
+        if name not in accs:
+            raise EdgePruneError(f"layer {name} never ran during calibration; is it used in forward()?")
+        acc = accs[name]
+        dim = acc.s.shape[0]
+        if acc.n < 2:
+            raise EdgePruneError(
+                f"layer {name} saw {acc.n} calibration sample(s); its statistics need at least 2 (and ideally more "
+                f"than its input dimension {dim}); raise `count` in the calibration recipe")
+        stats[name] = acc.finish(block_of(modules[name]))
+    log.info("statistics of %d layers in %.2fs", len(stats), time.perf_counter() - t0)
+    return stats
+
+
+def min_patches_needed(stats: LayerStats) -> int:
+    """Patches needed for a full-rank covariance: its dimension plus one."""
+    return stats.dim + 1
+
+
+def _cholesky_solve(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
+    """Solve (a + ridge·mean(diag a)·I) x = b by Cholesky, raising the ridge when a is numerically singular."""
+    import scipy.linalg
+
+    scale = float(np.mean(np.diag(a))) if a.size else 1.0
+    scale = scale if scale > 0 else 1.0
+    for r in (ridge, 1e-4, 1e-2, 1.0):
+        try:
+            c = scipy.linalg.cho_factor(a + r * scale * np.eye(a.shape[0]), lower=True, check_finite=False)
+            return scipy.linalg.cho_solve(c, b, check_finite=False)
+        except np.linalg.LinAlgError:
+            log.debug("Cholesky failed with ridge %g, retrying with a larger one", r)
+    raise np.linalg.LinAlgError("covariance not positive definite even with ridge 1.0")
+
+
+def compensate_layer(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    stats: LayerStats,
+    keep: np.ndarray,
+    rescale: bool = False,
+    ridge: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares repair of a consumer that loses the input coordinates not in `keep` (CAP.md §3).
+
+    Args:
+        weight: (N, D) float64, the consumer's weight with D in unfold order.
+        keep: indices of the kept coordinates S.
+        rescale: keep each output's pre-BN variance (when a BatchNorm reads the output, so its statistics stay valid).
+
+    Returns:
+        W' (N, |S|) and b' (N,) such that W' x_S + b' approximates W x + b.
+    """
+    sigma, mu = stats.cov, stats.mean
+    b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+    if keep.size == 0:
+        return np.zeros((weight.shape[0], 0)), b + weight @ mu
+    s_ss = sigma[np.ix_(keep, keep)]
+    s_sd = sigma[keep, :]  # (|S|, D)
+    w_new = _cholesky_solve(s_ss, s_sd @ weight.T, ridge).T  # W Σ_{:,S} Σ_SS^{-1}
+    if rescale:
+        var_old = np.einsum("nd,de,ne->n", weight, sigma, weight)
+        var_new = np.einsum("ns,st,nt->n", w_new, s_ss, w_new)
+        ok = var_new > 1e-30
+        s = np.ones_like(var_old)
+        s[ok] = np.sqrt(np.maximum(var_old[ok], 0) / var_new[ok])
+        w_new = w_new * s[:, None]
+    b_new = b + weight @ mu - w_new @ mu[keep]
+    return w_new, b_new
+
+
+def reconstruction_error(weight: np.ndarray, bias: np.ndarray | None, x: np.ndarray, keep: np.ndarray,
+                         w_new: np.ndarray, b_new: np.ndarray) -> float:
+    """Mean squared error of the repaired layer's output against the original on patches `x` (P, D)."""
+    b = np.zeros(weight.shape[0]) if bias is None else bias
+    ref = x @ weight.T + b
+    return float(np.mean((ref - (x[:, keep] @ w_new.T + b_new)) ** 2))

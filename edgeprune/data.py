@@ -1,0 +1,539 @@
+"""Calibration recipes (`calibration/*.toml`) to batches, split into a calibration part and a held-out part.
+
+    from edgeprune.data import load_data, load_recipe
+    data = load_data(load_recipe("digits"), input_shape=(1, 1, 32, 32))
+    for x in data.calib_batches(): ...          # statistics; data.heldout_batches() measures fidelity
+
+The held-out part never feeds statistics: fidelity measured on samples the compensation was fitted on would flatter
+the pruned model. Both parts come from one seeded permutation, so the same recipe and seed give the same split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.resources import bundled_dir
+from edgeprune.tomlcheck import check_keys, read_toml, take
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Single-channel counterparts (the channel averages of ImageNet's), used when `grayscale = true` sets neither.
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+DEFAULT_HELDOUT = 0.25
+DEFAULT_BATCH_SIZE = 32
+# `count = None`: how many samples a kind uses; None there means every sample the source has.
+DEFAULT_COUNT: dict[str, int | None] = {"digits": None, "imagefolder": 512, "npy": None, "random": 512}
+
+_COMMON_KEYS = ("name", "description", "kind", "count", "heldout", "batch_size", "seed")
+# Keys each kind reads, beyond the common ones; a key another kind reads is rejected, not silently ignored.
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "digits": (),
+    "imagefolder": ("path", "resize", "crop", "mean", "std", "grayscale"),
+    "npy": ("path", "labels"),
+    "random": ("shape",),
+}
+KINDS = tuple(KIND_KEYS)
+_FIELD_DEFAULTS = {"path": None, "labels": None, "resize": None, "crop": None, "mean": None, "std": None,
+                   "grayscale": False, "shape": None}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Where calibration samples come from, how many, and how they are split. `None` means the kind's default."""
+
+    kind: str
+    name: str = ""
+    description: str = ""
+    count: int | None = None  # total samples used (calibration + held out); default per kind, DEFAULT_COUNT
+    heldout: float | int = DEFAULT_HELDOUT  # a fraction in (0, 1), or an integer number of samples
+    batch_size: int = DEFAULT_BATCH_SIZE
+    seed: int = 0
+    path: str | None = None  # imagefolder: the folder; npy: the N×C×H×W array file
+    labels: str | None = None  # npy: optional int array file of N labels
+    resize: int | None = None  # imagefolder: shorter side resized to this
+    crop: int | None = None  # imagefolder: center crop to crop×crop
+    mean: tuple[float, ...] | None = None  # imagefolder: per channel, after scaling to [0, 1]; default ImageNet
+    std: tuple[float, ...] | None = None
+    grayscale: bool = False  # imagefolder: read images as one channel
+    shape: tuple[int, ...] | None = None  # random: C, H, W; default the model's input shape
+    source: str = field(default="", compare=False)  # the file it was read from; not part of the recipe
+
+    def __post_init__(self) -> None:
+        where = f"calibration recipe {self.name or self.kind}"
+        if self.kind not in KIND_KEYS:
+            raise EdgePruneError(f"{where}: kind {self.kind!r} unknown; allowed kinds are: {', '.join(KINDS)}")
+        for key, default in _FIELD_DEFAULTS.items():
+            if key not in KIND_KEYS[self.kind] and getattr(self, key) != default:
+                raise EdgePruneError(
+                    f"{where}: key '{key}' is not used by kind {self.kind!r}; its keys are: "
+                    f"{', '.join(_COMMON_KEYS + KIND_KEYS[self.kind])}"
+                )
+        if self.count is not None and self.count < 2:
+            raise EdgePruneError(f"{where}: count must be at least 2 (one calibration and one held-out sample), "
+                                 f"found {self.count}")
+        if isinstance(self.heldout, bool) or not isinstance(self.heldout, (int, float)):
+            raise EdgePruneError(f"{where}: heldout must be a fraction in (0, 1) or an integer count, "
+                                 f"found {self.heldout!r}")
+        if isinstance(self.heldout, float) and not 0.0 < self.heldout < 1.0:
+            raise EdgePruneError(f"{where}: heldout = {self.heldout} as a fraction must lie strictly between 0 and 1; "
+                                 "write an integer (e.g. heldout = 16) for a number of samples")
+        if isinstance(self.heldout, int):
+            if self.heldout < 1:
+                raise EdgePruneError(f"{where}: heldout = {self.heldout} leaves no held-out samples; "
+                                     "set at least 1 (or a fraction such as 0.25)")
+            if self.count is not None and self.heldout >= self.count:
+                raise EdgePruneError(f"{where}: heldout = {self.heldout} of count = {self.count} leaves no calibration "
+                                     "samples; raise count or lower heldout")
+        if self.batch_size < 1:
+            raise EdgePruneError(f"{where}: batch_size must be at least 1, found {self.batch_size}")
+        if self.kind in ("imagefolder", "npy") and not self.path:
+            raise EdgePruneError(f"{where}: kind {self.kind!r} needs 'path' "
+                                 f"({'a folder of images' if self.kind == 'imagefolder' else 'an .npy array file'})")
+        for key in ("resize", "crop"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise EdgePruneError(f"{where}: {key} must be a positive number of pixels, found {v}")
+        if self.resize is not None and self.crop is not None and self.crop > self.resize:
+            raise EdgePruneError(f"{where}: crop = {self.crop} is larger than resize = {self.resize}; "
+                                 "the crop must fit in the resized image (set crop <= resize)")
+        channels = 1 if self.grayscale else 3
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if v is not None and len(v) != channels:
+                raise EdgePruneError(f"{where}: {key} needs {channels} value(s) for "
+                                     f"{'grayscale' if self.grayscale else 'RGB'} images, found {list(v)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise EdgePruneError(f"{where}: std values must be positive, found {list(self.std)}")
+        if self.shape is not None and (len(self.shape) < 1 or any(d < 1 for d in self.shape)):
+            raise EdgePruneError(f"{where}: shape must be positive integers C, H, W, found {list(self.shape)}")
+
+    @property
+    def norm_mean(self) -> tuple[float, ...]:
+        return self.mean if self.mean is not None else (GRAY_MEAN if self.grayscale else IMAGENET_MEAN)
+
+    @property
+    def norm_std(self) -> tuple[float, ...]:
+        return self.std if self.std is not None else (GRAY_STD if self.grayscale else IMAGENET_STD)
+
+    def to_dict(self) -> dict[str, Any]:
+        """TOML/JSON-ready table: unset (None) keys and keys the kind does not read are left out."""
+        d: dict[str, Any] = {"kind": self.kind}
+        for key in _COMMON_KEYS + KIND_KEYS[self.kind]:
+            v = getattr(self, key)
+            if v is None or key == "kind":
+                continue
+            d[key] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "calibration recipe", base_dir: Path | None = None) -> Recipe:
+        """Validated construction from a TOML/JSON table; relative `path`/`labels` resolve against `base_dir`."""
+        if "kind" not in d:
+            raise EdgePruneError(f"{where}: missing required key 'kind'; allowed kinds are: {', '.join(KINDS)}")
+        kind = take(d, "kind", str, where, choices=KINDS)
+        check_keys(d, _COMMON_KEYS + KIND_KEYS[kind], f"{where} (kind {kind!r})")
+        heldout = d.get("heldout", DEFAULT_HELDOUT)
+        if isinstance(heldout, bool) or not isinstance(heldout, (int, float)):
+            raise EdgePruneError(f"{where}: key 'heldout' must be a fraction in (0, 1) or an integer count, "
+                                 f"found {type(heldout).__name__} {heldout!r}")
+
+        def resolved(key: str) -> str | None:
+            v = take(d, key, str, where, None)
+            if v is None or base_dir is None:
+                return v
+            p = Path(v).expanduser()
+            return str(p if p.is_absolute() else (base_dir / p).resolve())
+
+        def numbers(key: str, kind_: type) -> tuple | None:
+            v = take(d, key, list, where, None)
+            if v is None:
+                return None
+            ok = all(isinstance(e, kind_) and not isinstance(e, bool) for e in v)
+            if kind_ is float:
+                ok = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in v)
+            if not ok:
+                what = "numbers" if kind_ is float else "integers"
+                raise EdgePruneError(f"{where}: key '{key}' must be a list of {what}, found {v!r}")
+            return tuple(kind_(e) for e in v)
+
+        try:
+            return cls(
+                kind=kind,
+                name=take(d, "name", str, where, ""),
+                description=take(d, "description", str, where, ""),
+                count=take(d, "count", int, where, None),
+                heldout=heldout,
+                batch_size=take(d, "batch_size", int, where, DEFAULT_BATCH_SIZE),
+                seed=take(d, "seed", int, where, 0),
+                path=resolved("path"),
+                labels=resolved("labels"),
+                resize=take(d, "resize", int, where, None),
+                crop=take(d, "crop", int, where, None),
+                mean=numbers("mean", float),
+                std=numbers("std", float),
+                grayscale=take(d, "grayscale", bool, where, False),
+                shape=numbers("shape", int),
+            )
+        except EdgePruneError as e:
+            msg = str(e)
+            raise EdgePruneError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    path = Path(path)
+    table = read_toml(path, "calibration recipe")
+    where = f"calibration recipe file {path}"
+    if "name" not in table:
+        table = {**table, "name": path.stem}
+    recipe = Recipe.from_dict(table, where=where, base_dir=path.resolve().parent)
+    return dataclasses.replace(recipe, source=str(path))
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """The shipped recipe files by name (file stem), in name order."""
+    return {p.stem: p for p in sorted(bundled_dir("calibration").glob("*.toml"))}
+
+
+def load_recipe(spec: str | Path) -> Recipe:
+    """A recipe from a bundled name (`digits`, `random`, `imagefolder`, `npy`) or a path to a TOML file."""
+    s = str(spec)
+    if s.endswith(".toml") or "/" in s or Path(s).is_file():
+        return load_recipe_file(s)
+    recipes = bundled_recipes()
+    if s in recipes:
+        return load_recipe_file(recipes[s])
+    raise EdgePruneError(f"unknown calibration recipe {s!r}; bundled recipes: {', '.join(recipes)}; "
+                         "or pass a path to a recipe TOML file")
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationData:
+    """Samples of one recipe, split: `calib_*` feed activation statistics, `heldout_*` only measure fidelity."""
+
+    calib_x: np.ndarray  # float32, N×C×H×W
+    calib_y: np.ndarray | None  # int64 labels, or None for unlabelled data
+    heldout_x: np.ndarray
+    heldout_y: np.ndarray | None
+    recipe: Recipe
+
+    def __post_init__(self) -> None:
+        # Internal invariants: load_data builds these, users go through it.
+        assert self.calib_x.dtype == np.float32 and self.heldout_x.dtype == np.float32
+        assert self.calib_x.shape[1:] == self.heldout_x.shape[1:]
+        assert (self.calib_y is None) == (self.heldout_y is None)
+        assert self.calib_y is None or len(self.calib_y) == len(self.calib_x)
+        assert self.heldout_y is None or len(self.heldout_y) == len(self.heldout_x)
+
+    @property
+    def labelled(self) -> bool:
+        return self.calib_y is not None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.calib_x.shape[1:])
+
+    def calib_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """Calibration inputs in a fixed order, `batch_size` (default the recipe's) at a time; the last may be short."""
+        bs = _batch_size(batch_size, self.recipe)
+        for i in range(0, len(self.calib_x), bs):
+            # A copy: a model whose first op works in place must not change the stored samples.
+            yield torch.from_numpy(self.calib_x[i:i + bs].copy())
+
+    def heldout_batches(self, batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Held-out inputs and their labels (None when unlabelled), in a fixed order."""
+        bs = _batch_size(batch_size, self.recipe)
+        for i in range(0, len(self.heldout_x), bs):
+            y = None if self.heldout_y is None else torch.from_numpy(self.heldout_y[i:i + bs].copy())
+            yield torch.from_numpy(self.heldout_x[i:i + bs].copy()), y
+
+
+def _batch_size(batch_size: int | None, recipe: Recipe) -> int:
+    bs = recipe.batch_size if batch_size is None else batch_size
+    if bs < 1:
+        raise EdgePruneError(f"batch size must be at least 1, found {bs}")
+    return bs
+
+
+def min_samples_error(layer_name: str, needed: int, have: int) -> EdgePruneError:
+    """The error statistics code raises when a layer needs more samples than the calibration part gives."""
+    return EdgePruneError(
+        f"layer {layer_name} needs at least {needed} calibration samples (patches) for its statistics, "
+        f"the recipe gives {have}; raise `count` in the recipe (or lower `heldout`), use a recipe with more data, "
+        "or exclude the layer from pruning"
+    )
+
+
+# --- sources: one per kind -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a kind offers: `available` samples, a loader for chosen indices, and a name for one sample."""
+
+    available: int
+    load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
+    describe: Callable[[int], str]
+    what: str  # "folder X", "file X": for messages
+
+
+def _digits_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
+    from edgeprune.example import TRAIN_COUNT, digits_32
+
+    x, y, perm = digits_32()
+    pool = perm[TRAIN_COUNT:]  # never seen when the example was trained
+
+    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return x[pool[idx]], y[pool[idx]]
+
+    def describe(i: int) -> str:
+        return f"index {int(pool[i])} of load_digits()"
+
+    return _Source(len(pool), load, describe, "scikit-learn digits (not used in training)")
+
+
+def _random_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
+    shape = recipe.shape if recipe.shape is not None else tuple(input_shape[1:])
+    n = recipe.count if recipe.count is not None else DEFAULT_COUNT["random"]
+    assert n is not None
+    # A stream of its own, so the values do not repeat the split's permutation.
+    x = np.random.default_rng([recipe.seed, 1]).standard_normal((n, *shape), dtype=np.float32)
+    return _Source(n, lambda idx: (x[idx], None), lambda i: f"sample {i}", f"random normal {list(shape)}")
+
+
+def _npy_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
+    path = _existing(recipe, recipe.path, "array file")
+    x = _read_npy(path, "samples")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise EdgePruneError(f"calibration array {path} has dtype {x.dtype}; it must hold floats already normalised "
+                             "as the model expects (convert with x.astype(np.float32) after normalising)")
+    if x.ndim != len(input_shape):
+        raise EdgePruneError(f"calibration array {path} has shape {list(x.shape)}; the model wants "
+                             f"{len(input_shape)}-D N×C×H×W samples of {list(input_shape[1:])}; re-save the array "
+                             "with one sample per row of the first axis")
+    y = None
+    if recipe.labels is not None:
+        lpath = _existing(recipe, recipe.labels, "labels file")
+        y = _read_npy(lpath, "labels")
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+            raise EdgePruneError(f"labels file {lpath} holds {y.dtype} with shape {list(y.shape)}; it must be a 1-D "
+                                 "integer array of class indices (y.astype(np.int64))")
+        if len(y) != len(x):
+            raise EdgePruneError(f"labels file {lpath} has {len(y)} labels but {path} has {len(x)} samples; "
+                                 "the counts must match, one label per sample")
+        y = np.asarray(y, dtype=np.int64)
+        if (y < 0).any():
+            raise EdgePruneError(f"labels file {lpath} has negative labels (first at index {int(np.argmax(y < 0))}); "
+                                 "labels are class indices 0..K-1")
+
+    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        # Indices sorted for the memory map's sake, then put back into the permutation's order.
+        order = np.argsort(idx)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(idx))
+        xs = np.asarray(x[idx[order]], dtype=np.float32)[back]
+        return xs, (None if y is None else y[idx])
+
+    return _Source(len(x), load, lambda i: f"sample index {i} of {path}", f"file {path}")
+
+
+def _read_npy(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise EdgePruneError(f"cannot read {what} file {path} as a NumPy .npy array: {e}") from None
+
+
+def _imagefolder_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
+    root = _existing(recipe, recipe.path, "image folder")
+    if not root.is_dir():
+        raise EdgePruneError(f"calibration recipe {recipe.name}: path {root} is a file; kind 'imagefolder' wants a "
+                             "folder of images (or of class subfolders of images)")
+    files, labels = _list_images(root)
+
+    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        arrays = [_read_image(files[i], recipe) for i in idx]
+        for i, a in zip(idx, arrays):
+            if a.shape != arrays[0].shape:
+                raise EdgePruneError(
+                    f"images in {root} come out in different sizes: {files[idx[0]].name} gives "
+                    f"{_fmt(arrays[0].shape)}, {files[i].name} gives {_fmt(a.shape)}; set resize and crop in the "
+                    "recipe so every image ends at the model's size"
+                )
+        x = np.stack(arrays) if arrays else np.zeros((0, *input_shape[1:]), np.float32)
+        return x, (None if labels is None else labels[idx])
+
+    return _Source(len(files), load, lambda i: f"file {files[i]}", f"folder {root}")
+
+
+def _list_images(root: Path) -> tuple[list[Path], np.ndarray | None]:
+    """Image files and labels: class subfolders (sorted names -> 0..K-1) or, without subfolders, loose images."""
+    def images(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = images(root)
+    if classes and loose:
+        raise EdgePruneError(f"image folder {root} has both class subfolders ({', '.join(c.name for c in classes)}) "
+                             f"and loose images ({loose[0].name}, ...); put every image in a class subfolder, or "
+                             "remove the subfolders for unlabelled data")
+    if not classes:
+        if not loose:
+            raise EdgePruneError(f"image folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images "
+                                 "directly or in one subfolder per class")
+        return loose, None
+    files: list[Path] = []
+    labels: list[int] = []
+    for k, c in enumerate(classes):
+        found = images(c)
+        if not found:
+            raise EdgePruneError(f"class folder {c} holds no images ({', '.join(IMAGE_SUFFIXES)}); add images or "
+                                 "remove the folder (class indices follow the sorted folder names)")
+        files += found
+        labels += [k] * len(found)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_image(path: Path, recipe: Recipe) -> np.ndarray:
+    """C×H×W float32: resize the shorter side, center crop, scale to [0, 1], normalise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("L" if recipe.grayscale else "RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise EdgePruneError(f"cannot read image {path}: {e}; remove it or convert it to PNG/JPEG") from None
+    if recipe.resize is not None:
+        w, h = img.size
+        # Same rounding as torchvision.transforms.Resize(int): the longer side truncated.
+        size = (recipe.resize, int(recipe.resize * h / w)) if w <= h else (int(recipe.resize * w / h), recipe.resize)
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    if recipe.crop is not None:
+        w, h = img.size
+        c = recipe.crop
+        if c > w or c > h:
+            raise EdgePruneError(f"image {path} is {w}x{h} (after resize) and cannot give a {c}x{c} center crop; "
+                                 f"set resize to at least {c} in the recipe")
+        left, top = int(round((w - c) / 2.0)), int(round((h - c) / 2.0))
+        img = img.crop((left, top, left + c, top + c))
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    mean = np.asarray(recipe.norm_mean, np.float32)[:, None, None]
+    std = np.asarray(recipe.norm_std, np.float32)[:, None, None]
+    return np.ascontiguousarray((a - mean) / std, dtype=np.float32)
+
+
+def _existing(recipe: Recipe, value: str | None, what: str) -> Path:
+    assert value is not None
+    p = Path(value).expanduser()
+    if not p.exists():
+        src = f" (from {recipe.source})" if recipe.source else ""
+        raise EdgePruneError(f"calibration recipe {recipe.name or recipe.kind}: {what} {p} does not exist{src}; "
+                             "fix 'path' in the recipe (relative paths are relative to the recipe file's folder)")
+    return p
+
+
+SOURCES: dict[str, Callable[[Recipe, tuple[int, ...]], _Source]] = {
+    "digits": _digits_source,
+    "imagefolder": _imagefolder_source,
+    "npy": _npy_source,
+    "random": _random_source,
+}
+
+
+# --- load_data ---------------------------------------------------------------------------------------------------
+
+
+def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> CalibrationData:
+    """The recipe's samples, checked against the model's `input_shape` (N, C, H, W) and split deterministically."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) < 2 or any(d < 1 for d in input_shape):
+        raise EdgePruneError(f"model input shape must be positive integers (N, C, H, W), found {list(input_shape)}")
+    name = recipe.name or recipe.kind
+    if recipe.kind == "random" and recipe.shape is not None and tuple(recipe.shape) != input_shape[1:]:
+        raise _shape_error(recipe, input_shape, tuple(recipe.shape), "random normal")
+    src = SOURCES[recipe.kind](recipe, input_shape)
+
+    default = DEFAULT_COUNT[recipe.kind]
+    if recipe.count is None:
+        count = src.available if default is None else min(default, src.available)
+    elif recipe.count > src.available:
+        raise EdgePruneError(f"calibration recipe {name}: count = {recipe.count} but {src.what} has only "
+                             f"{src.available} samples; lower count or add data")
+    else:
+        count = recipe.count
+    n_held = recipe.heldout if isinstance(recipe.heldout, int) else math.floor(recipe.heldout * count + 0.5)
+    if n_held < 1:
+        raise EdgePruneError(f"calibration recipe {name}: heldout = {recipe.heldout} of {count} samples leaves the "
+                             "held-out part empty; raise count (add data) or set heldout to an integer such as 1")
+    if n_held >= count:
+        raise EdgePruneError(f"calibration recipe {name}: heldout = {recipe.heldout} of {count} samples leaves the "
+                             "calibration part empty; lower heldout or raise count (add data)")
+
+    idx = np.random.default_rng(recipe.seed).permutation(src.available)[:count]
+    x, y = src.load(idx)
+    if x.shape[1:] != input_shape[1:]:
+        raise _shape_error(recipe, input_shape, tuple(x.shape[1:]), src.what)
+    _check_finite(x, idx, src)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if y is not None:
+        y = np.ascontiguousarray(y, dtype=np.int64)
+    return CalibrationData(
+        calib_x=x[n_held:], calib_y=None if y is None else y[n_held:],
+        heldout_x=x[:n_held], heldout_y=None if y is None else y[:n_held],
+        recipe=recipe,
+    )
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def _shape_error(recipe: Recipe, input_shape: tuple[int, ...], found: tuple[int, ...], what: str) -> EdgePruneError:
+    want = input_shape[1:]
+    name = recipe.name or recipe.kind
+    head = (f"calibration recipe {name}: the model wants samples of {_fmt(want)} (C×H×W, input "
+            f"{list(input_shape)}), {what} gives {_fmt(found)}")
+    same_channels = len(found) == len(want) and found[0] == want[0]
+    if recipe.kind == "imagefolder":
+        if not same_channels and len(want) == 3 and want[0] in (1, 3):
+            fix = f"set grayscale = {'true' if want[0] == 1 else 'false'} in the recipe"
+        elif len(want) == 3 and want[1] == want[2]:
+            fix = (f"set resize = {want[1]} and crop = {want[1]} in the recipe "
+                   f"(or resize larger, e.g. {want[1] * 8 // 7}, and crop = {want[1]})")
+        elif len(want) == 3:
+            fix = (f"the model wants non-square {want[1]}×{want[2]} inputs: pre-process the images and save them "
+                   "for an npy recipe")
+        else:
+            fix = "use an npy recipe with samples of the model's shape"
+    elif recipe.kind == "npy":
+        fix = f"re-save the array as N×{_fmt(want)}"
+    elif recipe.kind == "random":
+        fix = f"remove 'shape' from the recipe to use the model's input shape, or set shape = {list(want)}"
+    else:
+        fix = "use a recipe whose samples match the model (imagefolder with resize/crop, npy, or random)"
+    return EdgePruneError(f"{head}; {fix}")
+
+
+def _check_finite(x: np.ndarray, idx: np.ndarray, src: _Source) -> None:
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return
+    n_nan = int(np.isnan(x).sum())
+    n_inf = int(bad.sum()) - n_nan
+    samples = np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))
+    where = ", ".join(src.describe(int(idx[s])) for s in samples[:5]) + (", ..." if len(samples) > 5 else "")
+    raise EdgePruneError(f"calibration data from {src.what} has {n_nan} NaN and {n_inf} infinite values in "
+                         f"{len(samples)} sample(s): {where}; clean the data (or drop those samples)")

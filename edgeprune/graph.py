@@ -1,0 +1,215 @@
+"""Coupled channel groups from torch-pruning's DependencyGraph.
+
+A group is a set of channels that must be removed together: the output channels of its producers (convs and
+linears, all the producers of a residual stream at once), carried through pass-through layers (BN, depthwise convs,
+activations, adds, concat), and read by its consumers (the convs and linears whose input columns are those channels).
+Consumers are where compensation happens (CAP.md §3); a consumer that reads several groups (after a concat) is
+compensated once for all of them.
+
+    from edgeprune.graph import trace
+    graph = trace(model, example_input)
+    for g in graph.groups: print(g.name, g.channels, g.producers, [c.module for c in g.consumers])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeprune.errors import EdgePruneError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer reading a group's channels, with the coordinates each channel occupies in its unfolded input.
+
+    For a conv, the unfolded input is channel-major (C, kh, kw), so channel c occupies coordinates
+    c*kh*kw .. (c+1)*kh*kw - 1 (CAP.md §1). For a linear after a flatten, a channel occupies its H*W features.
+    """
+
+    module: str
+    coords: tuple[tuple[int, ...], ...]  # per group channel (in group order): coordinates in the unfolded input
+    compensable: bool  # dense conv or linear: closed-form compensation applies
+    bn_follows: bool  # a BatchNorm reads its output: rescale rows to keep BN's statistics valid (CAP.md §3)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that are pruned together. `name` is stable for a given model: the module that roots the group."""
+
+    name: str
+    channels: int
+    producers: tuple[str, ...]
+    consumers: tuple[Consumer, ...]
+    members: tuple[str, ...]  # pass-through layers whose channels follow the group (BN, depthwise convs, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "channels": self.channels, "producers": list(self.producers),
+                "consumers": [c.module for c in self.consumers], "members": list(self.members)}
+
+
+@dataclass
+class Graph:
+    """The prunable groups of a model, in forward order, and the layers left out (with why)."""
+
+    groups: list[Group]
+    excluded: dict[str, str] = field(default_factory=dict)  # group root -> reason it is not prunable
+    output_layers: tuple[str, ...] = ()
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise EdgePruneError(f"the model has no prunable group {name!r}; groups: {', '.join(g.name for g in self.groups)}")
+
+    def consumer_modules(self) -> list[str]:
+        """Compensable consumer modules (each once), the layers whose input statistics are collected."""
+        seen: dict[str, None] = {}
+        for g in self.groups:
+            for c in g.consumers:
+                if c.compensable:
+                    seen.setdefault(c.module)
+        return list(seen)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_dense(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """fnmatch patterns, or `re:<regex>` (torchao's FqnToConfig convention)."""
+    for p in patterns:
+        if p.startswith("re:") and re.fullmatch(p[3:], name):
+            return True
+        if not p.startswith("re:") and fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any:
+    """torch-pruning's DependencyGraph, with a clear error when the model cannot be traced."""
+    import torch_pruning as tp
+
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise EdgePruneError(
+            f"torch-pruning cannot trace {type(model).__name__}: {type(e).__name__}: {first[:300]}; "
+            f"exclude the offending module with --ignore, or make its forward traceable by autograd"
+        ) from None
+
+
+def _output_layers(dg: Any, names: dict[nn.Module, str]) -> list[nn.Module]:
+    """Convs/linears whose output channels reach the model's output without another conv or linear in between."""
+    from torch_pruning import ops
+
+    stop = (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+    out = []
+    for module, node in dg.module2node.items():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or is_depthwise(module):
+            continue
+        stack, seen, reaches = list(node.outputs), set(), not node.outputs
+        while stack and not reaches:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.type in stop and not is_depthwise(n.module):
+                continue
+            if not n.outputs:
+                reaches = True
+            stack.extend(n.outputs)
+        if reaches:
+            out.append(module)
+    return out
+
+
+def _bn_follows(dg: Any, module: nn.Module) -> bool:
+    """Whether a BatchNorm reads this layer's output, directly or through functional ops (concat, add, activations)."""
+    node = dg.module2node.get(module)
+    stack, seen = list(node.outputs) if node else [], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, nn.modules.batchnorm._BatchNorm):
+            return True
+        if isinstance(n.module, nn.Module) and any(True for _ in n.module.parameters(recurse=False)):
+            continue  # another weighted layer: its input statistics are not this layer's concern
+        stack.extend(n.outputs)
+    return False
+
+
+def _consumer(name: str, module: nn.Module, idxs: list[int], root_idxs: list[int], channels: int, dg: Any) -> Consumer:
+    per_channel: list[list[int]] = [[] for _ in range(channels)]
+    if isinstance(module, nn.Conv2d):
+        k2 = module.kernel_size[0] * module.kernel_size[1]
+        for i, r in zip(idxs, root_idxs):
+            per_channel[r].extend(range(i * k2, (i + 1) * k2))
+    else:
+        for i, r in zip(idxs, root_idxs):
+            per_channel[r].append(i)
+    coords = tuple(tuple(sorted(set(c))) for c in per_channel)
+    return Consumer(module=name, coords=coords, compensable=is_dense(module), bn_follows=_bn_follows(dg, module))
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...] = (), dg: Any = None) -> Graph:
+    """Coupled channel groups of `model`, excluding output layers and modules matching `ignore` patterns."""
+    import torch_pruning as tp
+
+    dg = dg if dg is not None else build_dependency_graph(model, example_input)
+    names = {m: n for n, m in model.named_modules()}
+    outputs = _output_layers(dg, names)
+    ignored = outputs + [m for n, m in model.named_modules() if n and ignore and matches(n, ignore)]
+    groups: list[Group] = []
+    excluded: dict[str, str] = {}
+    for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        root_item = tp_group[0]
+        root = root_item.dep.target.module
+        channels = len(root_item.idxs)
+        gname = names.get(root, f"<{type(root).__name__}>")
+        producers, members, consumers = [], [], []
+        reason = None
+        for item in tp_group:
+            module = item.dep.target.module
+            mname = names.get(module)
+            if mname is None or not any(True for _ in module.parameters(recurse=False)):
+                continue  # functional ops (add, concat, flatten, activations) carry channels without weights
+            handler = item.dep.handler.__name__
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module):
+                if not is_dense(module):
+                    reason = f"{mname} is a grouped conv (groups={module.groups}), whose channels are coupled within groups"
+                elif "out_channels" in handler:
+                    producers.append(mname)
+                elif "in_channels" in handler:
+                    consumers.append(_consumer(mname, module, list(item.idxs), list(item.root_idxs), channels, dg))
+            elif mname not in members:
+                members.append(mname)
+        if reason is None and not producers:
+            reason = "no conv or linear produces these channels"
+        if reason is None and any(len(c.coords) != channels or not all(c.coords) for c in consumers):
+            reason = "a consumer's input does not map channel by channel onto the group"
+        if reason is not None:
+            excluded[gname] = reason
+            continue
+        groups.append(Group(name=gname, channels=channels, producers=tuple(dict.fromkeys(producers)),
+                            consumers=tuple(consumers), members=tuple(members)))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    groups.sort(key=lambda g: order.get(g.name, 0))
+    log.info("traced %d prunable groups (%d excluded)", len(groups), len(excluded))
+    return Graph(groups=groups, excluded=excluded, output_layers=tuple(names[m] for m in outputs))

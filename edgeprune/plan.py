@@ -1,0 +1,107 @@
+"""`Plan`: which channels of each group survive. Decide, then do: `prune --plan plan.json` reproduces a pruning exactly.
+
+    plan = plan_from_rankings(graph, rankings, uniform_widths(graph, ratio=0.5, multiple=8))
+    plan.save("plan.json"); assert Plan.load("plan.json") == plan
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.graph import Graph
+from edgeprune.importance import Ranking
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Group name -> kept channel indices (ascending), with what is needed to interpret and reproduce them."""
+
+    kept: dict[str, tuple[int, ...]]
+    channels: dict[str, int]  # original width of each group: a plan only applies to the model it was made for
+    criterion: str = "cap"
+    compensation: bool = True
+    channel_multiple: int = 1
+    model: str = ""
+    target: str | None = None
+    seed: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for g, idx in self.kept.items():
+            c = self.channels.get(g)
+            if c is None:
+                raise EdgePruneError(f"plan keeps channels of group {g!r} but does not give its width")
+            if not idx:
+                raise EdgePruneError(f"plan keeps no channel of group {g!r}; a group needs at least one")
+            if list(idx) != sorted(set(idx)) or idx[0] < 0 or idx[-1] >= c:
+                raise EdgePruneError(f"plan indices of group {g!r} must be ascending, unique and below {c}")
+
+    def widths(self) -> dict[str, int]:
+        return {g: len(k) for g, k in self.kept.items()}
+
+    def pruned(self, group: str) -> list[int]:
+        keep = set(self.kept.get(group, range(self.channels[group])))
+        return [i for i in range(self.channels[group]) if i not in keep]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "model": self.model, "target": self.target, "criterion": self.criterion,
+                "compensation": self.compensation, "channel_multiple": self.channel_multiple, "seed": self.seed,
+                "channels": dict(self.channels), "kept": {g: list(k) for g, k in self.kept.items()},
+                "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        try:
+            if d.get("version") != PLAN_VERSION:
+                raise EdgePruneError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+            return cls(kept={g: tuple(int(i) for i in k) for g, k in d["kept"].items()},
+                       channels={g: int(c) for g, c in d["channels"].items()}, criterion=str(d["criterion"]),
+                       compensation=bool(d["compensation"]), channel_multiple=int(d["channel_multiple"]),
+                       model=str(d.get("model", "")), target=d.get("target"), seed=int(d.get("seed", 0)),
+                       meta=dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EdgePruneError(f"malformed plan: {type(e).__name__}: {e}") from None
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise EdgePruneError(f"plan file {path} does not exist") from None
+        except (ValueError, OSError) as e:
+            raise EdgePruneError(f"plan file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def round_width(width: float, channels: int, multiple: int, min_width: int | None = None) -> int:
+    """Nearest multiple of `multiple`, at least `min_width` (default: one multiple), at most the original width."""
+    lo = min(channels, min_width or multiple)
+    w = int(round(width / multiple)) * multiple
+    return max(lo, min(channels, w))
+
+
+def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, int]:
+    """Remove `ratio` of each group's channels, rounded to `multiple`."""
+    if not 0.0 <= ratio < 1.0:
+        raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
+    return {g.name: round_width(g.channels * (1 - ratio), g.channels, multiple) for g in graph.groups}
+
+
+def plan_from_rankings(graph: Graph, rankings: dict[str, Ranking], widths: dict[str, int], **kw: Any) -> Plan:
+    """Keep the first `widths[g]` channels of each group's ranking."""
+    kept = {g.name: tuple(sorted(rankings[g.name].order[: widths[g.name]])) for g in graph.groups}
+    return Plan(kept=kept, channels={g.name: g.channels for g in graph.groups}, **kw)

@@ -1,0 +1,117 @@
+"""Apply a Plan: compensate consumers in closed form (CAP.md §3), then remove channels physically (torch-pruning).
+
+    pruned = prune(model, example_input, plan, stats)
+
+The input model is never modified: pruning works on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.compensate import LayerStats, compensate_layer
+from edgeprune.errors import EdgePruneError
+from edgeprune.graph import Graph, build_dependency_graph, trace
+from edgeprune.plan import Plan
+
+log = logging.getLogger(__name__)
+
+
+def check_plan(graph: Graph, plan: Plan) -> None:
+    names = {g.name: g for g in graph.groups}
+    for g, c in plan.channels.items():
+        if g not in names:
+            raise EdgePruneError(f"plan names group {g!r}, which this model does not have; was it made for another "
+                                 f"model? groups here: {', '.join(list(names)[:8])}...")
+        if names[g].channels != c:
+            raise EdgePruneError(f"plan says group {g!r} has {c} channels, the model has {names[g].channels}")
+
+
+def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
+    """Per compensable consumer, the input coordinates the plan removes (from every group it reads)."""
+    out: dict[str, set[int]] = defaultdict(set)
+    for g in graph.groups:
+        if g.name not in plan.kept:
+            continue
+        pruned = plan.pruned(g.name)
+        for c in g.consumers:
+            if c.compensable:
+                for j in pruned:
+                    out[c.module].update(c.coords[j])
+    return out
+
+
+def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats]) -> None:
+    """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair."""
+    modules = dict(model.named_modules())
+    bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
+    for name, removed in removed_coords(graph, plan).items():
+        if not removed:
+            continue
+        if name not in stats:
+            raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
+        m = modules[name]
+        w = m.weight.detach().double().cpu().numpy()
+        w2 = w.reshape(w.shape[0], -1)
+        keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
+        bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
+        w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=bn_follows.get(name, False))
+        full = np.zeros_like(w2)
+        full[:, keep] = w_new
+        with torch.no_grad():
+            m.weight.copy_(torch.from_numpy(full.reshape(w.shape)).to(m.weight.dtype))
+            if m.bias is None:
+                m.bias = nn.Parameter(torch.from_numpy(b_new).to(m.weight.dtype))
+            else:
+                m.bias.copy_(torch.from_numpy(b_new).to(m.bias.dtype))
+
+
+def prune(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    plan: Plan,
+    stats: dict[str, LayerStats] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> nn.Module:
+    """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).eval()
+    graph = trace(model, example_input, ignore)
+    check_plan(graph, plan)
+    if plan.compensation:
+        if stats is None:
+            raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")
+        compensate_consumers(model, graph, plan, stats)
+    # Rebuild the dependency graph: compensation may have added biases, which torch-pruning must see to slice them.
+    dg = build_dependency_graph(model, example_input)
+    modules = dict(model.named_modules())
+    for g in graph.groups:
+        idxs = plan.pruned(g.name) if g.name in plan.kept else []
+        if not idxs:
+            continue
+        root = modules[g.name]
+        fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        group = dg.get_pruning_group(root, fn, idxs=idxs)
+        group.prune()
+    return model
+
+
+def structural_copy(model: nn.Module, example_input: torch.Tensor, plan: Plan, biased: list[str],
+                    ignore: tuple[str, ...] = ()) -> nn.Module:
+    """The pruned architecture of `plan` without compensation: a skeleton to load a pruned state dict into."""
+    import dataclasses
+
+    skeleton = prune(model, example_input, dataclasses.replace(plan, compensation=False), None, ignore)
+    modules = dict(skeleton.named_modules())
+    for name in biased:  # compensation adds biases: give the skeleton the same parameters
+        m = modules[name]
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0]))
+    return skeleton
