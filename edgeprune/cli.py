@@ -200,9 +200,100 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- agent
+
+
+def add_agent(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("agent", help="serve measurements on this device over HTTP (run it on the device)",
+                       description="Run the profiling agent on a device: build hosts whose target has "
+                                   "[remote] agent = \"http://DEVICE:PORT\" send it models and get latencies back. "
+                                   "Without --token-file it only listens on loopback.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network, which needs --token-file)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file holding the token clients must send as `Authorization: Bearer <token>`")
+    p.add_argument("--max-request-mb", type=float, default=512, metavar="MB",
+                   help="largest model accepted, in MiB (default 512)")
+    return run_agent
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from edgeprune.agent import AgentConfig, read_token_file, serve
+
+    token = read_token_file(args.token_file) if args.token_file else None
+    if args.max_request_mb <= 0:
+        raise EdgePruneError(f"--max-request-mb must be positive, found {args.max_request_mb}")
+    config = AgentConfig(host=args.host, port=args.port, token=token,
+                         max_request_bytes=int(args.max_request_mb * 1024 * 1024))
+
+    def ready(server) -> None:
+        host, port = server.server_address[:2]
+        auth = "token required" if token else "no token: loopback only"
+        print(f"edgeprune agent listening on {host}:{port} ({auth}); Ctrl-C stops it", flush=True)
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+# ---------------------------------------------------------------- prune
+
+
+def add_prune(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
+                       description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
+                                   "following layers in closed form, export, and report fidelity on held-out data.")
+    add_model_args(p)
+    p.add_argument("--calibration", default=None, metavar="RECIPE",
+                   help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
+                        "(default: digits for the example, random otherwise)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
+    how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
+    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return run_prune
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from edgeprune.models import parse_shape
+    from edgeprune.pipeline import PruneConfig, prune_job
+
+    config = PruneConfig(model=args.model, weights=args.weights,
+                         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                         calibration=args.calibration, criterion=args.criterion,
+                         compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
+                         ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+    with Progress(enabled=not args.json) as progress:
+        result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
+                           stages=lambda d, total=None: progress.stage(d, total))
+    if args.json:
+        emit_json(result)
+        return 0
+    f = result["fidelity"]
+    b, p = result["base"], result["pruned"]
+    print(f"pruned {result['model']} ({result['criterion']}, compensation {'on' if result['compensation'] else 'off'}) "
+          f"-> {result['out']}/: model.onnx, pruned.pt, plan.json")
+    print(f"  MACs {b['macs'] / 1e6:.1f}M -> {p['macs'] / 1e6:.1f}M, params {b['params'] / 1e6:.2f}M -> "
+          f"{p['params'] / 1e6:.2f}M over {len(result['widths'])} groups")
+    line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {100 * f['top1_agreement']:.1f}%, " \
+           f"output relative error {f['output_rel_error']:.3f}"
+    if f["accuracy"]:
+        a = f["accuracy"]
+        line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+    print(line)
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_targets, add_export, add_profile]
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_targets, add_export, add_profile, add_prune, add_agent]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

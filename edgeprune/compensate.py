@@ -132,18 +132,27 @@ def collect_statistics(
             raise EdgePruneError(f"layer {name} never ran during calibration; is it used in forward()?")
         acc = accs[name]
         dim = acc.s.shape[0]
-        if acc.n < 2:
+        need = min_patches_needed(dim)
+        if acc.n < need:
             raise EdgePruneError(
-                f"layer {name} saw {acc.n} calibration sample(s); its statistics need at least 2 (and ideally more "
-                f"than its input dimension {dim}); raise `count` in the calibration recipe")
+                f"layer {name} needs at least {need} calibration samples (patches) for its {dim}-dimensional input "
+                f"statistics, the calibration data gives {acc.n}; raise `count` in the calibration recipe "
+                f"(full-rank statistics need {dim + 1})")
+        if acc.n <= dim:
+            log.warning("statistics of %s are rank-deficient (%d patches for %d dimensions): compensation is "
+                        "regularised; more calibration data gives a better repair", name, acc.n, dim)
         stats[name] = acc.finish(block_of(modules[name]))
     log.info("statistics of %d layers in %.2fs", len(stats), time.perf_counter() - t0)
     return stats
 
 
-def min_patches_needed(stats: LayerStats) -> int:
-    """Patches needed for a full-rank covariance: its dimension plus one."""
-    return stats.dim + 1
+def min_patches_needed(dim: int) -> int:
+    """Fewest patches edgeprune accepts for a layer's statistics: one per 16 input dimensions, at least 8.
+
+    A full-rank covariance needs dim + 1; below that the compensation is regularised by a ridge that grows with the
+    deficiency (see `compensate_layer`), which keeps a 256-image calibration usable for resnet50's 2048-wide head.
+    """
+    return max(8, dim // 16)
 
 
 def _cholesky_solve(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
@@ -152,7 +161,7 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, ridge: float) -> np.ndarray:
 
     scale = float(np.mean(np.diag(a))) if a.size else 1.0
     scale = scale if scale > 0 else 1.0
-    for r in (ridge, 1e-4, 1e-2, 1.0):
+    for r in [ridge] + [x for x in (1e-4, 1e-2, 1.0) if x > ridge]:
         try:
             c = scipy.linalg.cho_factor(a + r * scale * np.eye(a.shape[0]), lower=True, check_finite=False)
             return scipy.linalg.cho_solve(c, b, check_finite=False)
@@ -180,6 +189,8 @@ def compensate_layer(
         W' (N, |S|) and b' (N,) such that W' x_S + b' approximates W x + b.
     """
     sigma, mu = stats.cov, stats.mean
+    if stats.count <= stats.dim:  # rank-deficient statistics: shrink towards the diagonal instead of overfitting
+        ridge = max(ridge, 1e-2 * stats.dim / stats.count)
     b = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
     if keep.size == 0:
         return np.zeros((weight.shape[0], 0)), b + weight @ mu
@@ -187,8 +198,8 @@ def compensate_layer(
     s_sd = sigma[keep, :]  # (|S|, D)
     w_new = _cholesky_solve(s_ss, s_sd @ weight.T, ridge).T  # W Σ_{:,S} Σ_SS^{-1}
     if rescale:
-        var_old = np.einsum("nd,de,ne->n", weight, sigma, weight)
-        var_new = np.einsum("ns,st,nt->n", w_new, s_ss, w_new)
+        var_old = np.sum((weight @ sigma) * weight, axis=1)
+        var_new = np.sum((w_new @ s_ss) * w_new, axis=1)
         ok = var_new > 1e-30
         s = np.ones_like(var_old)
         s[ok] = np.sqrt(np.maximum(var_old[ok], 0) / var_new[ok])

@@ -43,8 +43,18 @@ def consumer_weight(module: nn.Module) -> np.ndarray:
 # ---------------------------------------------------------------- CaP
 
 
+# Relative ridge of the float32 greedy: above float32 round-off amplified by near-singular (rank-deficient)
+# statistics, far below any gain that decides the order.
+RIDGE = 1e-4
+
+
 class _ConsumerState:
-    """Conditional covariance of a consumer's group coordinates given the selected ones, and W̃ times it."""
+    """Conditional covariance of a consumer's group coordinates given the selected ones, and W̃ times it.
+
+    The state is float32 and updated in place by BLAS (one rank-|T| downdate per step); the small per-step solves
+    are float64. The greedy order only needs gains to a few digits, and the exact compensation (compensate.py)
+    is float64 throughout.
+    """
 
     def __init__(self, weight: np.ndarray, stats: LayerStats, coords: tuple[tuple[int, ...], ...]) -> None:
         sigma = stats.cov
@@ -57,7 +67,7 @@ class _ConsumerState:
         fixed = np.setdiff1d(np.arange(sigma.shape[0]), g)
         # Normalise each output row by its standard deviation: the loss becomes the fraction of each output's
         # variance lost, which is what a following BatchNorm sees, and makes consumers of different scales comparable.
-        var = np.einsum("nd,de,ne->n", weight, sigma, weight)
+        var = np.sum((weight @ sigma) * weight, axis=1)
         floor = 1e-3 * float(var.mean()) if var.size and var.mean() > 0 else 1e-12
         w = weight / np.sqrt(np.maximum(var, floor))[:, None]
         s_gg = sigma[np.ix_(g, g)]
@@ -68,51 +78,65 @@ class _ConsumerState:
             cf = scipy.linalg.cho_factor(s_ff, lower=True)
             s_gg = s_gg - s_gf @ scipy.linalg.cho_solve(cf, s_gf.T)
             # the part of W acting on the fixed coordinates is explained exactly; only W_G matters from here
-        self.sigma = (s_gg + s_gg.T) / 2
-        self.w = w[:, g]
-        self.a = self.w @ self.sigma  # (N, |G|)
+        s_gg = (s_gg + s_gg.T) / 2
+        wg = w[:, g]
+        self.sigma = np.asfortranarray(s_gg, dtype=np.float32)
+        self.a = np.asfortranarray(wg @ s_gg, dtype=np.float32)  # (N, |G|)
+        self.loss = float(np.sum((wg @ s_gg) * wg))
         self.rows = weight.shape[0]
-        self.scale = max(float(np.mean(np.diag(self.sigma))), 1e-30)
-
-    def loss(self) -> float:
-        return float(np.sum(self.a * self.w))
+        self.scale = max(float(np.mean(np.diag(s_gg))), 1e-30)
 
     def gains(self, cand: np.ndarray) -> np.ndarray:
         """gain(t|S) = tr(R M⁻¹ Rᵀ) for each candidate channel t (CAP.md §4), batched."""
         idx = self.local[cand]  # (C', k)
-        if self.k == 1:
-            d = np.diag(self.sigma)[idx[:, 0]]
-            r2 = np.sum(self.a[:, idx[:, 0]] ** 2, axis=0)
-            out = np.zeros(len(cand))
-            ok = d > 1e-12 * self.scale
-            out[ok] = r2[ok] / d[ok]
-            return out
-        m = self.sigma[idx[:, :, None], idx[:, None, :]]  # (C', k, k)
-        rt = np.transpose(self.a[:, idx], (1, 2, 0))  # (C', k, N)
-        m = m + 1e-10 * self.scale * np.eye(self.k)
-        diag_ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 1e-12 * self.scale, axis=1)
         out = np.zeros(len(cand))
-        if diag_ok.any():
+        if self.k == 1:
+            d = np.diag(self.sigma)[idx[:, 0]].astype(np.float64)
+            r2 = np.sum(self.a[:, idx[:, 0]].astype(np.float64) ** 2, axis=0)
+            ok = d > RIDGE * self.scale
+            out[ok] = r2[ok] / (d[ok] + RIDGE * self.scale)
+            return out
+        m = self.sigma[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (C', k, k)
+        rt = np.transpose(self.a[:, idx], (1, 2, 0)).astype(np.float64)  # (C', k, N)
+        m = m + RIDGE * self.scale * np.eye(self.k)
+        ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 2 * RIDGE * self.scale, axis=1)
+        if ok.any():
             try:
-                x = np.linalg.solve(m[diag_ok], rt[diag_ok])
+                x = np.linalg.solve(m[ok], rt[ok])
             except np.linalg.LinAlgError:
-                x = np.stack([np.linalg.lstsq(mm, rr, rcond=None)[0] for mm, rr in zip(m[diag_ok], rt[diag_ok])])
-            out[diag_ok] = np.maximum(np.sum(rt[diag_ok] * x, axis=(1, 2)), 0.0)
+                x = np.stack([np.linalg.lstsq(mm, rr, rcond=None)[0] for mm, rr in zip(m[ok], rt[ok])])
+            out[ok] = np.maximum(np.sum(rt[ok] * x, axis=(1, 2)), 0.0)
         return out
 
-    def select(self, chans: np.ndarray) -> None:
-        """Condition on the coordinates of `chans`: rank-|T| update of Σ and A."""
+    def select(self, chans: np.ndarray) -> float:
+        """Condition on the coordinates of `chans` (Σ -= Z Zᵀ, A -= (A_T L⁻ᵀ) Zᵀ with Z = Σ_:,T L⁻ᵀ); returns the loss drop."""
+        from scipy.linalg.blas import sgemm
+
         t = self.local[chans].ravel()
-        m = self.sigma[np.ix_(t, t)] + 1e-10 * self.scale * np.eye(t.size)
-        try:
-            cf = scipy.linalg.cho_factor(m, lower=True, check_finite=False)
-            x = scipy.linalg.cho_solve(cf, self.sigma[t, :], check_finite=False)  # M⁻¹ Σ_T,:
-        except np.linalg.LinAlgError:
-            x = np.linalg.lstsq(m, self.sigma[t, :], rcond=None)[0]
-        self.a -= self.a[:, t] @ x
-        self.sigma -= self.sigma[:, t] @ x
-        self.sigma[:, t] = 0.0
+        b = self.sigma[:, t].astype(np.float64)  # Σ_:,T
+        m = (b[t, :] + b[t, :].T) / 2
+        low = None
+        for r in (RIDGE, 1e-2, 1.0):
+            try:
+                low = scipy.linalg.cholesky(m + r * self.scale * np.eye(t.size), lower=True)
+                break
+            except np.linalg.LinAlgError:
+                continue
+        if low is None:  # numerically exhausted: these coordinates carry nothing the selection lacks
+            low = np.sqrt(self.scale) * np.eye(t.size)
+        z = scipy.linalg.solve_triangular(low, b.T, lower=True).T  # Σ_:,T L⁻ᵀ
+        za = scipy.linalg.solve_triangular(low, self.a[:, t].T.astype(np.float64), lower=True).T  # W̃ Σ_:,T L⁻ᵀ
+        z32 = np.asfortranarray(z, dtype=np.float32)
+        sgemm(-1.0, z32, z32, beta=1.0, c=self.sigma, trans_b=1, overwrite_c=1)
+        sgemm(-1.0, np.asfortranarray(za, dtype=np.float32), z32, beta=1.0, c=self.a, trans_b=1, overwrite_c=1)
+        self.sigma[:, t] = 0.0  # exactly explained now; keeps round-off from resurrecting them
         self.sigma[t, :] = 0.0
+        self.a[:, t] = 0.0
+        diag = np.einsum("ii->i", self.sigma)  # a view: clamp round-off below zero
+        np.maximum(diag, 0.0, out=diag)
+        drop = float(np.sum(za * za))
+        self.loss = max(self.loss - drop, 0.0)
+        return drop
 
 
 def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
@@ -128,11 +152,11 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
     if not states:
         return rank_l2(modules, group, stats, seed)  # nothing to compensate: magnitude is the best we know
     c = group.channels
-    block = block or max(1, math.ceil(c / 256))
+    block = block or max(1, math.ceil(c / 64))
     rows = sum(s.rows for s in states)
     remaining = np.arange(c)
     order: list[int] = []
-    loss = [sum(s.loss() for s in states)]
+    loss = [sum(s.loss for s in states)]
     while remaining.size:
         gains = sum(s.gains(remaining) for s in states)
         take = min(block, remaining.size)
@@ -141,7 +165,7 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
         chans = remaining[pick]
         for s in states:
             s.select(chans)
-        new_loss = max(sum(s.loss() for s in states), 0.0)
+        new_loss = sum(s.loss for s in states)
         drop = loss[-1] - new_loss
         g = np.maximum(gains[pick], 0)
         share = g / g.sum() if g.sum() > 0 else np.full(take, 1.0 / take)

@@ -86,7 +86,7 @@ def measure(
     key = None
     if cache is not None:
         rt_name = "remote" if target.remote is not None else target.runtime
-        version = mod.version() or "unknown"
+        version = (mod.version(target) if rt_name == "remote" else mod.version()) or "unknown"
         r = repeats or target.measure.repeats
         key = cache_key(file_sha256(onnx_path), f"{target.fingerprint()}:r{r}", rt_name, version)
         hit = cache.get(key)

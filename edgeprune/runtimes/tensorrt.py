@@ -437,31 +437,45 @@ def _make_calibrator(trt: Any, cuda: CudaBackend, batches: list[dict[str, np.nda
     return Calibrator()
 
 
-def _calibration_batches(batches: Calibration | None, shapes: dict[str, tuple[tuple[int, ...], bool]]
-                         ) -> list[dict[str, np.ndarray]]:
-    """Calibration batches by input name; random-normal ones (seeded) when none are given."""
+def _calibration_batches(batches: Calibration | None, shapes: dict[str, tuple[tuple[int, ...], bool]],
+                         dtypes: Mapping[str, np.dtype]) -> list[dict[str, np.ndarray]]:
+    """Calibration batches by input name, in the inputs' dtypes and in the shapes the engine is built for (an array
+    holding several batches along the first axis is split); random-normal ones (seeded) when none are given."""
     names = list(shapes)
     if batches is None:
         log.warning("int8 engine calibrated on random data: its latency is representative, its accuracy is not; "
                     "pass calibration batches for a deployable engine")
         rng = np.random.default_rng(0)
-        return [{n: rng.standard_normal(shapes[n][0]).astype(np.float32) for n in names}
+        return [{n: rng.standard_normal(shapes[n][0]).astype(dtypes[n]) for n in names}
                 for _ in range(RANDOM_CALIBRATION_BATCHES)]
-    out = []
+    per_input: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for b in batches:
         if isinstance(b, Mapping):
             missing = set(names) - set(b)
             if missing:
                 raise EdgePruneError(f"calibration batch lacks input(s) {sorted(missing)}; the model's inputs are {names}")
-            out.append({n: np.asarray(b[n]) for n in names})
+            items = {n: np.asarray(b[n]) for n in names}
         elif len(names) == 1:
-            out.append({names[0]: np.asarray(b)})
+            items = {names[0]: np.asarray(b)}
         else:
             raise EdgePruneError(f"the model has {len(names)} inputs ({names}); pass calibration batches as dicts "
                                  f"from input name to array")
-    if not out:
+        for name, arr in items.items():
+            shape = shapes[name][0]
+            if arr.shape == shape:
+                per_input[name].append(arr.astype(dtypes[name], copy=False))
+            elif arr.ndim == len(shape) and arr.shape[1:] == shape[1:] and shape[0] and arr.shape[0] % shape[0] == 0:
+                per_input[name] += [a.astype(dtypes[name], copy=False) for a in np.split(arr, arr.shape[0] // shape[0])]
+            else:
+                raise EdgePruneError(f"calibration data for input {name} has shape {arr.shape}; the engine is built "
+                                     f"for {shape} (several batches may be stacked along the first axis)")
+    counts = {len(v) for v in per_input.values()}
+    if counts == {0}:
         raise EdgePruneError("int8 calibration needs at least one batch; none were given")
-    return out
+    if len(counts) != 1:
+        raise EdgePruneError(f"calibration inputs hold different numbers of batches: "
+                             f"{ {n: len(v) for n, v in per_input.items()} }")
+    return [{n: per_input[n][i] for n in names} for i in range(counts.pop())]
 
 
 def build_engine(
@@ -502,6 +516,8 @@ def build_engine(
         model_path = prepare_onnx(onnx_path, target.precision, trt_ver, tmp)
         model = onnx.load(str(model_path), load_external_data=False)
         shapes = input_shapes(model)
+        dtypes = {i.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+                  for i in model.graph.input if i.name in shapes}
         qdq = has_qdq(model)
         builder = trt.Builder(logger)
         flags = 0
@@ -524,7 +540,7 @@ def build_engine(
             if target.precision == "int8":
                 config.set_flag(trt.BuilderFlag.INT8)
                 if not qdq:  # explicit quantization needs no calibrator
-                    calibrator = _make_calibrator(trt, cuda, _calibration_batches(calibration, shapes))
+                    calibrator = _make_calibrator(trt, cuda, _calibration_batches(calibration, shapes, dtypes))
                     config.int8_calibrator = calibrator
         profile = None
         if any(dynamic for _, dynamic in shapes.values()):

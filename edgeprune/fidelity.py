@@ -1,0 +1,64 @@
+"""How faithful a pruned model is to the original, on held-out data that never fed the statistics.
+
+    f = fidelity(base, pruned, data)     # top1_agreement, output_rel_error, accuracy before/after when labelled
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeprune.data import CalibrationData
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    top1_agreement: float  # share of held-out samples where both models predict the same class
+    output_rel_error: float  # ||y_pruned - y_base|| / ||y_base|| over all held-out outputs
+    accuracy_before: float | None  # when the calibration recipe is labelled
+    accuracy_after: float | None
+    samples: int
+
+    @property
+    def accuracy_drop_pp(self) -> float | None:
+        """Accuracy lost, in percentage points."""
+        if self.accuracy_before is None or self.accuracy_after is None:
+            return None
+        return 100.0 * (self.accuracy_before - self.accuracy_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["accuracy"] = None if self.accuracy_before is None else {
+            "before": self.accuracy_before, "after": self.accuracy_after, "drop_pp": self.accuracy_drop_pp}
+        return d
+
+
+def outputs(model: nn.Module, data: CalibrationData) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits of `model` on the held-out part, and the labels if any."""
+    ys, labels = [], []
+    model.eval()
+    with torch.no_grad():
+        for x, y in data.heldout_batches():
+            out = model(x)
+            ys.append((out[0] if isinstance(out, (tuple, list)) else out).reshape(x.shape[0], -1).double())
+            if y is not None:
+                labels.append(y)
+    return torch.cat(ys), (torch.cat(labels) if labels else None)
+
+
+def fidelity(base: nn.Module, pruned: nn.Module, data: CalibrationData,
+             base_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Fidelity:
+    """Compare `pruned` with `base` on held-out data (pass `base_outputs` to reuse the base model's logits)."""
+    yb, labels = base_outputs if base_outputs is not None else outputs(base, data)
+    yp, _ = outputs(pruned, data)
+    agree = float((yb.argmax(1) == yp.argmax(1)).double().mean())
+    rel = float(torch.linalg.norm(yp - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
+    acc_b = acc_a = None
+    if labels is not None:
+        acc_b = float((yb.argmax(1) == labels).double().mean())
+        acc_a = float((yp.argmax(1) == labels).double().mean())
+    return Fidelity(top1_agreement=agree, output_rel_error=rel, accuracy_before=acc_b, accuracy_after=acc_a,
+                    samples=int(yb.shape[0]))

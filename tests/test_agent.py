@@ -1,0 +1,225 @@
+"""The profiling agent, served on loopback by the test and spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import onnxruntime
+import pytest
+
+from edgeprune import __version__, cli
+from edgeprune.agent import TARGET_HEADER, AgentConfig, is_loopback, read_token_file, start_agent
+from edgeprune.errors import EdgePruneError
+from edgeprune.runtimes import local_arch
+from edgeprune.runtimes.stats import LatencyStats
+from edgeprune.targets import MeasureConfig, load_target
+
+TOKEN = "agent-test-token-8d2e"
+
+
+@pytest.fixture
+def model(tiny_onnx: Path) -> Path:
+    """The suite's tiny conv net (tests/conftest.py), exported with torch's TorchScript exporter."""
+    return tiny_onnx
+
+
+@pytest.fixture(scope="module")
+def agent():
+    server = start_agent(AgentConfig(host="127.0.0.1", port=0, token=TOKEN))
+    yield server
+    server.close()
+
+
+def fast_target(iterations: int = 5) -> dict:
+    t = dataclasses.replace(load_target("cpu"), measure=MeasureConfig(warmup=1, iterations=iterations, repeats=1))
+    return t.to_dict()
+
+
+def call(url: str, path: str, body: bytes | None = None, token: str | None = TOKEN,
+         headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    hdrs = dict(headers or {})
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=body, headers=hdrs, method="POST" if body is not None else "GET")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def post_measure(url: str, model_bytes: bytes, target: dict | str, token: str | None = TOKEN) -> tuple[int, dict]:
+    value = target if isinstance(target, str) else json.dumps(target)
+    return call(url, "/measure", model_bytes, token, {TARGET_HEADER: value})
+
+
+def test_agent_health_reports_versions(agent):
+    status, info = call(agent.url, "/health")
+    assert status == 200
+    assert info["edgeprune"] == __version__ and info["arch"] == local_arch()
+    assert info["runtimes"]["onnxruntime"] == {"version": onnxruntime.__version__, "available": True, "reason": None}
+    assert set(info["runtimes"]) == {"onnxruntime", "tensorrt", "trtexec"}
+    assert info["max_request_bytes"] == 512 * 1024 * 1024
+
+
+def test_agent_measures_posted_model_with_onnxruntime(agent, model):
+    status, answer = post_measure(agent.url, model.read_bytes(), fast_target())
+    assert status == 200
+    stats = LatencyStats.from_dict(answer)
+    assert (stats.target, stats.runtime, stats.runtime_version, stats.timing, stats.n) == \
+        ("cpu", "onnxruntime", onnxruntime.__version__, "wall", 5)
+    assert 0 < stats.min <= stats.median <= stats.max
+    assert answer["agent"]["finished_at"] >= answer["agent"]["started_at"]
+
+
+def test_agent_accepts_bundled_target_name_and_repeats(agent, model):
+    status, answer = call(agent.url, "/measure", model.read_bytes(), TOKEN,
+                          {TARGET_HEADER: "cpu-1t", "X-Edgeprune-Repeats": "1"})  # an alias of the cpu profile
+    assert status == 200
+    assert answer["target"] == "cpu" and answer["n"] == load_target("cpu").measure.iterations
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x"])
+def test_agent_rejects_missing_or_wrong_token(agent, model, token):
+    status, answer = post_measure(agent.url, model.read_bytes(), fast_target(), token=token)
+    assert status == 401 and "Authorization: Bearer" in answer["error"]
+    assert call(agent.url, "/health", token=token)[0] == 401
+    assert call(agent.url, "/health")[0] == 200  # and keeps serving
+
+
+def test_agent_rejects_non_onnx_upload_and_keeps_serving(agent, model):
+    status, answer = post_measure(agent.url, b"this is not a protobuf" * 50, fast_target())
+    assert status == 400 and "the uploaded model is not a readable ONNX model" in answer["error"]
+    status, _ = post_measure(agent.url, model.read_bytes(), fast_target())
+    assert status == 200
+
+
+@pytest.mark.parametrize("target, message", [
+    ("no-such-device", "unknown target 'no-such-device'"),
+    ("../../etc/passwd", "unknown target"),
+    ("{not json", "is not valid JSON"),
+    (json.dumps({"name": "x", "precision": "fp64"}), "precision"),
+])
+def test_agent_rejects_bad_target(agent, model, target, message):
+    status, answer = post_measure(agent.url, model.read_bytes(), target)
+    assert status == 400 and message in answer["error"]
+
+
+def test_agent_rejects_oversize_upload_with_413_and_keeps_serving(model):
+    server = start_agent(AgentConfig(port=0, max_request_bytes=1024))
+    try:
+        body = model.read_bytes()
+        assert len(body) > 1024
+        status, answer = post_measure(server.url, body, fast_target(), token=None)
+        assert status == 413 and f"the model is {len(body)} bytes" in answer["error"]
+        assert "--max-request-mb" in answer["error"]
+        status, info = call(server.url, "/health", token=None)
+        assert status == 200 and info["max_request_bytes"] == 1024
+        assert server.measurements == 0
+    finally:
+        server.close()
+
+
+def test_agent_requires_content_length(agent):
+    conn = http.client.HTTPConnection(*agent.server_address[:2], timeout=30)
+    try:
+        conn.putrequest("POST", "/measure")
+        conn.putheader("Authorization", f"Bearer {TOKEN}")
+        conn.putheader(TARGET_HEADER, "cpu")
+        conn.endheaders()
+        resp = conn.getresponse()
+        assert resp.status == 411 and "Content-Length is required" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+
+
+def test_agent_answers_404_for_unknown_path(agent):
+    status, answer = call(agent.url, "/metrics")
+    assert status == 404 and "GET /health or POST /measure" in answer["error"]
+
+
+def test_agent_serialises_concurrent_measurements(agent, model):
+    body = model.read_bytes()
+    target = fast_target(iterations=200)
+    answers: list[tuple[int, dict]] = []
+    start = threading.Barrier(4)
+
+    def client() -> None:
+        start.wait()
+        answers.append(post_measure(agent.url, body, target))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [status for status, _ in answers] == [200] * 4
+    spans = sorted((a["agent"]["started_at"], a["agent"]["finished_at"]) for _, a in answers)
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        assert begin >= end  # the next measurement starts only after the previous one finished
+    assert all(a["n"] == 200 for _, a in answers)
+
+
+def test_agent_on_all_interfaces_requires_token():
+    server = start_agent(AgentConfig(host="0.0.0.0", port=0, token=TOKEN))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        status, answer = call(url, "/health", token=None)
+        assert status == 401 and "missing or wrong token" in answer["error"]
+        assert call(url, "/health")[0] == 200
+    finally:
+        server.close()
+
+
+def test_agent_refuses_to_start_on_non_loopback_without_token(capsys):
+    with pytest.raises(EdgePruneError, match="refusing to serve on 0.0.0.0 without a token"):
+        AgentConfig(host="0.0.0.0")
+    with pytest.raises(EdgePruneError, match="without a token"):
+        AgentConfig(host="jetson.local")
+    assert cli.main(["agent", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without a token" in capsys.readouterr().err
+
+
+def test_is_loopback_classifies_addresses():
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "::1", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "jetson.local"))
+
+
+def test_read_token_file_strips_and_rejects_empty(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(f"  {TOKEN}\n")
+    path.chmod(0o600)
+    assert read_token_file(path) == TOKEN
+    path.write_text("\n")
+    with pytest.raises(EdgePruneError, match="is empty"):
+        read_token_file(path)
+    with pytest.raises(EdgePruneError, match="cannot read the token file"):
+        read_token_file(tmp_path / "missing")
+
+
+def test_cli_agent_serves_with_token_file(tmp_path):
+    import subprocess
+    import sys
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", "agent", "--port", "0", "--token-file", str(token_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("edgeprune agent listening on 127.0.0.1:") and "token required" in line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        assert call(f"http://127.0.0.1:{port}", "/health", token=None)[0] == 401
+        status, info = call(f"http://127.0.0.1:{port}", "/health")
+        assert status == 200 and info["edgeprune"] == __version__
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
