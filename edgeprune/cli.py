@@ -291,9 +291,89 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- build
+
+
+def add_build(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("build", help="prune to a latency budget measured on the target (the main job)",
+                       description="Search per-group widths until the pruned, compensated, exported model measures "
+                                   "within the latency budget on the target; write model.onnx, pruned.pt, plan.json, "
+                                   "report.json and report.md. Without --model it builds the bundled example on cpu.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 budget unreachable, "
+                              "4 quality gate failed, 5 device unreachable")
+    add_model_args(p)
+    p.add_argument("--calibration", default=None, metavar="RECIPE",
+                   help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
+                        "(default: digits for the example, random otherwise)")
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
+                                                     "(default 0.5x)")
+    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    p.add_argument("--channel-multiple", type=int, default=0,
+                   help="round widths to this multiple (default: the target's channel_multiple)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
+    p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="quality gate: held-out top-1 agreement with the unpruned model, e.g. 0.98 (exit 4 below)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="quality gate: held-out accuracy drop in percentage points (labelled recipes; exit 4 above)")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="exporter for every candidate and the result (default torchscript: several times faster)")
+    add_cache_args(p)
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder, written atomically (default ./out)")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_build
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from edgeprune.models import parse_shape
+    from edgeprune.pipeline import BuildConfig, PruneConfig, build
+
+    prune_cfg = PruneConfig(model=args.model, weights=args.weights,
+                            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                            calibration=args.calibration, criterion=args.criterion,
+                            compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
+                            ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+    config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
+                         max_steps=args.max_steps, min_agreement=args.min_agreement,
+                         max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache)
+    with Progress(enabled=not args.json) as progress:
+        def on_step(c) -> None:
+            progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
+
+        outcome = build(config, args.out, stages=lambda d, total=None: progress.stage(d, total),
+                        on_step=None if args.json else on_step)
+    r = outcome.report
+    if args.json:
+        from edgeprune.report import to_json
+
+        sys.stdout.write(to_json(r) + "\n")
+    else:
+        f, b = r["final"]["latency_ms"], r["base"]["latency_ms"]
+        fid = r["fidelity"]
+        print(f"{r['model']} on {r['target']['name']}: {f['median']:.3f} ms against a budget of {r['budget_ms']:.3f} ms "
+              f"({r['budget']}): {'met' if r['met'] else 'NOT met'}; unpruned {b['median']:.3f} ms, "
+              f"{r['speedup']:.2f}x faster")
+        line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {100 * fid['top1_agreement']:.1f}%"
+        if fid.get("accuracy"):
+            a = fid["accuracy"]
+            line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+        print(line)
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {args.out}/: model.onnx, pruned.pt, "
+              f"plan.json, report.json, report.md")
+    if outcome.message:
+        sys.stderr.write(f"edgeprune: error: {outcome.message}\n")
+    return outcome.exit_code
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_targets, add_export, add_profile, add_prune, add_agent]
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_build, add_prune, add_targets, add_export, add_profile, add_agent]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

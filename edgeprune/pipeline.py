@@ -51,7 +51,7 @@ class PruneConfig:
     calibration: str | None = None  # recipe name or file; default digits for the example, random otherwise
     criterion: str = "cap"
     compensation: bool = True
-    channel_multiple: int = 8
+    channel_multiple: int = 8  # 0 in a build: the target's
     ignore: tuple[str, ...] = ()
     seed: int = 0
     exporter: str = "dynamo"
@@ -59,7 +59,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise EdgePruneError(f"unknown criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
-        if self.channel_multiple < 1:
+        if self.channel_multiple < 0:  # 0: the target's channel_multiple (build)
             raise EdgePruneError(f"--channel-multiple must be at least 1, found {self.channel_multiple}")
 
     def recipe_spec(self) -> str:
@@ -232,3 +232,223 @@ def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, 
         "fidelity": fid.to_dict(), "parity": exp.parity.to_dict() if exp.parity else None,
         "excluded_groups": prep.graph.excluded, "timings_s": t,
     }
+
+
+# ---------------------------------------------------------------- build
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`10ms`, `2.5ms`, `800us` (absolute) or `0.5x` (a fraction of the unpruned model's measured latency)."""
+
+    value: float
+    relative: bool
+    text: str
+
+    def ms(self, base_ms: float) -> float:
+        return self.value * base_ms if self.relative else self.value
+
+
+def parse_budget(text: str) -> Budget:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s|x)\s*", text)
+    if not m:
+        raise EdgePruneError(f"--latency must look like 10ms, 2.5ms, 800us or 0.5x, found {text!r}")
+    v, unit = float(m.group(1)), m.group(2)
+    if v <= 0:
+        raise EdgePruneError(f"--latency must be positive, found {text!r}")
+    if unit == "x":
+        if v >= 1:
+            raise EdgePruneError(f"a relative --latency must be below 1x (a fraction of the unpruned latency), found {text!r}")
+        return Budget(v, True, text)
+    return Budget(v * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit], False, text)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    prune: PruneConfig
+    device: str = "cpu"
+    latency: str = "0.5x"
+    tolerance: float = 0.05
+    max_steps: int = 12
+    min_agreement: float | None = None  # fraction of held-out samples where top-1 must agree
+    max_accuracy_drop: float | None = None  # percentage points
+    cache_dir: str | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tolerance < 1:
+            raise EdgePruneError(f"--tolerance must be in (0, 1), found {self.tolerance}")
+        if self.max_steps < 2:
+            raise EdgePruneError(f"--max-steps must be at least 2, found {self.max_steps}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise EdgePruneError(f"--min-agreement is a fraction in [0, 1], found {self.min_agreement}")
+
+
+@dataclass
+class BuildOutcome:
+    report: dict[str, Any]
+    exit_code: int
+    message: str | None = None  # the error line for exit codes 3 and 4
+
+
+def versions(runtime: str | None = None) -> dict[str, str]:
+    from importlib import metadata
+
+    from edgeprune import __version__
+
+    out = {"edgeprune": __version__}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxsim", "torch-pruning"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    if runtime in ("tensorrt", "trtexec"):
+        try:
+            out["tensorrt"] = metadata.version("tensorrt")
+        except metadata.PackageNotFoundError:
+            out["tensorrt"] = "not installed here (measured on the device)"
+    return out
+
+
+def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> Path:
+    from edgeprune.export import export_onnx, simplify_onnx
+
+    export_onnx(model, example, path, exporter=exporter)
+    simplify_onnx(path)
+    return path
+
+
+def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
+          on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
+    """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget."""
+    import tempfile
+
+    from edgeprune.errors import ExitCode
+    from edgeprune.runtimes import MeasurementCache, measure, runtime_for
+    from edgeprune.search import Probe, make_widths_fn, search
+    from edgeprune.targets import load_target
+
+    budget = parse_budget(config.latency)
+    target = load_target(config.device)
+    runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
+    pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
+        if config.prune.channel_multiple == 0 else config.prune
+    prep = prepare(pc, stages)
+    if config.max_accuracy_drop is not None and not prep.data.labelled:
+        raise EdgePruneError("--max-accuracy-drop needs a labelled calibration recipe (digits, imagefolder with class "
+                             "folders, npy with labels); use --min-agreement for unlabelled data")
+    t = prep.timings_s
+    cache = MeasurementCache(Path(config.cache_dir) / "measurements" if config.cache_dir else None) \
+        if config.use_cache else None
+    example = prep.loaded.example_input
+    with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
+        work_dir = Path(work)
+        files: dict[str, Path] = {}
+
+        def oracle(widths: dict[str, int]) -> Probe:
+            plan = prep.plan(widths)
+            with timed(t, "prune"):
+                pruned = prep.prune(plan)
+            from edgeprune.search import widths_digest
+
+            path = work_dir / f"cand-{widths_digest(widths)}.onnx"
+            with timed(t, "export"):
+                export_candidate(pruned, example, path, pc.exporter)
+            files[widths_digest(widths)] = path
+            with timed(t, "measure"):
+                stats = measure(path, target, cache=cache, progress=stages(f"measuring candidate on {target.name}", None))
+            return Probe(stats.median, stats.source)
+
+        base_path = work_dir / "base.onnx"
+        with timed(t, "export"):
+            export_candidate(prep.loaded.module, example, base_path, pc.exporter)
+        with timed(t, "measure"):
+            base_stats = measure(base_path, target, cache=cache, progress=stages(f"measuring unpruned model on {target.name}", None))
+        budget_ms = budget.ms(base_stats.median)
+        widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple)
+        with timed(t, "search"):
+            stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
+            result = search(widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step)
+
+        # verify: the chosen model measured again with more repeats; fall back to faster feasible candidates
+        order = [result.best] if result.best is not None else []
+        order += sorted((c for c in result.trace if c.latency_ms <= budget_ms and c is not result.best),
+                        key=lambda c: -c.latency_ms)
+        chosen = final_stats = None
+        for cand in order[:3]:
+            with timed(t, "verify"):
+                stats = measure(files[cand.widths_digest], target, cache=cache, repeats=target.measure.final_repeats,
+                                progress=stages("verifying the final model", None))
+            chosen, final_stats = cand, stats
+            if stats.median <= budget_ms:
+                break
+        if chosen is None:  # unreachable: report the fastest candidate
+            chosen = result.fastest
+            with timed(t, "verify"):
+                final_stats = measure(files[chosen.widths_digest], target, cache=cache,
+                                      repeats=target.measure.final_repeats)
+        met = final_stats.median <= budget_ms
+        plan = dataclasses.replace(prep.plan(chosen.widths, budget_ms=budget_ms, budget=budget.text),
+                                   target=target.name)
+        with timed(t, "prune"):
+            pruned = prep.prune(plan)
+        with timed(t, "fidelity"):
+            fid = prep.fidelity(pruned)
+        gates = quality_gates(fid, config)
+        base_size = model_size(prep.loaded.module, example)
+        final_size = model_size(pruned, example)
+        report = {
+            "edgeprune": versions()["edgeprune"], "model": prep.loaded.spec, "weights": prep.loaded.weights,
+            "input_shape": list(prep.loaded.input_shape),
+            "calibration": prep.data.recipe.name or prep.data.recipe.kind,
+            "target": {"name": target.name, "profile": target.to_dict()},
+            "budget": budget.text, "budget_ms": budget_ms, "met": met,
+            "base": {"latency_ms": base_stats.summary(), "latency_source": base_stats.source, **base_size},
+            "final": {"latency_ms": final_stats.summary(), "latency_source": final_stats.source, **final_size},
+            "speedup": base_stats.median / final_stats.median,
+            "widths": {g.name: {"before": g.channels, "after": chosen.widths[g.name]} for g in prep.graph.groups},
+            "fidelity": fid.to_dict(), "quality_gates": gates,
+            "search": {"criterion": pc.criterion, "compensation": pc.compensation, "proxy": "cap-loss-curve"
+                       if pc.criterion == "cap" else "uniform", "channel_multiple": pc.channel_multiple,
+                       "tolerance": config.tolerance, "converged": result.converged,
+                       "measured_candidates": sum(1 for c in result.trace if c.source == "measured"),
+                       "trace": [c.to_dict() for c in result.trace]},
+            "excluded_groups": prep.graph.excluded, "exporter": pc.exporter,
+            "timings_s": t, "versions": versions(target.runtime),
+        }
+        code, message = int(ExitCode.OK), None
+        if not met:
+            w = chosen.widths
+            small = ", ".join(f"{g}={w[g]}" for g in list(w)[:6])
+            code, message = int(ExitCode.BUDGET_UNREACHABLE), (
+                f"budget {budget_ms:.3f} ms ({budget.text}) is unreachable on {target.name}: the lowest latency reached is "
+                f"{final_stats.median:.3f} ms (unpruned {base_stats.median:.3f} ms) at minimum widths ({small}, ...); "
+                f"raise the budget, lower --channel-multiple, or allow narrower groups")
+        elif not all(g["passed"] for g in gates.values()):
+            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" for k, v in gates.items() if not v["passed"]]
+            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {'; '.join(failed)}; budget met at " \
+                f"{final_stats.median:.3f} ms; relax the budget or the gate"
+        report["exit_code"] = code
+        with atomic_dir(out) as tmp:
+            import shutil as _sh
+
+            _sh.copyfile(files[chosen.widths_digest], tmp / "model.onnx")
+            save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, pc.ignore)
+            plan.save(tmp / "plan.json")
+            from edgeprune.report import write_report
+
+            write_report(tmp, report)
+    return BuildOutcome(report=report, exit_code=code, message=message)
+
+
+def quality_gates(fid: Fidelity, config: BuildConfig) -> dict[str, dict[str, Any]]:
+    gates = {}
+    if config.min_agreement is not None:
+        gates["top1_agreement"] = {"value": fid.top1_agreement, "limit": config.min_agreement,
+                                   "passed": fid.top1_agreement >= config.min_agreement}
+    if config.max_accuracy_drop is not None and fid.accuracy_drop_pp is not None:
+        gates["accuracy_drop_pp"] = {"value": fid.accuracy_drop_pp, "limit": config.max_accuracy_drop,
+                                     "passed": fid.accuracy_drop_pp <= config.max_accuracy_drop}
+    return gates

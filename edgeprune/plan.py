@@ -88,10 +88,11 @@ class Plan:
 
 
 def round_width(width: float, channels: int, multiple: int, min_width: int | None = None) -> int:
-    """Nearest multiple of `multiple`, at least `min_width` (default: one multiple), at most the original width."""
+    """The allowed width nearest `width`: a multiple of `multiple` from `min_width` (default one multiple) up, or the
+    original width itself (which need not be a multiple)."""
     lo = min(channels, min_width or multiple)
-    w = int(round(width / multiple)) * multiple
-    return max(lo, min(channels, w))
+    options = sorted(set(list(range(lo, channels, multiple)) + [channels]))
+    return min(options, key=lambda w: (abs(w - width), -w))
 
 
 def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, int]:

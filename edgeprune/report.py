@@ -1,0 +1,120 @@
+"""Build reports: `report.json` (the machine contract of DESIGN.md §4), `report.md`, and PNG plots with matplotlib.
+
+    write_report(out_dir, report)    # report: the dict `pipeline.build` assembles
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON parsers (and CI tools) reject bare NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def to_json(report: dict[str, Any]) -> str:
+    return json.dumps(_clean(report), indent=2, allow_nan=False)
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f} ms"
+
+
+def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
+    b, f = r["base"], r["final"]
+    lines = [
+        f"# edgeprune build: {r['model']} on {r['target']['name']}",
+        "",
+        f"**Budget {r['budget']} = {r['budget_ms']:.3f} ms: {'met' if r['met'] else 'NOT met'}** "
+        f"(exit code {r['exit_code']}). Final latency {_ms(f['latency_ms']['median'])} against "
+        f"{_ms(b['latency_ms']['median'])} unpruned: {r['speedup']:.2f}x faster.",
+        "",
+        "| | latency median | p90 | std | n | MACs | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in (("unpruned", b), ("final", f)):
+        lat = row["latency_ms"]
+        lines.append(f"| {name} | {_ms(lat['median'])} | {_ms(lat['p90'])} | {_ms(lat['std'])} | {lat['n']} | "
+                     f"{row['macs'] / 1e6:.1f} M | {row['params'] / 1e6:.3f} M |")
+    fid = r["fidelity"]
+    lines += ["", "## Fidelity (held-out data, never used for statistics)", "",
+              f"- top-1 agreement with the unpruned model: {100 * fid['top1_agreement']:.2f}% of {fid['samples']} samples",
+              f"- output relative error: {fid['output_rel_error']:.4f}"]
+    if fid.get("accuracy"):
+        a = fid["accuracy"]
+        lines.append(f"- accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}% ({a['drop_pp']:.2f} points lost)")
+    for k, g in r.get("quality_gates", {}).items():
+        lines.append(f"- gate {k}: {g['value']:.4g} against {g['limit']:.4g}: {'passed' if g['passed'] else 'FAILED'}")
+    s = r["search"]
+    lines += ["", "## Search", "",
+              f"Criterion `{s['criterion']}`, compensation {'on' if s['compensation'] else 'off'}, proxy "
+              f"`{s['proxy']}`, channel multiple {s['channel_multiple']}, tolerance {100 * s['tolerance']:.0f}%, "
+              f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}.",
+              "", "| step | strength | latency | source | widths |", "|---|---|---|---|---|"]
+    for c in s["trace"]:
+        lines.append(f"| {c['step']} | {c['strength']:.4f} | {_ms(c['latency_ms'])} | {c['source']} | "
+                     f"`{c['widths_digest']}` |")
+    lines += ["", "## Widths per group", "", "| group | before | after |", "|---|---|---|"]
+    for g, w in r["widths"].items():
+        lines.append(f"| `{g}` | {w['before']} | {w['after']} |")
+    lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in r["timings_s"].items()]
+    lines += ["", "(`search` includes the prune, export and measure time of its candidates.)"]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, r: dict[str, Any]) -> list[str]:
+    """search.png (latency per step against the budget) and widths.png; nothing when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    trace = r["search"]["trace"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["step"] for c in trace], [c["latency_ms"] for c in trace], "o-", label="candidate latency")
+    ax.axhline(r["budget_ms"], color="red", linestyle="--", label="budget")
+    ax.axhspan(r["budget_ms"] * (1 - r["search"]["tolerance"]), r["budget_ms"], color="green", alpha=0.15,
+               label="target band")
+    ax.set_xlabel("search step")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{r['model']} on {r['target']['name']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "search.png", dpi=100)
+    plt.close(fig)
+    names = list(r["widths"])
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.25), 3.5))
+    xs = range(len(names))
+    ax.bar(xs, [r["widths"][n]["before"] for n in names], color="lightgray", label="before")
+    ax.bar(xs, [r["widths"][n]["after"] for n in names], color="tab:blue", label="after")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("channels")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "widths.png", dpi=100)
+    plt.close(fig)
+    return ["search.png", "widths.png"]
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out = Path(out)
+    (out / "report.json").write_text(to_json(report) + "\n")
+    plots = plot(out, report)
+    (out / "report.md").write_text(render_markdown(_clean(report), plots))

@@ -1,0 +1,127 @@
+"""End-to-end builds of the bundled example: real calibration data, real ONNX export, real ONNX Runtime timing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeprune.cli import main
+from edgeprune.pipeline import load_pruned
+
+FAST_CPU = """name = "cpu-test"
+description = "cpu with fewer timed runs: tests check behaviour, benchmarks check speed"
+runtime = "onnxruntime"
+precision = "fp32"
+channel_multiple = 16
+threads = 1
+[measure]
+warmup = 5
+iterations = 30
+repeats = 3
+final_repeats = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("build")
+    (root / "cpu-test.toml").write_text(FAST_CPU)
+    return {"root": root, "target": root / "cpu-test.toml", "cache": root / "cache"}
+
+
+def build(env: dict[str, Path], capsys: pytest.CaptureFixture, name: str, *extra: str) -> tuple[int, dict | None, str]:
+    out = env["root"] / name
+    code = main(["build", "--device", str(env["target"]), "--cache-dir", str(env["cache"]), "--out", str(out),
+                 "--json", *extra])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out) if captured.out.strip() else None
+    return code, report, captured.err
+
+
+@pytest.fixture(scope="module")
+def cap_build(env: dict[str, Path]) -> tuple[int, dict, str]:
+    with pytest.MonkeyPatch.context():
+        import io
+        import sys
+        from contextlib import redirect_stderr, redirect_stdout
+
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main(["build", "--device", str(env["target"]), "--cache-dir", str(env["cache"]),
+                         "--out", str(env["root"] / "cap"), "--latency", "0.5x", "--json"])
+        return code, json.loads(out.getvalue()), err.getvalue()
+
+
+def test_build_example_meets_budget_and_keeps_accuracy(cap_build: tuple[int, dict, str], env: dict[str, Path]) -> None:
+    code, r, _ = cap_build
+    assert code == 0 and r["met"] is True and r["exit_code"] == 0
+    assert r["final"]["latency_ms"]["median"] <= r["budget_ms"]
+    assert r["budget_ms"] == pytest.approx(0.5 * r["base"]["latency_ms"]["median"])
+    acc = r["fidelity"]["accuracy"]
+    assert acc["after"] >= 0.95 * acc["before"]
+    assert r["search"]["measured_candidates"] <= 12
+    for key in ("target", "budget_ms", "met", "base", "final", "widths", "fidelity", "search", "timings_s", "versions"):
+        assert key in r
+    for key in ("median", "p90", "std", "n"):
+        assert key in r["final"]["latency_ms"] and key in r["base"]["latency_ms"]
+    assert {"macs", "params"} <= set(r["final"]) and r["final"]["macs"] < r["base"]["macs"]
+    assert all(set(c) >= {"strength", "widths_digest", "latency_ms", "source"} for c in r["search"]["trace"])
+    assert all(w["after"] <= w["before"] for w in r["widths"].values())
+
+
+def test_build_artifacts_are_consistent(cap_build: tuple[int, dict, str], env: dict[str, Path]) -> None:
+    out = env["root"] / "cap"
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == \
+        ["model.onnx", "plan.json", "pruned.pt", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text())["met"] is True
+    model, plan = load_pruned(out / "pruned.pt")
+    assert {g: len(k) for g, k in plan.kept.items()} == {g: w["after"] for g, w in cap_build[1]["widths"].items()}
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for i in range(4):
+        (y,) = sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1].numpy()})
+        with torch.no_grad():
+            ref = model(x[i:i + 1]).numpy()
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    assert not [p for p in env["root"].iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_build_beats_l1_without_compensation(cap_build: tuple[int, dict, str], env: dict[str, Path],
+                                             capsys: pytest.CaptureFixture) -> None:
+    code, r, _ = build(env, capsys, "l1", "--latency", "0.5x", "--criterion", "l1", "--no-compensation")
+    assert code == 0 and r["met"]
+    cap_acc = cap_build[1]["fidelity"]["accuracy"]["after"]
+    assert cap_acc >= r["fidelity"]["accuracy"]["after"] + 0.3
+
+
+def test_build_quality_gate_exit_4(cap_build: tuple[int, dict, str], env: dict[str, Path],
+                                   capsys: pytest.CaptureFixture) -> None:
+    lost = cap_build[1]["fidelity"]["accuracy"]["drop_pp"]
+    gate = max(lost / 2, 0.0) if lost > 0 else -0.01
+    code, r, err = build(env, capsys, "gate", "--latency", "0.5x", "--max-accuracy-drop", str(gate))
+    assert code == 4 and r["exit_code"] == 4 and r["quality_gates"]["accuracy_drop_pp"]["passed"] is False
+    assert "edgeprune: error: quality gate failed" in err
+
+
+def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    code, r, err = build(env, capsys, "unreachable", "--latency", "1us")
+    assert code == 3 and r["met"] is False
+    line = [ln for ln in err.splitlines() if ln.startswith("edgeprune: error:")][0]
+    assert "unreachable" in line and f"{r['final']['latency_ms']['median']:.3f} ms" in line
+
+
+def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    code, r, err = build(env, capsys, "jetson", "--device", "jetson", "--latency", "10ms")
+    assert code == 5 and r is None
+    assert err.startswith("edgeprune: error:") and "--lut" in err and "[remote]" in err
+    assert not (env["root"] / "jetson").exists()
+
+
+def test_build_bad_latency_exit_2(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    code, r, err = build(env, capsys, "bad", "--latency", "fast")
+    assert code == 2 and r is None and "--latency must look like" in err
