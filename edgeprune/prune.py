@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.compensate import LayerStats, compensate_layer
+from edgeprune.compensate import LayerStats, PrefixSolver, compensate_layer
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, build_dependency_graph, trace
 from edgeprune.plan import Plan
@@ -47,10 +47,23 @@ def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
     return out
 
 
-def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats]) -> None:
-    """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair."""
+def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats],
+                         orders: dict[str, tuple[int, ...]] | None = None,
+                         solvers: dict[str, PrefixSolver | None] | None = None) -> None:
+    """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair.
+
+    Args:
+        orders: channel order per group (the ranking); when a consumer reads one group and the plan keeps a prefix
+            of its order, a `PrefixSolver` kept in `solvers` (a dict owned by the caller) serves every width.
+    """
     modules = dict(model.named_modules())
     bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
+    single = {}  # consumer -> (group, its Consumer entry) when it reads exactly one group
+    reads: dict[str, int] = defaultdict(int)
+    for g in graph.groups:
+        for c in g.consumers:
+            reads[c.module] += 1
+            single[c.module] = (g, c)
     for name, removed in removed_coords(graph, plan).items():
         if not removed:
             continue
@@ -59,9 +72,31 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
         m = modules[name]
         w = m.weight.detach().double().cpu().numpy()
         w2 = w.reshape(w.shape[0], -1)
-        keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
         bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
-        w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=bn_follows.get(name, False))
+        rescale = bn_follows.get(name, False)
+        result = None
+        if orders is not None and solvers is not None and reads[name] == 1:
+            g, c = single[name]
+            order = orders.get(g.name)
+            kept = plan.kept.get(g.name, ())
+            if order is not None and set(order[: len(kept)]) == set(kept) and \
+                    sum(len(x) for x in c.coords) == w2.shape[1]:
+                if name not in solvers:
+                    coord_order = np.asarray([i for j in order for i in c.coords[j]], dtype=np.int64)
+                    try:
+                        solvers[name] = PrefixSolver(w2, stats[name], coord_order)
+                    except np.linalg.LinAlgError:
+                        solvers[name] = None  # not positive definite: the direct solve has a ridge fallback
+                solver = solvers[name]
+                if solver is not None:
+                    n_keep = sum(len(c.coords[j]) for j in kept)
+                    w_new, b_new = solver.solve(n_keep, bias, rescale)
+                    result = (solver.order[:n_keep], w_new, b_new)
+        if result is None:
+            keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
+            w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
+            result = (keep, w_new, b_new)
+        keep, w_new, b_new = result
         full = np.zeros_like(w2)
         full[:, keep] = w_new
         with torch.no_grad():
@@ -78,8 +113,13 @@ def prune(
     plan: Plan,
     stats: dict[str, LayerStats] | None = None,
     ignore: tuple[str, ...] = (),
+    orders: dict[str, tuple[int, ...]] | None = None,
+    solvers: dict | None = None,
 ) -> nn.Module:
-    """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`."""
+    """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`.
+
+    `orders` and `solvers` (see `compensate_consumers`) make repeated pruning of one model at many widths cheap.
+    """
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
@@ -88,7 +128,7 @@ def prune(
     if plan.compensation:
         if stats is None:
             raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")
-        compensate_consumers(model, graph, plan, stats)
+        compensate_consumers(model, graph, plan, stats, orders, solvers)
     # Rebuild the dependency graph: compensation may have added biases, which torch-pruning must see to slice them.
     dg = build_dependency_graph(model, example_input)
     modules = dict(model.named_modules())

@@ -109,7 +109,7 @@ def test_build_quality_gate_exit_4(cap_build: tuple[int, dict, str], env: dict[s
 
 
 def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    code, r, err = build(env, capsys, "unreachable", "--latency", "1us")
+    code, r, err = build(env, capsys, "unreachable", "--latency", "1us", "--criterion", "l1", "--no-compensation")
     assert code == 3 and r["met"] is False
     line = [ln for ln in err.splitlines() if ln.startswith("edgeprune: error:")][0]
     assert "unreachable" in line and f"{r['final']['latency_ms']['median']:.3f} ms" in line

@@ -1,0 +1,74 @@
+"""Benchmark the pruning core: time and peak memory of statistics, ranking and compensation.
+
+    python tools/bench_prune.py [--models resnet18,resnet50] [--images 256] [--out bench/prune.json]
+
+Calibration: `--images` random 224x224 images (the `random` recipe; statistics cost depends on shapes, not values),
+batch 32, on however many cores torch uses (2 here). Peak memory is the process's max RSS after each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edgeprune.compensate import collect_statistics
+from edgeprune.data import load_data, load_recipe_file
+from edgeprune.graph import trace
+from edgeprune.importance import rank
+from edgeprune.models import load_model
+from edgeprune.plan import plan_from_rankings, uniform_widths
+from edgeprune.prune import compensate_consumers
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--out", default="bench/prune.json")
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        m = load_model(f"torchvision:{name}")
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe_path = Path(tmp) / "r.toml"
+            recipe_path.write_text(f'kind = "random"\ncount = {args.images + 16}\nheldout = 16\nbatch_size = 32\n')
+            data = load_data(load_recipe_file(recipe_path), m.input_shape)
+        row = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads()}
+        t0 = time.perf_counter()
+        graph = trace(m.module, m.example_input)
+        row["trace_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
+        row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
+        t0 = time.perf_counter()
+        rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
+        row["ranking_s"], row["ranking_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
+        plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5, 8))
+        import copy
+
+        model = copy.deepcopy(m.module)
+        t0 = time.perf_counter()
+        compensate_consumers(model, graph, plan, stats)
+        row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
+        row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
+        row["groups"], row["consumers"] = len(graph.groups), len(stats)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": "prune", "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
