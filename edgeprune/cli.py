@@ -324,6 +324,10 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
                    help="exporter for every candidate and the result (default torchscript: several times faster)")
     add_cache_args(p)
+    p.add_argument("--lut", default=None, metavar="lut.json",
+                   help="search on this latency table (made by `edgeprune lut` on the device); only the final model "
+                        "is measured on the target")
+    p.add_argument("--force", action="store_true", help="use a --lut made for another target, precision or runtime")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder, written atomically (default ./out)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
     return run_build
@@ -341,7 +345,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
                          max_steps=args.max_steps, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache)
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force)
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
@@ -371,9 +375,55 @@ def run_build(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
+# ---------------------------------------------------------------- lut
+
+
+def add_lut(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("lut", help="measure a per-layer latency table on a target, for searches away from it",
+                       description="Measure each layer of a model over a grid of input/output widths on the target "
+                                   "(merging into an existing table, resuming an interrupted run), and calibrate the "
+                                   "model's latency on four measured plans. `build --lut` then searches on the table.")
+    add_model_args(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--out", required=True, metavar="lut.json", help="table file (created or merged into)")
+    p.add_argument("--fresh", action="store_true", help="start a new table instead of resuming/merging")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--report", action="store_true",
+                   help="also plot latency against output width per layer signature (lut.png, needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return run_lut
+
+
+def run_lut(args: argparse.Namespace) -> int:
+    from edgeprune.models import parse_shape
+    from edgeprune.pipeline import lut_job
+
+    with Progress(enabled=not args.json) as progress:
+        summary = lut_job(args.model, args.device, args.out, args.weights,
+                          parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
+                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore))
+    if args.report:
+        from edgeprune.lut import load_lut, plot_lut
+
+        summary["plot"] = plot_lut(load_lut(args.out), Path(args.out).with_suffix(".png"))
+    if args.json:
+        emit_json(summary)
+        return 0
+    cal = summary["calibration"]
+    best = summary["best_channel_multiple"]
+    print(f"{summary['table']}: {summary['signatures']} layer signatures for {summary['model']} on {summary['target']} "
+          f"({summary['layers']} layers) in {summary['build_s']:.0f}s; model latency = {cal['offset_ms']:.3f} ms + "
+          f"{cal['scale']:.3f} x layers; unpruned {cal['base_ms']:.3f} ms")
+    print(f"  best channel multiple the table implies: {best['best']} (share of unaligned widths no faster than the "
+          f"next multiple: {', '.join(f'{m}: {v:.2f}' for m, v in best['scores'].items() if v is not None)})")
+    if summary.get("plot"):
+        print(f"  plot: {summary['plot']}")
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_build, add_prune, add_targets, add_export, add_profile, add_agent]
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_build, add_prune, add_lut, add_targets, add_export, add_profile, add_agent]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -30,6 +30,7 @@ from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
+from edgeprune.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ class BuildConfig:
     max_accuracy_drop: float | None = None  # percentage points
     cache_dir: str | None = None
     use_cache: bool = True
+    lut: str | None = None  # search on this latency table; only the final model is measured on the device
+    force_lut: bool = False  # use a table made for another target/precision/runtime version (with a warning)
 
     def __post_init__(self) -> None:
         if not 0 < self.tolerance < 1:
@@ -295,25 +298,6 @@ class BuildOutcome:
     report: dict[str, Any]
     exit_code: int
     message: str | None = None  # the error line for exit codes 3 and 4
-
-
-def versions(runtime: str | None = None) -> dict[str, str]:
-    from importlib import metadata
-
-    from edgeprune import __version__
-
-    out = {"edgeprune": __version__}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxsim", "torch-pruning"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    if runtime in ("tensorrt", "trtexec"):
-        try:
-            out["tensorrt"] = metadata.version("tensorrt")
-        except metadata.PackageNotFoundError:
-            out["tensorrt"] = "not installed here (measured on the device)"
-    return out
 
 
 def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> Path:
@@ -336,6 +320,14 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
 
     budget = parse_budget(config.latency)
     target = load_target(config.device)
+    device_runs = [0]
+    _measure = measure
+
+    def measure(*a: Any, **kw: Any):  # noqa: F811 - the runtimes' measure, counting real device measurements
+        stats = _measure(*a, **kw)
+        device_runs[0] += stats.source == "measured"
+        return stats
+
     runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
@@ -365,21 +357,71 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
                 stats = measure(path, target, cache=cache, progress=stages(f"measuring candidate on {target.name}", None))
             return Probe(stats.median, stats.source)
 
-        base_path = work_dir / "base.onnx"
-        with timed(t, "export"):
-            export_candidate(prep.loaded.module, example, base_path, pc.exporter)
-        with timed(t, "measure"):
-            base_stats = measure(base_path, target, cache=cache, progress=stages(f"measuring unpruned model on {target.name}", None))
+        table = layer_model = None
+        if config.lut:
+            from edgeprune.lut import LayerModel, check_table_for, load_lut, predict
+            from edgeprune.runtimes.stats import stats_from_repeats
+
+            table = load_lut(config.lut)
+            check_table_for(table, target, force=config.force_lut, path=config.lut)
+            layer_model = LayerModel.from_model(prep.loaded.module, example, prep.graph, prep.loaded.spec)
+            if prep.loaded.spec not in table.models:
+                raise EdgePruneError(f"latency table {config.lut} has no calibration for {prep.loaded.spec}; run "
+                                     f"`edgeprune lut --model {prep.loaded.spec} --device {target.name} --out {config.lut}`")
+            base_stats = stats_from_repeats([[table.models[prep.loaded.spec]["base_ms"]]], target=target.name,
+                                            runtime=target.runtime, runtime_version=table.meta["runtime_version"],
+                                            precision=target.precision, source="lut")
+        else:
+            base_path = work_dir / "base.onnx"
+            with timed(t, "export"):
+                export_candidate(prep.loaded.module, example, base_path, pc.exporter)
+            with timed(t, "measure"):
+                base_stats = measure(base_path, target, cache=cache,
+                                     progress=stages(f"measuring unpruned model on {target.name}", None))
         budget_ms = budget.ms(base_stats.median)
         widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple)
+        correction = 1.0
+
+        def lut_oracle(widths: dict[str, int]) -> Probe:
+            pred, warns = predict(table, layer_model, widths)
+            for w in warns[:3]:
+                log.warning("latency table: %s", w)
+            return Probe(pred * correction, "lut")
+
         with timed(t, "search"):
             stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
-            result = search(widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step)
+            result = search(widths_for, lut_oracle if table is not None else oracle, budget_ms, config.tolerance,
+                            config.max_steps, on_step=on_step)
+        trace_all = list(result.trace)
+        if table is not None and result.best is not None:
+            # one device measurement of the chosen plan; when it misses the band, correct the predictions by the
+            # measured error and search again (the trace keeps both rounds)
+            from edgeprune.search import Candidate
+
+            with timed(t, "verify"):
+                # exactly the model that would ship (direct solve, same plan), so that its verification below is
+                # served from the measurement cache instead of a second device measurement
+                check_plan = dataclasses.replace(prep.plan(result.best.widths, budget_ms=budget_ms, budget=budget.text),
+                                                 target=target.name)
+                path = work_dir / "lut-check.onnx"
+                export_candidate(prep.prune(check_plan), example, path, pc.exporter)
+                got_stats = measure(path, target, cache=cache, repeats=target.measure.final_repeats)
+                got = got_stats.median
+            trace_all.append(Candidate(step=len(trace_all) + 1, strength=result.best.strength,
+                                       widths_digest=result.best.widths_digest, latency_ms=got, source=got_stats.source,
+                                       widths=result.best.widths))
+            if not (1 - config.tolerance) * budget_ms <= got <= budget_ms:
+                correction = got / result.best.latency_ms
+                with timed(t, "search"):
+                    result = search(widths_for, lut_oracle, budget_ms, config.tolerance, config.max_steps)
+                trace_all += [dataclasses.replace(c, step=len(trace_all) + i + 1) for i, c in enumerate(result.trace)]
+        result = dataclasses.replace(result, trace=tuple(trace_all))
 
         # verify: the released model (direct compensation solve) is exported and measured again with more repeats;
         # when noise puts it over budget, the next faster feasible candidate is tried
         order = [result.best] if result.best is not None else []
-        order += sorted((c for c in result.trace if c.latency_ms <= budget_ms and c is not result.best),
+        best_digest = result.best.widths_digest if result.best is not None else None
+        order += sorted((c for c in result.trace if c.latency_ms <= budget_ms and c.widths_digest != best_digest),
                         key=lambda c: -c.latency_ms)
         if not order:
             order = [result.fastest]  # unreachable: report the fastest model reached
@@ -414,6 +456,8 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
             "speedup": base_stats.median / final_stats.median,
             "widths": {g.name: {"before": g.channels, "after": chosen.widths[g.name]} for g in prep.graph.groups},
             "fidelity": fid.to_dict(), "quality_gates": gates,
+            "lut": config.lut,
+            "device_measurements": device_runs[0],
             "search": {"criterion": pc.criterion, "compensation": pc.compensation, "proxy": "cap-loss-curve"
                        if pc.criterion == "cap" else "uniform", "channel_multiple": pc.channel_multiple,
                        "tolerance": config.tolerance, "converged": result.converged,
@@ -456,3 +500,39 @@ def quality_gates(fid: Fidelity, config: BuildConfig) -> dict[str, dict[str, Any
         gates["accuracy_drop_pp"] = {"value": fid.accuracy_drop_pp, "limit": config.max_accuracy_drop,
                                      "passed": fid.accuracy_drop_pp <= config.max_accuracy_drop}
     return gates
+
+
+# ---------------------------------------------------------------- latency tables
+
+
+def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None = None,
+            input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
+            ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it."""
+    import tempfile
+
+    from edgeprune.lut import LayerModel, best_channel_multiple, build_lut
+    from edgeprune.runtimes import measure, runtime_for
+    from edgeprune.targets import load_target
+
+    target = load_target(device)
+    runtime_for(target)
+    t0 = time.perf_counter()
+    loaded = load_model(spec, weights, input_shape)
+    graph = trace(loaded.module, loaded.example_input, ignore)
+    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
+        def measure_widths(widths: dict[str, int]) -> float:
+            plan = Plan(kept={g: tuple(range(w)) for g, w in widths.items()}, channels=model.full(),
+                        compensation=False)
+            pruned = prune(loaded.module, loaded.example_input, plan, None, ignore)
+            path = Path(tmp) / "calibrate.onnx"
+            export_candidate(pruned, loaded.example_input, path, "torchscript")
+            return measure(path, target, cache=None).median
+
+        table = build_lut(model, target, out, measure_widths, resume=resume,
+                          progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))
+    cal = table.models[loaded.spec]
+    return {"table": str(out), "model": loaded.spec, "target": target.name, "signatures": len(table.entries),
+            "layers": len(model.layers), "calibration": cal, "best_channel_multiple": best_channel_multiple(table),
+            "models": list(table.models), "build_s": time.perf_counter() - t0}
