@@ -27,12 +27,12 @@ def emit_json(obj: Any) -> None:
 
 
 class Progress:
-    """A rich progress bar on stderr, or nothing (for --json, or when rich is missing)."""
+    """A rich progress bar on stderr, or nothing (for --json, when stderr is not a terminal, or without rich)."""
 
     def __init__(self, enabled: bool) -> None:
         self._bar = None
         self._task = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # live progress is for a person at a terminal, not for CI logs
             try:
                 from rich.console import Console
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \

@@ -329,6 +329,12 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
         return stats
 
     runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
+    table = None
+    if config.lut:  # and fail fast (exit 2) on a bad or mismatched table
+        from edgeprune.lut import check_table_for, load_lut
+
+        table = load_lut(config.lut)
+        check_table_for(table, target, force=config.force_lut, path=config.lut)
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
     prep = prepare(pc, stages)
@@ -357,13 +363,11 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
                 stats = measure(path, target, cache=cache, progress=stages(f"measuring candidate on {target.name}", None))
             return Probe(stats.median, stats.source)
 
-        table = layer_model = None
-        if config.lut:
-            from edgeprune.lut import LayerModel, check_table_for, load_lut, predict
+        layer_model = None
+        if table is not None:
+            from edgeprune.lut import LayerModel, predict
             from edgeprune.runtimes.stats import stats_from_repeats
 
-            table = load_lut(config.lut)
-            check_table_for(table, target, force=config.force_lut, path=config.lut)
             layer_model = LayerModel.from_model(prep.loaded.module, example, prep.graph, prep.loaded.spec)
             if prep.loaded.spec not in table.models:
                 raise EdgePruneError(f"latency table {config.lut} has no calibration for {prep.loaded.spec}; run "
