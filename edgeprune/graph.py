@@ -63,6 +63,7 @@ class Graph:
     groups: list[Group]
     excluded: dict[str, str] = field(default_factory=dict)  # group root -> reason it is not prunable
     output_layers: tuple[str, ...] = ()
+    traced: tuple[str, ...] = ()  # modules the dependency trace reached
 
     def group(self, name: str) -> Group:
         for g in self.groups:
@@ -78,6 +79,18 @@ class Graph:
                 if c.compensable:
                     seen.setdefault(c.module)
         return list(seen)
+
+
+# Autograd ops that move values across channels but that torch-pruning treats as element-wise: a group whose channels
+# pass through one of them would be pruned wrongly, so it is excluded.
+CHANNEL_MIXING = ("RollBackward", "TransposeBackward", "PermuteBackward", "ChannelShuffle", "PixelShuffleBackward",
+                  "PixelUnshuffleBackward", "FlipBackward", "GatherBackward", "IndexBackward", "IndexSelectBackward")
+
+
+def _mixing_op(node: Any) -> str | None:
+    fn = getattr(node, "grad_fn", None)
+    name = type(fn).__name__ if fn is not None else ""
+    return name if any(name.startswith(m) for m in CHANNEL_MIXING) else None
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -106,10 +119,17 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     except Exception as e:
+        import traceback
+
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        frames = [f.name for f in traceback.extract_tb(e.__traceback__) if "torch_pruning" in f.filename]
+        where = frames[-1] if frames else "?"
+        hint = {"update_reshape_index_mapping": "a view/reshape that regroups channels (e.g. a channel shuffle)",
+                "update_concat_index_mapping": "a concat whose inputs it cannot follow",
+                "update_slice_index_mapping": "a slice over channels"}.get(where, f"the step {where}")
         raise EdgePruneError(
-            f"torch-pruning cannot trace {type(model).__name__}: {type(e).__name__}: {first[:300]}; "
-            f"exclude the offending module with --ignore, or make its forward traceable by autograd"
+            f"torch-pruning cannot trace {type(model).__name__}: it fails at {hint} ({type(e).__name__}: "
+            f"{first[:200]} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
 
 
@@ -186,6 +206,10 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         producers, members, consumers = [], [], []
         reason = None
         for item in tp_group:
+            for node in (item.dep.source, item.dep.target):
+                op = _mixing_op(node)
+                if op is not None and reason is None:
+                    reason = f"its channels pass through {op}, which moves values across channels"
             module = item.dep.target.module
             mname = names.get(module)
             if mname is None or not any(True for _ in module.parameters(recurse=False)):
@@ -209,7 +233,25 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
             continue
         groups.append(Group(name=gname, channels=channels, producers=tuple(dict.fromkeys(producers)),
                             consumers=tuple(consumers), members=tuple(members)))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    groups.sort(key=lambda g: order.get(g.name, 0))
+    order = execution_order(model, example_input)
+    groups.sort(key=lambda g: min((order.get(p, 1 << 30) for p in g.producers), default=1 << 30))
     log.info("traced %d prunable groups (%d excluded)", len(groups), len(excluded))
-    return Graph(groups=groups, excluded=excluded, output_layers=tuple(names[m] for m in outputs))
+    traced = tuple(names[m] for m in dg.module2node if m in names)
+    return Graph(groups=groups, excluded=excluded, output_layers=tuple(names[m] for m in outputs), traced=traced)
+
+
+def execution_order(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Position of each module's first call in a forward pass: the order the search walks groups in."""
+    order: dict[str, int] = {}
+
+    def seen(name: str) -> None:  # a pre-hook must return None: a value would replace the module's input
+        order.setdefault(name, len(order))
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return order

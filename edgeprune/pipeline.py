@@ -100,6 +100,51 @@ class Prepared:
         return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
 
 
+def check_traced(model: nn.Module, graph: Graph, batch: torch.Tensor) -> None:
+    """Refuse a model whose calibration batches run layers the trace (one example input) never saw: data-dependent
+    control flow would make the pruning silently wrong for those layers."""
+    ran: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: ran.append(n))
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missed = sorted(set(ran) - set(graph.traced))
+    if missed:
+        raise EdgePruneError(
+            f"layer {missed[0]}{f' (and {len(missed) - 1} more)' if len(missed) > 1 else ''} runs on calibration data "
+            f"but not on the example input the dependency trace used (data-dependent control flow); edgeprune "
+            f"cannot prune such a model safely: make forward() take the same path for every input")
+
+
+@contextmanager
+def compute_threads(n: int | None = None) -> Iterator[None]:
+    """Threads for the compute stages (statistics, ranking, compensation, export), torch and BLAS alike.
+
+    Default 1 (`EDGEPRUNE_THREADS` overrides): torch's OpenMP pool and NumPy/SciPy's OpenBLAS pool spin-wait against
+    each other, and on a 2-core machine one thread measured 2.2x faster for resnet18's preparation (49.7 s against
+    110.4 s) and 2.7x for the example's. Latency measurement is not affected: it uses the target's thread count.
+    """
+    n = n or int(os.environ.get("EDGEPRUNE_THREADS", "1"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # scikit-learn brings it; without it only torch is limited
+        threadpool_limits = None
+    try:
+        if threadpool_limits is not None:
+            with threadpool_limits(limits=n):
+                yield
+        else:
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -111,6 +156,11 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 def prepare(config: PruneConfig, stages: Stages = no_progress, rank_groups: bool = True) -> Prepared:
     """Load the model and calibration data, trace groups, collect statistics and rank every group."""
+    with compute_threads():
+        return _prepare(config, stages, rank_groups)
+
+
+def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared:
     t: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with timed(t, "load"):
@@ -121,6 +171,7 @@ def prepare(config: PruneConfig, stages: Stages = no_progress, rank_groups: bool
     with timed(t, "trace"):
         stages("tracing channel groups", None)
         graph = trace(loaded.module, loaded.example_input, config.ignore)
+        check_traced(loaded.module, graph, next(iter(data.calib_batches())))
         if not graph.groups:
             raise EdgePruneError(f"{loaded.spec} has no prunable channel groups"
                                  + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
@@ -205,14 +256,22 @@ def model_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
 def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, plan_path: str | None = None,
               stages: Stages = no_progress) -> dict[str, Any]:
     """`edgeprune prune`: one plan (uniform ratio or a plan file), pruned, exported, with held-out fidelity."""
+    with compute_threads():
+        return _prune_job(config, out, ratio, plan_path, stages)
+
+
+def _prune_job(config: PruneConfig, out: str | Path, ratio: float | None, plan_path: str | None,
+               stages: Stages) -> dict[str, Any]:
     from edgeprune.export import export
 
     if (ratio is None) == (plan_path is None):
         raise EdgePruneError("give exactly one of --ratio (fraction of channels removed) or --plan plan.json")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
     given = Plan.load(plan_path) if plan_path else None
     if given is not None:  # the plan decides criterion and compensation: reproduce it exactly
         config = dataclasses.replace(config, criterion=given.criterion, compensation=given.compensation,
-                                     channel_multiple=given.channel_multiple)
+                                     channel_multiple=given.channel_multiple, seed=given.seed)
     prep = prepare(config, stages, rank_groups=given is None)
     t = prep.timings_s
     plan = given if given is not None else prep.plan(uniform_widths(prep.graph, ratio, config.channel_multiple),
@@ -311,6 +370,11 @@ def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, export
 def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
           on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
     """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget."""
+    with compute_threads():
+        return _build(config, out, stages, on_step)
+
+
+def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callable[[Any], None] | None) -> BuildOutcome:
     import tempfile
 
     from edgeprune.errors import ExitCode
@@ -513,6 +577,12 @@ def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None 
             input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
             ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it."""
+    with compute_threads():
+        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore)
+
+
+def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None, input_shape: tuple[int, ...] | None,
+             resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
     import tempfile
 
     from edgeprune.lut import LayerModel, best_channel_multiple, build_lut

@@ -58,14 +58,25 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
+        def ints(xs: Any, what: str) -> tuple[int, ...]:
+            if not isinstance(xs, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in xs):
+                raise EdgePruneError(f"malformed plan: {what} must be a list of integers, found {xs!r}"[:200])
+            return tuple(xs)
+
+        def typed(key: str, kind: type) -> Any:
+            v = d[key]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                raise EdgePruneError(f"malformed plan: '{key}' must be {kind.__name__}, found {v!r}")
+            return v
+
         try:
             if d.get("version") != PLAN_VERSION:
                 raise EdgePruneError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
-            return cls(kept={g: tuple(int(i) for i in k) for g, k in d["kept"].items()},
-                       channels={g: int(c) for g, c in d["channels"].items()}, criterion=str(d["criterion"]),
-                       compensation=bool(d["compensation"]), channel_multiple=int(d["channel_multiple"]),
-                       model=str(d.get("model", "")), target=d.get("target"), seed=int(d.get("seed", 0)),
-                       meta=dict(d.get("meta", {})))
+            return cls(kept={g: ints(k, f"kept[{g!r}]") for g, k in d["kept"].items()},
+                       channels={g: ints([c], f"channels[{g!r}]")[0] for g, c in d["channels"].items()},
+                       criterion=typed("criterion", str), compensation=typed("compensation", bool),
+                       channel_multiple=typed("channel_multiple", int), model=str(d.get("model", "")),
+                       target=d.get("target"), seed=int(d.get("seed", 0)), meta=dict(d.get("meta", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgePruneError(f"malformed plan: {type(e).__name__}: {e}") from None
 

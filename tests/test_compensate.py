@@ -1,0 +1,310 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgeprune.compensate import (
+    LayerStats,
+    collect_statistics,
+    compensate_layer,
+    min_patches_needed,
+    reconstruction_error,
+    unfold_input,
+)
+from edgeprune.errors import EdgePruneError
+from edgeprune.graph import trace
+from edgeprune.importance import consumer_weight, rank
+from edgeprune.plan import plan_from_rankings, uniform_widths
+from edgeprune.prune import removed_coords
+from tests.models import ZOO, ZooEntry
+
+
+def numpy_unfold(x: np.ndarray, k: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int]) -> np.ndarray:
+    """(N*positions, C*kh*kw) patches, channel-major, written out loop by loop: the reference for unfold_input."""
+    n, c, h, w = x.shape
+    xp = np.zeros((n, c, h + 2 * padding[0], w + 2 * padding[1]), dtype=np.float64)
+    xp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = x
+    h_out = (h + 2 * padding[0] - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    rows = []
+    for b in range(n):
+        for i in range(h_out):
+            for j in range(w_out):
+                patch = np.empty((c, k[0], k[1]))
+                for a in range(k[0]):
+                    for e in range(k[1]):
+                        patch[:, a, e] = xp[b, :, i * stride[0] + a * dilation[0], j * stride[1] + e * dilation[1]]
+                rows.append(patch.ravel())
+    return np.asarray(rows)
+
+
+class StatsNet(nn.Module):
+    """A conv with stride, padding and dilation (6x6 output: no spatial subsampling) and a Linear after a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv_b(torch.relu(self.conv_a(x))))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def captured_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, list[np.ndarray]]:
+    modules = dict(model.named_modules())
+    seen: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].double().numpy()))
+               for n in names]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def population_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = x.mean(0)
+    return mu, (x - mu).T @ (x - mu) / len(x)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@pytest.fixture(scope="module")
+def stats_net() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = StatsNet().eval()
+    batches = [torch.randn(8, 3, 12, 12) + 0.5 for _ in range(3)] + [torch.randn(5, 3, 12, 12) + 0.5]  # short last
+    return model, batches
+
+
+def test_collect_statistics_equals_numpy_for_strided_dilated_padded_conv(stats_net: tuple) -> None:
+    model, batches = stats_net
+    stats = collect_statistics(model, ["conv_b"], batches)["conv_b"]
+    x = np.concatenate(captured_inputs(model, ["conv_b"], batches)["conv_b"])
+    patches = numpy_unfold(x, (3, 3), (2, 2), (2, 2), (2, 2))
+    mu, cov = population_stats(patches)
+    assert patches.shape == (29 * 36, 36) and stats.count == 29 * 36 and stats.block == 9 and stats.dim == 36
+    np.testing.assert_allclose(stats.mean, mu, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats.cov, cov, rtol=1e-5, atol=1e-6 * np.abs(cov).max())
+    assert stats.mean.dtype == np.float64 and stats.cov.dtype == np.float64
+
+
+def test_collect_statistics_equals_numpy_for_linear_after_flatten(stats_net: tuple) -> None:
+    model, batches = stats_net
+    stats = collect_statistics(model, ["fc"], batches)["fc"]
+    x = np.concatenate(captured_inputs(model, ["fc"], batches)["fc"])
+    mu, cov = population_stats(x)
+    assert stats.count == 29 and stats.block == 1 and stats.dim == 24
+    np.testing.assert_allclose(stats.mean, mu, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats.cov, cov, rtol=1e-5, atol=1e-6 * np.abs(cov).max())
+
+
+def test_collect_statistics_removes_its_hooks_when_done_and_when_failing(stats_net: tuple) -> None:
+    """Statistics are frozen after calibration (CAP.md §7.1): no hook keeps updating them."""
+    model, batches = stats_net
+    collect_statistics(model, ["conv_b", "fc"], batches)
+    assert not model.conv_b._forward_pre_hooks and not model.fc._forward_pre_hooks
+    bad = batches[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(EdgePruneError):
+        collect_statistics(model, ["conv_b", "fc"], [batches[0], bad])
+    assert not model.conv_b._forward_pre_hooks and not model.fc._forward_pre_hooks
+
+
+def test_collect_statistics_raises_on_nan_batch_naming_it(stats_net: tuple) -> None:
+    model, batches = stats_net
+    bad = batches[1].clone()
+    bad[2, 1, 3, 3] = float("nan")
+    with pytest.raises(EdgePruneError, match="calibration batch 1 contains NaN or infinite values"):
+        collect_statistics(model, ["conv_b"], [batches[0], bad])
+    bad[2, 1, 3, 3] = float("inf")
+    with pytest.raises(EdgePruneError, match="calibration batch 0 contains NaN or infinite values"):
+        collect_statistics(model, ["conv_b"], [bad])
+
+
+def test_collect_statistics_raises_naming_samples_needed_when_too_few() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).eval()  # 768 inputs: 48 samples needed
+    assert min_patches_needed(768) == 48
+    with pytest.raises(EdgePruneError, match=r"layer 1 needs at least 48 calibration samples .* gives 10"):
+        collect_statistics(model, ["1"], [torch.randn(10, 3, 16, 16)])
+    stats = collect_statistics(model, ["1"], [torch.randn(48, 3, 16, 16)])  # rank-deficient but accepted
+    assert stats["1"].count == 48
+
+
+def test_collect_statistics_raises_when_consumer_never_runs() -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.spare = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    with pytest.raises(EdgePruneError, match="layer spare never ran during calibration"):
+        collect_statistics(Unused(), ["used", "spare"], [torch.randn(32, 4)])
+
+
+@pytest.mark.parametrize("dim, need", [(1, 8), (128, 8), (143, 8), (144, 9), (2048, 128), (4608, 288)])
+def test_min_patches_needed_is_dim_over_16_at_least_8(dim: int, need: int) -> None:
+    assert min_patches_needed(dim) == need
+
+
+def test_unfold_input_subsamples_large_maps_to_max_positions() -> None:
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(2, 2, 32, 32)
+    cols = unfold_input(conv, x, max_positions=64)  # 1024 positions: every 4th row and column
+    ref = numpy_unfold(x.double().numpy(), (3, 3), (4, 4), (1, 1), (1, 1))
+    assert cols.shape == (2 * 64, 18)
+    np.testing.assert_allclose(cols.double().numpy(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv, words", [
+    (nn.Conv2d(2, 3, 3, padding="same"), "padding='same' is not supported"),
+    (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect' is not supported"),
+])
+def test_unfold_input_raises_on_unsupported_padding(conv: nn.Conv2d, words: str) -> None:
+    with pytest.raises(EdgePruneError, match=words):
+        unfold_input(conv, torch.randn(1, 2, 8, 8))
+
+
+# ---------------------------------------------------------------- compensate_layer
+
+
+@pytest.fixture(scope="module")
+def regression() -> dict[str, np.ndarray]:
+    """Correlated inputs with a non-zero mean, a layer, and statistics of the inputs."""
+    rng = np.random.default_rng(0)
+    p, d, n = 600, 12, 5
+    mix = rng.standard_normal((d, d)) + 0.5 * np.eye(d)
+    x = rng.standard_normal((p, d)) @ mix + rng.standard_normal(d)
+    w, b = rng.standard_normal((n, d)), rng.standard_normal(n)
+    mu, cov = population_stats(x)
+    return {"x": x, "w": w, "b": b, "mu": mu, "cov": cov}
+
+
+def layer_stats(r: dict[str, np.ndarray], block: int = 1) -> LayerStats:
+    return LayerStats(mean=r["mu"], cov=r["cov"], count=len(r["x"]), block=block)
+
+
+KEEPS = [np.array([0, 2, 3, 7, 8, 11]), np.array([5]), np.arange(11)]
+
+
+@pytest.mark.parametrize("keep", KEEPS, ids=["half", "one", "all_but_one"])
+def test_compensate_layer_equals_least_squares_when_no_rescale(regression: dict, keep: np.ndarray) -> None:
+    r = regression
+    y = r["x"] @ r["w"].T + r["b"]
+    design = np.hstack([r["x"][:, keep], np.ones((len(r["x"]), 1))])
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]  # (|S| + 1, N)
+    w_new, b_new = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=False, ridge=1e-14)
+    np.testing.assert_allclose(w_new, coef[:-1].T, rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(b_new, coef[-1], rtol=1e-8, atol=1e-9)
+
+
+def test_compensate_layer_keeps_everything_when_nothing_removed(regression: dict) -> None:
+    r = regression
+    keep = np.arange(12)
+    w_new, b_new = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=True, ridge=1e-14)
+    np.testing.assert_allclose(w_new, r["w"], rtol=1e-8, atol=1e-9)
+    np.testing.assert_allclose(b_new, r["b"], rtol=1e-8, atol=1e-9)
+
+
+def test_compensate_layer_without_bias_folds_mean_into_new_bias(regression: dict) -> None:
+    r = regression
+    keep = KEEPS[0]
+    y = r["x"] @ r["w"].T
+    design = np.hstack([r["x"][:, keep], np.ones((len(r["x"]), 1))])
+    coef = np.linalg.lstsq(design, y, rcond=None)[0]
+    w_new, b_new = compensate_layer(r["w"], None, layer_stats(r), keep, ridge=1e-14)
+    np.testing.assert_allclose(b_new, coef[-1], rtol=1e-8, atol=1e-9)
+
+
+def test_compensate_layer_with_nothing_kept_predicts_the_mean_output(regression: dict) -> None:
+    r = regression
+    w_new, b_new = compensate_layer(r["w"], r["b"], layer_stats(r), np.array([], dtype=np.int64))
+    assert w_new.shape == (5, 0)
+    np.testing.assert_allclose(b_new, (r["x"] @ r["w"].T + r["b"]).mean(0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("keep", KEEPS, ids=["half", "one", "all_but_one"])
+def test_compensate_layer_rescale_keeps_each_output_mean_and_variance(regression: dict, keep: np.ndarray) -> None:
+    """What a following BatchNorm sees is unchanged: per-channel pre-BN mean and variance (CAP.md §3)."""
+    r = regression
+    w_new, b_new = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=True)
+    before = r["x"] @ r["w"].T + r["b"]
+    after = r["x"][:, keep] @ w_new.T + b_new
+    np.testing.assert_allclose(after.var(0), before.var(0), rtol=1e-6)
+    np.testing.assert_allclose(after.mean(0), before.mean(0), rtol=1e-8, atol=1e-8)
+    # the rescaled rows are the least-squares rows times a positive factor per output
+    w_ls, _ = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=False)
+    ratio = w_new / w_ls
+    np.testing.assert_allclose(ratio, np.repeat(ratio[:, :1], ratio.shape[1], axis=1), rtol=1e-9)
+    assert (ratio[:, 0] >= 1.0 - 1e-12).all()  # regression shrinks variance; the rescale restores it
+
+
+def test_compensate_layer_is_regularised_when_statistics_are_rank_deficient() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 20))  # 10 samples for 20 dimensions: singular covariance
+    w, b = rng.standard_normal((4, 20)), np.zeros(4)
+    mu, cov = population_stats(x)
+    keep = np.arange(0, 20, 2)
+    w_new, b_new = compensate_layer(w, b, LayerStats(mu, cov, 10, 1), keep, rescale=True)
+    assert np.isfinite(w_new).all() and np.isfinite(b_new).all()
+
+
+def test_reconstruction_error_is_mse_of_outputs(regression: dict) -> None:
+    r = regression
+    keep = KEEPS[0]
+    w_new, b_new = r["w"][:, keep] * 1.5, r["b"] + 1
+    want = np.mean((r["x"] @ r["w"].T + r["b"] - r["x"][:, keep] @ w_new.T - b_new) ** 2)
+    assert reconstruction_error(r["w"], r["b"], r["x"], keep, w_new, b_new) == pytest.approx(want, rel=1e-12)
+
+
+# ---------------------------------------------------------------- the acceptance criterion, on every zoo consumer
+
+
+def heldout_patches(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    out: dict[str, np.ndarray] = {}
+    for name, inputs in captured_inputs(model, names, [x]).items():
+        t = torch.from_numpy(np.concatenate(inputs))
+        out[name] = unfold_input(modules[name], t, max_positions=10 ** 9).double().numpy()
+    return out
+
+
+@pytest.mark.parametrize("criterion", ["cap", "random"])
+@pytest.mark.parametrize("entry", [pytest.param(e, id=n) for n, e in ZOO.items()])
+def test_compensate_layer_beats_plain_slicing_on_heldout_data_for_every_consumer(entry: ZooEntry,
+                                                                                  criterion: str) -> None:
+    """Acceptance: compensation lowers every consumer's reconstruction error versus plain slicing of the same
+    channels, measured on held-out samples that never fed the statistics (50% of every group removed)."""
+    model = entry.build()
+    graph = trace(model, entry.example_input())
+    consumers = graph.consumer_modules()
+    stats = collect_statistics(model, consumers, [entry.example_input(64, seed=1)])
+    rankings = {g.name: rank(criterion, model, g, stats, seed=3) for g in graph.groups}
+    plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5))
+    heldout = heldout_patches(model, consumers, entry.example_input(64, seed=2))
+    modules = dict(model.named_modules())
+    bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
+    removed = removed_coords(graph, plan)
+    assert set(removed) == set(consumers)
+    for name in consumers:
+        w = consumer_weight(modules[name])
+        b = modules[name].bias.detach().double().numpy() if modules[name].bias is not None else None
+        keep = np.setdiff1d(np.arange(w.shape[1]), sorted(removed[name]))
+        assert 0 < keep.size < w.shape[1]
+        w_new, b_new = compensate_layer(w, b, stats[name], keep, rescale=bn_follows[name])
+        plain_b = np.zeros(w.shape[0]) if b is None else b
+        err = reconstruction_error(w, b, heldout[name], keep, w_new, b_new)
+        plain = reconstruction_error(w, b, heldout[name], keep, w[:, keep], plain_b)
+        assert err < plain, (name, err, plain)

@@ -1,0 +1,370 @@
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from edgeprune.cli import main
+from edgeprune.data import load_data, load_recipe
+from edgeprune.errors import EdgePruneError
+from edgeprune.example import INPUT_SHAPE
+from edgeprune.export import parity
+from edgeprune.fidelity import fidelity
+from edgeprune.models import load_model
+from edgeprune.pipeline import PruneConfig, atomic_dir, load_pruned, prepare, prune_job, save_pruned
+from edgeprune.plan import Plan, uniform_widths
+from tests.test_cli import assert_one_line_error
+
+MODELS_PY = '''
+import torch
+from torch import nn
+
+
+def conv_bn(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = conv_bn(3, 16)
+        self.second = conv_bn(16, 32, 2)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(x)).mean((2, 3)))
+
+
+class TupleOut(Small):
+    """Returns (logits, 0): torch-pruning's tracer cannot walk a non-tensor output."""
+
+    def forward(self, x):
+        return super().forward(x), 0
+
+
+class Branchy(Small):
+    """Data-dependent control flow: the batch-1 trace never runs `extra`, every calibration batch does."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = conv_bn(16, 16)
+
+    def forward(self, x):
+        y = self.first(x)
+        if x.shape[0] > 1:
+            y = self.extra(y)
+        return self.head(self.second(y).mean((2, 3)))
+
+
+def small():
+    return Small()
+
+
+def tuple_out():
+    return TupleOut()
+
+
+def branchy():
+    return Branchy()
+'''
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def write_recipe(file: Path, **table: Any) -> Path:
+    file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in table.items()))
+    return file
+
+
+def states(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def heldout_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+@dataclass
+class Run:
+    out: Path
+    result: dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def example_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    """`edgeprune prune` on the bundled example with the digits recipe at --ratio 0.5: CaP with compensation, the
+    same again from its plan.json, and l1 without compensation."""
+    root = tmp_path_factory.mktemp("prune-example")
+    runs: dict[str, Run] = {}
+    common = ["prune", "--calibration", "digits", "--exporter", "torchscript", "--json"]
+    for key, extra in [("cap", ["--ratio", "0.5"]),
+                       ("replay", ["--plan", str(root / "cap" / "plan.json")]),
+                       ("l1", ["--ratio", "0.5", "--criterion", "l1", "--no-compensation"])]:
+        out = root / key
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            code = main([*common, *extra, "--out", str(out)])
+        assert code == 0, key
+        runs[key] = Run(out, json.loads(buf.getvalue()))
+    return runs
+
+
+@pytest.fixture(scope="session")
+def digits_heldout() -> tuple[np.ndarray, np.ndarray]:
+    data = load_data(load_recipe("digits"), INPUT_SHAPE)
+    assert data.heldout_y is not None
+    return data.heldout_x, data.heldout_y
+
+
+@pytest.fixture
+def models_py(tmp_path: Path) -> Path:
+    path = tmp_path / "netdefs.py"
+    path.write_text(MODELS_PY)
+    return path
+
+
+@pytest.fixture
+def random_recipe(tmp_path: Path) -> Path:
+    return write_recipe(tmp_path / "rnd.toml", kind="random", count=72, heldout=8, batch_size=32)
+
+
+# ---------------------------------------------------------------- the example, end to end
+
+
+def test_prune_cli_writes_onnx_pruned_pt_and_plan(example_runs: dict) -> None:
+    run = example_runs["cap"]
+    assert sorted(p.name for p in run.out.iterdir()) == ["model.onnx", "plan.json", "pruned.pt"]
+    assert not list(run.out.parent.glob(".cap.*"))  # no temporary folder left behind
+    r = run.result
+    assert r["model"] == "example" and r["criterion"] == "cap" and r["compensation"] is True
+    assert r["parity"]["rel_error"] <= 1e-4
+    plan = Plan.load(run.out / "plan.json")
+    assert plan.criterion == "cap" and plan.compensation and plan.channel_multiple == 8 and plan.model == "example"
+    assert {g: len(k) for g, k in plan.kept.items()} == {g: w["after"] for g, w in r["widths"].items()}
+    for w in r["widths"].values():
+        assert w["after"] == w["before"] // 2
+    assert r["pruned"]["macs"] < 0.5 * r["base"]["macs"]
+
+
+def test_load_pruned_reproduces_pruned_outputs(example_runs: dict, digits_heldout: tuple) -> None:
+    run = example_runs["cap"]
+    model, plan = load_pruned(run.out / "pruned.pt")
+    assert plan == Plan.load(run.out / "plan.json")
+    saved = states(run.out / "pruned.pt")
+    loaded = model.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # the same function as the one exported and measured during the run
+    x, y = digits_heldout
+    for i in range(4):  # the export has a fixed batch of 1
+        assert parity(model, torch.from_numpy(x[i:i + 1]), run.out / "model.onnx").rel_error <= 1e-4
+    base = load_model("example").module
+    fid = fidelity(base, model, load_data(load_recipe("digits"), INPUT_SHAPE))
+    want = run.result["fidelity"]
+    assert fid.output_rel_error == pytest.approx(want["output_rel_error"], rel=1e-9)
+    assert (fid.top1_agreement, fid.accuracy_before, fid.accuracy_after, fid.samples) == \
+        (want["top1_agreement"], want["accuracy_before"], want["accuracy_after"], want["samples"])
+    assert heldout_accuracy(model, x, y) == run.result["fidelity"]["accuracy_after"]
+
+
+def test_prune_cli_plan_reproduces_weights_exactly(example_runs: dict) -> None:
+    a, b = states(example_runs["cap"].out / "pruned.pt"), states(example_runs["replay"].out / "pruned.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert Plan.load(example_runs["replay"].out / "plan.json") == Plan.load(example_runs["cap"].out / "plan.json")
+    assert example_runs["replay"].result["fidelity"] == example_runs["cap"].result["fidelity"]
+
+
+def test_prune_cli_cap_with_compensation_keeps_accuracy_on_heldout_digits(example_runs: dict,
+                                                                           digits_heldout: tuple) -> None:
+    """Acceptance on real data: CaP + compensation at 50% keeps >= 95% of the accuracy, and beats magnitude
+    pruning without compensation by at least 30 points."""
+    x, y = digits_heldout
+    base = heldout_accuracy(load_model("example").module, x, y)
+    cap = heldout_accuracy(load_pruned(example_runs["cap"].out / "pruned.pt")[0], x, y)
+    l1 = heldout_accuracy(load_pruned(example_runs["l1"].out / "pruned.pt")[0], x, y)
+    assert base >= 0.95 and len(y) >= 150
+    assert cap >= 0.95 * base, (cap, base)
+    assert cap - l1 >= 0.30, (cap, l1)
+    assert example_runs["cap"].result["fidelity"]["accuracy_after"] == cap
+    assert example_runs["l1"].result["fidelity"]["accuracy_after"] == l1
+
+
+def test_prune_job_then_load_pruned_equals_in_memory_model(tmp_path: Path, models_py: Path,
+                                                          random_recipe: Path) -> None:
+    config = PruneConfig(model=f"{models_py}:small", input_shape=(1, 3, 16, 16), calibration=str(random_recipe),
+                         exporter="torchscript")
+    prep = prepare(config)
+    plan = prep.plan(uniform_widths(prep.graph, 0.5, 8))
+    pruned = prep.prune(plan)
+    save_pruned(tmp_path / "pruned.pt", pruned, plan, prep.loaded, config.ignore)
+    loaded, plan2 = load_pruned(tmp_path / "pruned.pt")
+    x = torch.from_numpy(prep.data.heldout_x)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    assert plan2 == plan
+    result = prune_job(config, tmp_path / "job", ratio=0.5)
+    assert torch.equal(states(tmp_path / "job" / "pruned.pt")["head.weight"], pruned.head.weight.detach())
+    assert result["widths"] == {"first.0": {"before": 16, "after": 8}, "second.0": {"before": 32, "after": 16}}
+
+
+def test_prune_cli_plan_reproduces_weights_exactly_when_made_with_a_seed(capsys: pytest.CaptureFixture,
+                                                                         tmp_path: Path, models_py: Path,
+                                                                         random_recipe: Path) -> None:
+    model = ["--model", f"{models_py}:small", "--input-shape", "1,3,16,16", "--calibration", str(random_recipe),
+             "--exporter", "torchscript", "--json"]
+    code, _, _ = cli(capsys, "prune", *model, "--ratio", "0.5", "--seed", "3", "--out", str(tmp_path / "a"))
+    assert code == 0 and Plan.load(tmp_path / "a" / "plan.json").seed == 3
+    code, _, _ = cli(capsys, "prune", *model, "--plan", str(tmp_path / "a" / "plan.json"), "--out",
+                     str(tmp_path / "b"))
+    assert code == 0
+    a, b = states(tmp_path / "a" / "pruned.pt"), states(tmp_path / "b" / "pruned.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prune_job_needs_exactly_one_of_ratio_and_plan(tmp_path: Path) -> None:
+    with pytest.raises(EdgePruneError, match="give exactly one of --ratio"):
+        prune_job(PruneConfig(), tmp_path / "out")
+    with pytest.raises(EdgePruneError, match="give exactly one of --ratio"):
+        prune_job(PruneConfig(), tmp_path / "out", ratio=0.5, plan_path="plan.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "model.onnx").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line, nothing written
+
+
+def npy_recipe(tmp_path: Path, x: np.ndarray) -> Path:
+    np.save(tmp_path / "calib.npy", x)
+    return write_recipe(tmp_path / "calib.toml", kind="npy", path="calib.npy", heldout=4)
+
+
+def digits_like(n: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, *shape)).astype(np.float32)
+
+
+def _nan_npy(tmp_path: Path) -> Path:
+    x = digits_like(40, (1, 32, 32))
+    x[7, 0, 3, 3] = np.nan
+    return npy_recipe(tmp_path, x)
+
+
+BAD_CALIBRATION: dict[str, tuple[Callable[[Path], Path], tuple[str, ...]]] = {
+    "wrong_size": (lambda p: npy_recipe(p, digits_like(40, (1, 16, 16))),
+                   ("the model wants samples of 1×32×32", "gives 1×16×16", "re-save the array as N×1×32×32")),
+    "wrong_channels": (lambda p: npy_recipe(p, digits_like(40, (3, 32, 32))),
+                       ("the model wants samples of 1×32×32", "gives 3×32×32")),
+    "nan": (_nan_npy, ("1 NaN and 0 infinite values in 1 sample(s)", "sample index 7 of")),
+    "too_few": (lambda p: write_recipe(p / "few.toml", kind="digits", count=4, heldout=1),
+                ("layer fc needs at least 8 calibration samples", "gives 3", "raise `count`")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALIBRATION))
+def test_prune_cli_bad_calibration_exit_2_writes_nothing(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                         case: str) -> None:
+    make, needles = BAD_CALIBRATION[case]
+    recipe = make(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "prune", "--calibration", str(recipe), "--ratio", "0.5", "--exporter",
+                            "torchscript", "--out", str(out))
+    assert code == 2, err
+    assert_one_line_error(err, *needles)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_prune_cli_unknown_criterion_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "prune", "--ratio", "0.5", "--criterion", "taylor", "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert_one_line_error(err, "unknown criterion 'taylor'", "cap, l1, l2, fpgm, random")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.5"])
+def test_prune_cli_ratio_out_of_range_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, ratio: str) -> None:
+    recipe = write_recipe(tmp_path / "d.toml", kind="digits", count=120)
+    code, _, err = cli(capsys, "prune", "--calibration", str(recipe), "--ratio", ratio, "--criterion", "l1",
+                       "--no-compensation", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line_error(err, "--ratio", "must be in [0, 1)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_untraceable_model_exit_2_names_it(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                     models_py: Path, random_recipe: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "prune", "--model", f"{models_py}:tuple_out", "--input-shape", "1,3,16,16",
+                       "--calibration", str(random_recipe), "--ratio", "0.5", "--out", str(out))
+    assert code == 2
+    assert_one_line_error(err, "torch-pruning cannot trace TupleOut", "TypeError")
+    assert not out.exists()
+
+
+def test_prune_cli_data_dependent_control_flow_exit_2_names_module(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                  models_py: Path, random_recipe: Path) -> None:
+    out = tmp_path / "out"
+    try:
+        code, _, err = cli(capsys, "prune", "--model", f"{models_py}:branchy", "--input-shape", "1,3,16,16",
+                           "--calibration", str(random_recipe), "--ratio", "0.5", "--exporter", "torchscript",
+                           "--out", str(out))
+    except Exception as e:  # the CLI must never let an exception escape
+        pytest.fail(f"edgeprune prune raised {type(e).__name__}: {str(e).splitlines()[0]}")
+    assert code == 2
+    assert_one_line_error(err, "extra")
+    assert not out.exists()
+
+
+def test_prune_cli_plan_for_another_model_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, models_py: Path,
+                                                 random_recipe: Path) -> None:
+    other = tmp_path / "other"
+    code, _, _ = cli(capsys, "prune", "--model", f"{models_py}:small", "--input-shape", "1,3,16,16",
+                     "--calibration", str(random_recipe), "--ratio", "0.5", "--exporter", "torchscript",
+                     "--out", str(other), "--json")
+    assert code == 0 and (other / "plan.json").is_file()
+    small_digits = write_recipe(tmp_path / "d.toml", kind="digits", count=120)
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "prune", "--calibration", str(small_digits), "--plan", str(other / "plan.json"),
+                       "--out", str(out))
+    assert code == 2
+    assert_one_line_error(err, "plan names group 'first.0', which this model does not have",
+                          "was it made for another model?")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, needle", [(None, "does not exist"), ("{oops", "is not valid JSON"),
+                                             ('{"version": 9}', "plan version 9 is not supported")])
+def test_prune_cli_bad_plan_file_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, content: str | None,
+                                        needle: str) -> None:
+    plan = tmp_path / "plan.json"
+    if content is not None:
+        plan.write_text(content)
+    code, _, err = cli(capsys, "prune", "--plan", str(plan), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert_one_line_error(err, needle)
+    assert not (tmp_path / "out").exists()
