@@ -19,7 +19,7 @@ import numpy as np
 import scipy.linalg
 from torch import nn
 
-from edgeprune.compensate import LayerStats
+from edgeprune.compensate import LayerStats, effective_ridge
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Group
 
@@ -71,12 +71,21 @@ class _ConsumerState:
         floor = 1e-3 * float(var.mean()) if var.size and var.mean() > 0 else 1e-12
         w = weight / np.sqrt(np.maximum(var, floor))[:, None]
         s_gg = sigma[np.ix_(g, g)]
+        floor_scale = 1e-6 * max(float(np.mean(np.diag(s_gg))), 1e-30)
         if fixed.size:  # channels of other groups (after a concat) stay: condition on them
             s_gf = sigma[np.ix_(g, fixed)]
             s_ff = sigma[np.ix_(fixed, fixed)]
-            s_ff = s_ff + 1e-8 * max(float(np.mean(np.diag(s_ff))), 1e-12) * np.eye(fixed.size)
-            cf = scipy.linalg.cho_factor(s_ff, lower=True)
-            s_gg = s_gg - s_gf @ scipy.linalg.cho_solve(cf, s_gf.T)
+            base = max(float(np.mean(np.diag(s_ff))), 1e-12)
+            cf = None
+            # rank-deficient statistics (fewer samples than dimensions) need a ridge that grows with the deficiency
+            for r in (max(1e-6, effective_ridge(stats)), 1e-2, 1.0):
+                try:
+                    cf = scipy.linalg.cho_factor(s_ff + r * base * np.eye(fixed.size), lower=True)
+                    break
+                except np.linalg.LinAlgError:
+                    continue
+            if cf is not None:
+                s_gg = s_gg - s_gf @ scipy.linalg.cho_solve(cf, s_gf.T)
             # the part of W acting on the fixed coordinates is explained exactly; only W_G matters from here
         s_gg = (s_gg + s_gg.T) / 2
         wg = w[:, g]
@@ -84,7 +93,9 @@ class _ConsumerState:
         self.a = np.asfortranarray(wg @ s_gg, dtype=np.float32)  # (N, |G|)
         self.loss = float(np.sum((wg @ s_gg) * wg))
         self.rows = weight.shape[0]
-        self.scale = max(float(np.mean(np.diag(s_gg))), 1e-30)
+        # floor relative to the unconditioned variance: a group the fixed channels explain almost entirely must not
+        # turn float32 round-off into huge gains
+        self.scale = max(float(np.mean(np.diag(s_gg))), floor_scale)
 
     def gains(self, cand: np.ndarray) -> np.ndarray:
         """gain(t|S) = tr(R M⁻¹ Rᵀ) for each candidate channel t (CAP.md §4), batched."""
@@ -124,8 +135,9 @@ class _ConsumerState:
                 continue
         if low is None:  # numerically exhausted: these coordinates carry nothing the selection lacks
             low = np.sqrt(self.scale) * np.eye(t.size)
-        z = scipy.linalg.solve_triangular(low, b.T, lower=True).T  # Σ_:,T L⁻ᵀ
-        za = scipy.linalg.solve_triangular(low, self.a[:, t].T.astype(np.float64), lower=True).T  # W̃ Σ_:,T L⁻ᵀ
+        z = np.nan_to_num(scipy.linalg.solve_triangular(low, b.T, lower=True, check_finite=False).T)  # Σ_:,T L⁻ᵀ
+        za = np.nan_to_num(scipy.linalg.solve_triangular(low, np.nan_to_num(self.a[:, t].T.astype(np.float64)),
+                                                         lower=True, check_finite=False).T)  # W̃ Σ_:,T L⁻ᵀ
         z32 = np.asfortranarray(z, dtype=np.float32)
         sgemm(-1.0, z32, z32, beta=1.0, c=self.sigma, trans_b=1, overwrite_c=1)
         sgemm(-1.0, np.asfortranarray(za, dtype=np.float32), z32, beta=1.0, c=self.a, trans_b=1, overwrite_c=1)

@@ -267,10 +267,6 @@ class DenseHead(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: _ConsumerState conditions a concat consumer on the other groups' coordinates with a fixed 1e-8 ridge; "
-    "with rank-deficient statistics (which collect_statistics accepts from dim/16 samples) cho_factor raises a raw "
-    "LinAlgError, or the float32 greedy overflows to NaN and scipy raises ValueError (densenet121 fails this way)"))
 @pytest.mark.parametrize("wa, wb, samples", [(64, 8, 20), (128, 16, 20)])
 def test_rank_cap_handles_rank_deficient_concat_consumer(wa: int, wb: int, samples: int) -> None:
     torch.manual_seed(0)
