@@ -23,6 +23,7 @@ from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.models import load_model
+from edgeprune.pipeline import compute_threads
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -38,18 +39,30 @@ def main() -> None:
     ap.add_argument("--out", default="bench/prune.json")
     args = ap.parse_args()
     rows = []
-    for name in args.models.split(","):
+    with compute_threads():  # the pipeline's setting (EDGEPRUNE_THREADS, default 1)
+        for name in args.models.split(","):
+            rows.append(bench(name, args.images))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"benchmark": "prune", "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def bench(name: str, images: int) -> dict:
+    if True:
         m = load_model(f"torchvision:{name}")
         with tempfile.TemporaryDirectory() as tmp:
             recipe_path = Path(tmp) / "r.toml"
-            recipe_path.write_text(f'kind = "random"\ncount = {args.images + 16}\nheldout = 16\nbatch_size = 32\n')
+            recipe_path.write_text(f'kind = "random"\ncount = {images + 16}\nheldout = 16\nbatch_size = 32\n')
             data = load_data(load_recipe_file(recipe_path), m.input_shape)
         row = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads()}
         t0 = time.perf_counter()
         graph = trace(m.module, m.example_input)
         row["trace_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
+        from edgeprune.pipeline import statistics_threads
+
+        with statistics_threads(32 * int(m.example_input[0].numel())):  # as the pipeline does
+            stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
         row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         t0 = time.perf_counter()
         rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
@@ -64,10 +77,7 @@ def main() -> None:
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
         row["groups"], row["consumers"] = len(graph.groups), len(stats)
         print(json.dumps(row), flush=True)
-        rows.append(row)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"benchmark": "prune", "torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"wrote {args.out}", file=sys.stderr)
+        return row
 
 
 if __name__ == "__main__":
