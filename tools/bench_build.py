@@ -8,7 +8,8 @@
 
     python tools/bench_build.py [--part a|b|both] [--models resnet18,mobilenet_v2,resnet50] [--out bench/build.json]
 
-Uses a fresh measurement cache per run so that every candidate is measured. Do not run it while tests run.
+Uses a fresh measurement cache per run so that every candidate is measured, and the CLI's defaults (TorchScript
+exporter, the target's channel multiple). Do not run it while tests run.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main() -> None:
                 for b in args.budgets.split(","):
                     cache = f"{tmp}/cache-{name}-{b}"
                     row = {"model": name, **run(PruneConfig(model=f"torchvision:{name}", calibration="random",
-                                                            channel_multiple=0), b, cache, f"{tmp}/out")}
+                                                            channel_multiple=0, exporter="torchscript"),
+                                                b, cache, f"{tmp}/out")}
                     print(json.dumps({k: v for k, v in row.items() if k != "fidelity"}), flush=True)
                     rows.append(row)
             result["models"] = rows
@@ -64,7 +66,7 @@ def main() -> None:
                     cache = f"{tmp}/cache-digits-{b}-{seed}"
                     for crit, comp in (("cap", True), ("l1", False)):
                         pc = PruneConfig(calibration=str(recipe), criterion=crit, compensation=comp,
-                                         channel_multiple=0, seed=seed)
+                                         channel_multiple=0, seed=seed, exporter="torchscript")
                         row = {"criterion": crit, "compensation": comp, "seed": seed, **run(pc, b, cache, f"{tmp}/out")}
                         row["accuracy"] = row["fidelity"]["accuracy"]
                         print(json.dumps({k: row[k] for k in ("criterion", "compensation", "seed", "latency", "final_ms",
