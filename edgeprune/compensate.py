@@ -117,8 +117,13 @@ def collect_statistics(
     max_positions: int = MAX_POSITIONS,
     progress: Callable[[int, int], None] | None = None,
     total_batches: int | None = None,
+    strict: bool = True,
 ) -> dict[str, LayerStats]:
-    """One pass of calibration batches through the unpruned model, accumulating each consumer's input statistics."""
+    """One pass of calibration batches through the unpruned model, accumulating each consumer's input statistics.
+
+    `strict=False` (random calibration data, for latency work) turns too few samples into a warning: such statistics
+    carry no meaning anyway, and latency does not depend on them.
+    """
     modules = dict(model.named_modules())
     accs: dict[str, _Accumulator] = {}
     handles = []
@@ -152,7 +157,10 @@ def collect_statistics(
         acc = accs[name]
         dim = acc.s.shape[0]
         need = min_patches_needed(dim)
-        if acc.n < need:
+        if acc.n < max(need, 2) and not strict and acc.n >= 2:
+            log.warning("layer %s: %d calibration samples for %d dimensions (random data: statistics are only "
+                        "placeholders for latency work)", name, acc.n, dim)
+        elif acc.n < need:
             raise EdgePruneError(
                 f"layer {name} needs at least {need} calibration samples (patches) for its {dim}-dimensional input "
                 f"statistics, the calibration data gives {acc.n}; raise `count` in the calibration recipe "

@@ -200,7 +200,8 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
         with timed(t, "statistics"), statistics_threads(data.recipe.batch_size * int(np.prod(loaded.input_shape[1:]))):
             n = -(-len(data.calib_x) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(),
-                                       progress=stages("collecting statistics", n), total_batches=n)
+                                       progress=stages("collecting statistics", n), total_batches=n,
+                                       strict=data.recipe.kind != "random")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
         with timed(t, "rank"):
