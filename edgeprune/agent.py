@@ -282,7 +282,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _measure(self) -> dict[str, Any]:
         from edgeprune.export import check_onnx
-        from edgeprune.runtimes import local_arch, runtime_module
+        from edgeprune.runtimes import local_unavailable_reason, runtime_module
 
         target = parse_target_header(self.headers.get(TARGET_HEADER))
         repeats_header = self.headers.get(REPEATS_HEADER)
@@ -299,10 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
             except EdgePruneError as e:
                 raise _HttpError(400, str(e).replace(str(path), "the uploaded model")) from None
             mod = runtime_module(target.runtime)
-            reason = mod.unavailable_reason()
-            here = local_arch()
-            if reason is None and target.arch not in ("any", here):
-                reason = f"the target is an {target.arch} device and this agent runs on {here}"
+            reason = local_unavailable_reason(target)
             if reason is not None:
                 raise _HttpError(503, f"this device cannot measure target {target.name} with {target.runtime}: "
                                       f"{reason}")

@@ -239,14 +239,30 @@ def run_agent(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- prune
 
 
+def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default=None, metavar="RECIPE",
+                   help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
+                        "(default: digits for the example, random otherwise)")
+
+
+def prune_config(args: argparse.Namespace):  # -> PruneConfig
+    """The PruneConfig that `prune` and `build` both take from their shared flags."""
+    from edgeprune.models import parse_shape
+    from edgeprune.pipeline import PruneConfig
+
+    return PruneConfig(model=args.model, weights=args.weights,
+                       input_shape=parse_shape(args.input_shape) if args.input_shape else None,
+                       calibration=args.calibration, criterion=args.criterion,
+                       compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
+                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+
+
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
                        description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
                                    "following layers in closed form, export, and report fidelity on held-out data.")
     add_model_args(p)
-    p.add_argument("--calibration", default=None, metavar="RECIPE",
-                   help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
-                        "(default: digits for the example, random otherwise)")
+    add_calibration_arg(p)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
     how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
@@ -262,14 +278,9 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from edgeprune.models import parse_shape
-    from edgeprune.pipeline import PruneConfig, prune_job
+    from edgeprune.pipeline import prune_job
 
-    config = PruneConfig(model=args.model, weights=args.weights,
-                         input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                         calibration=args.calibration, criterion=args.criterion,
-                         compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
-                         ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+    config = prune_config(args)
     with Progress(enabled=not args.json) as progress:
         result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
                            stages=lambda d, total=None: progress.stage(d, total))
@@ -302,9 +313,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                        epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 budget unreachable, "
                               "4 quality gate failed, 5 device unreachable")
     add_model_args(p)
-    p.add_argument("--calibration", default=None, metavar="RECIPE",
-                   help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
-                        "(default: digits for the example, random otherwise)")
+    add_calibration_arg(p)
     p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
     p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
                                                      "(default 0.5x)")
@@ -334,14 +343,9 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from edgeprune.models import parse_shape
-    from edgeprune.pipeline import BuildConfig, PruneConfig, build
+    from edgeprune.pipeline import BuildConfig, build
 
-    prune_cfg = PruneConfig(model=args.model, weights=args.weights,
-                            input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                            calibration=args.calibration, criterion=args.criterion,
-                            compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
-                            ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+    prune_cfg = prune_config(args)
     config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
                          max_steps=args.max_steps, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,

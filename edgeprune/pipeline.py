@@ -399,7 +399,7 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
 
     from edgeprune.errors import ExitCode
     from edgeprune.runtimes import MeasurementCache, measure, runtime_for
-    from edgeprune.search import Probe, make_widths_fn, search
+    from edgeprune.search import Probe, make_widths_fn, search, widths_digest
     from edgeprune.targets import load_target
 
     budget = parse_budget(config.latency)
@@ -431,18 +431,14 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
     example = prep.loaded.example_input
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
-        files: dict[str, Path] = {}
 
         def oracle(widths: dict[str, int]) -> Probe:
             plan = prep.plan(widths)
             with timed(t, "prune"):
                 pruned = prep.prune(plan, probe=True)
-            from edgeprune.search import widths_digest
-
             path = work_dir / f"cand-{widths_digest(widths)}.onnx"
             with timed(t, "export"):
                 export_candidate(pruned, example, path, pc.exporter)
-            files[widths_digest(widths)] = path
             with timed(t, "measure"):
                 stats = measure(path, target, cache=cache, progress=stages(f"measuring candidate on {target.name}", None))
             return Probe(stats.median, stats.source)

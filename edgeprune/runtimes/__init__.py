@@ -47,15 +47,21 @@ def runtime_module(name: str) -> ModuleType:
     return importlib.import_module(RUNTIMES[name])
 
 
+def local_unavailable_reason(target: Target) -> str | None:
+    """Why `target` cannot be measured on this machine with its own runtime (None when it can)."""
+    reason = runtime_module(target.runtime).unavailable_reason()
+    here = local_arch()
+    if reason is None and target.arch not in ("any", here):
+        reason = f"it is an {target.arch} device and this machine is {here}"
+    return reason
+
+
 def runtime_for(target: Target) -> ModuleType:
     """The module that measures on `target`: its own runtime when present here, else its [remote], else an error."""
     if target.remote is not None:
         return runtime_module("remote")
     mod = runtime_module(target.runtime)
-    reason = mod.unavailable_reason()
-    here = local_arch()
-    if reason is None and target.arch not in ("any", here):
-        reason = f"it is an {target.arch} device and this machine is {here}"
+    reason = local_unavailable_reason(target)
     if reason is not None:
         raise DeviceUnreachable(
             f"target {target.name} needs {target.runtime}, which cannot run here ({reason}); measure on the device "
