@@ -324,6 +324,10 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
     p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
+    p.add_argument("--proxy", choices=("loss", "fidelity"), default="loss",
+                   help="what decides per-group widths at a given strength: the CaP residual-loss curves (loss, "
+                        "default: free) or the masked network's output error on calibration samples (fidelity: "
+                        "dozens of forward passes per search step)")
     p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
                    help="quality gate: held-out top-1 agreement with the unpruned model, e.g. 0.98 (exit 4 below)")
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
@@ -349,7 +353,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
                          max_steps=args.max_steps, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force)
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force, proxy=args.proxy)
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")

@@ -95,7 +95,7 @@ class Prepared:
         a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
         orders = {g: r.order for g, r in self.rankings.items()} if probe and self.rankings else None
         return prune(self.loaded.module, self.loaded.example_input, plan, self.stats if plan.compensation else None,
-                     self.config.ignore, orders, self.solvers if probe else None)
+                     self.config.ignore, orders, self.solvers if probe else None, graph=self.graph)
 
     def fidelity(self, pruned: nn.Module) -> Fidelity:
         return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
@@ -152,14 +152,25 @@ LARGE_BATCH = 1_000_000  # input values per batch above which statistics run on 
 
 @contextmanager
 def statistics_threads(batch_values: int) -> Iterator[None]:
-    """Statistics are torch convolutions and GEMMs: on large inputs (224x224 batches) torch's own threads pay
-    (resnet18, 256 images: 35 s on 2 threads against 59 s on 1, measured); on small ones (the 32x32 example) one
-    thread is faster. NumPy/SciPy's BLAS stays at one thread either way, so the two pools never compete."""
-    before = torch.get_num_threads()
-    if batch_values >= LARGE_BATCH and "EDGEPRUNE_THREADS" not in os.environ:
-        torch.set_num_threads(_DEFAULT_TORCH_THREADS)
-    try:
+    """Statistics, ranking and compensation on large inputs (224x224 batches) run on all threads, torch's and BLAS's:
+    the calibration pass accumulates its products after each forward pass, so the two pools take turns instead of
+    spinning against each other (resnet18 with 256 images: 38.9 s on 2 threads against 49.6 s on 1, measured). On
+    small inputs (the 32x32 example) one thread stays faster (19.4 s against 22.1 s for `edgeprune prune`)."""
+    if batch_values < LARGE_BATCH or "EDGEPRUNE_THREADS" in os.environ:
         yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(_DEFAULT_TORCH_THREADS)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        threadpool_limits = None
+    try:
+        if threadpool_limits is not None:
+            with threadpool_limits(limits=_DEFAULT_TORCH_THREADS):
+                yield
+        else:
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -196,15 +207,16 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
                                  + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
                                     if graph.excluded else ""))
     stats: dict[str, LayerStats] = {}
+    heavy = data.recipe.batch_size * int(np.prod(loaded.input_shape[1:]))
     if config.compensation or config.criterion in NEEDS_STATS:
-        with timed(t, "statistics"), statistics_threads(data.recipe.batch_size * int(np.prod(loaded.input_shape[1:]))):
+        with timed(t, "statistics"), statistics_threads(heavy):
             n = -(-len(data.calib_x) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(),
                                        progress=stages("collecting statistics", n), total_batches=n,
                                        strict=data.recipe.kind != "random")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
-        with timed(t, "rank"):
+        with timed(t, "rank"), statistics_threads(heavy):
             tick = stages(f"ranking channels ({config.criterion})", len(graph.groups))
             for i, g in enumerate(graph.groups):
                 rankings[g.name] = rank(config.criterion, loaded.module, g, stats, config.seed, None)
@@ -362,8 +374,13 @@ class BuildConfig:
     use_cache: bool = True
     lut: str | None = None  # search on this latency table; only the final model is measured on the device
     force_lut: bool = False  # use a table made for another target/precision/runtime version (with a warning)
+    proxy: str = "loss"  # inner level: CaP loss curves (loss) or the network's output error (fidelity)
 
     def __post_init__(self) -> None:
+        from edgeprune.search import PROXIES
+
+        if self.proxy not in PROXIES:
+            raise EdgePruneError(f"--proxy must be one of {', '.join(PROXIES)}, found {self.proxy!r}")
         if not 0 < self.tolerance < 1:
             raise EdgePruneError(f"--tolerance must be in (0, 1), found {self.tolerance}")
         if self.max_steps < 2:
@@ -463,7 +480,8 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
                 base_stats = measure(base_path, target, cache=cache,
                                      progress=stages(f"measuring unpruned model on {target.name}", None))
         budget_ms = budget.ms(base_stats.median)
-        widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple)
+        widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple,
+                                    error=fidelity_error(prep, t) if config.proxy == "fidelity" else None)
         correction = 1.0
 
         def lut_oracle(widths: dict[str, int]) -> Probe:
@@ -542,8 +560,10 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
             "fidelity": fid.to_dict(), "quality_gates": gates,
             "lut": config.lut,
             "device_measurements": device_runs[0],
-            "search": {"criterion": pc.criterion, "compensation": pc.compensation, "proxy": "cap-loss-curve"
-                       if pc.criterion == "cap" else "uniform", "channel_multiple": pc.channel_multiple,
+            "search": {"criterion": pc.criterion, "compensation": pc.compensation,
+                       "proxy": "fidelity" if config.proxy == "fidelity" else "cap-loss-curve"
+                       if prep.rankings and all(r.loss is not None for r in prep.rankings.values()) else "uniform",
+                       "channel_multiple": pc.channel_multiple,
                        "tolerance": config.tolerance, "converged": result.converged,
                        "measured_candidates": sum(1 for c in result.trace if c.source == "measured"),
                        "trace": [c.to_dict() for c in result.trace]},
@@ -573,6 +593,26 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
 
             write_report(tmp, report)
     return BuildOutcome(report=report, exit_code=code, message=message)
+
+
+PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224
+
+
+def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[str, int]], float]:
+    """The `fidelity` proxy: output error of the masked, compensated network on calibration samples."""
+    from edgeprune.fidelity import MaskedProxy
+
+    n = max(8, min(256, PROXY_VALUES // int(np.prod(prep.data.sample_shape))))
+    x = torch.from_numpy(prep.data.calib_x[:n].copy())
+    orders = {g: r.order for g, r in prep.rankings.items()}
+    proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
+                        orders=orders, solvers=prep.solvers)
+
+    def error(widths: dict[str, int]) -> float:
+        with timed(timings, "proxy"):
+            return proxy.error(prep.plan(widths))
+
+    return error
 
 
 def quality_gates(fid: Fidelity, config: BuildConfig) -> dict[str, dict[str, Any]]:

@@ -47,14 +47,18 @@ def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
     return out
 
 
-def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats],
+def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None,
                          orders: dict[str, tuple[int, ...]] | None = None,
-                         solvers: dict[str, PrefixSolver | None] | None = None) -> None:
+                         solvers: dict[str, PrefixSolver | None] | None = None,
+                         memo: dict[tuple, tuple] | None = None, repair: bool = True) -> None:
     """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair.
 
     Args:
         orders: channel order per group (the ranking); when a consumer reads one group and the plan keeps a prefix
             of its order, a `PrefixSolver` kept in `solvers` (a dict owned by the caller) serves every width.
+        memo: caller-owned cache of repairs keyed by consumer and removed coordinates (the search's inner level
+            re-evaluates many plans that differ in one group).
+        repair: False only zeroes the removed columns (pruning without compensation, as masking).
     """
     modules = dict(model.named_modules())
     bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
@@ -67,7 +71,20 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
     for name, removed in removed_coords(graph, plan).items():
         if not removed:
             continue
-        if name not in stats:
+        key = (name, tuple(sorted(removed)))
+        if memo is not None and key in memo:
+            _set_weights(modules[name], *memo[key])
+            continue
+        if not repair:
+            m = modules[name]
+            w2 = m.weight.detach().double().cpu().numpy().reshape(m.weight.shape[0], -1)
+            keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
+            b = None if m.bias is None else m.bias.detach().double().cpu().numpy()
+            _set_weights(m, keep, w2[:, keep], b)
+            if memo is not None:
+                memo[key] = (keep, w2[:, keep], b)
+            continue
+        if stats is None or name not in stats:
             raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
         m = modules[name]
         w = m.weight.detach().double().cpu().numpy()
@@ -96,15 +113,23 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
             keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
             w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
             result = (keep, w_new, b_new)
-        keep, w_new, b_new = result
-        full = np.zeros_like(w2)
-        full[:, keep] = w_new
-        with torch.no_grad():
-            m.weight.copy_(torch.from_numpy(full.reshape(w.shape)).to(m.weight.dtype))
-            if m.bias is None:
-                m.bias = nn.Parameter(torch.from_numpy(b_new).to(m.weight.dtype))
-            else:
-                m.bias.copy_(torch.from_numpy(b_new).to(m.bias.dtype))
+        if memo is not None:
+            memo[key] = result
+        _set_weights(m, *result)
+
+
+def _set_weights(m: nn.Module, keep: np.ndarray, w_new: np.ndarray, b_new: np.ndarray | None) -> None:
+    """Weight with only the `keep` columns (W' there, zeros elsewhere), and bias b' (None keeps the bias as is)."""
+    full = np.zeros((m.weight.shape[0], int(np.prod(m.weight.shape[1:]))))
+    full[:, keep] = w_new
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(full.reshape(m.weight.shape)).to(m.weight.dtype))
+        if b_new is None:
+            return
+        if m.bias is None:
+            m.bias = nn.Parameter(torch.from_numpy(b_new).to(m.weight.dtype))
+        else:
+            m.bias.copy_(torch.from_numpy(b_new).to(m.bias.dtype))
 
 
 def prune(
@@ -115,15 +140,17 @@ def prune(
     ignore: tuple[str, ...] = (),
     orders: dict[str, tuple[int, ...]] | None = None,
     solvers: dict | None = None,
+    graph: Graph | None = None,
 ) -> nn.Module:
     """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`.
 
-    `orders` and `solvers` (see `compensate_consumers`) make repeated pruning of one model at many widths cheap.
+    `orders` and `solvers` (see `compensate_consumers`) make repeated pruning of one model at many widths cheap, and so
+    does `graph` (the groups of `model` traced with the same `ignore`): one dependency trace per candidate, not two.
     """
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
-    graph = trace(model, example_input, ignore)
+    graph = graph if graph is not None else trace(model, example_input, ignore)
     check_plan(graph, plan)
     if plan.compensation:
         if stats is None:

@@ -113,9 +113,53 @@ def strength_scale(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
     return max(worst, 1e-12) * len(graph.groups) * 1.0001
 
 
-def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int,
-                   min_width: int | None = None) -> Callable[[float], dict[str, int]]:
-    """u in [0, 1] -> widths. With loss curves, s = s_max·u² (resolution where losses are small); else uniform."""
+def fidelity_widths(graph: Graph, strength: float, multiple: int, error: Callable[[dict[str, int]], float],
+                    min_width: int | None = None) -> dict[str, int]:
+    """Inner level on output fidelity (CAP.md §5): per group in forward order, bisect for the smallest width whose
+    network error (earlier groups at their chosen widths, later ones whole) stays within strength·(i+1)/L."""
+    lows = min_widths(graph, multiple, min_width)
+    widths = {g.name: g.channels for g in graph.groups}
+    n = len(graph.groups)
+    for i, g in enumerate(graph.groups):
+        options = allowed_widths(g.channels, multiple, lows[g.name])
+        limit = strength * (i + 1) / n
+        lo, hi = 0, len(options) - 1  # the whole width always fits: it adds no error to what is already spent
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if error({**widths, g.name: options[mid]}) <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        widths[g.name] = options[hi]
+    return widths
+
+
+PROXIES = ("loss", "fidelity")
+
+
+def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
+                   error: Callable[[dict[str, int]], float] | None = None) -> Callable[[float], dict[str, int]]:
+    """u in [0, 1] -> widths, with s = s_max·u² (resolution where losses are small).
+
+    The proxy is the network's output error when `error` is given (`fidelity`), else the CaP loss curves (`loss`);
+    criteria without curves fall back to removing the same fraction of every group.
+    """
+    import functools
+
+    if error is not None:
+        memo: dict[str, float] = {}
+
+        def cached(widths: dict[str, int]) -> float:
+            key = widths_digest(widths)
+            if key not in memo:
+                memo[key] = error(widths)
+            return memo[key]
+
+        # at u = 1 every group may reach its minimum: each step's share covers the error of all groups at minimum
+        s_max = max(cached(min_widths(graph, multiple, min_width)), 1e-12) * len(graph.groups) * 1.0001
+        inner = functools.lru_cache(maxsize=None)(
+            lambda u: fidelity_widths(graph, s_max * u * u, multiple, cached, min_width))
+        return lambda u: dict(inner(u))
     has_curves = all(rankings[g.name].loss is not None for g in graph.groups)
     if not has_curves:
         lows = min_widths(graph, multiple, min_width)

@@ -23,7 +23,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ARCHES = ("any", "x86_64", "aarch64")
 
 _TOP_KEYS = ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch", "measure", "remote")
-_MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats")
+_MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats", "max_seconds")
 _REMOTE_KEYS = ("agent", "ssh", "token_env", "timeout_s")
 
 
@@ -35,6 +35,18 @@ class MeasureConfig:
     iterations: int = 50  # timed runs per repeat
     repeats: int = 3  # fresh sessions; the figure is the median of repeat medians
     final_repeats: int = 5
+    # Wall-clock cap on one repeat's timed runs (0: none): a slow model stops early, after at least
+    # MIN_ITERATIONS runs. Keeps a search candidate of resnet50 (~100 ms a run) to a few seconds on a CPU.
+    max_seconds: float = 0.0
+
+    MIN_ITERATIONS = 10
+
+    def runs_done(self, done: int, elapsed_s: float) -> bool:
+        """Whether a repeat that has `done` timed runs in `elapsed_s` seconds is complete."""
+        if done >= self.iterations:
+            return True
+        return self.max_seconds > 0 and elapsed_s >= self.max_seconds and done >= min(self.MIN_ITERATIONS,
+                                                                                     self.iterations)
 
     def __post_init__(self) -> None:
         for name in ("iterations", "repeats", "final_repeats"):
@@ -42,6 +54,8 @@ class MeasureConfig:
                 raise EdgePruneError(f"measure.{name} must be at least 1, found {getattr(self, name)}")
         if self.warmup < 0:
             raise EdgePruneError(f"measure.warmup must be at least 0, found {self.warmup}")
+        if self.max_seconds < 0:
+            raise EdgePruneError(f"measure.max_seconds must be at least 0 (0: no cap), found {self.max_seconds}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class Target:
             iterations=take(measure, "iterations", int, mw, 50),
             repeats=take(measure, "repeats", int, mw, 3),
             final_repeats=take(measure, "final_repeats", int, mw, 5),
+            max_seconds=take(measure, "max_seconds", float, mw, 0.0),
         )
         remote = take(d, "remote", dict, where, None)
         rc = None

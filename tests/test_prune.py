@@ -339,3 +339,26 @@ def test_prune_is_exact_slicing_or_group_is_excluded_when_an_op_mixes_channels(o
     pruned = prune(model, x[:1], plan)
     masked = masked_copy(model, graph, plan)
     torch.testing.assert_close(run(pruned, x), run(masked, x), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the search's masked proxy
+
+
+@pytest.mark.parametrize("repair", [True, False], ids=["compensated", "plain"])
+@pytest.mark.parametrize("kind, name", ALL)
+def test_masked_proxy_computes_what_the_physically_pruned_model_computes(case: Case, repair: bool) -> None:
+    from edgeprune.fidelity import MaskedProxy
+
+    plan = case.plan if repair else dataclasses.replace(case.plan, compensation=False)
+    pruned = case.pruned if repair else case.plain
+    proxy = MaskedProxy(case.model, case.graph, case.stats, case.heldout, repair=repair)
+    y0, yp = run(case.model, case.heldout), run(pruned, case.heldout)
+    want = float(torch.linalg.norm(yp.double() - y0.double()) / torch.linalg.norm(y0.double()))
+    got = proxy.error(plan)
+    assert want > 1e-4  # the plan changes the outputs: the comparison below can fail
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(run(proxy.model, case.heldout), yp, rtol=1e-4, atol=1e-5)
+    # evaluating another plan and coming back restores the same state (memoised repairs, restored originals)
+    g0 = case.graph.groups[0]
+    proxy.error(dataclasses.replace(plan, kept={**plan.kept, g0.name: tuple(range(g0.channels))}))
+    assert proxy.error(plan) == pytest.approx(got, rel=1e-9)

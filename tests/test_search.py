@@ -8,7 +8,8 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group
 from edgeprune.importance import Ranking
 from edgeprune.pipeline import parse_budget
-from edgeprune.search import (Probe, allowed_widths, make_widths_fn, search, step_constrained_widths,
+from edgeprune.search import (Probe, allowed_widths, fidelity_widths, make_widths_fn, min_widths, search,
+                              step_constrained_widths,
                               uniform_strength_widths)
 
 
@@ -108,3 +109,49 @@ def test_parse_budget(text: str, ms: float, relative: bool) -> None:
 def test_parse_budget_rejects(text: str) -> None:
     with pytest.raises(EdgePruneError, match="--latency"):
         parse_budget(text)
+
+
+def network_error(graph: Graph):
+    """A non-additive output error: each group's loss, amplified by how much the groups before it lost."""
+    def f(widths: dict[str, int]) -> float:
+        err, scale = 0.0, 1.0
+        for g in graph.groups:
+            lost = (1 - widths[g.name] / g.channels) ** 2
+            err += scale * lost
+            scale *= 1 + lost
+        return err
+    return f
+
+
+def test_fidelity_inner_level_keeps_the_step_constraint_with_the_smallest_widths() -> None:
+    g = toy_graph([64, 96, 128, 64])
+    err = network_error(g)
+    calls: list[dict[str, int]] = []
+
+    def counted(w: dict[str, int]) -> float:
+        calls.append(dict(w))
+        return err(w)
+
+    s, n = 0.3, len(g.groups)
+    widths = fidelity_widths(g, s, 16, counted)
+    full = {gr.name: gr.channels for gr in g.groups}
+    for i, gr in enumerate(g.groups):
+        prefix = {**full, **{x.name: widths[x.name] for x in g.groups[: i + 1]}}
+        assert err(prefix) <= s * (i + 1) / n + 1e-12  # the step constraint, on the network error
+        if widths[gr.name] > 16:  # and no narrower option would have kept it
+            narrower = {**prefix, gr.name: widths[gr.name] - 16}
+            assert err(narrower) > s * (i + 1) / n
+    # bisection, not a scan: at most ceil(log2(options)) evaluations per group
+    assert len(calls) <= sum(math.ceil(math.log2(len(allowed_widths(gr.channels, 16, 16)))) for gr in g.groups)
+
+
+def test_fidelity_widths_fn_spans_unpruned_to_minimum_and_shrinks_with_u() -> None:
+    g = toy_graph([64, 96, 128])
+    fn = make_widths_fn(g, {}, 16, error=network_error(g))
+    assert fn(0.0) == {gr.name: gr.channels for gr in g.groups}
+    assert fn(1.0) == min_widths(g, 16)
+    prev = fn(0.0)
+    for u in (0.2, 0.4, 0.6, 0.8, 1.0):
+        w = fn(u)
+        assert all(w[k] <= prev[k] for k in w) and w != fn(0.0)
+        prev = w

@@ -2,9 +2,11 @@
 
 (a) torchvision models (random weights, `random` calibration) on `cpu` at budgets 0.7x, 0.5x and 0.3x: final measured
     latency over budget, measured candidates, wall time per stage.
-(b) the bundled digits example at 0.6x and 0.4x: `cap` with compensation against L1 without compensation (torch-pruning's
-    magnitude criterion, same channel rounding, same latency search), held-out accuracy over 3 seeds (the seed changes
-    the calibration/held-out split), no fine-tuning.
+(b) the bundled digits example at 0.6x, 0.5x and 0.4x: `cap` with compensation, with each inner-level proxy (the CaP
+    loss curves and the masked network's output error), against L1 without compensation (torch-pruning's magnitude
+    criterion, same channel rounding, same latency search), held-out accuracy over 3 seeds (the seed changes the
+    calibration/held-out split), no fine-tuning. All three share one measured baseline per budget and seed, so they
+    are compared at equal latency.
 
     python tools/bench_build.py [--part a|b|both] [--models resnet18,mobilenet_v2,resnet50] [--out bench/build.json]
 
@@ -25,9 +27,9 @@ from pathlib import Path
 from edgeprune.pipeline import BuildConfig, PruneConfig, build
 
 
-def run(prune: PruneConfig, latency: str, cache: str, out: str) -> dict:
+def run(prune: PruneConfig, latency: str, cache: str, out: str, proxy: str = "loss") -> dict:
     t0 = time.perf_counter()
-    outcome = build(BuildConfig(prune=prune, device="cpu", latency=latency, cache_dir=cache), out)
+    outcome = build(BuildConfig(prune=prune, device="cpu", latency=latency, cache_dir=cache, proxy=proxy), out)
     r = outcome.report
     return {"latency": latency, "exit_code": outcome.exit_code, "wall_s": time.perf_counter() - t0,
             "base_ms": r["base"]["latency_ms"]["median"], "budget_ms": r["budget_ms"],
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--part", default="both", choices=("a", "b", "both"))
     ap.add_argument("--models", default="resnet18,mobilenet_v2,resnet50")
     ap.add_argument("--budgets", default="0.7x,0.5x,0.3x")
+    ap.add_argument("--digits-budgets", default="0.6x,0.5x,0.4x")
     ap.add_argument("--out", default="bench/build.json")
     args = ap.parse_args()
     result: dict = {"benchmark": "build"}
@@ -59,18 +62,20 @@ def main() -> None:
             result["models"] = rows
         if args.part in ("b", "both"):
             rows = []
-            for b in ("0.6x", "0.4x"):
+            for b in args.digits_budgets.split(","):
                 for seed in range(3):
                     recipe = Path(tmp) / f"digits-{seed}.toml"
                     recipe.write_text(f'kind = "digits"\nheldout = 0.25\nbatch_size = 32\nseed = {seed}\n')
                     cache = f"{tmp}/cache-digits-{b}-{seed}"
-                    for crit, comp in (("cap", True), ("l1", False)):
+                    for crit, comp, proxy in (("cap", True, "loss"), ("cap", True, "fidelity"), ("l1", False, "loss")):
                         pc = PruneConfig(calibration=str(recipe), criterion=crit, compensation=comp,
                                          channel_multiple=0, seed=seed, exporter="torchscript")
-                        row = {"criterion": crit, "compensation": comp, "seed": seed, **run(pc, b, cache, f"{tmp}/out")}
+                        row = {"criterion": crit, "compensation": comp, "proxy": proxy, "seed": seed,
+                               **run(pc, b, cache, f"{tmp}/out", proxy)}
                         row["accuracy"] = row["fidelity"]["accuracy"]
-                        print(json.dumps({k: row[k] for k in ("criterion", "compensation", "seed", "latency", "final_ms",
-                                                               "budget_ms", "accuracy", "wall_s")}), flush=True)
+                        print(json.dumps({k: row[k] for k in ("criterion", "compensation", "proxy", "seed", "latency",
+                                                               "final_ms", "budget_ms", "accuracy", "wall_s")}),
+                              flush=True)
                         rows.append(row)
             result["digits"] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.models import load_model
-from edgeprune.pipeline import compute_threads
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -54,25 +55,30 @@ def bench(name: str, images: int) -> dict:
             recipe_path = Path(tmp) / "r.toml"
             recipe_path.write_text(f'kind = "random"\ncount = {images + 16}\nheldout = 16\nbatch_size = 32\n')
             data = load_data(load_recipe_file(recipe_path), m.input_shape)
-        row = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads()}
+        row = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads(),
+               "heavy_stage_threads": torch.get_num_threads() if "EDGEPRUNE_THREADS" in os.environ
+               else _DEFAULT_TORCH_THREADS}
         t0 = time.perf_counter()
         graph = trace(m.module, m.example_input)
         row["trace_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         from edgeprune.pipeline import statistics_threads
 
-        with statistics_threads(32 * int(m.example_input[0].numel())):  # as the pipeline does
+        heavy = 32 * int(m.example_input[0].numel())
+        with statistics_threads(heavy):  # as the pipeline does
             stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
         row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         t0 = time.perf_counter()
-        rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
+        with statistics_threads(heavy):
+            rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
         row["ranking_s"], row["ranking_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5, 8))
         import copy
 
         model = copy.deepcopy(m.module)
         t0 = time.perf_counter()
-        compensate_consumers(model, graph, plan, stats)
+        with statistics_threads(heavy):
+            compensate_consumers(model, graph, plan, stats)
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
         row["groups"], row["consumers"] = len(graph.groups), len(stats)

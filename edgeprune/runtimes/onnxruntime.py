@@ -76,13 +76,14 @@ def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, p
         feeds = random_feeds(sess)
         for _ in range(cfg.warmup):
             sess.run(None, feeds)
-        times = []
-        for i in range(cfg.iterations):
+        times: list[float] = []
+        start = time.perf_counter()
+        while not cfg.runs_done(len(times), time.perf_counter() - start):
             t0 = time.perf_counter_ns()
             sess.run(None, feeds)
             times.append((time.perf_counter_ns() - t0) / 1e6)
             if progress is not None:
-                progress(r * cfg.iterations + i + 1, total)
+                progress(r * cfg.iterations + len(times), total)
         per_repeat.append(times)
         del sess
     return stats_from_repeats(

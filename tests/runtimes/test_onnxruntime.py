@@ -11,7 +11,7 @@ import pytest
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
 from edgeprune.runtimes import MeasurementCache, measure
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
-from edgeprune.targets import Target, load_target
+from edgeprune.targets import MeasureConfig, Target, load_target
 
 
 def test_measure_returns_consistent_stats(tiny_onnx: Path, fast_cpu: Target) -> None:
@@ -67,3 +67,21 @@ def test_measure_rejects_corrupt_file(tiny_onnx: Path, fast_cpu: Target, tmp_pat
 def test_measure_other_arch_target_is_unreachable(tiny_onnx: Path) -> None:
     with pytest.raises(DeviceUnreachable, match="aarch64 device.*\\[remote\\].*--lut"):
         measure(tiny_onnx, load_target("rpi5"))
+
+
+def test_max_seconds_stops_a_repeat_after_the_minimum_runs(tiny_onnx: Path, fast_cpu: Target) -> None:
+    capped = dataclasses.replace(fast_cpu, measure=MeasureConfig(warmup=1, iterations=40, repeats=2, max_seconds=1e-9))
+    assert measure(tiny_onnx, capped).n == 2 * MeasureConfig.MIN_ITERATIONS
+    uncapped = dataclasses.replace(capped, measure=dataclasses.replace(capped.measure, max_seconds=0.0))
+    assert measure(tiny_onnx, uncapped).n == 2 * 40
+
+
+@pytest.mark.parametrize("done, elapsed, expected", [(9, 5.0, False), (10, 5.0, True), (10, 0.5, False),
+                                                     (40, 0.0, True)])
+def test_runs_done_rule(done: int, elapsed: float, expected: bool) -> None:
+    assert MeasureConfig(iterations=40, max_seconds=1.0).runs_done(done, elapsed) is expected
+
+
+def test_negative_max_seconds_is_refused() -> None:
+    with pytest.raises(EdgePruneError, match="max_seconds"):
+        MeasureConfig(max_seconds=-1.0)
