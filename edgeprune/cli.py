@@ -324,10 +324,11 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
     p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
-    p.add_argument("--proxy", choices=("loss", "fidelity"), default="loss",
-                   help="what decides per-group widths at a given strength: the CaP residual-loss curves (loss, "
-                        "default: free) or the masked network's output error on calibration samples (fidelity: "
-                        "dozens of forward passes per search step)")
+    p.add_argument("--proxy", choices=("auto", "loss", "fidelity"), default="auto",
+                   help="what decides per-group widths at a given strength: the masked network's output error on "
+                        "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
+                        "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
+                        "loss on random data")
     p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
                    help="quality gate: held-out top-1 agreement with the unpruned model, e.g. 0.98 (exit 4 below)")
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",

@@ -87,10 +87,35 @@ CHANNEL_MIXING = ("RollBackward", "TransposeBackward", "PermuteBackward", "Chann
                   "PixelUnshuffleBackward", "FlipBackward", "GatherBackward", "IndexBackward", "IndexSelectBackward")
 
 
+# Reductions and normalisations mix channels when they run over the channel dimension (dim 1 of NCHW, or the feature
+# dimension of a Linear's input); over spatial dimensions (global pooling) they keep channels apart.
+REDUCING = ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward", "MaxBackward", "MinBackward", "ProdBackward",
+            "StdBackward", "VarBackward", "NormBackward", "LinalgVectorNormBackward", "LogsumexpBackward",
+            "SoftmaxBackward", "LogSoftmaxBackward", "CumsumBackward", "CumprodBackward", "SortBackward",
+            "TopkBackward", "NormalizeBackward")
+
+
 def _mixing_op(node: Any) -> str | None:
     fn = getattr(node, "grad_fn", None)
     name = type(fn).__name__ if fn is not None else ""
-    return name if any(name.startswith(m) for m in CHANNEL_MIXING) else None
+    if any(name.startswith(m) for m in CHANNEL_MIXING):
+        return name
+    if any(name.startswith(m) for m in REDUCING) and _reduces_channels(fn):
+        return f"{name} (a reduction over channels)"
+    return None
+
+
+def _reduces_channels(fn: Any) -> bool:
+    """Whether a reduction's saved dims include dim 1; a reduction over every dim (no saved dim) does too."""
+    dims = getattr(fn, "_saved_dim", None)
+    sizes = getattr(fn, "_saved_self_sym_sizes", None) or getattr(fn, "_saved_self_sizes", None)
+    if dims is None:
+        return True  # x.sum(), x.max(): everything, channels included
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not dims:
+        return True  # sum(dim=()) reduces every dim
+    ndim = len(sizes) if sizes is not None else max(2, max(abs(d) for d in dims) + 1)
+    return 1 in {d % ndim for d in dims}
 
 
 def is_depthwise(m: nn.Module) -> bool:

@@ -125,9 +125,10 @@ def check_traced(model: nn.Module, graph: Graph, batch: torch.Tensor) -> None:
 def compute_threads(n: int | None = None) -> Iterator[None]:
     """Threads for the compute stages (statistics, ranking, compensation, export), torch and BLAS alike.
 
-    Default 1 (`EDGEPRUNE_THREADS` overrides): torch's OpenMP pool and NumPy/SciPy's OpenBLAS pool spin-wait against
-    each other, and on a 2-core machine one thread measured 2.2x faster for resnet18's preparation (49.7 s against
-    110.4 s) and 2.7x for the example's. Latency measurement is not affected: it uses the target's thread count.
+    Default 1 (`EDGEPRUNE_THREADS` overrides): on small inputs thread hand-offs between torch's OpenMP pool and
+    NumPy/SciPy's OpenBLAS pool cost more than they give (the example's `prune`: 19.4 s against 22.1 s on 2 threads);
+    `statistics_threads` raises both for the heavy stages on large inputs. Latency measurement is not affected: it
+    uses the target's thread count.
     """
     n = n or int(os.environ.get("EDGEPRUNE_THREADS", "1"))
     before = torch.get_num_threads()
@@ -374,13 +375,16 @@ class BuildConfig:
     use_cache: bool = True
     lut: str | None = None  # search on this latency table; only the final model is measured on the device
     force_lut: bool = False  # use a table made for another target/precision/runtime version (with a warning)
-    proxy: str = "loss"  # inner level: CaP loss curves (loss) or the network's output error (fidelity)
+    # inner level: CaP loss curves (loss), the masked network's output error (fidelity), or auto: fidelity on real
+    # calibration data (better at equal latency on digits, bench_build (b)), loss on `random` data, where output
+    # fidelity means nothing and the curves cost nothing
+    proxy: str = "auto"
 
     def __post_init__(self) -> None:
         from edgeprune.search import PROXIES
 
-        if self.proxy not in PROXIES:
-            raise EdgePruneError(f"--proxy must be one of {', '.join(PROXIES)}, found {self.proxy!r}")
+        if self.proxy not in PROXIES + ("auto",):
+            raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
         if not 0 < self.tolerance < 1:
             raise EdgePruneError(f"--tolerance must be in (0, 1), found {self.tolerance}")
         if self.max_steps < 2:
@@ -480,8 +484,9 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
                 base_stats = measure(base_path, target, cache=cache,
                                      progress=stages(f"measuring unpruned model on {target.name}", None))
         budget_ms = budget.ms(base_stats.median)
+        proxy = config.proxy if config.proxy != "auto" else "loss" if prep.data.recipe.kind == "random" else "fidelity"
         widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple,
-                                    error=fidelity_error(prep, t) if config.proxy == "fidelity" else None)
+                                    error=fidelity_error(prep, t) if proxy == "fidelity" else None)
         correction = 1.0
 
         def lut_oracle(widths: dict[str, int]) -> Probe:
@@ -561,7 +566,7 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
             "lut": config.lut,
             "device_measurements": device_runs[0],
             "search": {"criterion": pc.criterion, "compensation": pc.compensation,
-                       "proxy": "fidelity" if config.proxy == "fidelity" else "cap-loss-curve"
+                       "proxy": "fidelity" if proxy == "fidelity" else "cap-loss-curve"
                        if prep.rankings and all(r.loss is not None for r in prep.rankings.values()) else "uniform",
                        "channel_multiple": pc.channel_multiple,
                        "tolerance": config.tolerance, "converged": result.converged,

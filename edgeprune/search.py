@@ -188,8 +188,8 @@ def search(
     trace: list[Candidate] = []
     seen: dict[str, Candidate] = {}
 
-    def probe(u: float) -> Candidate:
-        widths = widths_for(u)
+    def probe(u: float, widths: dict[str, int] | None = None) -> Candidate:
+        widths = widths_for(u) if widths is None else widths
         digest = widths_digest(widths)
         if digest in seen:
             return seen[digest]
@@ -237,4 +237,19 @@ def search(
             u_lo, l_lo = u, c.latency_ms
         if widths_digest(widths_for(u_lo)) == widths_digest(widths_for(u_hi)):
             break  # the bracket holds one width setting: nothing between to try
+    # The bracket closed on a jump: one step in u changes several groups at once (the step constraint carries slack
+    # forward, so a narrower early group leaves later ones wider) and no strength lands in the band. Bisect instead on
+    # how many of the differing groups, in forward order, take the slower side's widths.
+    w_lo, w_hi = widths_for(u_lo), widths_for(u_hi)
+    diff = [g for g in w_hi if w_lo[g] != w_hi[g]]
+    a, b = 0, len(diff)  # a: widths known within budget, b: known over it
+    while b - a > 1 and len(trace) < max_steps:
+        k = (a + b) // 2
+        c = probe(u_hi - (u_hi - u_lo) * k / len(diff), {**w_hi, **{g: w_lo[g] for g in diff[:k]}})
+        if c.latency_ms <= budget_ms:
+            a = k
+            if in_band(c):
+                return done(True)
+        else:
+            b = k
     return done(False)

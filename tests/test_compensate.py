@@ -322,10 +322,6 @@ class MLP(nn.Module):
         return self.fc2(self.fc1(x))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: collect_statistics accepts max(8, dim/16) samples, but with fewer samples than input dimensions the "
-    "closed form (ridge 1e-2*dim/count) overfits: on held-out data the repaired layer is ~2x WORSE than plain "
-    "slicing (efficientnet_b0's SE fc1 and project convs at 128 calibration images show the same)"))
 @pytest.mark.parametrize("samples", [16, 48])
 def test_compensate_layer_beats_plain_slicing_on_heldout_data_when_statistics_are_rank_deficient(
         samples: int) -> None:
@@ -333,6 +329,7 @@ def test_compensate_layer_beats_plain_slicing_on_heldout_data_when_statistics_ar
     model = MLP().eval()
     assert min_patches_needed(64) <= samples < 64
     stats = collect_statistics(model, ["fc2"], [torch.randn(samples, 64)])["fc2"]  # accepted, with a warning
+    assert 0 < stats.shrinkage < 1
     heldout = heldout_patches(model, ["fc2"], torch.randn(2000, 64))["fc2"]
     w, b = consumer_weight(model.fc2), model.fc2.bias.detach().double().numpy()
     for seed in range(3):
@@ -340,3 +337,23 @@ def test_compensate_layer_beats_plain_slicing_on_heldout_data_when_statistics_ar
         w_new, b_new = compensate_layer(w, b, stats, keep)
         err = reconstruction_error(w, b, heldout, keep, w_new, b_new)
         assert err < reconstruction_error(w, b, heldout, keep, w[:, keep], b), seed
+
+
+def test_shrinkage_keeps_variances_and_vanishes_with_many_samples() -> None:
+    from edgeprune.compensate import shrink_towards_diagonal
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16))
+    pop = a @ a.T / 16 + np.eye(16)  # correlated population
+    alphas = []
+    for n in (8, 64, 4096):
+        x = rng.multivariate_normal(np.zeros(16), pop, size=n)
+        mu, cov = population_stats(x)
+        s = shrink_towards_diagonal(LayerStats(mu, cov, n, 1))
+        np.testing.assert_array_equal(np.diag(s.cov), np.diag(cov))
+        np.testing.assert_allclose(s.cov - np.diag(np.diag(s.cov)), (1 - s.shrinkage) * (cov - np.diag(np.diag(cov))))
+        alphas.append(s.shrinkage)
+        if n == 8:  # rank-deficient sample covariance: shrunk, it is positive definite again
+            assert np.linalg.eigvalsh(cov).min() < 1e-9 < np.linalg.eigvalsh(s.cov).min()
+    assert alphas[0] >= alphas[1] > alphas[2], alphas
+    assert alphas[2] < 0.05, alphas

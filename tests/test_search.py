@@ -155,3 +155,14 @@ def test_fidelity_widths_fn_spans_unpruned_to_minimum_and_shrinks_with_u() -> No
         w = fn(u)
         assert all(w[k] <= prev[k] for k in w) and w != fn(0.0)
         prev = w
+
+
+def test_search_bisects_over_groups_when_widths_jump_across_the_band() -> None:
+    """widths_for jumps from all-wide to all-narrow at one strength: the strength bisection alone cannot land in the
+    band, the per-group bisection that follows does."""
+    g = toy_graph([64] * 32)
+    wide, narrow = {gr.name: 64 for gr in g.groups}, {gr.name: 16 for gr in g.groups}
+    oracle = lambda w: Probe(sum(w.values()) / 100, "measured")  # noqa: E731 - latency proportional to total width
+    r = search(lambda u: wide if u < 0.5 else narrow, oracle, budget_ms=12.0, tolerance=0.05)  # 5.12 to 20.48 ms
+    assert r.converged and r.best is not None and 11.4 <= r.best.latency_ms <= 12.0
+    assert len(r.trace) <= 12 and r.best.strength < 0.5
