@@ -200,8 +200,8 @@ def collect_statistics(
         if acc.n <= dim:
             stats[name] = shrink_towards_diagonal(stats[name])
             log.warning("statistics of %s are rank-deficient (%d patches for %d dimensions): the covariance is shrunk "
-                        "%.0f%% towards its diagonal; more calibration data gives a better repair", name, acc.n, dim,
-                        100 * stats[name].shrinkage)
+                        "towards its diagonal (weight %.2g); more calibration data gives a better repair", name, acc.n,
+                        dim, stats[name].shrinkage)
     log.info("statistics of %d layers in %.2fs", len(stats), time.perf_counter() - t0)
     return stats
 

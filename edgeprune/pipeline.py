@@ -94,8 +94,10 @@ class Prepared:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
         a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
         orders = {g: r.order for g, r in self.rankings.items()} if probe and self.rankings else None
-        return prune(self.loaded.module, self.loaded.example_input, plan, self.stats if plan.compensation else None,
-                     self.config.ignore, orders, self.solvers if probe else None, graph=self.graph)
+        with statistics_threads(self.data.recipe.batch_size * int(np.prod(self.data.sample_shape))):
+            return prune(self.loaded.module, self.loaded.example_input, plan,
+                         self.stats if plan.compensation else None, self.config.ignore, orders,
+                         self.solvers if probe else None, graph=self.graph)
 
     def fidelity(self, pruned: nn.Module) -> Fidelity:
         return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
