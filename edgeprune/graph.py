@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,15 +268,21 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
 
 def execution_order(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """Position of each module's first call in a forward pass: the order the search walks groups in."""
+    return modules_called(model, example_input, lambda name, m: bool(name))
+
+
+def modules_called(model: nn.Module, x: torch.Tensor, select: Callable[[str, nn.Module], bool]) -> dict[str, int]:
+    """The selected modules that one forward pass of `x` calls, each with the position of its first call."""
     order: dict[str, int] = {}
 
     def seen(name: str) -> None:  # a pre-hook must return None: a value would replace the module's input
         order.setdefault(name, len(order))
 
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen(n)) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen(n)) for n, m in model.named_modules()
+               if select(n, m)]
     try:
         with torch.no_grad():
-            model(example_input)
+            model(x)
     finally:
         for h in handles:
             h.remove()

@@ -107,7 +107,6 @@ class _ConsumerState:
         self.loss = float(np.sum(a.astype(np.float64) * wg))
         self.rows = weight.shape[0]
         self.pos = np.arange(g.size)  # group coordinate -> its row in the (compacted) state, -1 once selected
-        self.alive = g.size
         # floor relative to the unconditioned variance: a group the fixed channels explain almost entirely must not
         # turn float32 round-off into huge gains
         self.scale = max(float(np.mean(np.diag(self.sigma), dtype=np.float64)), floor_scale)
@@ -163,8 +162,8 @@ class _ConsumerState:
         diag = np.einsum("ii->i", self.sigma)  # a view: clamp round-off below zero
         np.maximum(diag, 0.0, out=diag)
         self.pos[self.local[chans].ravel()] = -1
-        self.alive -= t.size
-        if 0 < self.alive < 2 * self.sigma.shape[0] // 3:
+        alive = int(np.count_nonzero(self.pos >= 0))
+        if 0 < alive < 2 * self.sigma.shape[0] // 3:
             self._compact()
         drop = float(np.sum(za * za))
         self.loss = max(self.loss - drop, 0.0)

@@ -26,7 +26,7 @@ from edgeprune.compensate import LayerStats, collect_statistics
 from edgeprune.data import CalibrationData, load_data, load_recipe
 from edgeprune.errors import EdgePruneError
 from edgeprune.fidelity import Fidelity, fidelity, outputs
-from edgeprune.graph import Graph, trace
+from edgeprune.graph import Graph, modules_called, trace
 from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
@@ -93,11 +93,15 @@ class Prepared:
     def prune(self, plan: Plan, probe: bool = False) -> nn.Module:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
         a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
-        orders = {g: r.order for g, r in self.rankings.items()} if probe and self.rankings else None
-        with statistics_threads(self.data.recipe.batch_size * int(np.prod(self.data.sample_shape))):
+        orders = self.orders() if probe and self.rankings else None
+        with heavy_stage_threads(self.data):
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
                          self.solvers if probe else None, graph=self.graph)
+
+    def orders(self) -> dict[str, tuple[int, ...]]:
+        """Channel order per group: what lets `solvers` serve every width of a consumer."""
+        return {g: r.order for g, r in self.rankings.items()}
 
     def fidelity(self, pruned: nn.Module) -> Fidelity:
         return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
@@ -106,15 +110,7 @@ class Prepared:
 def check_traced(model: nn.Module, graph: Graph, batch: torch.Tensor) -> None:
     """Refuse a model whose calibration batches run layers the trace (one example input) never saw: data-dependent
     control flow would make the pruning silently wrong for those layers."""
-    ran: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: ran.append(n))
-               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    ran = modules_called(model, batch, lambda name, m: isinstance(m, (nn.Conv2d, nn.Linear)))
     missed = sorted(set(ran) - set(graph.traced))
     if missed:
         raise EdgePruneError(
@@ -124,20 +120,13 @@ def check_traced(model: nn.Module, graph: Graph, batch: torch.Tensor) -> None:
 
 
 @contextmanager
-def compute_threads(n: int | None = None) -> Iterator[None]:
-    """Threads for the compute stages (statistics, ranking, compensation, export), torch and BLAS alike.
-
-    Default 1 (`EDGEPRUNE_THREADS` overrides): on small inputs thread hand-offs between torch's OpenMP pool and
-    NumPy/SciPy's OpenBLAS pool cost more than they give (the example's `prune`: 19.4 s against 22.1 s on 2 threads);
-    `statistics_threads` raises both for the heavy stages on large inputs. Latency measurement is not affected: it
-    uses the target's thread count.
-    """
-    n = n or int(os.environ.get("EDGEPRUNE_THREADS", "1"))
+def _threads(n: int) -> Iterator[None]:
+    """torch's thread count and NumPy/SciPy's BLAS pool (threadpoolctl, which scikit-learn brings) set to `n`."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # scikit-learn brings it; without it only torch is limited
+    except ImportError:  # without it only torch is limited
         threadpool_limits = None
     try:
         if threadpool_limits is not None:
@@ -149,33 +138,35 @@ def compute_threads(n: int | None = None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def compute_threads(n: int | None = None) -> Iterator[None]:
+    """Threads for the compute stages (statistics, ranking, compensation, export), torch and BLAS alike.
+
+    Default 1 (`EDGEPRUNE_THREADS` overrides): on small inputs thread hand-offs between torch's OpenMP pool and
+    NumPy/SciPy's OpenBLAS pool cost more than they give (the example's `prune`: 19.4 s against 22.1 s on 2 threads);
+    `heavy_stage_threads` raises both for the heavy stages on large inputs. Latency measurement is not affected: it
+    uses the target's thread count.
+    """
+    with _threads(n or int(os.environ.get("EDGEPRUNE_THREADS", "1"))):
+        yield
+
+
 _DEFAULT_TORCH_THREADS = torch.get_num_threads()
-LARGE_BATCH = 1_000_000  # input values per batch above which statistics run on all of torch's threads
+LARGE_BATCH = 1_000_000  # input values per calibration batch above which the heavy stages run on all threads
 
 
 @contextmanager
-def statistics_threads(batch_values: int) -> Iterator[None]:
+def heavy_stage_threads(data: CalibrationData) -> Iterator[None]:
     """Statistics, ranking and compensation on large inputs (224x224 batches) run on all threads, torch's and BLAS's:
     the calibration pass accumulates its products after each forward pass, so the two pools take turns instead of
     spinning against each other (resnet18 with 256 images: 38.9 s on 2 threads against 49.6 s on 1, measured). On
     small inputs (the 32x32 example) one thread stays faster (19.4 s against 22.1 s for `edgeprune prune`)."""
+    batch_values = data.recipe.batch_size * int(np.prod(data.sample_shape))
     if batch_values < LARGE_BATCH or "EDGEPRUNE_THREADS" in os.environ:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(_DEFAULT_TORCH_THREADS)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    try:
-        if threadpool_limits is not None:
-            with threadpool_limits(limits=_DEFAULT_TORCH_THREADS):
-                yield
-        else:
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with _threads(_DEFAULT_TORCH_THREADS):
+        yield
 
 
 @contextmanager
@@ -210,16 +201,15 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
                                  + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
                                     if graph.excluded else ""))
     stats: dict[str, LayerStats] = {}
-    heavy = data.recipe.batch_size * int(np.prod(loaded.input_shape[1:]))
     if config.compensation or config.criterion in NEEDS_STATS:
-        with timed(t, "statistics"), statistics_threads(heavy):
+        with timed(t, "statistics"), heavy_stage_threads(data):
             n = -(-len(data.calib_x) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(),
                                        progress=stages("collecting statistics", n), total_batches=n,
                                        strict=data.recipe.kind != "random")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
-        with timed(t, "rank"), statistics_threads(heavy):
+        with timed(t, "rank"), heavy_stage_threads(data):
             tick = stages(f"ranking channels ({config.criterion})", len(graph.groups))
             for i, g in enumerate(graph.groups):
                 rankings[g.name] = rank(config.criterion, loaded.module, g, stats, config.seed, None)
@@ -611,9 +601,8 @@ def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[
 
     n = max(8, min(256, PROXY_VALUES // int(np.prod(prep.data.sample_shape))))
     x = torch.from_numpy(prep.data.calib_x[:n].copy())
-    orders = {g: r.order for g, r in prep.rankings.items()}
     proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
-                        orders=orders, solvers=prep.solvers)
+                        orders=prep.orders(), solvers=prep.solvers)
 
     def error(widths: dict[str, int]) -> float:
         with timed(timings, "proxy"):

@@ -75,24 +75,17 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
         if memo is not None and key in memo:
             _set_weights(modules[name], *memo[key])
             continue
-        if not repair:
-            m = modules[name]
-            w2 = m.weight.detach().double().cpu().numpy().reshape(m.weight.shape[0], -1)
-            keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
-            b = None if m.bias is None else m.bias.detach().double().cpu().numpy()
-            _set_weights(m, keep, w2[:, keep], b)
-            if memo is not None:
-                memo[key] = (keep, w2[:, keep], b)
-            continue
-        if stats is None or name not in stats:
-            raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
         m = modules[name]
-        w = m.weight.detach().double().cpu().numpy()
-        w2 = w.reshape(w.shape[0], -1)
+        w2 = m.weight.detach().double().cpu().numpy().reshape(m.weight.shape[0], -1)
+        keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
+        result = None
+        if not repair:
+            result = (keep, w2[:, keep], None)  # slicing: the bias stays as it is
+        elif stats is None or name not in stats:
+            raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
         bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
         rescale = bn_follows.get(name, False)
-        result = None
-        if orders is not None and solvers is not None and reads[name] == 1:
+        if result is None and orders is not None and solvers is not None and reads[name] == 1:
             g, c = single[name]
             order = orders.get(g.name)
             kept = plan.kept.get(g.name, ())
@@ -110,7 +103,6 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
                     w_new, b_new = solver.solve(n_keep, bias, rescale)
                     result = (solver.order[:n_keep], w_new, b_new)
         if result is None:
-            keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
             w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
             result = (keep, w_new, b_new)
         if memo is not None:

@@ -24,7 +24,7 @@ from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, heavy_stage_threads
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -62,14 +62,11 @@ def bench(name: str, images: int) -> dict:
         graph = trace(m.module, m.example_input)
         row["trace_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        from edgeprune.pipeline import statistics_threads
-
-        heavy = 32 * int(m.example_input[0].numel())
-        with statistics_threads(heavy):  # as the pipeline does
+        with heavy_stage_threads(data):  # as the pipeline does
             stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
         row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         t0 = time.perf_counter()
-        with statistics_threads(heavy):
+        with heavy_stage_threads(data):
             rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
         row["ranking_s"], row["ranking_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5, 8))
@@ -77,7 +74,7 @@ def bench(name: str, images: int) -> dict:
 
         model = copy.deepcopy(m.module)
         t0 = time.perf_counter()
-        with statistics_threads(heavy):
+        with heavy_stage_threads(data):
             compensate_consumers(model, graph, plan, stats)
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
