@@ -276,11 +276,13 @@ def compensate_layer(
     if keep.size == 0:
         return np.zeros((weight.shape[0], 0)), b + weight @ mu
     s_ss = sigma[np.ix_(keep, keep)]
-    s_sd = sigma[keep, :]  # (|S|, D)
+    # with the rescale, W Σ serves both the right-hand side (its columns S) and each output's variance
+    ws = weight @ sigma if rescale else None
+    rhs = ws[:, keep].T if ws is not None else sigma[keep, :] @ weight.T
     # ridge relative to the whole input's mean variance, as PrefixSolver does: both paths solve the same system
-    w_new = _cholesky_solve(s_ss, s_sd @ weight.T, ridge, float(np.mean(np.diag(sigma)))).T  # W Σ_{:,S} Σ_SS^{-1}
+    w_new = _cholesky_solve(s_ss, rhs, ridge, float(np.mean(np.diag(sigma)))).T  # W Σ_{:,S} Σ_SS^{-1}
     if rescale:
-        var_old = np.sum((weight @ sigma) * weight, axis=1)
+        var_old = np.sum(ws * weight, axis=1)
         var_new = np.sum((w_new @ s_ss) * w_new, axis=1)
         ok = var_new > 1e-30
         s = np.ones_like(var_old)

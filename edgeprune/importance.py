@@ -51,8 +51,9 @@ RIDGE = 1e-4
 class _ConsumerState:
     """Conditional covariance of a consumer's group coordinates given the selected ones, and W̃ times it.
 
-    The state is float32 and updated in place by BLAS (one rank-|T| downdate per step); the small per-step solves
-    are float64. The greedy order only needs gains to a few digits, and the exact compensation (compensate.py)
+    The state is float32 and updated in place by BLAS (one rank-|T| downdate per step: `ssyrk` on Σ's upper
+    triangle, half the flops of a full product; the lower triangle goes stale and is never read); the small per-step
+    solves are float64. The greedy order only needs gains to a few digits, and the exact compensation (compensate.py)
     is float64 throughout. Selected coordinates are dropped from the state whenever a third of it is dead, so a
     full ranking costs about a third of the flops of downdating the whole matrix every step.
     """
@@ -68,7 +69,8 @@ class _ConsumerState:
         fixed = np.setdiff1d(np.arange(sigma.shape[0]), g)
         w32 = weight.astype(np.float32)
         if not fixed.size:  # the common case: the group is the consumer's whole input; float32 products suffice
-            s32 = np.asfortranarray(sigma if np.array_equal(g, np.arange(g.size)) else sigma[np.ix_(g, g)],
+            # Σ is symmetric: its transpose is the F-ordered copy, converted without a transposing pass
+            s32 = np.asfortranarray((sigma if np.array_equal(g, np.arange(g.size)) else sigma[np.ix_(g, g)]).T,
                                     dtype=np.float32)
             ws = w32[:, g] @ s32  # W Σ in the group's coordinate order
             var = np.sum(ws.astype(np.float64) * weight[:, g], axis=1)
@@ -121,7 +123,8 @@ class _ConsumerState:
             ok = d > RIDGE * self.scale
             out[ok] = r2[ok] / (d[ok] + RIDGE * self.scale)
             return out
-        m = self.sigma[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (C', k, k)
+        m = self.sigma[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (C', k, k), rows increasing
+        m = np.triu(m) + np.swapaxes(np.triu(m, 1), 1, 2)  # from the upper triangle
         r = np.ascontiguousarray(np.transpose(self.a[:, idx], (1, 2, 0)))  # (C', k, N) float32
         gram = np.matmul(r, np.transpose(r, (0, 2, 1))).astype(np.float64)  # RᵀR per candidate, (C', k, k)
         m = m + RIDGE * self.scale * np.eye(self.k)
@@ -136,10 +139,11 @@ class _ConsumerState:
 
     def select(self, chans: np.ndarray) -> float:
         """Condition on the coordinates of `chans` (Σ -= Z Zᵀ, A -= (A_T L⁻ᵀ) Zᵀ with Z = Σ_:,T L⁻ᵀ); returns the loss drop."""
-        from scipy.linalg.blas import sgemm
+        from scipy.linalg.blas import sgemm, ssyrk
 
         t = self.pos[self.local[chans].ravel()]
-        b = self.sigma[:, t].astype(np.float64)  # Σ_:,T
+        above = np.arange(self.sigma.shape[0])[:, None] <= t[None, :]
+        b = np.where(above, self.sigma[:, t], self.sigma[t, :].T).astype(np.float64)  # Σ_:,T from the upper triangle
         m = (b[t, :] + b[t, :].T) / 2
         low = None
         for r in (RIDGE, 1e-2, 1.0):
@@ -154,10 +158,11 @@ class _ConsumerState:
         za = np.nan_to_num(scipy.linalg.solve_triangular(low, np.nan_to_num(self.a[:, t].T.astype(np.float64)),
                                                          lower=True, check_finite=False).T)  # W̃ Σ_:,T L⁻ᵀ
         z32 = np.asfortranarray(z, dtype=np.float32)
-        sgemm(-1.0, z32, z32, beta=1.0, c=self.sigma, trans_b=1, overwrite_c=1)
+        self.sigma = ssyrk(-1.0, z32, beta=1.0, c=self.sigma, trans=0, lower=0, overwrite_c=1)
         sgemm(-1.0, np.asfortranarray(za, dtype=np.float32), z32, beta=1.0, c=self.a, trans_b=1, overwrite_c=1)
-        self.sigma[:, t] = 0.0  # exactly explained now; keeps round-off from resurrecting them
-        self.sigma[t, :] = 0.0
+        # exactly explained now: zero their columns (contiguous) so round-off cannot resurrect them; their rows are
+        # left stale, which is safe: a selected row only ever reaches entries of other selected coordinates
+        self.sigma[:, t] = 0.0
         self.a[:, t] = 0.0
         diag = np.einsum("ii->i", self.sigma)  # a view: clamp round-off below zero
         np.maximum(diag, 0.0, out=diag)
