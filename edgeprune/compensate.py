@@ -66,10 +66,15 @@ class _Accumulator:
 
         if self.shift is None:
             self.shift = x.to(torch.float64).mean(0).to(torch.float32)
-        x32 = (x.to(torch.float32) - self.shift).contiguous().numpy()
+        x32 = (x.to(torch.float32) - self.shift).numpy()  # keeps x's memory order
         self.s += x32.sum(0, dtype=np.float64)
-        # x32.T is Fortran-ordered (D, n): ssyrk computes x32ᵀ x32 into buf's upper triangle without copying
-        self.buf = ssyrk(1.0, x32.T, beta=1.0, c=self.buf, trans=0, lower=0, overwrite_c=1)
+        # ssyrk computes x32ᵀ x32 into buf's upper triangle without copying x32, in either memory order; the
+        # Fortran-ordered (n, D) that unfold_input gives is the faster one for narrow layers (1.8x at D = 576)
+        if x32.flags.f_contiguous:
+            self.buf = ssyrk(1.0, x32, beta=1.0, c=self.buf, trans=1, lower=0, overwrite_c=1)
+        else:
+            x32 = np.ascontiguousarray(x32)
+            self.buf = ssyrk(1.0, x32.T, beta=1.0, c=self.buf, trans=0, lower=0, overwrite_c=1)
         self.pending += 1
         if self.pending == self.FLUSH:
             self.flush()
@@ -107,7 +112,11 @@ def _symmetrised(upper: np.ndarray, step: int = 512) -> np.ndarray:
 
 
 def unfold_input(module: nn.Module, x: torch.Tensor, max_positions: int = MAX_POSITIONS) -> torch.Tensor:
-    """(patches, D) view of a consumer's input, channel-major (C, kh, kw) so that it matches weight.reshape(N, -1)."""
+    """(patches, D) view of a consumer's input, channel-major (C, kh, kw) so that it matches weight.reshape(N, -1).
+
+    Convolutions give it Fortran-ordered (the transpose of a contiguous (D, patches)), the order the statistics'
+    BLAS update is fastest on.
+    """
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     assert isinstance(module, nn.Conv2d) and module.groups == 1
@@ -126,7 +135,7 @@ def unfold_input(module: nn.Module, x: torch.Tensor, max_positions: int = MAX_PO
     u = xp.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)  # B, C, Ho, Wo, kh', kw'
     if dh > 1 or dw > 1:
         u = u[..., ::dh, ::dw]
-    return u.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+    return u.permute(1, 4, 5, 0, 2, 3).reshape(x.shape[1] * kh * kw, -1).T
 
 
 def block_of(module: nn.Module) -> int:
