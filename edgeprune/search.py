@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Probe:
-    """One oracle answer: a latency and where it came from (measured | cache | lut)."""
+    """One oracle answer: a latency and where it came from (measured | cache | lut | baseline)."""
 
     latency_ms: float
     source: str
@@ -176,12 +176,14 @@ def search(
     tolerance: float = 0.05,
     max_steps: int = 12,
     on_step: Callable[[Candidate], None] | None = None,
+    known: dict[str, Probe] | None = None,
 ) -> SearchResult:
     """Find the widest widths whose oracle latency is within budget.
 
     Brackets with u = 0 (the unpruned model) and u = 1 (every group at its minimum), then narrows with a safeguarded
     regula falsi on latency: faster than bisection when latency is smooth in u, never slower than a bisection step.
-    Candidates whose widths repeat are not measured again.
+    Candidates whose widths repeat are not measured again, nor those in `known` (widths digest -> probe: the build's
+    baseline measurement of the unpruned model, which is the u = 0 bracket).
     """
     if budget_ms <= 0:
         raise EdgePruneError(f"latency budget must be positive, found {budget_ms} ms")
@@ -193,7 +195,7 @@ def search(
         digest = widths_digest(widths)
         if digest in seen:
             return seen[digest]
-        p = oracle(widths)
+        p = known[digest] if known and digest in known else oracle(widths)
         c = Candidate(step=len(trace) + 1, strength=round(u, 6), widths_digest=digest, latency_ms=p.latency_ms,
                       source=p.source, widths=widths)
         trace.append(c)

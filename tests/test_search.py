@@ -9,8 +9,7 @@ from edgeprune.graph import Graph, Group
 from edgeprune.importance import Ranking
 from edgeprune.pipeline import parse_budget
 from edgeprune.search import (Probe, allowed_widths, fidelity_widths, make_widths_fn, min_widths, search,
-                              step_constrained_widths,
-                              uniform_strength_widths)
+                              step_constrained_widths, uniform_strength_widths, widths_digest)
 
 
 def toy_graph(widths: list[int]) -> Graph:
@@ -82,6 +81,21 @@ def test_search_lands_in_band(fraction: float) -> None:
     assert len(res.trace) <= 12 and len(calls) == len(res.trace)
     assert len({c.widths_digest for c in res.trace}) == len(res.trace)  # never the same widths twice
     assert res.trace[0].strength == 0.0 and math.isclose(res.trace[0].latency_ms, base)
+
+
+def test_search_takes_known_baseline_without_calling_the_oracle() -> None:
+    g = toy_graph([64, 128, 256, 256])
+    ranks = {gr.name: curve(gr.channels, 1.5) for gr in g.groups}
+    oracle = latency_of(g)
+    full = {gr.name: gr.channels for gr in g.groups}
+    base = oracle(full).latency_ms
+    calls = []
+    res = search(make_widths_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], 0.5 * base,
+                 known={widths_digest(full): Probe(base, "baseline")})
+    assert full not in calls  # the unpruned model is never measured by the search
+    assert res.trace[0].source == "baseline" and res.trace[0].latency_ms == base
+    assert len(calls) == len(res.trace) - 1
+    assert res.best is not None and 0.95 * 0.5 * base <= res.best.latency_ms <= 0.5 * base
 
 
 def test_search_unreachable_budget_reports_fastest() -> None:
