@@ -92,7 +92,9 @@ class _ConsumerState:
             # rank-deficient statistics (fewer samples than dimensions) need a ridge that grows with the deficiency
             for r in (max(1e-6, effective_ridge(stats)), 1e-2, 1.0):
                 try:
-                    cf = scipy.linalg.cho_factor(s_ff + r * base * np.eye(fixed.size), lower=True)
+                    m = s_ff.copy()
+                    m[np.diag_indices_from(m)] += r * base
+                    cf = scipy.linalg.cho_factor(m, lower=True, overwrite_a=True)
                     break
                 except np.linalg.LinAlgError:
                     continue

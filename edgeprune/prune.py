@@ -93,15 +93,15 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
                     sum(len(x) for x in c.coords) == w2.shape[1]:
                 if name not in solvers:
                     coord_order = np.asarray([i for j in order for i in c.coords[j]], dtype=np.int64)
-                    try:
-                        solvers[name] = PrefixSolver(w2, stats[name], coord_order)
-                    except np.linalg.LinAlgError:
-                        solvers[name] = None  # not positive definite: the direct solve has a ridge fallback
+                    solvers[name] = PrefixSolver(w2, stats[name], coord_order)
                 solver = solvers[name]
                 if solver is not None:
                     n_keep = sum(len(c.coords[j]) for j in kept)
-                    w_new, b_new = solver.solve(n_keep, bias, rescale)
-                    result = (solver.order[:n_keep], w_new, b_new)
+                    try:
+                        w_new, b_new = solver.solve(n_keep, bias, rescale)
+                        result = (solver.order[:n_keep], w_new, b_new)
+                    except np.linalg.LinAlgError:
+                        solvers[name] = None  # not positive definite: the direct solve has a ridge fallback
         if result is None:
             w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
             result = (keep, w_new, b_new)

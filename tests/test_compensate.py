@@ -7,6 +7,7 @@ from torch import nn
 
 from edgeprune.compensate import (
     LayerStats,
+    PrefixSolver,
     collect_statistics,
     compensate_layer,
     min_patches_needed,
@@ -208,6 +209,26 @@ def test_compensate_layer_equals_least_squares_when_no_rescale(regression: dict,
     w_new, b_new = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=False, ridge=1e-14)
     np.testing.assert_allclose(w_new, coef[:-1].T, rtol=1e-8, atol=1e-9)
     np.testing.assert_allclose(b_new, coef[-1], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_prefix_solver_equals_direct_solve_for_every_prefix_as_its_factor_grows(regression: dict,
+                                                                                rescale: bool) -> None:
+    """Prefixes asked in a search's order (small, large, in between, all): each extension of the factor must give
+    what a direct solve on the same coordinates gives."""
+    r = regression
+    order = np.random.default_rng(3).permutation(12)
+    solver = PrefixSolver(r["w"], layer_stats(r), order)
+    for kept in (2, 9, 5, 10, 12, 1):
+        w_new, b_new = solver.solve(kept, r["b"], rescale)
+        keep = np.sort(order[:kept])
+        w_ref, b_ref = compensate_layer(r["w"], r["b"], layer_stats(r), keep, rescale=rescale)
+        pos = {c: i for i, c in enumerate(keep)}
+        # the two rescales differ by the 1e-6 relative ridge (the prefix path's variance includes it)
+        tol = 1e-5 if rescale else 1e-8
+        np.testing.assert_allclose(w_new, w_ref[:, [pos[c] for c in order[:kept]]], rtol=tol, atol=1e-9)
+        np.testing.assert_allclose(b_new, b_ref, rtol=tol, atol=tol * np.abs(b_ref).max())
+    assert solver.low.shape == (12, 12)
 
 
 def test_compensate_layer_keeps_everything_when_nothing_removed(regression: dict) -> None:
