@@ -223,7 +223,9 @@ def search(
     if in_band(hi):
         return done(True)
     u_lo, l_lo, u_hi, l_hi = 0.0, lo.latency_ms, 1.0, hi.latency_ms
-    while len(trace) < max_steps and u_hi - u_lo > 1e-4:
+    # once the bracket is within 2% of u, neighbouring strengths differ by a group or two, and measurement noise (a few
+    # % on a CPU) decides more than u does: the group bisection below takes over
+    while len(trace) < max_steps and u_hi - u_lo > max(1e-4, 0.02 * u_hi):
         # regula falsi on log latency(u) (pruning makes latency fall roughly geometrically in u), aiming at the
         # middle of the target band and kept inside the middle 80% of the bracket
         aim = math.log(budget_ms * (1 - tolerance / 2))
