@@ -7,7 +7,7 @@
 A layer is a conv or linear with what follows it fused by the runtime (bias from the folded BN, the activation), at
 its real input resolution, stride and groups. Its entry is a grid over (input, output) widths: multiples of the
 target's channel multiple up to the layer's width, plus a few unaligned widths that show the staircase. A model's
-latency is a + b·(sum of its layers' entries), with a and b fitted on four measured plans of that model (per-run
+latency is a + b·(sum of its layers' entries), with a and b fitted on eight measured plans of that model (per-run
 overhead, pooling, adds and the difference between a layer alone and inside a model). Entries are keyed by signature, so tables for several models on one target merge.
 """
 
@@ -339,14 +339,24 @@ def _layer_points(layer: Layer, multiple: int) -> tuple[list[int], list[int]]:
     return cins, couts
 
 
-def calibration_widths(model: LayerModel, multiple: int, seed: int = 0) -> list[dict[str, int]]:
-    """Plans measured to calibrate a model's entries: full widths, minimum widths and two seeded random ones."""
+CALIBRATION_RANDOM = 6  # seeded random plans measured to calibrate a model, besides its full and minimum widths
+
+
+def calibration_widths(model: LayerModel, multiple: int, seed: int = 0,
+                       random_plans: int = CALIBRATION_RANDOM) -> list[dict[str, int]]:
+    """Plans measured to calibrate a model's entries: full widths, minimum widths and seeded random ones.
+
+    Eight plans, each timed over the target's `final_repeats` sessions: on a CPU whose single measurements of a
+    mobilenet_v2 plan scatter by ~9% (two passes over the same 70 plans, measured), four plans of three sessions left
+    the fitted scale off by several percent for every prediction.
+    """
     from edgeprune.plan import round_width
 
     rng = np.random.default_rng(seed)
     full = model.full()
     lows = {g: min(c, multiple) for g, c in full.items()}
-    rand = [{g: round_width(c * rng.uniform(0.25, 0.9), c, multiple) for g, c in full.items()} for _ in range(2)]
+    rand = [{g: round_width(c * rng.uniform(0.25, 0.9), c, multiple) for g, c in full.items()}
+            for _ in range(random_plans)]
     return [full, lows, *rand]
 
 
@@ -354,9 +364,9 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
               resume: bool = True, progress: Callable[[int, int], None] | None = None, repeats: int = 1) -> LatencyTable:
     """Measure every layer signature of `model` on `target` and calibrate the model; merges into `out`.
 
-    `measure_widths(widths) -> ms` measures the whole model pruned to `widths` on the target (4 calls). Layers
+    `measure_widths(widths) -> ms` measures the whole model pruned to `widths` on the target (8 calls). Layers
     measured alone carry per-run costs (session overhead, input and output copies) that do not shrink with width, so
-    the model's latency is fitted as a + b·Σ entries by least squares on those 4 plans. Interrupted runs resume:
+    the model's latency is fitted as a + b·Σ entries by least squares on those plans. Interrupted runs resume:
     the table is saved after each signature, and measured signatures are skipped.
     """
     import dataclasses

@@ -665,7 +665,8 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
             pruned = prune(loaded.module, loaded.example_input, plan, None, ignore)
             path = Path(tmp) / "calibrate.onnx"
             export_candidate(pruned, loaded.example_input, path, "torchscript")
-            return measure(path, target, cache=None).median
+            # a calibration plan's figure scales every prediction: time it over as many sessions as a verification
+            return measure(path, target, cache=None, repeats=target.measure.final_repeats).median
 
         table = build_lut(model, target, out, measure_widths, resume=resume,
                           progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))

@@ -11,8 +11,8 @@ import pytest
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import trace
-from edgeprune.lut import (LayerModel, build_layer_onnx, check_table_for, entry_latency, grid_widths, load_lut,
-                           predict)
+from edgeprune.lut import (CALIBRATION_RANDOM, LayerModel, build_layer_onnx, check_table_for, entry_latency,
+                           grid_widths, load_lut, predict)
 from edgeprune.models import load_model
 from edgeprune.runtimes import measure
 from edgeprune.targets import load_target
@@ -46,7 +46,7 @@ def test_lut_table_covers_every_layer(table_env: dict) -> None:
     lm = LayerModel.from_model(m.module, m.example_input, trace(m.module, m.example_input), "example")
     assert {ly.signature for ly in lm.layers} <= set(table.entries)
     assert table.meta["target"] == "cpu" and table.meta["runtime"] == "onnxruntime"
-    assert "example" in table.models and len(table.models["example"]["calibration"]) == 4
+    assert "example" in table.models and len(table.models["example"]["calibration"]) == 2 + CALIBRATION_RANDOM
 
 
 def test_predict_is_exact_at_grid_points_and_interpolates(table_env: dict) -> None:

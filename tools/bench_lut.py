@@ -1,9 +1,16 @@
 """Benchmark latency tables: build time, and predicted against measured latency on random plans.
 
-    python tools/bench_lut.py [--models resnet18,mobilenet_v2] [--plans 50] [--out bench/lut.json]
+    python tools/bench_lut.py [--models resnet18,mobilenet_v2] [--plans 50] [--passes 3] [--out bench/lut.json]
 
 Random plans: each group's width uniform in [15%, 100%] of its channels, rounded to the target's multiple. Each plan
-is pruned (no compensation: weights do not change latency), exported, simplified and measured on `cpu` without cache.
+is pruned (no compensation: weights do not change latency), exported and measured on `cpu` without cache.
+
+The measured figure of a plan is the median over `--passes` interleaved passes (every plan once, then every plan
+again, ...), each pass one measurement with the target's settings. On this 2-core VM a single measurement of a
+millisecond-scale model scatters by ~9% (fresh sessions land in fast or slow states for tens of seconds), which alone
+would put a perfect predictor outside ±10% for about a quarter of the plans. The JSON reports, besides the accuracy
+against the median, the accuracy against the first pass alone and how often two passes of the same plan agree within
+±10% (the machine's noise floor for this figure).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18,mobilenet_v2")
     ap.add_argument("--plans", type=int, default=50)
+    ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="bench/lut.json")
     args = ap.parse_args()
@@ -47,25 +55,37 @@ def main() -> None:
             graph = trace(m.module, m.example_input)
             lm = LayerModel.from_model(m.module, m.example_input, graph, spec)
             rng = np.random.default_rng(0)
-            errs, points = [], []
+            plans = []
             for i in range(args.plans):
                 widths = {g.name: round_width(g.channels * rng.uniform(0.15, 1.0), g.channels, target.channel_multiple)
                           for g in graph.groups}
                 plan = Plan(kept={k: tuple(range(w)) for k, w in widths.items()},
                             channels={g.name: g.channels for g in graph.groups}, compensation=False)
-                path = Path(tmp) / "plan.onnx"
+                path = Path(tmp) / f"plan-{i}.onnx"
                 export_candidate(prune(m.module, m.example_input, plan), m.example_input, path, "torchscript")
-                meas = measure(path, target, cache=None).median
-                pred, _ = predict(table, lm, widths)
-                errs.append(pred / meas - 1)
-                points.append({"predicted_ms": pred, "measured_ms": meas})
-                print(f"{name} plan {i + 1}: predicted {pred:.3f} measured {meas:.3f} ({100 * errs[-1]:+.1f}%)",
-                      file=sys.stderr, flush=True)
-            e = np.abs(np.asarray(errs))
+                plans.append((widths, path, predict(table, lm, widths)[0]))
+            passes = []
+            for k in range(args.passes):
+                passes.append([measure(path, target, cache=None).median for _, path, _ in plans])
+                print(f"{name} pass {k + 1}/{args.passes} done", file=sys.stderr, flush=True)
+            meas = np.median(np.asarray(passes), axis=0)
+            pred = np.asarray([p for _, _, p in plans])
+            errs = pred / meas - 1
+            for i, (p, y) in enumerate(zip(pred, meas)):
+                print(f"{name} plan {i + 1}: predicted {p:.3f} measured {y:.3f} ({100 * errs[i]:+.1f}%)",
+                      file=sys.stderr)
+            e = np.abs(errs)
+            first = np.abs(pred / np.asarray(passes[0]) - 1)
+            agree = [float(np.mean(np.abs(np.asarray(passes[a]) / np.asarray(passes[b]) - 1) <= 0.10))
+                     for a in range(len(passes)) for b in range(a + 1, len(passes))]
             row = {"model": name, "target": target.name, "lut_build_s": build_s, "signatures": summary["signatures"],
-                   "plans": args.plans, "within_10pct": float(np.mean(e <= 0.10)), "mape": float(np.mean(e)),
-                   "max_abs_err": float(e.max()), "best_channel_multiple": summary["best_channel_multiple"],
-                   "calibration": summary["calibration"], "points": points}
+                   "plans": args.plans, "passes": args.passes, "within_10pct": float(np.mean(e <= 0.10)),
+                   "mape": float(np.mean(e)), "max_abs_err": float(e.max()),
+                   "within_10pct_single_pass": float(np.mean(first <= 0.10)),
+                   "passes_agree_within_10pct": float(np.mean(agree)) if agree else None,
+                   "best_channel_multiple": summary["best_channel_multiple"], "calibration": summary["calibration"],
+                   "points": [{"widths": w, "predicted_ms": float(p), "measured_ms": [float(x[i]) for x in passes]}
+                              for i, ((w, _, _), p) in enumerate(zip(plans, pred))]}
             print(json.dumps({k: v for k, v in row.items() if k not in ("points", "calibration")}), flush=True)
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
