@@ -118,8 +118,8 @@ def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.Ca
 def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path], capsys: pytest.CaptureFixture,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """When the search found models under budget but the final verification measures them over it (noise), the exit
-    is 3 and the message says so instead of calling the budget unreachable. The verification figure is the real
-    measurement raised by 30%: what a noisy neighbour does to a sub-millisecond model."""
+    is 3 and the message says so instead of calling the budget unreachable. The verification figures are the real
+    measurements raised tenfold, so that the faster fallback candidates miss as well."""
     import dataclasses
 
     import edgeprune.runtimes as rt
@@ -128,8 +128,8 @@ def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path],
 
     def noisy(path, target, cache=None, repeats=None, progress=None):  # noqa: ANN001, ANN202
         stats = real(path, target, cache=None, repeats=repeats, progress=progress)
-        return dataclasses.replace(stats, median=stats.median * 1.3) if repeats == target.measure.final_repeats \
-            else stats
+        # the build verifies the released model as final.onnx: only those figures are raised
+        return dataclasses.replace(stats, median=stats.median * 10) if Path(path).name == "final.onnx" else stats
 
     monkeypatch.setattr(rt, "measure", noisy)
     code, r, err = build(env, capsys, "noisy", "--latency", "0.6x", "--criterion", "l1", "--no-compensation")
