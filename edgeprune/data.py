@@ -240,6 +240,12 @@ class CalibrationData:
     def labelled(self) -> bool:
         return self.calib_y is not None
 
+    def calib_digest(self) -> str:
+        """Short SHA-256 of the calibration samples: the statistics, hence the compensated weights, follow from them."""
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.calib_x).tobytes()).hexdigest()[:16]
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.calib_x.shape[1:])

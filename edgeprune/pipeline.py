@@ -83,12 +83,20 @@ class Prepared:
     base_outputs: tuple[torch.Tensor, torch.Tensor | None]
     timings_s: dict[str, float] = field(default_factory=dict)
     solvers: dict = field(default_factory=dict)  # per-consumer PrefixSolver, shared by every candidate
+    cache: dict = field(default_factory=dict)  # values derived once (the calibration digest)
 
     def plan(self, widths: dict[str, int], **meta: Any) -> Plan:
         c = self.config
+        if c.compensation:  # compensated weights follow from the calibration data: `prune --plan` checks it
+            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest(), **meta}
         return plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
                                   compensation=c.compensation, channel_multiple=c.channel_multiple,
                                   model=self.loaded.spec, seed=c.seed, meta=meta)
+
+    def calib_digest(self) -> str:
+        if "calib_digest" not in self.cache:
+            self.cache["calib_digest"] = self.data.calib_digest()
+        return self.cache["calib_digest"]
 
     def prune(self, plan: Plan, probe: bool = False) -> nn.Module:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
@@ -299,6 +307,12 @@ def _prune_job(config: PruneConfig, out: str | Path, ratio: float | None, plan_p
                                      channel_multiple=given.channel_multiple, seed=given.seed)
     prep = prepare(config, stages, rank_groups=given is None)
     t = prep.timings_s
+    made_with = given.meta.get("calibration_digest") if given is not None and given.compensation else None
+    if made_with is not None and made_with != prep.calib_digest():
+        log.warning("plan %s was made with other calibration data (%s, digest %s; here %s, digest %s): the compensated "
+                    "weights will differ from the ones it was made with; pass the same --calibration and --seed to "
+                    "reproduce them", plan_path, given.meta.get("calibration"), made_with, config.recipe_spec(),
+                    prep.calib_digest())
     plan = given if given is not None else prep.plan(uniform_widths(prep.graph, ratio, config.channel_multiple),
                                                      ratio=ratio)
     with timed(t, "prune"):

@@ -235,6 +235,27 @@ def test_prune_cli_plan_reproduces_weights_exactly_when_made_with_a_seed(capsys:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prune_cli_plan_with_other_calibration_data_warns(capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+                                                         tmp_path: Path, models_py: Path, random_recipe: Path) -> None:
+    """Compensated weights follow from the calibration data: the plan records which, and a replay on other data says
+    that the weights will differ (a warning: re-applying a plan to new data is legitimate)."""
+    model = ["--model", f"{models_py}:small", "--input-shape", "1,3,16,16", "--exporter", "torchscript", "--json"]
+    code, _, _ = cli(capsys, "prune", *model, "--calibration", str(random_recipe), "--ratio", "0.5",
+                     "--out", str(tmp_path / "a"))
+    plan = Plan.load(tmp_path / "a" / "plan.json")
+    assert code == 0 and plan.meta["calibration"] == str(random_recipe) and len(plan.meta["calibration_digest"]) == 16
+    other = write_recipe(tmp_path / "other.toml", kind="random", count=80, heldout=8, batch_size=32)
+    with caplog.at_level("WARNING", logger="edgeprune.pipeline"):
+        code, _, _ = cli(capsys, "prune", *model, "--calibration", str(other), "--plan",
+                         str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "b"))
+    assert code == 0 and "made with other calibration data" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgeprune.pipeline"):
+        code, _, _ = cli(capsys, "prune", *model, "--calibration", str(random_recipe), "--plan",
+                         str(tmp_path / "a" / "plan.json"), "--out", str(tmp_path / "c"))
+    assert code == 0 and "other calibration data" not in caplog.text
+
+
 def test_prune_job_needs_exactly_one_of_ratio_and_plan(tmp_path: Path) -> None:
     with pytest.raises(EdgePruneError, match="give exactly one of --ratio"):
         prune_job(PruneConfig(), tmp_path / "out")
