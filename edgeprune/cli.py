@@ -161,7 +161,7 @@ def make_cache(args: argparse.Namespace):
 
     if args.no_cache:
         return None
-    return MeasurementCache(Path(args.cache_dir) / "measurements" if args.cache_dir else None)
+    return MeasurementCache.under(args.cache_dir)
 
 
 def add_profile(sub: argparse._SubParsersAction) -> Handler:

@@ -453,8 +453,7 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
         raise EdgePruneError("--max-accuracy-drop needs a labelled calibration recipe (digits, imagefolder with class "
                              "folders, npy with labels); use --min-agreement for unlabelled data")
     t = prep.timings_s
-    cache = MeasurementCache(Path(config.cache_dir) / "measurements" if config.cache_dir else None) \
-        if config.use_cache else None
+    cache = MeasurementCache.under(config.cache_dir) if config.use_cache else None
     example = prep.loaded.example_input
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)

@@ -44,6 +44,11 @@ class MeasurementCache:
     def __init__(self, directory: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_cache_dir() / "measurements"
 
+    @classmethod
+    def under(cls, cache_dir: str | Path | None) -> MeasurementCache:
+        """The cache in `cache_dir` (`--cache-dir`: the measurements folder inside it), or the default one."""
+        return cls(Path(cache_dir) / "measurements" if cache_dir else None)
+
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.json"
 
