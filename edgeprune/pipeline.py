@@ -552,6 +552,11 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
             with timed(t, "verify"):
                 final_stats = measure(final_path, target, cache=cache, repeats=target.measure.final_repeats,
                                       progress=stages("verifying the final model", None))
+                if final_stats.median > budget_ms and cand.source != "lut" and cand.latency_ms <= budget_ms:
+                    # the search measured this very model within budget: noise decides between the two figures, and
+                    # a verification over twice the sessions settles it for less than a more pruned fallback costs
+                    final_stats = measure(final_path, target, cache=cache, repeats=2 * target.measure.final_repeats,
+                                          progress=stages("verifying the final model again", None))
             if final_stats.median <= budget_ms:
                 break
         met = final_stats.median <= budget_ms

@@ -138,6 +138,34 @@ def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path],
     assert "not met on verification" in line and "unreachable" not in line and "--tolerance" in line
 
 
+def test_build_verification_miss_is_measured_again_before_falling_back(env: dict[str, Path],
+                                                                       capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """One verification over budget (the first one, raised tenfold) is followed by a second one over twice the
+    sessions, which decides: the model the search chose ships, not a more pruned fallback."""
+    import dataclasses
+
+    import edgeprune.runtimes as rt
+    from edgeprune.search import widths_digest
+
+    real = rt.measure
+    calls: list[int | None] = []
+
+    def noisy_once(path, target, cache=None, repeats=None, progress=None):  # noqa: ANN001, ANN202
+        stats = real(path, target, cache=None, repeats=repeats, progress=progress)
+        if Path(path).name != "final.onnx":
+            return stats
+        calls.append(repeats)
+        return dataclasses.replace(stats, median=stats.median * 10) if len(calls) == 1 else stats
+
+    monkeypatch.setattr(rt, "measure", noisy_once)
+    code, r, _ = build(env, capsys, "noisy-once", "--latency", "0.6x", "--criterion", "l1", "--no-compensation")
+    assert code == 0 and r["met"] is True
+    assert calls[:2] == [3, 6]  # final_repeats, then twice as many sessions
+    best = min((c for c in r["search"]["trace"] if c["latency_ms"] <= r["budget_ms"]), key=lambda c: c["strength"])
+    assert widths_digest({g: w["after"] for g, w in r["widths"].items()}) == best["widths_digest"]
+
+
 def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     code, r, err = build(env, capsys, "jetson", "--device", "jetson", "--latency", "10ms")
     assert code == 5 and r is None
