@@ -150,12 +150,14 @@ def test_build_verification_miss_is_measured_again_before_falling_back(env: dict
 
     real = rt.measure
     calls: list[int | None] = []
+    seen: list[float] = []
 
     def noisy_once(path, target, cache=None, repeats=None, progress=None):  # noqa: ANN001, ANN202
         stats = real(path, target, cache=None, repeats=repeats, progress=progress)
         if Path(path).name != "final.onnx":
             return stats
         calls.append(repeats)
+        seen.append(stats.median)
         return dataclasses.replace(stats, median=stats.median * 10) if len(calls) == 1 else stats
 
     monkeypatch.setattr(rt, "measure", noisy_once)
@@ -163,7 +165,9 @@ def test_build_verification_miss_is_measured_again_before_falling_back(env: dict
     assert code == 0 and r["met"] is True
     assert calls[:2] == [3, 6]  # final_repeats, then twice as many sessions
     best = min((c for c in r["search"]["trace"] if c["latency_ms"] <= r["budget_ms"]), key=lambda c: c["strength"])
-    assert widths_digest({g: w["after"] for g, w in r["widths"].items()}) == best["widths_digest"]
+    shipped = widths_digest({g: w["after"] for g, w in r["widths"].items()})
+    # the second verification is a real measurement of a ~0.5 ms model: it decides, whichever way it goes
+    assert (shipped == best["widths_digest"]) == (seen[1] <= r["budget_ms"])
 
 
 def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
