@@ -360,8 +360,14 @@ def calibration_widths(model: LayerModel, multiple: int, seed: int = 0,
     return [full, lows, *rand]
 
 
+# Sessions per table entry: one session of a micro-model scatters by ~10% on a CPU (fresh sessions land in fast or
+# slow states), and a model's prediction sums a few dominant entries, so that noise does not average away.
+ENTRY_SESSIONS = 3
+
+
 def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths: Callable[[dict[str, int]], float],
-              resume: bool = True, progress: Callable[[int, int], None] | None = None, repeats: int = 1) -> LatencyTable:
+              resume: bool = True, progress: Callable[[int, int], None] | None = None,
+              repeats: int = ENTRY_SESSIONS) -> LatencyTable:
     """Measure every layer signature of `model` on `target` and calibrate the model; merges into `out`.
 
     `measure_widths(widths) -> ms` measures the whole model pruned to `widths` on the target (8 calls). Layers
