@@ -89,7 +89,6 @@ class MaskedProxy:
         self.originals = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                           for n, m in self.modules.items()}
         self.base = self._forward()
-        self.evaluations = 0
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():
@@ -110,6 +109,5 @@ class MaskedProxy:
                     m.bias.copy_(b)
         compensate_consumers(self.model, self.graph, plan, self.stats, self.orders, self.solvers, memo=self.memo,
                              repair=self.repair)
-        self.evaluations += 1
         y = self._forward()
         return float(torch.linalg.norm(y - self.base) / torch.linalg.norm(self.base).clamp_min(1e-30))

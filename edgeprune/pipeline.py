@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -83,20 +84,19 @@ class Prepared:
     base_outputs: tuple[torch.Tensor, torch.Tensor | None]
     timings_s: dict[str, float] = field(default_factory=dict)
     solvers: dict = field(default_factory=dict)  # per-consumer PrefixSolver, shared by every candidate
-    cache: dict = field(default_factory=dict)  # values derived once (the calibration digest)
 
     def plan(self, widths: dict[str, int], **meta: Any) -> Plan:
         c = self.config
         if c.compensation:  # compensated weights follow from the calibration data: `prune --plan` checks it
-            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest(), **meta}
+            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest, **meta}
         return plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
                                   compensation=c.compensation, channel_multiple=c.channel_multiple,
                                   model=self.loaded.spec, seed=c.seed, meta=meta)
 
+    @functools.cached_property
     def calib_digest(self) -> str:
-        if "calib_digest" not in self.cache:
-            self.cache["calib_digest"] = self.data.calib_digest()
-        return self.cache["calib_digest"]
+        """Digest of the calibration samples, hashed once: every candidate plan records it."""
+        return self.data.calib_digest()
 
     def prune(self, plan: Plan, probe: bool = False) -> nn.Module:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
@@ -308,11 +308,11 @@ def _prune_job(config: PruneConfig, out: str | Path, ratio: float | None, plan_p
     prep = prepare(config, stages, rank_groups=given is None)
     t = prep.timings_s
     made_with = given.meta.get("calibration_digest") if given is not None and given.compensation else None
-    if made_with is not None and made_with != prep.calib_digest():
+    if made_with is not None and made_with != prep.calib_digest:
         log.warning("plan %s was made with other calibration data (%s, digest %s; here %s, digest %s): the compensated "
                     "weights will differ from the ones it was made with; pass the same --calibration and --seed to "
                     "reproduce them", plan_path, given.meta.get("calibration"), made_with, config.recipe_spec(),
-                    prep.calib_digest())
+                    prep.calib_digest)
     plan = given if given is not None else prep.plan(uniform_widths(prep.graph, ratio, config.channel_multiple),
                                                      ratio=ratio)
     with timed(t, "prune"):
@@ -594,7 +594,7 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
             over = final_stats.median / budget_ms - 1
             code, message = int(ExitCode.BUDGET_UNREACHABLE), (
                 f"budget {budget_ms:.3f} ms ({budget.text}) not met on verification: the search measured "
-                f"{chosen.latency_ms:.3f} ms for the chosen model, {target.measure.final_repeats} fresh repeats measured "
+                f"{chosen.latency_ms:.3f} ms for the chosen model, {len(final_stats.repeat_medians)} fresh repeats measured "
                 f"{final_stats.median:.3f} ms ({over:+.1%}); timing noise on {target.name} exceeds the margin: re-run on "
                 f"a quieter machine, or raise --tolerance so that the search aims further under the budget")
         elif not met:
