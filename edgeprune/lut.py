@@ -319,7 +319,31 @@ def predict(table: LatencyTable, model: LayerModel, widths: dict[str, int]) -> t
             warnings.append(f"{layer.name} at ({cin}, {cout}) is outside the table's grid")
         total += v
     cal = table.models[model.model]
-    return cal["offset_ms"] + cal["scale"] * total, warnings
+    pred = cal["offset_ms"] + cal["scale"] * total
+    if pred <= 0 or cal["scale"] <= 0:  # a fit that noise made meaningless here (tables made before fit_calibration)
+        pred = _proportional_scale([c["layers_ms"] for c in cal.get("calibration", [])],
+                                   [c["measured_ms"] for c in cal.get("calibration", [])]) * total
+    return pred, warnings
+
+
+def fit_calibration(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(offset, scale) of latency ≈ offset + scale·Σentries, by least squares over the calibration plans.
+
+    On a sub-millisecond model the noise can tilt the line flat or negative, or push its offset so far down that the
+    most pruned plans would be predicted at zero or below: the fit then falls back to a proportional scale (offset 0,
+    the median ratio of measured to summed latency), which keeps every prediction positive and ordered like the sums.
+    """
+    if len(set(xs)) < 2:
+        return 0.0, _proportional_scale(xs, ys)
+    slope, offset = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
+    if slope <= 0 or offset + slope * min(xs) <= 0.5 * min(ys):
+        return 0.0, _proportional_scale(xs, ys)
+    return float(offset), float(slope)
+
+
+def _proportional_scale(xs: list[float], ys: list[float]) -> float:
+    ratios = [y / x for x, y in zip(xs, ys) if x > 0 and y > 0]
+    return float(np.median(ratios)) if ratios else 1.0
 
 
 def stair_widths(layer: Layer, multiple: int) -> list[int]:
@@ -421,8 +445,8 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
             xs.append(sum(entry_latency(table.entries[ly.signature], *ly.widths(widths, model.channels))[0]
                           for ly in model.layers))
             ys.append(measure_widths(widths))
-        slope, offset = np.polyfit(np.asarray(xs), np.asarray(ys), 1) if len(set(xs)) > 1 else (1.0, ys[0] - xs[0])
-        table.models[model.model] = {"offset_ms": float(offset), "scale": float(slope), "base_ms": ys[0],
+        offset, slope = fit_calibration(xs, ys)
+        table.models[model.model] = {"offset_ms": offset, "scale": slope, "base_ms": ys[0],
                                      "calibration": [{"layers_ms": x, "measured_ms": y} for x, y in zip(xs, ys)],
                                      "layers": len(model.layers)}
         table.meta = meta

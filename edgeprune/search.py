@@ -229,7 +229,8 @@ def search(
         # regula falsi on log latency(u) (pruning makes latency fall roughly geometrically in u), aiming at the
         # middle of the target band and kept inside the middle 80% of the bracket
         aim = math.log(budget_ms * (1 - tolerance / 2))
-        frac = (math.log(l_lo) - aim) / max(math.log(l_lo) - math.log(l_hi), 1e-12)
+        log_lo, log_hi = math.log(max(l_lo, 1e-9)), math.log(max(l_hi, 1e-9))  # a prediction can be ~0, never a crash
+        frac = (log_lo - aim) / max(log_lo - log_hi, 1e-12)
         frac = min(0.9, max(0.1, frac))
         u = u_lo + frac * (u_hi - u_lo)
         c = probe(u)

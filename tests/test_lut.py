@@ -6,13 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import trace
 from edgeprune.lut import (CALIBRATION_RANDOM, LayerModel, build_layer_onnx, check_table_for, entry_latency,
-                           grid_widths, load_lut, predict)
+                           fit_calibration, grid_widths, load_lut, predict)
 from edgeprune.models import load_model
 from edgeprune.runtimes import measure
 from edgeprune.targets import load_target
@@ -78,6 +79,35 @@ def test_predict_full_model_close_to_measured_base(table_env: dict) -> None:
     lm = LayerModel.from_model(m.module, m.example_input, trace(m.module, m.example_input), "example")
     pred, warns = predict(table, lm, lm.full())
     assert not warns and pred == pytest.approx(table.models["example"]["base_ms"], rel=0.25)
+
+
+@pytest.mark.parametrize("xs, ys, proportional", [
+    ([1.0, 2.0, 3.0, 4.0], [1.1, 2.1, 2.9, 4.0], False),  # a clean line keeps its least-squares fit
+    ([1.0, 2.0, 3.0, 4.0], [0.9, 0.3, 0.9, 0.2], True),  # noise tilted it negative
+    ([0.1, 0.2, 4.0, 4.1], [0.05, 0.06, 4.0, 4.2], True),  # offset so low the smallest plan would be predicted ~0
+    ([2.0, 2.0], [3.0, 3.2], True),  # one distinct sum: nothing to fit a line to
+])
+def test_fit_calibration_falls_back_to_a_proportional_scale_when_the_line_is_meaningless(
+        xs: list[float], ys: list[float], proportional: bool) -> None:
+    offset, scale = fit_calibration(xs, ys)
+    if proportional:
+        assert offset == 0.0 and scale == pytest.approx(float(np.median(np.asarray(ys) / np.asarray(xs))))
+    else:
+        slope, off = np.polyfit(xs, ys, 1)
+        assert (offset, scale) == pytest.approx((off, slope))
+    assert all(offset + scale * x > 0 for x in xs)
+
+
+def test_predict_stays_positive_and_ordered_with_an_old_table_whose_fit_is_negative(table_env: dict) -> None:
+    table = load_lut(table_env["table"])
+    m = load_model("example")
+    lm = LayerModel.from_model(m.module, m.example_input, trace(m.module, m.example_input), "example")
+    cal = table.models["example"]
+    cal["offset_ms"], cal["scale"] = -10.0 * cal["base_ms"], 1.0  # what a noise-tilted fit of an older table held
+    full = lm.full()
+    half = {g: max(1, c // 2) for g, c in full.items()}
+    p_full, p_half = predict(table, lm, full)[0], predict(table, lm, half)[0]
+    assert 0 < p_half < p_full
 
 
 def test_grid_widths() -> None:
