@@ -8,6 +8,7 @@ from torch import nn
 from edgeprune.compensate import (
     LayerStats,
     PrefixSolver,
+    _Accumulator,
     collect_statistics,
     compensate_layer,
     min_patches_needed,
@@ -86,8 +87,11 @@ def stats_net() -> tuple[nn.Module, list[torch.Tensor]]:
     return model, batches
 
 
-def test_collect_statistics_equals_numpy_for_strided_dilated_padded_conv(stats_net: tuple) -> None:
+@pytest.mark.parametrize("flush", [1, 3, 8])  # float32 partial sums of 1 or 3 batches (float64 total), or one only
+def test_collect_statistics_equals_numpy_for_strided_dilated_padded_conv(stats_net: tuple, flush: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     model, batches = stats_net
+    monkeypatch.setattr(_Accumulator, "FLUSH", flush)
     stats = collect_statistics(model, ["conv_b"], batches)["conv_b"]
     x = np.concatenate(captured_inputs(model, ["conv_b"], batches)["conv_b"])
     patches = numpy_unfold(x, (3, 3), (2, 2), (2, 2), (2, 2))

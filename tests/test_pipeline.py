@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
 from edgeprune.fidelity import fidelity
 from edgeprune.models import load_model
-from edgeprune.pipeline import PruneConfig, atomic_dir, load_pruned, prepare, prune_job, save_pruned
+from edgeprune.pipeline import PruneConfig, _glibc, atomic_dir, load_pruned, prepare, prune_job, retained_memory, \
+    save_pruned
 from edgeprune.plan import Plan, uniform_widths
 from tests.test_cli import assert_one_line_error
 
@@ -389,3 +391,29 @@ def test_prune_cli_bad_plan_file_exit_2(capsys: pytest.CaptureFixture, tmp_path:
     assert code == 2
     assert_one_line_error(err, needle)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(_glibc() is None, reason="keeping freed memory uses glibc's mallopt; elsewhere it is a no-op")
+@pytest.mark.parametrize("enabled", [True, False])
+def test_retained_memory_keeps_freed_blocks_during_a_job_and_returns_them_after(
+        enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGEPRUNE_RETAIN_MEMORY", "1" if enabled else "0")
+    size = 256 * 2**20  # a block glibc would otherwise hand back to the kernel as soon as it is freed
+    with retained_memory():
+        block = np.ones(size // 8)
+        held = _resident_bytes()
+        del block
+        after_free = _resident_bytes()
+    after_job = _resident_bytes()
+    if enabled:
+        assert after_free > held - size // 4  # still resident: the next batch reuses it without page faults
+        assert after_job < held - size * 3 // 4  # given back when the job ends
+    else:
+        assert after_free < held - size * 3 // 4

@@ -24,7 +24,7 @@ from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, heavy_stage_threads
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, heavy_stage_threads, retained_memory
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/prune.json")
     args = ap.parse_args()
     rows = []
-    with compute_threads():  # the pipeline's setting (EDGEPRUNE_THREADS, default 1)
+    with compute_threads(), retained_memory():  # the pipeline's settings (EDGEPRUNE_THREADS, default 1)
         for name in args.models.split(","):
             rows.append(bench(name, args.images))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
