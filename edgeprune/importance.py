@@ -127,7 +127,7 @@ class _ConsumerState:
             return out
         m = self.sigma[idx[:, :, None], idx[:, None, :]].astype(np.float64)  # (C', k, k), rows increasing
         m = np.triu(m) + np.swapaxes(np.triu(m, 1), 1, 2)  # from the upper triangle
-        r = np.ascontiguousarray(np.transpose(self.a[:, idx], (1, 2, 0)))  # (C', k, N) float32
+        r = self.a.T[idx]  # (C', k, N) float32, gathered as whole rows of the C-ordered transpose
         gram = np.matmul(r, np.transpose(r, (0, 2, 1))).astype(np.float64)  # RᵀR per candidate, (C', k, k)
         m = m + RIDGE * self.scale * np.eye(self.k)
         ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 2 * RIDGE * self.scale, axis=1)
@@ -142,26 +142,32 @@ class _ConsumerState:
     def select(self, chans: np.ndarray) -> float:
         """Condition on the coordinates of `chans` (Σ -= Z Zᵀ, A -= (A_T L⁻ᵀ) Zᵀ with Z = Σ_:,T L⁻ᵀ); returns the loss drop."""
         from scipy.linalg.blas import sgemm, ssyrk
+        from scipy.linalg.lapack import dpotrf, dtrtri
 
         t = self.pos[self.local[chans].ravel()]
         above = np.arange(self.sigma.shape[0])[:, None] <= t[None, :]
-        b = np.where(above, self.sigma[:, t], self.sigma[t, :].T).astype(np.float64)  # Σ_:,T from the upper triangle
-        m = (b[t, :] + b[t, :].T) / 2
-        low = None
-        for r in (RIDGE, 1e-2, 1.0):
-            try:
-                low = scipy.linalg.cholesky(m + r * self.scale * np.eye(t.size), lower=True)
-                break
-            except np.linalg.LinAlgError:
-                continue
-        if low is None:  # numerically exhausted: these coordinates carry nothing the selection lacks
-            low = np.sqrt(self.scale) * np.eye(t.size)
-        z = np.nan_to_num(scipy.linalg.solve_triangular(low, b.T, lower=True, check_finite=False).T)  # Σ_:,T L⁻ᵀ
-        za = np.nan_to_num(scipy.linalg.solve_triangular(low, np.nan_to_num(self.a[:, t].T.astype(np.float64)),
-                                                         lower=True, check_finite=False).T)  # W̃ Σ_:,T L⁻ᵀ
-        z32 = np.asfortranarray(z, dtype=np.float32)
-        self.sigma = ssyrk(-1.0, z32, beta=1.0, c=self.sigma, trans=0, lower=0, overwrite_c=1)
-        sgemm(-1.0, np.asfortranarray(za, dtype=np.float32), z32, beta=1.0, c=self.a, trans_b=1, overwrite_c=1)
+        b = np.where(above, self.sigma[:, t], self.sigma[t, :].T)  # Σ_:,T from the upper triangle, float32
+        bt = b[t, :].astype(np.float64)
+        m = (bt + bt.T) / 2
+        inv_low = None
+        # raw LAPACK (potrf, trtri) for these |T|×|T| factors: scipy.linalg's wrappers cost 3-4x more on matrices
+        # this small, thousands of times per ranking
+        for r in (RIDGE, 1e-2, 1.0) if np.isfinite(m).all() else ():
+            m_r = m.copy()
+            m_r[np.diag_indices_from(m_r)] += r * self.scale
+            low, info = dpotrf(m_r, lower=1, clean=1, overwrite_a=1)
+            if info == 0:
+                inv_low, info = dtrtri(low, lower=1, overwrite_c=1)
+                if info == 0:
+                    break
+            inv_low = None
+        if inv_low is None:  # numerically exhausted: these coordinates carry nothing the selection lacks
+            inv_low = np.eye(t.size) / np.sqrt(self.scale)
+        inv_t = np.asfortranarray(inv_low.T, dtype=np.float32)  # L⁻ᵀ; then two float32 products, as the state is
+        z = sgemm(1.0, b, inv_t)  # Σ_:,T L⁻ᵀ, Fortran-ordered
+        za = sgemm(1.0, self.a[:, t], inv_t)  # W̃ Σ_:,T L⁻ᵀ
+        self.sigma = ssyrk(-1.0, z, beta=1.0, c=self.sigma, trans=0, lower=0, overwrite_c=1)
+        self.a = sgemm(-1.0, za, z, beta=1.0, c=self.a, trans_b=1, overwrite_c=1)
         # exactly explained now: zero their columns (contiguous) so round-off cannot resurrect them; their rows are
         # left stale, which is safe: a selected row only ever reaches entries of other selected coordinates
         self.sigma[:, t] = 0.0
@@ -172,7 +178,7 @@ class _ConsumerState:
         alive = int(np.count_nonzero(self.pos >= 0))
         if 0 < alive < 2 * self.sigma.shape[0] // 3:
             self._compact()
-        drop = float(np.sum(za * za))
+        drop = float(np.sum(np.square(za, dtype=np.float64)))
         self.loss = max(self.loss - drop, 0.0)
         return drop
 
@@ -180,8 +186,10 @@ class _ConsumerState:
         """Drop the rows and columns of selected coordinates: later downdates touch only what is left."""
         live = self.pos >= 0
         rows = self.pos[live]
-        self.sigma = np.asfortranarray(self.sigma[np.ix_(rows, rows)])
-        self.a = np.asfortranarray(self.a[:, rows])
+        # one gather each, through the C-ordered transposes: the results are Fortran-ordered again, and the upper
+        # triangle stays the upper triangle (rows are increasing)
+        self.sigma = self.sigma.T[np.ix_(rows, rows)].T
+        self.a = self.a.T[rows].T
         self.pos[live] = np.arange(rows.size)
 
 
