@@ -28,7 +28,7 @@ from edgeprune.data import CalibrationData, load_data, load_recipe
 from edgeprune.errors import EdgePruneError
 from edgeprune.fidelity import Fidelity, fidelity, outputs
 from edgeprune.graph import Graph, modules_called, trace
-from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank
+from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
@@ -102,10 +102,10 @@ class Prepared:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
         a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
         orders = self.orders() if probe and self.rankings else None
-        with heavy_stage_threads(self.data):
+        with group_workers(self.data) as workers:
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
-                         self.solvers if probe else None, graph=self.graph)
+                         self.solvers if probe else None, graph=self.graph, workers=workers)
 
     def orders(self) -> dict[str, tuple[int, ...]]:
         """Channel order per group: what lets `solvers` serve every width of a consumer."""
@@ -227,6 +227,18 @@ def _glibc() -> Any:
 
 
 @contextmanager
+def group_workers(data: CalibrationData) -> Iterator[int]:
+    """Workers for stages made of independent per-group (per-layer) work on large inputs: one per core, each with
+    one BLAS thread (see `importance.rank_all`); on small inputs one worker under `compute_threads`."""
+    batch_values = data.recipe.batch_size * int(np.prod(data.sample_shape))
+    if batch_values < LARGE_BATCH or "EDGEPRUNE_THREADS" in os.environ or _DEFAULT_TORCH_THREADS < 2:
+        yield 1
+        return
+    with _threads(1):
+        yield _DEFAULT_TORCH_THREADS
+
+
+@contextmanager
 def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
     t0 = time.perf_counter()
     log.info("%s: start", stage)
@@ -266,11 +278,9 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
                                        strict=data.recipe.kind != "random")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
-        with timed(t, "rank"), heavy_stage_threads(data):
-            tick = stages(f"ranking channels ({config.criterion})", len(graph.groups))
-            for i, g in enumerate(graph.groups):
-                rankings[g.name] = rank(config.criterion, loaded.module, g, stats, config.seed, None)
-                tick(i + 1, len(graph.groups))
+        with timed(t, "rank"), group_workers(data) as workers:
+            rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, config.seed, workers,
+                                   stages(f"ranking channels ({config.criterion})", len(graph.groups)))
     with timed(t, "baseline"):
         base_outputs = outputs(loaded.module, data)
     return Prepared(config, loaded, data, graph, stats, rankings, base_outputs, t)

@@ -50,7 +50,7 @@ def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
 def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None,
                          orders: dict[str, tuple[int, ...]] | None = None,
                          solvers: dict[str, PrefixSolver | None] | None = None,
-                         memo: dict[tuple, tuple] | None = None, repair: bool = True) -> None:
+                         memo: dict[tuple, tuple] | None = None, repair: bool = True, workers: int = 1) -> None:
     """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair.
 
     Args:
@@ -59,6 +59,8 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
         memo: caller-owned cache of repairs keyed by consumer and removed coordinates (the search's inner level
             re-evaluates many plans that differ in one group).
         repair: False only zeroes the removed columns (pruning without compensation, as masking).
+        workers: consumers repaired at once, in threads (independent solves; the caller sets BLAS to one thread per
+            worker, see `importance.rank_all`). The weights do not depend on it.
     """
     modules = dict(model.named_modules())
     bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
@@ -68,24 +70,18 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
         for c in g.consumers:
             reads[c.module] += 1
             single[c.module] = (g, c)
-    for name, removed in removed_coords(graph, plan).items():
-        if not removed:
-            continue
-        key = (name, tuple(sorted(removed)))
-        if memo is not None and key in memo:
-            _set_weights(modules[name], *memo[key])
-            continue
+
+    def solve(name: str, removed: set[int]) -> tuple:
         m = modules[name]
         w2 = m.weight.detach().double().cpu().numpy().reshape(m.weight.shape[0], -1)
         keep = np.setdiff1d(np.arange(w2.shape[1]), np.fromiter(removed, dtype=np.int64))
-        result = None
         if not repair:
-            result = (keep, w2[:, keep], None)  # slicing: the bias stays as it is
-        elif stats is None or name not in stats:
+            return keep, w2[:, keep], None  # slicing: the bias stays as it is
+        if stats is None or name not in stats:
             raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
         bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
         rescale = bn_follows.get(name, False)
-        if result is None and orders is not None and solvers is not None and reads[name] == 1:
+        if orders is not None and solvers is not None and reads[name] == 1:
             g, c = single[name]
             order = orders.get(g.name)
             kept = plan.kept.get(g.name, ())
@@ -99,15 +95,34 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
                     n_keep = sum(len(c.coords[j]) for j in kept)
                     try:
                         w_new, b_new = solver.solve(n_keep, bias, rescale)
-                        result = (solver.order[:n_keep], w_new, b_new)
+                        return solver.order[:n_keep], w_new, b_new
                     except np.linalg.LinAlgError:
                         solvers[name] = None  # not positive definite: the direct solve has a ridge fallback
-        if result is None:
-            w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
-            result = (keep, w_new, b_new)
+        w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale)
+        return keep, w_new, b_new
+
+    todo = {}
+    for name, removed in removed_coords(graph, plan).items():
+        if not removed:
+            continue
+        key = (name, tuple(sorted(removed)))
+        if memo is not None and key in memo:
+            _set_weights(modules[name], *memo[key])
+        else:
+            todo[key] = removed
+    if workers > 1 and len(todo) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the widest consumers first, so that the workers finish together
+        keys = sorted(todo, key=lambda k: -modules[k[0]].weight[0].numel())
+        with ThreadPoolExecutor(workers, thread_name_prefix="edgeprune-repair") as pool:
+            results = dict(zip(keys, pool.map(lambda k: solve(k[0], todo[k]), keys)))
+    else:
+        results = {k: solve(k[0], removed) for k, removed in todo.items()}
+    for key in todo:  # weights are set in the plan's order, on this thread
         if memo is not None:
-            memo[key] = result
-        _set_weights(m, *result)
+            memo[key] = results[key]
+        _set_weights(modules[key[0]], *results[key])
 
 
 def _set_weights(m: nn.Module, keep: np.ndarray, w_new: np.ndarray, b_new: np.ndarray | None) -> None:
@@ -133,11 +148,13 @@ def prune(
     orders: dict[str, tuple[int, ...]] | None = None,
     solvers: dict | None = None,
     graph: Graph | None = None,
+    workers: int = 1,
 ) -> nn.Module:
     """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`.
 
     `orders` and `solvers` (see `compensate_consumers`) make repeated pruning of one model at many widths cheap, and so
     does `graph` (the groups of `model` traced with the same `ignore`): one dependency trace per candidate, not two.
+    `workers` repairs that many consumers at once (see `compensate_consumers`).
     """
     import torch_pruning as tp
 
@@ -147,7 +164,7 @@ def prune(
     if plan.compensation:
         if stats is None:
             raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")
-        compensate_consumers(model, graph, plan, stats, orders, solvers)
+        compensate_consumers(model, graph, plan, stats, orders, solvers, workers=workers)
     # Rebuild the dependency graph: compensation may have added biases, which torch-pruning must see to slice them.
     dg = build_dependency_graph(model, example_input)
     modules = dict(model.named_modules())

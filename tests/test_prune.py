@@ -14,7 +14,7 @@ from edgeprune.compensate import LayerStats, collect_statistics, compensate_laye
 from edgeprune.errors import EdgePruneError
 from edgeprune.export import export
 from edgeprune.graph import Graph, trace
-from edgeprune.importance import consumer_weight, rank
+from edgeprune.importance import consumer_weight, rank, rank_all
 from edgeprune.pipeline import PruneConfig, prepare
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, removed_coords, structural_copy
@@ -367,3 +367,25 @@ def test_masked_proxy_computes_what_the_physically_pruned_model_computes(case: C
     g0 = case.graph.groups[0]
     proxy.error(dataclasses.replace(plan, kept={**plan.kept, g0.name: tuple(range(g0.channels))}))
     assert proxy.error(plan) == pytest.approx(got, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ZOO_IDS)
+def test_two_workers_rank_and_prune_exactly_as_one(name: str, zoo_cases: dict[str, Case]) -> None:
+    """Groups ranked and consumers repaired in two threads (BLAS on one each, as `group_workers` sets it) give the
+    same orders, loss curves and weights, bit for bit, as one at a time."""
+    from threadpoolctl import threadpool_limits
+
+    case = zoo_cases[name]
+    model = copy.deepcopy(case.model)
+    model.load_state_dict(case.original_state)
+    with threadpool_limits(1):
+        one = rank_all("cap", model, case.graph.groups, case.stats, workers=1)
+        two = rank_all("cap", model, case.graph.groups, case.stats, workers=2)
+        assert list(two) == list(one) == [g.name for g in case.graph.groups]
+        assert all(two[g] == one[g] for g in one)
+        plan = plan_from_rankings(case.graph, one, uniform_widths(case.graph, 0.5, 2), criterion="cap",
+                                  channel_multiple=2)
+        a = prune(model, case.x, plan, case.stats, workers=1)
+        b = prune(model, case.x, plan, case.stats, workers=2)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

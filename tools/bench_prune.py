@@ -22,9 +22,10 @@ import torch
 from edgeprune.compensate import collect_statistics
 from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
-from edgeprune.importance import rank
+from edgeprune.importance import rank_all
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, heavy_stage_threads, retained_memory
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, group_workers, heavy_stage_threads, \
+    retained_memory
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -66,16 +67,16 @@ def bench(name: str, images: int) -> dict:
             stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
         row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         t0 = time.perf_counter()
-        with heavy_stage_threads(data):
-            rankings = {g.name: rank("cap", m.module, g, stats) for g in graph.groups}
+        with group_workers(data) as workers:  # as the pipeline does
+            rankings = rank_all("cap", m.module, graph.groups, stats, workers=workers)
         row["ranking_s"], row["ranking_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5, 8))
         import copy
 
         model = copy.deepcopy(m.module)
         t0 = time.perf_counter()
-        with heavy_stage_threads(data):
-            compensate_consumers(model, graph, plan, stats)
+        with group_workers(data) as workers:
+            compensate_consumers(model, graph, plan, stats, workers=workers)
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
         row["groups"], row["consumers"] = len(graph.groups), len(stats)
