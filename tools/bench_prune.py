@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -24,8 +23,7 @@ from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank_all
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, compute_threads, group_workers, heavy_stage_threads, \
-    retained_memory
+from edgeprune.pipeline import compute_threads, group_workers, heavy_stage_threads, retained_memory
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
 
@@ -56,9 +54,11 @@ def bench(name: str, images: int) -> dict:
             recipe_path = Path(tmp) / "r.toml"
             recipe_path.write_text(f'kind = "random"\ncount = {images + 16}\nheldout = 16\nbatch_size = 32\n')
             data = load_data(load_recipe_file(recipe_path), m.input_shape)
-        row = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads(),
-               "heavy_stage_threads": torch.get_num_threads() if "EDGEPRUNE_THREADS" in os.environ
-               else _DEFAULT_TORCH_THREADS}
+        row: dict = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads()}
+        with heavy_stage_threads(data):
+            row["heavy_stage_threads"] = torch.get_num_threads()  # statistics: torch and BLAS on these
+        with group_workers(data) as workers:
+            row["group_workers"] = workers  # ranking and compensation: this many groups at once, one BLAS thread each
         t0 = time.perf_counter()
         graph = trace(m.module, m.example_input)
         row["trace_s"] = time.perf_counter() - t0

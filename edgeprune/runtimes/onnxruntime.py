@@ -82,8 +82,11 @@ def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, p
             t0 = time.perf_counter_ns()
             sess.run(None, feeds)
             times.append((time.perf_counter_ns() - t0) / 1e6)
-            if progress is not None:
-                progress(r * cfg.iterations + len(times), total)
+            if progress is not None:  # a repeat ends at `iterations` runs or at `max_seconds`, whichever comes first
+                by_time = int(cfg.iterations * (time.perf_counter() - start) / cfg.max_seconds) if cfg.max_seconds else 0
+                progress(r * cfg.iterations + min(max(len(times), by_time), cfg.iterations), total)
+        if progress is not None:
+            progress((r + 1) * cfg.iterations, total)
         per_repeat.append(times)
         del sess
     return stats_from_repeats(

@@ -76,6 +76,20 @@ def test_max_seconds_stops_a_repeat_after_the_minimum_runs(tiny_onnx: Path, fast
     assert measure(tiny_onnx, uncapped).n == 2 * 40
 
 
+@pytest.mark.parametrize("max_seconds", [0.0, 1e-9])  # every run, or each repeat cut at the minimum runs
+def test_measure_progress_rises_to_its_total_when_max_seconds_cuts_repeats_short(
+        tiny_onnx: Path, fast_cpu: Target, max_seconds: float) -> None:
+    from edgeprune.runtimes import onnxruntime as ort_backend
+
+    target = dataclasses.replace(fast_cpu, measure=MeasureConfig(warmup=1, iterations=40, repeats=2,
+                                                                 max_seconds=max_seconds))
+    seen: list[tuple[int, int]] = []
+    ort_backend.measure(tiny_onnx, target, progress=lambda d, t: seen.append((d, t)))
+    done = [d for d, _ in seen]
+    assert {t for _, t in seen} == {80} and done == sorted(done) and done[-1] == 80
+    assert 40 in done  # the first repeat's end is reported, however few runs it took
+
+
 @pytest.mark.parametrize("done, elapsed, expected", [(9, 5.0, False), (10, 5.0, True), (10, 0.5, False),
                                                      (40, 0.0, True)])
 def test_runs_done_rule(done: int, elapsed: float, expected: bool) -> None:
