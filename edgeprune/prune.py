@@ -18,6 +18,7 @@ from torch import nn
 from edgeprune.compensate import LayerStats, PrefixSolver, compensate_layer
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, build_dependency_graph, trace
+from edgeprune.parallel import thread_map
 from edgeprune.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,9 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
             _set_weights(modules[name], *memo[key])
         else:
             todo[key] = removed
-    if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        # the widest consumers first, so that the workers finish together
-        keys = sorted(todo, key=lambda k: -modules[k[0]].weight[0].numel())
-        with ThreadPoolExecutor(workers, thread_name_prefix="edgeprune-repair") as pool:
-            results = dict(zip(keys, pool.map(lambda k: solve(k[0], todo[k]), keys)))
-    else:
-        results = {k: solve(k[0], removed) for k, removed in todo.items()}
+    keys = list(todo)
+    results = dict(zip(keys, thread_map(lambda k: solve(k[0], todo[k]), keys, workers,
+                                        key=lambda k: -modules[k[0]].weight[0].numel())))  # widest first
     for key in todo:  # weights are set in the plan's order, on this thread
         if memo is not None:
             memo[key] = results[key]
