@@ -20,8 +20,8 @@ from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
 from edgeprune.fidelity import fidelity
 from edgeprune.models import load_model
-from edgeprune.pipeline import PruneConfig, _glibc, atomic_dir, load_pruned, prepare, prune_job, retained_memory, \
-    save_pruned
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, PruneConfig, _glibc, atomic_dir, group_workers, load_pruned, \
+    prepare, prune_job, retained_memory, save_pruned
 from edgeprune.plan import Plan, uniform_widths
 from tests.test_cli import assert_one_line_error
 
@@ -417,3 +417,23 @@ def test_retained_memory_keeps_freed_blocks_during_a_job_and_returns_them_after(
         assert after_job < held - size * 3 // 4  # given back when the job ends
     else:
         assert after_free < held - size * 3 // 4
+
+
+# ---------------------------------------------------------------- threads
+
+
+def test_group_workers_one_per_core_with_one_blas_thread_on_large_inputs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threadpoolctl import threadpool_info
+
+    monkeypatch.delenv("EDGEPRUNE_THREADS", raising=False)
+    small = load_data(load_recipe("digits"), INPUT_SHAPE)
+    large = load_data(load_recipe("random"), (1, 3, 224, 224))
+    with group_workers(small) as workers:
+        assert workers == 1
+    blas_before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    with group_workers(large) as workers:
+        assert workers == _DEFAULT_TORCH_THREADS  # the machine's cores (2 on CI)
+        if workers > 1:
+            assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
+            assert torch.get_num_threads() == 1
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
