@@ -190,8 +190,9 @@ def retained_memory() -> Iterator[None]:
     so the next batch faults the same amount in again; on a virtual machine that hands freed pages back to its host
     (virtio-balloon free page reporting, as on our 2-core machines) that costs 5-16 µs per 4 KB page instead of 0.6.
     resnet50's calibration pass took 3.4 million page faults; kept, 0.6 million, and its 256-image forward pass
-    ran in 17-18 s instead of 26-34 s (measured). Peak memory grows a little (3.2 to 3.5 GB on resnet50's
-    `tools/bench_prune.py`). `EDGEPRUNE_RETAIN_MEMORY=0` turns it off.
+    ran in 17-18 s instead of 26-34 s (measured). Peak memory is the high-water mark of the job, not more: alone this
+    raised resnet50's `tools/bench_prune.py` peak from 3.2 to 3.5 GB, and with the statistics' smaller temporaries it
+    is 3.1 GB. `EDGEPRUNE_RETAIN_MEMORY=0` turns it off.
     """
     global _retaining
     libc = _glibc() if os.environ.get("EDGEPRUNE_RETAIN_MEMORY", "1") != "0" else None
