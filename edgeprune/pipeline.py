@@ -165,16 +165,21 @@ LARGE_BATCH = 1_000_000  # input values per calibration batch above which the he
 
 @contextmanager
 def heavy_stage_threads(data: CalibrationData) -> Iterator[None]:
-    """Statistics, ranking and compensation on large inputs (224x224 batches) run on all threads, torch's and BLAS's:
-    the calibration pass accumulates its products after each forward pass, so the two pools take turns instead of
-    spinning against each other (resnet18 with 256 images: 38.9 s on 2 threads against 49.6 s on 1, measured). On
+    """The statistics on large inputs (224x224 batches) run on all threads, torch's and BLAS's (ranking and compensation
+    use `group_workers`): the calibration pass accumulates its products after each forward pass, so the two pools take
+    turns instead of spinning against each other (resnet18 with 256 images: 38.9 s on 2 threads against 49.6 s on 1, measured). On
     small inputs (the 32x32 example) one thread stays faster (19.4 s against 22.1 s for `edgeprune prune`)."""
-    batch_values = data.recipe.batch_size * int(np.prod(data.sample_shape))
-    if batch_values < LARGE_BATCH or "EDGEPRUNE_THREADS" in os.environ:
+    if not _large_input(data):
         yield
         return
     with _threads(_DEFAULT_TORCH_THREADS):
         yield
+
+
+def _large_input(data: CalibrationData) -> bool:
+    """Whether the heavy stages leave `compute_threads` for all cores: large batches, and no EDGEPRUNE_THREADS."""
+    batch_values = data.recipe.batch_size * int(np.prod(data.sample_shape))
+    return batch_values >= LARGE_BATCH and "EDGEPRUNE_THREADS" not in os.environ
 
 
 # glibc mallopt parameters (malloc.h)
@@ -231,8 +236,7 @@ def _glibc() -> Any:
 def group_workers(data: CalibrationData) -> Iterator[int]:
     """Workers for stages made of independent per-group (per-layer) work on large inputs: one per core, each with
     one BLAS thread (see `importance.rank_all`); on small inputs one worker under `compute_threads`."""
-    batch_values = data.recipe.batch_size * int(np.prod(data.sample_shape))
-    if batch_values < LARGE_BATCH or "EDGEPRUNE_THREADS" in os.environ or _DEFAULT_TORCH_THREADS < 2:
+    if not _large_input(data) or _DEFAULT_TORCH_THREADS < 2:
         yield 1
         return
     with _threads(1):
@@ -281,7 +285,7 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
     if rank_groups:
         with timed(t, "rank"), group_workers(data) as workers:
             rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, config.seed, workers,
-                                   stages(f"ranking channels ({config.criterion})", len(graph.groups)))
+                                stages(f"ranking channels ({config.criterion})", len(graph.groups)))
     with timed(t, "baseline"):
         base_outputs = outputs(loaded.module, data)
     return Prepared(config, loaded, data, graph, stats, rankings, base_outputs, t)
