@@ -19,13 +19,16 @@ Protocol. Every answer is JSON; an error is `{"error": "<what went wrong and wha
   `curl -H "Authorization: Bearer $TOKEN" -H 'X-Edgeprune-Target: cpu' --data-binary @model.onnx
   http://jetson.local:8765/measure`
 
-Status codes: 400 bad model, target or header (the message says which); 401 missing or wrong token; 404 unknown
+Status codes: 400 bad model (one that fails to load or to run, or carries external data), target or header (the
+message says which), or a measurement that ran past the agent's time limit; 401 missing or wrong token; 404 unknown
 path; 411 no Content-Length; 413 body over `max_request_bytes`; 500 unexpected failure; 503 the target's runtime
-cannot run on this device.
+cannot run on this device. No answer shows a path of the agent's machine.
 
 Security: with a token every request needs `Authorization: Bearer <token>` (compared in constant time). Without a
 token the agent only binds to a loopback address, and refuses to start otherwise. Measurements run one at a time
-(a lock), since two at once would time each other; other requests wait their turn.
+(a lock), since two at once would time each other; other requests wait their turn. A measurement stops when its
+client disconnects or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the
+lock for ever. Uploads live in one temporary folder per agent, removed when it stops (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import platform
+import re
+import select
+import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -53,6 +61,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8765
 DEFAULT_MAX_REQUEST_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_SECONDS = 600.0  # one request's measurement, engine build included
+_CLIENT_CHECK_S = 0.2  # how often a running measurement looks whether its client is still there
 TARGET_HEADER = "X-Edgeprune-Target"
 REPEATS_HEADER = "X-Edgeprune-Repeats"
 _CHUNK = 1 << 20
@@ -77,12 +87,15 @@ class AgentConfig:
     port: int = DEFAULT_PORT  # 0 picks a free port
     token: str | None = field(default=None, repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_seconds: float = DEFAULT_MAX_SECONDS  # a measurement that runs longer is stopped (400)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise EdgePruneError(f"agent port must be in 0..65535, found {self.port}")
         if self.max_request_bytes < 1:
             raise EdgePruneError(f"agent request limit must be at least 1 byte, found {self.max_request_bytes}")
+        if not (math.isfinite(self.max_seconds) and 0 < self.max_seconds <= 86400):
+            raise EdgePruneError(f"--max-seconds must be a number of seconds in (0, 86400], found {self.max_seconds}")
         if self.token is not None and not self.token.strip():
             raise EdgePruneError("the agent token is empty; put a long random string in the token file "
                                  "(for example `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
@@ -102,6 +115,9 @@ def read_token_file(path: str | Path) -> str:
         mode = path.stat().st_mode
     except OSError as e:
         raise EdgePruneError(f"cannot read the token file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise EdgePruneError(f"the token file {path} is not UTF-8 text; write the token as plain text, e.g. "
+                             f"`python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}`") from None
     if not token:
         raise EdgePruneError(f"the token file {path} is empty; write a long random string into it")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -127,6 +143,14 @@ class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Stopped(Exception):
+    """Raised from a measurement's progress callback: its client went away, or its time ran out."""
+
+    def __init__(self, client_gone: bool) -> None:
+        super().__init__("client gone" if client_gone else "time limit")
+        self.client_gone = client_gone
 
 
 def parse_target_header(value: str | None) -> Any:  # -> Target
@@ -167,7 +191,19 @@ class AgentServer(ThreadingHTTPServer):
         self.config = config
         self.measure_lock = threading.Lock()
         self.measurements = 0
+        self.stopped = 0  # measurements stopped because their client went away or their time ran out
         super().__init__((config.host, config.port), _Handler)
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="edgeprune-agent-"))  # every upload, removed on close
+
+    def hide_paths(self, text: str) -> str:
+        """An error message without this machine's paths: the upload folder becomes 'the uploaded model'."""
+        for p in {str(self.upload_dir), str(self.upload_dir.resolve())}:
+            text = re.sub(re.escape(p) + r"[^\s'\"]*", "the upload folder", text)
+        return text
+
+    def server_close(self) -> None:
+        super().server_close()
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -233,10 +269,12 @@ class _Handler(BaseHTTPRequestHandler):
         except _HttpError as e:
             self._drain()
             self._send_error(e.status, str(e))
+        except _Stopped:  # its client has gone (a time limit is answered as an _HttpError): nobody to answer
+            self.close_connection = True
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
             log.exception("measurement failed")
             self._drain()
-            self._send_error(500, f"the agent failed: {type(e).__name__}: {e}")
+            self._send_error(500, self.server.hide_paths(f"the agent failed: {type(e).__name__}: {e}"))
 
     def _drain(self) -> None:
         """Read and drop a body the request still has in flight, so the client reads the error answer.
@@ -288,16 +326,18 @@ class _Handler(BaseHTTPRequestHandler):
         repeats_header = self.headers.get(REPEATS_HEADER)
         repeats = None
         if repeats_header is not None:
-            if not repeats_header.strip().isdigit() or int(repeats_header) < 1:
-                raise _HttpError(400, f"{REPEATS_HEADER} must be a positive integer, found {repeats_header!r}")
+            most = target.measure.LIMITS["repeats"]
+            if not repeats_header.strip().isdigit() or not 1 <= int(repeats_header) <= most:
+                raise _HttpError(400, f"{REPEATS_HEADER} must be an integer in 1..{most}, found {repeats_header!r}")
             repeats = int(repeats_header)
-        with tempfile.TemporaryDirectory(prefix="edgeprune-agent-") as tmp:
+        with tempfile.TemporaryDirectory(dir=self.server.upload_dir) as tmp:
             path = Path(tmp) / "model.onnx"
             self._read_body(path)
+            hide = self.server.hide_paths
             try:
                 check_onnx(path)
             except EdgePruneError as e:
-                raise _HttpError(400, str(e).replace(str(path), "the uploaded model")) from None
+                raise _HttpError(400, hide(str(e).replace(str(path), "the uploaded model"))) from None
             mod = runtime_module(target.runtime)
             reason = local_unavailable_reason(target)
             if reason is not None:
@@ -306,18 +346,54 @@ class _Handler(BaseHTTPRequestHandler):
             asked = time.time()
             with self.server.measure_lock:
                 started = time.time()
+                limit = self.server.config.max_seconds
                 try:
-                    stats = mod.measure(path, dataclasses.replace(target, remote=None), repeats=repeats)
+                    stats = mod.measure(path, dataclasses.replace(target, remote=None), repeats=repeats,
+                                        progress=self._watchdog(started + limit))
+                except _Stopped as e:
+                    self.server.stopped += 1
+                    log.warning("measurement of %s stopped: %s", target.name, e)
+                    if e.client_gone:
+                        raise
+                    raise _HttpError(400, f"the measurement ran longer than this agent's limit of {limit:.0f} s per "
+                                          f"request and was stopped; lower [measure] iterations or repeats, set "
+                                          f"max_seconds, or restart the agent with a larger --max-seconds") from None
                 except DeviceUnreachable as e:
-                    raise _HttpError(503, str(e).replace(str(path), "the uploaded model")) from None
+                    raise _HttpError(503, hide(str(e).replace(str(path), "the uploaded model"))) from None
                 except EdgePruneError as e:
-                    raise _HttpError(400, str(e).replace(str(path), "the uploaded model")) from None
+                    raise _HttpError(400, hide(str(e).replace(str(path), "the uploaded model"))) from None
                 finished = time.time()
                 self.server.measurements += 1
         log.info("measured %s on %s: median %.4f ms (n %d) in %.1fs", target.name, target.runtime, stats.median,
                  stats.n, finished - started)
         return {**stats.to_dict(), "agent": {"host": platform.node(), "waited_s": started - asked,
                                              "started_at": started, "finished_at": finished}}
+
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection: readable with nothing to read (its body was read in full)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _watchdog(self, deadline: float) -> Callable[[int, int], None]:
+        """A progress callback for the runtime's measure: raises `_Stopped` once the client has gone (checked every
+        `_CLIENT_CHECK_S`) or the deadline has passed, which ends the measurement and frees the lock."""
+        next_check = [0.0]
+
+        def check(done: int, total: int) -> None:
+            now = time.time()
+            if now < next_check[0]:
+                return
+            next_check[0] = now + _CLIENT_CHECK_S
+            if now > deadline:
+                raise _Stopped(client_gone=False)
+            if self._client_gone():
+                raise _Stopped(client_gone=True)
+
+        return check
 
 
 def start_agent(config: AgentConfig) -> AgentServer:
@@ -341,7 +417,7 @@ def serve(config: AgentConfig, on_ready: Callable[[AgentServer], None] | None = 
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.server_close()  # removes the uploads of requests still in flight
 
 
 __all__ = ["AgentConfig", "AgentServer", "health", "is_loopback", "read_token_file", "serve", "start_agent",

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from edgeprune import __version__
-from edgeprune.errors import EdgePruneError, ExitCode
+from edgeprune.errors import EdgePruneError, ExitCode, Terminated
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,16 +25,20 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON on stdout: non-finite numbers become null, listed under `non_finite` (report.clean)."""
+    from edgeprune.report import clean
+
+    sys.stdout.write(json.dumps(clean(obj) if isinstance(obj, dict) else obj, indent=2, allow_nan=False) + "\n")
 
 
 class Progress:
-    """A rich progress bar on stderr, or nothing (for --json, when stderr is not a terminal, or without rich)."""
+    """A rich progress bar on stderr at a terminal; one line per stage elsewhere (CI logs); nothing for --json."""
 
     def __init__(self, enabled: bool) -> None:
         self._bar = None
         self._task = None
-        if enabled and sys.stderr.isatty():  # live progress is for a person at a terminal, not for CI logs
+        self._lines = enabled and not sys.stderr.isatty()  # a log gets a line per stage, not a redrawn bar
+        if enabled and sys.stderr.isatty():  # live progress is for a person at a terminal
             try:
                 from rich.console import Console
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
@@ -55,6 +61,9 @@ class Progress:
     def stage(self, description: str, total: int | None = None) -> Callable[[int, int], None]:
         """Start a stage; returns a `(done, total)` callback for the library."""
         if self._bar is None:
+            if self._lines:
+                sys.stderr.write(f"edgeprune: {description}\n")
+                sys.stderr.flush()
             return lambda done, total: None
         if self._task is not None:
             self._bar.remove_task(self._task)
@@ -68,6 +77,9 @@ class Progress:
     def note(self, text: str) -> None:
         if self._bar is not None:
             self._bar.console.print(text)
+        elif self._lines:
+            sys.stderr.write(f"edgeprune: {text.strip()}\n")
+            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------- targets
@@ -123,20 +135,26 @@ def add_export(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
                    help="torch.onnx exporter (default dynamo; torchscript is several times faster)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--force", action="store_true", help="overwrite -o even if it is not an .onnx file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return run_export
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from edgeprune.atomic import check_output_file
     from edgeprune.export import export
     from edgeprune.models import load_model, parse_shape
 
     shape = parse_shape(args.input_shape) if args.input_shape else None
     if args.opset < 17:
         raise EdgePruneError(f"--opset must be 17 or newer, found {args.opset}")
-    loaded = load_model(args.model, args.weights, shape, seed=args.seed)
-    result = export(loaded.module, loaded.example_input, args.out, simplify=not args.no_simplify,
-                    exporter=args.exporter, opset=args.opset)
+    check_output_file(args.out, (".onnx",), force=args.force)
+    with Progress(enabled=not args.json) as progress:
+        progress.stage("loading model")
+        loaded = load_model(args.model, args.weights, shape, seed=args.seed)
+        progress.stage(f"exporting {loaded.spec} with the {args.exporter} exporter")
+        result = export(loaded.module, loaded.example_input, args.out, simplify=not args.no_simplify,
+                        exporter=args.exporter, opset=args.opset)
     if args.json:
         emit_json({"model": loaded.spec, "input_shape": list(loaded.input_shape), **result.to_dict()})
     else:
@@ -215,6 +233,9 @@ def add_agent(sub: argparse._SubParsersAction) -> Handler:
                    help="file holding the token clients must send as `Authorization: Bearer <token>`")
     p.add_argument("--max-request-mb", type=float, default=512, metavar="MB",
                    help="largest model accepted, in MiB (default 512)")
+    p.add_argument("--max-seconds", type=float, default=600, metavar="S",
+                   help="longest a request's measurement may run before it is stopped and answered 400 (default 600); "
+                        "a measurement also stops when its client disconnects")
     return run_agent
 
 
@@ -222,10 +243,10 @@ def run_agent(args: argparse.Namespace) -> int:
     from edgeprune.agent import AgentConfig, read_token_file, serve
 
     token = read_token_file(args.token_file) if args.token_file else None
-    if args.max_request_mb <= 0:
-        raise EdgePruneError(f"--max-request-mb must be positive, found {args.max_request_mb}")
+    if not 0 < args.max_request_mb <= 1024 * 1024:  # NaN fails this too
+        raise EdgePruneError(f"--max-request-mb must be a size in MiB in (0, 1048576], found {args.max_request_mb}")
     config = AgentConfig(host=args.host, port=args.port, token=token,
-                         max_request_bytes=int(args.max_request_mb * 1024 * 1024))
+                         max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_seconds=args.max_seconds)
 
     def ready(server) -> None:
         host, port = server.server_address[:2]
@@ -237,6 +258,10 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- prune
+
+
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace --out even if it holds files edgeprune did not write")
 
 
 def add_calibration_arg(p: argparse.ArgumentParser) -> None:
@@ -272,7 +297,10 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
     p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (written atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, written as a whole at the end; an existing folder is replaced only if it "
+                        "holds a previous edgeprune output")
+    add_force_arg(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return run_prune
 
@@ -283,14 +311,14 @@ def run_prune(args: argparse.Namespace) -> int:
     config = prune_config(args)
     with Progress(enabled=not args.json) as progress:
         result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
-                           stages=lambda d, total=None: progress.stage(d, total))
+                           stages=lambda d, total=None: progress.stage(d, total), force=args.force)
     if args.json:
         emit_json(result)
         return 0
     f = result["fidelity"]
     b, p = result["base"], result["pruned"]
     print(f"pruned {result['model']} ({result['criterion']}, compensation {'on' if result['compensation'] else 'off'}) "
-          f"-> {result['out']}/: model.onnx, pruned.pt, plan.json")
+          f"-> {result['out']}/: model.onnx, pruned.pt, plan.json, report.json")
     print(f"  MACs {b['macs'] / 1e6:.1f}M -> {p['macs'] / 1e6:.1f}M, params {b['params'] / 1e6:.2f}M -> "
           f"{p['params'] / 1e6:.2f}M over {len(result['widths'])} groups")
     line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {100 * f['top1_agreement']:.1f}%, " \
@@ -341,8 +369,13 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--lut", default=None, metavar="lut.json",
                    help="search on this latency table (made by `edgeprune lut` on the device); only the final model "
                         "is measured on the target")
-    p.add_argument("--force", action="store_true", help="use a --lut made for another target, precision or runtime")
-    p.add_argument("--out", default="out", metavar="DIR", help="output folder, written atomically (default ./out)")
+    p.add_argument("--out", default="out", metavar="DIR",
+                   help="output folder, written as a whole at the end (default ./out); an existing folder is replaced "
+                        "only if it holds a previous edgeprune output; a build that exits 3 or 4 writes to DIR.failed "
+                        "and leaves DIR as it was")
+    p.add_argument("--force-lut", action="store_true",
+                   help="use a --lut made for another target, precision or runtime version (with a warning)")
+    add_force_arg(p)
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
     return run_build
 
@@ -354,13 +387,13 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
                          max_steps=args.max_steps, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force, proxy=args.proxy)
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy)
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
 
         outcome = build(config, args.out, stages=lambda d, total=None: progress.stage(d, total),
-                        on_step=None if args.json else on_step)
+                        on_step=None if args.json else on_step, force=args.force)
     r = outcome.report
     if args.json:
         from edgeprune.report import to_json
@@ -377,8 +410,8 @@ def run_build(args: argparse.Namespace) -> int:
             a = fid["accuracy"]
             line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
         print(line)
-        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {args.out}/: model.onnx, pruned.pt, "
-              f"plan.json, report.json, report.md")
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {outcome.out}/: model.onnx, "
+              f"pruned.pt, plan.json, report.json, report.md")
     if outcome.message:
         sys.stderr.write(f"edgeprune: error: {outcome.message}\n")
     return outcome.exit_code
@@ -462,13 +495,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
     try:
-        return handlers[args.command](args)
+        with sigterm_raises():
+            return handlers[args.command](args)
     except EdgePruneError as e:
         sys.stderr.write(f"edgeprune: error: {e}\n")
         return int(e.code)
     except KeyboardInterrupt:
         sys.stderr.write("edgeprune: interrupted\n")
-        return 130
+        return int(ExitCode.INTERRUPTED)
+    except Terminated:
+        sys.stderr.write("edgeprune: terminated\n")
+        return int(ExitCode.TERMINATED)
+    except MemoryError as e:
+        sys.stderr.write(f"edgeprune: error: out of memory ({str(e)[:200] or 'MemoryError'}); lower `count` or "
+                         f"`batch_size` in the calibration recipe, or run on a machine with more memory\n")
+        return int(ExitCode.INTERNAL)
+    except Exception as e:  # a bug: one line (the traceback with -v), not a wall of text in a release log
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        sys.stderr.write(f"edgeprune: error: internal error ({type(e).__name__}{': ' + first if first else ''}); "
+                         f"this is a bug in edgeprune: rerun with -v for the traceback and report it\n")
+        return int(ExitCode.INTERNAL)
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread, so clean-up runs as for Ctrl-C; a second SIGTERM during the
+    clean-up kills at once. Outside the main thread (an embedding application) signals are left alone."""
+    def on_term(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,11 +163,13 @@ def collect_statistics(
     progress: Callable[[int, int], None] | None = None,
     total_batches: int | None = None,
     strict: bool = True,
+    observe: Callable[[nn.Module], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, LayerStats]:
     """One pass of calibration batches through the unpruned model, accumulating each consumer's input statistics.
 
     `strict=False` (random calibration data, for latency work) turns too few samples into a warning: such statistics
-    carry no meaning anyway, and latency does not depend on them.
+    carry no meaning anyway, and latency does not depend on them. `observe(copy)` wraps the pass over the model's
+    calibration copy (which keeps the module names): the pipeline records there which layers every batch runs.
     """
     model, channels_last = _calibration_copy(model, consumers)
     modules = dict(model.named_modules())
@@ -182,7 +186,7 @@ def collect_statistics(
     t0 = time.perf_counter()
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), (observe(model) if observe is not None else nullcontext()):
             for i, x in enumerate(batches):
                 if not torch.isfinite(x).all():
                     raise EdgePruneError(f"calibration batch {i} contains NaN or infinite values")

@@ -98,6 +98,8 @@ class Recipe:
                                      "samples; raise count or lower heldout")
         if self.batch_size < 1:
             raise EdgePruneError(f"{where}: batch_size must be at least 1, found {self.batch_size}")
+        if not 0 <= self.seed < 2**63:
+            raise EdgePruneError(f"{where}: seed must be an integer in 0..2**63-1, found {self.seed}")
         if self.kind in ("imagefolder", "npy") and not self.path:
             raise EdgePruneError(f"{where}: kind {self.kind!r} needs 'path' "
                                  f"({'a folder of images' if self.kind == 'imagefolder' else 'an .npy array file'})")
@@ -209,11 +211,13 @@ def bundled_recipes() -> dict[str, Path]:
 def load_recipe(spec: str | Path) -> Recipe:
     """A recipe from a bundled name (`digits`, `random`, `imagefolder`, `npy`) or a path to a TOML file."""
     s = str(spec)
-    if s.endswith(".toml") or "/" in s or Path(s).is_file():
+    if s.endswith(".toml") or "/" in s:
         return load_recipe_file(s)
-    recipes = bundled_recipes()
+    recipes = bundled_recipes()  # a bundled name wins over a stray file of that name in the working folder
     if s in recipes:
         return load_recipe_file(recipes[s])
+    if Path(s).is_file():
+        return load_recipe_file(s)
     raise EdgePruneError(f"unknown calibration recipe {s!r}; bundled recipes: {', '.join(recipes)}; "
                          "or pass a path to a recipe TOML file")
 
@@ -313,6 +317,7 @@ def _random_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
     shape = recipe.shape if recipe.shape is not None else tuple(input_shape[1:])
     n = recipe.count if recipe.count is not None else DEFAULT_COUNT["random"]
     assert n is not None
+    _check_memory(n, shape, recipe)
     # A stream of its own, so the values do not repeat the split's permutation.
     x = np.random.default_rng([recipe.seed, 1]).standard_normal((n, *shape), dtype=np.float32)
     return _Source(n, lambda idx: (x[idx], None), lambda i: f"sample {i}", f"random normal {list(shape)}")
@@ -355,9 +360,24 @@ def _npy_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
 
 
 def _read_npy(path: Path, what: str) -> np.ndarray:
+    if path.is_dir():
+        raise EdgePruneError(f"{what} file {path} is a folder; give the .npy file saved with np.save")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise EdgePruneError(f"cannot read {what} file {path}: {e.strerror}") from None
+    if magic != b"\x93NUMPY":
+        raise EdgePruneError(f"{what} file {path} is not a NumPy .npy file (it lacks the .npy header); save the "
+                             f"array with np.save(PATH, array)")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
+        if "object" in str(e).lower() or "pickle" in str(e).lower():
+            raise EdgePruneError(f"{what} file {path} holds Python objects (dtype object), which edgeprune does not "
+                                 f"load; save a numeric array (x.astype(np.float32))") from None
+        raise EdgePruneError(f"cannot read {what} file {path} as a NumPy .npy array (truncated?): {e}") from None
+    except OSError as e:
         raise EdgePruneError(f"cannot read {what} file {path} as a NumPy .npy array: {e}") from None
 
 
@@ -488,8 +508,12 @@ def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> CalibrationData:
         raise EdgePruneError(f"calibration recipe {name}: heldout = {recipe.heldout} of {count} samples leaves the "
                              "calibration part empty; lower heldout or raise count (add data)")
 
+    _check_memory(count, input_shape[1:], recipe)
     idx = np.random.default_rng(recipe.seed).permutation(src.available)[:count]
-    x, y = src.load(idx)
+    try:
+        x, y = src.load(idx)
+    except MemoryError:
+        raise _memory_error(count, input_shape[1:], recipe) from None
     if x.shape[1:] != input_shape[1:]:
         raise _shape_error(recipe, input_shape, tuple(x.shape[1:]), src.what)
     _check_finite(x, idx, src)
@@ -501,6 +525,33 @@ def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> CalibrationData:
         heldout_x=x[:n_held], heldout_y=None if y is None else y[:n_held],
         recipe=recipe,
     )
+
+
+def _available_memory() -> int | None:
+    """Bytes the system can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _memory_error(count: int, shape: tuple[int, ...], recipe: Recipe) -> EdgePruneError:
+    need = count * int(np.prod(shape)) * 4
+    return EdgePruneError(f"calibration recipe {recipe.name or recipe.kind}: count = {count} samples of "
+                          f"{_fmt(shape)} need {need / 2**30:.1f} GiB as float32, more than this machine has free; "
+                          f"lower count (a few hundred samples are enough for the statistics)")
+
+
+def _check_memory(count: int, shape: tuple[int, ...], recipe: Recipe) -> None:
+    """Refuse a count whose samples would not fit in memory (they are held twice while being split), before
+    allocating them: a typo like count = 100000000 must not swap the machine to a halt."""
+    free = _available_memory()
+    if free is not None and 2 * count * int(np.prod(shape)) * 4 > free:
+        raise _memory_error(count, shape, recipe)
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

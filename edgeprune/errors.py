@@ -7,10 +7,13 @@ from enum import IntEnum
 
 class ExitCode(IntEnum):
     OK = 0
+    INTERNAL = 1  # a bug in edgeprune: the one-line message says how to get the traceback
     BAD_INPUT = 2
     BUDGET_UNREACHABLE = 3
     QUALITY_GATE = 4
     DEVICE_UNREACHABLE = 5
+    INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2
+    TERMINATED = 143  # SIGTERM (CI cancellation, systemctl stop), 128 + 15
 
 
 class EdgePruneError(Exception):
@@ -37,3 +40,8 @@ class QualityGateFailed(EdgePruneError):
 class DeviceUnreachable(EdgePruneError):
     def __init__(self, message: str) -> None:
         super().__init__(message, ExitCode.DEVICE_UNREACHABLE)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that every `finally` and context
+    manager cleans up (temporary folders, the agent's uploads) before the process exits with 143."""

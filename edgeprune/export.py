@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeprune.atomic import tmp_path_for, write_error
 from edgeprune.errors import EdgePruneError
 
 if TYPE_CHECKING:
@@ -60,9 +61,15 @@ class ExportResult:
         return d
 
 
-def tmp_path_for(path: Path) -> Path:
-    """A sibling temporary name: same filesystem, so the final rename is atomic."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError (full disk, file size limit, permissions) behind an exporter's exception, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_onnx(path: str | Path) -> onnx.ModelProto:
@@ -71,10 +78,16 @@ def check_onnx(path: str | Path) -> onnx.ModelProto:
     from google.protobuf.message import DecodeError
 
     path = Path(path)
+    if path.is_dir():
+        raise EdgePruneError(f"ONNX file {path} is a folder; give the .onnx file")
     if not path.is_file():
         raise EdgePruneError(f"ONNX file {path} does not exist")
     try:
         model = onnx.load(str(path))
+    except onnx.checker.ValidationError as e:  # external data that points outside the model's folder: not read
+        raise EdgePruneError(f"{path} refers to external weight data that edgeprune does not read "
+                             f"({str(e).splitlines()[0][:160]}); external data must lie in files beside the model: "
+                             f"save it as one file with onnx.save(model, PATH, save_as_external_data=False)") from None
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise EdgePruneError(
             f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120] or 'parse error'}); "
@@ -120,6 +133,8 @@ def export_onnx(
     except EdgePruneError:
         raise
     except Exception as e:
+        if (oserr := _os_error(e)) is not None:
+            raise write_error(path, oserr) from None
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise EdgePruneError(
             f"the {exporter} exporter cannot export {type(model).__name__}: {first[:300]}; "
@@ -150,6 +165,8 @@ def simplify_onnx(src: str | Path, dst: str | Path | None = None) -> Path:
     try:
         onnx.save(simplified, str(tmp))
         os.replace(tmp, dst)
+    except OSError as e:
+        raise write_error(dst, e) from None
     finally:
         tmp.unlink(missing_ok=True)
     return dst

@@ -22,6 +22,7 @@ class Fidelity:
     accuracy_before: float | None  # when the calibration recipe is labelled
     accuracy_after: float | None
     samples: int
+    nonfinite: int = 0  # held-out samples where the pruned model's output holds NaN or infinity (never "agreeing")
 
     @property
     def accuracy_drop_pp(self) -> float | None:
@@ -50,19 +51,57 @@ def outputs(model: nn.Module, data: CalibrationData) -> tuple[torch.Tensor, torc
     return torch.cat(ys), (torch.cat(labels) if labels else None)
 
 
+def check_finite_baseline(model: nn.Module, data: CalibrationData, yb: torch.Tensor, spec: str) -> None:
+    """Refuse an unpruned model whose held-out outputs hold NaN or infinity, naming the first non-finite parameter
+    (or buffer), else the first layer whose output is not finite: no fidelity figure means anything for it."""
+    from edgeprune.errors import EdgePruneError
+
+    bad = ~torch.isfinite(yb).all(1)
+    if not bool(bad.any()):
+        return
+    head = f"the unpruned model {spec} gives non-finite outputs (NaN or infinity) on {int(bad.sum())} of " \
+           f"{len(yb)} held-out samples"
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in tensors:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                n = int((~torch.isfinite(t)).sum())
+                raise EdgePruneError(f"{head}: its {kind} {name} holds {n} non-finite values of {t.numel()}; fix the "
+                                     f"weights (--weights) or the model factory")
+    i = int(bad.nonzero()[0, 0])
+    first: list[str] = []
+
+    def hook(mod: nn.Module, args: tuple, out: object, name: str = "") -> None:
+        if not first and isinstance(out, torch.Tensor) and not bool(torch.isfinite(out).all()):
+            first.append(name)
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in model.named_modules()
+               if n]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(data.heldout_x[i:i + 1].copy()))
+    finally:
+        for h in handles:
+            h.remove()
+    where = f"layer {first[0]} is the first whose output is not finite" if first else "no single layer's output is"
+    raise EdgePruneError(f"{head} (first: held-out sample {i}; {where}); check the model and the calibration data's "
+                         f"normalisation: edgeprune needs a model whose outputs are finite")
+
+
 def fidelity(base: nn.Module, pruned: nn.Module, data: CalibrationData,
              base_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Fidelity:
     """Compare `pruned` with `base` on held-out data (pass `base_outputs` to reuse the base model's logits)."""
     yb, labels = base_outputs if base_outputs is not None else outputs(base, data)
     yp, _ = outputs(pruned, data)
-    agree = float((yb.argmax(1) == yp.argmax(1)).double().mean())
+    finite = torch.isfinite(yp).all(1) & torch.isfinite(yb).all(1)  # the argmax of NaN "agrees" with NaN's
+    agree = float(((yb.argmax(1) == yp.argmax(1)) & finite).double().mean())
+    # non-finite outputs give an infinite or NaN error, which reports write as null (report.clean)
     rel = float(torch.linalg.norm(yp - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
     acc_b = acc_a = None
     if labels is not None:
         acc_b = float((yb.argmax(1) == labels).double().mean())
-        acc_a = float((yp.argmax(1) == labels).double().mean())
+        acc_a = float(((yp.argmax(1) == labels) & finite).double().mean())
     return Fidelity(top1_agreement=agree, output_rel_error=rel, accuracy_before=acc_b, accuracy_after=acc_a,
-                    samples=int(yb.shape[0]))
+                    samples=int(yb.shape[0]), nonfinite=int((~finite).sum()))
 
 
 class MaskedProxy:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,17 @@ def is_depthwise(m: nn.Module) -> bool:
 
 def is_dense(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def check_patterns(patterns: tuple[str, ...]) -> None:
+    """Refuse a `re:` pattern that is not a regular expression, before any work."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise EdgePruneError(f"--ignore {p!r} is not a valid regular expression ({e}); fix it, or drop the "
+                                     f"re: prefix for a shell-style pattern such as 'layer4.*'") from None
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -273,17 +285,34 @@ def execution_order(model: nn.Module, example_input: torch.Tensor) -> dict[str, 
 
 def modules_called(model: nn.Module, x: torch.Tensor, select: Callable[[str, nn.Module], bool]) -> dict[str, int]:
     """The selected modules that one forward pass of `x` calls, each with the position of its first call."""
-    order: dict[str, int] = {}
+    recorder = CallRecorder(select)
+    with recorder.watch(model), torch.no_grad():
+        model(x)
+    return recorder.called
 
-    def seen(name: str) -> None:  # a pre-hook must return None: a value would replace the module's input
-        order.setdefault(name, len(order))
 
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen(n)) for n, m in model.named_modules()
-               if select(n, m)]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+def is_weight_layer(name: str, module: nn.Module) -> bool:
+    """Convolutions and linear layers: the modules whose channels pruning changes."""
+    return isinstance(module, (nn.Conv2d, nn.Linear))
+
+
+class CallRecorder:
+    """Which selected modules forward passes call, by name, in order of first call, over any number of passes and
+    models (a copy of a model keeps its module names): `with recorder.watch(model): ...`."""
+
+    def __init__(self, select: Callable[[str, nn.Module], bool] = is_weight_layer) -> None:
+        self.select = select
+        self.called: dict[str, int] = {}
+
+    def _seen(self, name: str) -> None:  # a pre-hook must return None: a value would replace the module's input
+        self.called.setdefault(name, len(self.called))
+
+    @contextmanager
+    def watch(self, model: nn.Module) -> Iterator[CallRecorder]:
+        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: self._seen(n)) for n, m in model.named_modules()
+                   if self.select(n, m)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()

@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from edgeprune.atomic import atomic_write_text, check_output_file
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, is_depthwise
 from edgeprune.targets import Target
@@ -218,11 +217,7 @@ class LatencyTable:
                 "models": self.models}
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict()))
 
 
 def entries_digest(entries: dict[str, Any], models: dict[str, Any]) -> str:
@@ -240,29 +235,89 @@ def table_meta(target: Target) -> dict[str, Any]:
             "versions": versions(target.runtime)}
 
 
+def check_lut_out(out: Path, resume: bool) -> None:
+    """Before `edgeprune lut` measures anything: `out` must be a table file (or new) in a folder that takes files.
+    With --fresh an existing file is replaced only if it is (or starts like) a table."""
+    if out.is_dir():
+        raise EdgePruneError(f"latency table {out} is a folder; give a file name such as {out / 'lut.json'}")
+    if out.exists() and not resume:
+        try:
+            with open(out, "rb") as f:
+                head = f.read(64)
+        except OSError as e:
+            raise EdgePruneError(f"cannot read latency table {out}: {e.strerror}") from None
+        if not head.replace(b" ", b"").startswith(b'{"format":"' + LUT_FORMAT.encode()):
+            raise EdgePruneError(f"{out} exists and is not an edgeprune latency table; --fresh replaces only a table: "
+                                 f"choose another --out or remove that file")
+    check_output_file(out, (".json",), force=True, flag="--out")
+
+
 def load_lut(path: str | Path) -> LatencyTable:
     """Read and check a table; truncated, malformed or hand-edited files are refused."""
+    if Path(path).is_dir():
+        raise EdgePruneError(f"latency table {path} is a folder; give the .json file `edgeprune lut --out` wrote")
     try:
         d = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EdgePruneError(f"latency table {path} does not exist; make one with `edgeprune lut`") from None
     except (ValueError, OSError) as e:
-        raise EdgePruneError(f"latency table {path} is not valid JSON (truncated?): {str(e)[:120]}; rebuild it "
-                             f"with `edgeprune lut` (it resumes from what it measured)") from None
+        raise EdgePruneError(f"latency table {path} is not valid JSON (truncated?): {str(e)[:120]}; measure it "
+                             f"again from the start with `edgeprune lut ... --out {path} --fresh`") from None
     if not isinstance(d, dict) or d.get("format") != LUT_FORMAT:
         raise EdgePruneError(f"{path} is not an edgeprune latency table (format {LUT_FORMAT})")
     try:
         table = LatencyTable(meta=dict(d["meta"]), entries=dict(d["entries"]), models=dict(d["models"]))
         for sig, e in table.entries.items():
-            ms = np.asarray(e["ms"], dtype=np.float64)
-            if ms.shape != (len(e["cin"]), len(e["cout"])) or not np.all(np.isfinite(ms)) or np.any(ms <= 0):
-                raise ValueError(f"entry {sig[:60]} has a malformed grid")
+            _check_entry(sig, e)
+        for spec, m in table.models.items():
+            _check_model(spec, m)
     except (KeyError, TypeError, ValueError) as e:
-        raise EdgePruneError(f"latency table {path} is malformed: {e}") from None
+        raise EdgePruneError(f"latency table {path} is malformed ({e}); measure it again with `edgeprune lut ... "
+                             f"--out {path} --fresh`") from None
     if table.meta.get("digest") != table.digest():
         raise EdgePruneError(f"latency table {path} was modified after it was measured (digest mismatch); rebuild "
                              f"it with `edgeprune lut`")
     return table
+
+
+def _widths_ok(ws: Any) -> bool:
+    return isinstance(ws, list) and bool(ws) and all(type(w) is int and w > 0 for w in ws) and ws == sorted(set(ws))
+
+
+def _ms_ok(values: Any) -> bool:
+    return all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values)
+
+
+def _check_entry(sig: str, e: Any) -> None:
+    """Every value a prediction reads, with its type: the digest is unkeyed, so a table edited and re-digested by
+    hand must still fail here rather than deep inside a search."""
+    where = f"entry {sig[:60]}"
+    if not isinstance(e, dict) or not _widths_ok(e.get("cin")) or not _widths_ok(e.get("cout")):
+        raise ValueError(f"{where}: cin and cout must be increasing lists of positive integers")
+    ms = e.get("ms")
+    if not (isinstance(ms, list) and len(ms) == len(e["cin"]) and all(isinstance(r, list) and len(r) == len(e["cout"])
+                                                                      and _ms_ok(r) for r in ms)):
+        raise ValueError(f"{where} has a malformed grid (ms must be cin x cout positive numbers)")
+    stairs = e.get("stairs")
+    if stairs is not None and not (isinstance(stairs, dict) and _widths_ok(stairs.get("cout"))
+                                   and isinstance(stairs.get("ms"), list) and len(stairs["ms"]) == len(stairs["cout"])
+                                   and _ms_ok(stairs["ms"])):
+        raise ValueError(f"{where} has malformed stairs")
+
+
+def _check_model(spec: str, m: Any) -> None:
+    def number(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    where = f"model {spec[:60]}"
+    if not isinstance(m, dict) or not all(number(m.get(k)) for k in ("offset_ms", "scale", "base_ms")):
+        raise ValueError(f"{where}: offset_ms, scale and base_ms must be numbers")
+    if m["base_ms"] <= 0:
+        raise ValueError(f"{where}: base_ms must be positive")
+    cal = m.get("calibration", [])
+    if not isinstance(cal, list) or not all(isinstance(c, dict) and number(c.get("layers_ms"))
+                                            and number(c.get("measured_ms")) for c in cal):
+        raise ValueError(f"{where}: calibration must be a list of layers_ms / measured_ms numbers")
 
 
 def check_table_for(table: LatencyTable, target: Target, force: bool = False, path: str = "the table") -> list[str]:
@@ -273,7 +328,7 @@ def check_table_for(table: LatencyTable, target: Target, force: bool = False, pa
                 if table.meta.get(k) != meta[k]]
     if problems and not force:
         raise EdgePruneError(f"latency table {path} does not match target {target.name}: {'; '.join(problems)}; "
-                             f"make a table on this target with `edgeprune lut`, or pass --force to use it anyway")
+                             f"make a table on this target with `edgeprune lut`, or pass --force-lut to use it anyway")
     for p in problems:
         log.warning("using a mismatched latency table: %s", p)
     return problems

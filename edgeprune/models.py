@@ -49,6 +49,28 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+MAX_SEED = 2**63 - 1  # torch, NumPy and Python's generators all take it
+
+
+def check_seed(seed: int, what: str = "--seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise EdgePruneError(f"{what} must be an integer in 0..2**63-1, found {seed!r}")
+
+
+def check_output(out: object, spec: str) -> None:
+    """One tensor, or a tuple/list whose first element is the prediction: what fidelity and export compare."""
+    if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)):
+        return
+    if isinstance(out, dict):
+        found = f"a dict (keys {', '.join(repr(k) for k in list(out)[:4])})"
+    elif isinstance(out, (tuple, list)):
+        found = f"a {type(out).__name__} whose first element is {type(out[0]).__name__ if out else 'missing'}"
+    else:
+        found = type(out).__name__
+    raise EdgePruneError(f"model {spec} returns {found}; edgeprune prunes models whose forward() returns one tensor "
+                         f"(or a tuple whose first element is the prediction): wrap the model to return that tensor")
+
+
 def _torchvision(name: str) -> nn.Module:
     import torchvision
 
@@ -91,7 +113,12 @@ def _factory(spec: str) -> nn.Module:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise EdgePruneError(f"{mod_name} has no callable {fn_name!r} (model spec {spec!r})")
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:200]
+        raise EdgePruneError(f"model factory {spec} failed: {type(e).__name__}{': ' + first if first else ''}; it must "
+                             f"return a torch.nn.Module when called without arguments") from None
     if not isinstance(model, nn.Module):
         raise EdgePruneError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -110,22 +137,55 @@ def _example() -> nn.Module:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict (never a pickled model: `weights_only=True`) and say precisely what does not fit."""
     path = Path(path)
+    if path.is_dir():
+        raise EdgePruneError(f"weights {path} is a folder; give the state dict file saved with "
+                             f"torch.save(model.state_dict(), PATH)")
     if not path.is_file():
         raise EdgePruneError(f"weights file {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EdgePruneError(f"cannot load weights {path} as a state dict (weights_only=True): {str(e).splitlines()[0][:200]}") from None
+    state = read_checkpoint(path, "weights")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise EdgePruneError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise EdgePruneError(
-            f"weights {path} do not fit the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
-        )
+    own = model.state_dict()
+    shapes = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        parts = [f"{len(shapes)} tensors of other shapes (e.g. {'; '.join(shapes[:2])})"] if shapes else []
+        parts += [f"{len(missing)} missing keys (e.g. {missing[:3]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"] if unexpected else []
+        raise EdgePruneError(f"weights {path} do not fit the model: {', '.join(parts)}; were they saved from another "
+                             f"model or another configuration of it (e.g. another number of classes)?")
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path: Path, what: str) -> object:
+    """`torch.load(weights_only=True)` with one-line errors that never advise loading unsafely."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise EdgePruneError(f"cannot read {what} file {path}: {e.strerror}") from None
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save's zip archive, or a legacy pickle
+        raise EdgePruneError(f"{what} file {path} is not a PyTorch checkpoint (neither torch.save's zip archive nor "
+                             f"a pickle); save a state dict with torch.save(model.state_dict(), PATH)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        refused = next((ln.strip() for ln in text.splitlines() if "Unsupported global" in ln or "Unsupported operand"
+                        in ln), None)
+        if "Weights only load failed" in text or refused:
+            raise EdgePruneError(f"{what} file {path} holds Python objects that a safe load refuses "
+                                 f"({refused or 'not tensors and plain containers'}): loading them could run code; "
+                                 f"save a state dict with torch.save(model.state_dict(), PATH) instead") from None
+        first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)[:200]
+        raise EdgePruneError(f"cannot load {what} {path} (truncated or damaged?): {first}; save it again with "
+                             f"torch.save(model.state_dict(), PATH)") from None
 
 
 def load_model(
@@ -139,6 +199,7 @@ def load_model(
     Random initialisation is seeded, so the same spec and seed export to the same ONNX bytes (and hit the cache).
     """
     spec = spec or DEFAULT_SPEC
+    check_seed(seed)
     torch.manual_seed(seed)
     if spec == "example":
         from edgeprune.example import INPUT_SHAPE
@@ -163,10 +224,11 @@ def load_model(
     example = torch.randn(shape, generator=gen)
     try:
         with torch.no_grad():
-            model(example)
+            out = model(example)
     except Exception as e:
         raise EdgePruneError(
             f"model {spec} does not run on an input of shape {list(shape)}: {str(e).splitlines()[0][:200]}; "
             f"pass --input-shape"
         ) from None
+    check_output(out, spec)
     return LoadedModel(module=model, example_input=example, spec=spec, weights=str(weights) if weights else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import shutil
 import time
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgeprune.atomic import OutputDir
 from edgeprune.compensate import LayerStats, collect_statistics
 from edgeprune.data import CalibrationData, load_data, load_recipe
-from edgeprune.errors import EdgePruneError
-from edgeprune.fidelity import Fidelity, fidelity, outputs
-from edgeprune.graph import Graph, modules_called, trace
+from edgeprune.errors import EdgePruneError, QualityGateFailed
+from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
+from edgeprune.graph import CallRecorder, Graph, check_patterns, trace
 from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
-from edgeprune.models import LoadedModel, load_model
+from edgeprune.models import LoadedModel, check_seed, load_model, read_checkpoint
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
 from edgeprune.versions import versions
@@ -64,6 +66,8 @@ class PruneConfig:
             raise EdgePruneError(f"unknown criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
         if self.channel_multiple < 0:  # 0: the target's channel_multiple (build)
             raise EdgePruneError(f"--channel-multiple must be at least 1, found {self.channel_multiple}")
+        check_seed(self.seed)
+        check_patterns(self.ignore)
 
     def recipe_spec(self) -> str:
         if self.calibration:
@@ -115,16 +119,31 @@ class Prepared:
         return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
 
 
-def check_traced(model: nn.Module, graph: Graph, batch: torch.Tensor) -> None:
-    """Refuse a model whose calibration batches run layers the trace (one example input) never saw: data-dependent
-    control flow would make the pruning silently wrong for those layers."""
-    ran = modules_called(model, batch, lambda name, m: isinstance(m, (nn.Conv2d, nn.Linear)))
-    missed = sorted(set(ran) - set(graph.traced))
+def check_traced(graph: Graph, recorder: CallRecorder, where: str) -> None:
+    """Refuse a model whose calibration or held-out batches run layers the trace (one example input) never saw:
+    data-dependent control flow would make the pruning silently wrong for those layers. Every batch the job forwards
+    anyway is recorded (`CallRecorder`), so the check costs no extra forward pass."""
+    missed = sorted(set(recorder.called) - set(graph.traced))
     if missed:
         raise EdgePruneError(
-            f"layer {missed[0]}{f' (and {len(missed) - 1} more)' if len(missed) > 1 else ''} runs on calibration data "
-            f"but not on the example input the dependency trace used (data-dependent control flow); edgeprune "
-            f"cannot prune such a model safely: make forward() take the same path for every input")
+            f"layer {missed[0]}{f' (and {len(missed) - 1} more)' if len(missed) > 1 else ''} runs on {where} but not "
+            f"on the example input the dependency trace used (data-dependent control flow); edgeprune cannot prune "
+            f"such a model safely: make forward() take the same path for every input")
+
+
+@contextmanager
+def model_runs(loaded: LoadedModel, what: str, batch_size: int) -> Iterator[None]:
+    """A forward pass of the user's model that fails is their model's problem, said in one line."""
+    try:
+        yield
+    except EdgePruneError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        raise EdgePruneError(
+            f"model {loaded.spec} fails on {what} (batches of {batch_size}) although it ran on the example input "
+            f"{list(loaded.input_shape)}: {first}; if forward() handles one sample at a time, set batch_size = 1 in "
+            f"the calibration recipe") from None
 
 
 @contextmanager
@@ -269,25 +288,32 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared
     with timed(t, "trace"):
         stages("tracing channel groups", None)
         graph = trace(loaded.module, loaded.example_input, config.ignore)
-        check_traced(loaded.module, graph, next(iter(data.calib_batches())))
+        recorder = CallRecorder()
+        bs = data.recipe.batch_size
+        with model_runs(loaded, "the first calibration batch", bs), recorder.watch(loaded.module), torch.no_grad():
+            loaded.module(next(iter(data.calib_batches())))
+        check_traced(graph, recorder, "the first calibration batch")  # before the statistics: fail fast
         if not graph.groups:
             raise EdgePruneError(f"{loaded.spec} has no prunable channel groups"
                                  + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
                                     if graph.excluded else ""))
+    with timed(t, "baseline"), model_runs(loaded, "the held-out data", bs), recorder.watch(loaded.module):
+        base_outputs = outputs(loaded.module, data)  # before the statistics: a broken model fails in seconds
+    check_traced(graph, recorder, "the held-out data")
+    check_finite_baseline(loaded.module, data, base_outputs[0], loaded.spec)
     stats: dict[str, LayerStats] = {}
     if config.compensation or config.criterion in NEEDS_STATS:
         with timed(t, "statistics"), heavy_stage_threads(data):
             n = -(-len(data.calib_x) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(),
                                        progress=stages("collecting statistics", n), total_batches=n,
-                                       strict=data.recipe.kind != "random")
+                                       strict=data.recipe.kind != "random", observe=recorder.watch)
+        check_traced(graph, recorder, "the calibration data")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
         with timed(t, "rank"), group_workers(data) as workers:
             rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, config.seed, workers,
                                 stages(f"ranking channels ({config.criterion})", len(graph.groups)))
-    with timed(t, "baseline"):
-        base_outputs = outputs(loaded.module, data)
     return Prepared(config, loaded, data, graph, stats, rankings, base_outputs, t)
 
 
@@ -306,12 +332,9 @@ def save_pruned(path: Path, pruned: nn.Module, plan: Plan, loaded: LoadedModel, 
 
 def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
     """Rebuild a pruned model from pruned.pt: the original model, the plan's architecture, the saved weights."""
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise EdgePruneError(f"pruned model {path} does not exist") from None
-    except Exception as e:
-        raise EdgePruneError(f"cannot read pruned model {path}: {str(e).splitlines()[0][:200]}") from None
+    if not Path(path).is_file():
+        raise EdgePruneError(f"pruned model {path} does not exist")
+    d = read_checkpoint(Path(path), "pruned model")
     if not isinstance(d, dict) or d.get("format") != PRUNED_FORMAT:
         raise EdgePruneError(f"{path} is not an edgeprune pruned.pt (format {PRUNED_FORMAT})")
     plan = Plan.from_dict(d["plan"])
@@ -319,27 +342,6 @@ def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
     skeleton = structural_copy(loaded.module, loaded.example_input, plan, d["biased"], tuple(d["ignore"]))
     skeleton.load_state_dict(d["state_dict"])
     return skeleton.eval(), plan
-
-
-@contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Write a folder under a temporary name and rename it into place: an interrupted run leaves nothing half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -351,21 +353,25 @@ def model_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
 
 
 def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, plan_path: str | None = None,
-              stages: Stages = no_progress) -> dict[str, Any]:
-    """`edgeprune prune`: one plan (uniform ratio or a plan file), pruned, exported, with held-out fidelity."""
-    with compute_threads(), retained_memory():
-        return _prune_job(config, out, ratio, plan_path, stages)
+              stages: Stages = no_progress, force: bool = False) -> dict[str, Any]:
+    """`edgeprune prune`: one plan (uniform ratio or a plan file), pruned, exported, with held-out fidelity.
 
-
-def _prune_job(config: PruneConfig, out: str | Path, ratio: float | None, plan_path: str | None,
-               stages: Stages) -> dict[str, Any]:
-    from edgeprune.export import export
-
+    `out` is checked before any work (see `atomic.OutputDir`: a folder holding anything but a previous edgeprune
+    output is refused unless `force`) and written as a whole at the end."""
     if (ratio is None) == (plan_path is None):
         raise EdgePruneError("give exactly one of --ratio (fraction of channels removed) or --plan plan.json")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
     given = Plan.load(plan_path) if plan_path else None
+    with OutputDir(out, force) as outdir, compute_threads(), retained_memory():
+        return _prune_job(config, outdir, ratio, given, plan_path, stages)
+
+
+def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, given: Plan | None,
+               plan_path: str | None, stages: Stages) -> dict[str, Any]:
+    from edgeprune.export import export
+    from edgeprune.report import to_json
+
     if given is not None:  # the plan decides criterion and compensation: reproduce it exactly
         config = dataclasses.replace(config, criterion=given.criterion, compensation=given.compensation,
                                      channel_multiple=given.channel_multiple, seed=given.seed)
@@ -384,21 +390,31 @@ def _prune_job(config: PruneConfig, out: str | Path, ratio: float | None, plan_p
         pruned = prep.prune(plan)
     with timed(t, "fidelity"):
         fid = prep.fidelity(pruned)
-    with atomic_dir(out) as tmp, timed(t, "export"):
+    tmp = outdir.tmp
+    with timed(t, "export"):
         stages("exporting to ONNX", None)
         exp = export(pruned, prep.loaded.example_input, tmp / "model.onnx", exporter=config.exporter)
         save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, config.ignore)
         plan.save(tmp / "plan.json")
     before = {g.name: g.channels for g in prep.graph.groups}
-    return {
+    result = {
+        "edgeprune": versions()["edgeprune"], "command": "prune",
         "model": prep.loaded.spec, "calibration": prep.data.recipe.name or prep.data.recipe.kind,
-        "criterion": plan.criterion, "compensation": plan.compensation, "out": str(out),
+        "criterion": plan.criterion, "compensation": plan.compensation, "out": str(outdir.out),
         "widths": {g: {"before": before[g], "after": len(k)} for g, k in plan.kept.items()},
         "base": model_size(prep.loaded.module, prep.loaded.example_input),
         "pruned": model_size(pruned, prep.loaded.example_input),
         "fidelity": fid.to_dict(), "parity": exp.parity.to_dict() if exp.parity else None,
         "excluded_groups": prep.graph.excluded, "timings_s": t,
     }
+    (tmp / "report.json").write_text(to_json(result) + "\n")
+    if fid.nonfinite:  # a broken model never lands in --out
+        dest = outdir.commit(failed=True)
+        raise QualityGateFailed(f"the pruned model's outputs are not finite (NaN or infinity) on {fid.nonfinite} of "
+                                f"{fid.samples} held-out samples; its artifacts are in {dest}/ for inspection; try "
+                                f"a lower --ratio, or --no-compensation to tell whether the repair is at fault")
+    outdir.commit()
+    return result
 
 
 # ---------------------------------------------------------------- build
@@ -425,6 +441,9 @@ def parse_budget(text: str) -> Budget:
     v, unit = float(m.group(1)), m.group(2)
     if v <= 0:
         raise EdgePruneError(f"--latency must be positive, found {text!r}")
+    if not math.isfinite(v):
+        raise EdgePruneError(f"--latency must be a finite budget, found {text!r}, which overflows to infinity; give "
+                             f"one like 10ms or 0.5x")
     if unit == "x":
         if v >= 1:
             raise EdgePruneError(f"a relative --latency must be below 1x (a fraction of the unpruned latency), found {text!r}")
@@ -468,6 +487,7 @@ class BuildOutcome:
     report: dict[str, Any]
     exit_code: int
     message: str | None = None  # the error line for exit codes 3 and 4
+    out: str = ""  # where the artifacts went: the --out folder, or OUT.failed for exit codes 3 and 4
 
 
 def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> Path:
@@ -479,18 +499,18 @@ def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, export
 
 
 def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
-          on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
-    """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget."""
+          on_step: Callable[[Any], None] | None = None, force: bool = False) -> BuildOutcome:
+    """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget.
+
+    A build that misses its budget (exit 3) or a quality gate (exit 4) writes its artifacts to `OUT.failed/` and
+    leaves `out` as it was: the last good release is never replaced by a failed one (`atomic.OutputDir`)."""
     with compute_threads(), retained_memory():
-        return _build(config, out, stages, on_step)
+        return _build(config, out, stages, on_step, force)
 
 
-def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callable[[Any], None] | None) -> BuildOutcome:
-    import tempfile
-
-    from edgeprune.errors import ExitCode
-    from edgeprune.runtimes import MeasurementCache, measure, runtime_for
-    from edgeprune.search import Probe, make_widths_fn, search, widths_digest
+def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callable[[Any], None] | None,
+           force: bool) -> BuildOutcome:
+    from edgeprune.runtimes import measure, runtime_for
     from edgeprune.targets import load_target
 
     budget = parse_budget(config.latency)
@@ -510,6 +530,19 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
 
         table = load_lut(config.lut)
         check_table_for(table, target, force=config.force_lut, path=config.lut)
+    with OutputDir(out, force) as outdir:
+        return _build_into(config, outdir, stages, on_step, budget, target, table, measure, device_runs)
+
+
+def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step: Callable[[Any], None] | None,
+                budget: Budget, target: Any, table: Any, measure: Callable[..., Any],
+                device_runs: list[int]) -> BuildOutcome:
+    import tempfile
+
+    from edgeprune.errors import ExitCode
+    from edgeprune.runtimes import MeasurementCache
+    from edgeprune.search import Probe, make_widths_fn, search, widths_digest
+
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
     prep = prepare(pc, stages)
@@ -541,7 +574,8 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
             layer_model = LayerModel.from_model(prep.loaded.module, example, prep.graph, prep.loaded.spec)
             if prep.loaded.spec not in table.models:
                 raise EdgePruneError(f"latency table {config.lut} has no calibration for {prep.loaded.spec}; run "
-                                     f"`edgeprune lut --model {prep.loaded.spec} --device {target.name} --out {config.lut}`")
+                                     f"`edgeprune lut --model {prep.loaded.spec} --device {target.source or target.name} --out "
+                                     f"{config.lut}`")
             base_stats = stats_from_repeats([[table.models[prep.loaded.spec]["base_ms"]]], target=target.name,
                                             runtime=target.runtime, runtime_version=table.meta["runtime_version"],
                                             precision=target.precision, source="lut")
@@ -669,20 +703,25 @@ def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callab
                 f"{final_stats.median:.3f} ms (unpruned {base_stats.median:.3f} ms) at minimum widths ({small}, ...); "
                 f"raise the budget, lower --channel-multiple, or allow narrower groups")
         elif not all(g["passed"] for g in gates.values()):
-            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" for k, v in gates.items() if not v["passed"]]
+            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" if k != "finite_outputs" else
+                      f"the pruned model's outputs are not finite on {v['value']} held-out samples"
+                      for k, v in gates.items() if not v["passed"]]
             code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {'; '.join(failed)}; budget met at " \
                 f"{final_stats.median:.3f} ms; relax the budget or the gate"
         report["exit_code"] = code
-        with atomic_dir(out) as tmp:
-            import shutil as _sh
+        failed = code != int(ExitCode.OK)
+        report["out"] = str(outdir.failed_out if failed else outdir.out)
+        tmp = outdir.tmp
+        shutil.copyfile(final_path, tmp / "model.onnx")
+        save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, pc.ignore)
+        plan.save(tmp / "plan.json")
+        from edgeprune.report import write_report
 
-            _sh.copyfile(final_path, tmp / "model.onnx")
-            save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, pc.ignore)
-            plan.save(tmp / "plan.json")
-            from edgeprune.report import write_report
-
-            write_report(tmp, report)
-    return BuildOutcome(report=report, exit_code=code, message=message)
+        write_report(tmp, report)
+    dest = outdir.commit(failed=failed)
+    if failed:
+        message += f"; this build's artifacts are in {dest}/ ({outdir.out} left as it was)"
+    return BuildOutcome(report=report, exit_code=code, message=message, out=str(dest))
 
 
 PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224
@@ -705,7 +744,10 @@ def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[
 
 
 def quality_gates(fid: Fidelity, config: BuildConfig) -> dict[str, dict[str, Any]]:
-    gates = {}
+    """The gates the user set, and always `finite_outputs`: a pruned model whose outputs hold NaN or infinity on a
+    held-out sample (where the unpruned model's are finite) never passes."""
+    gates: dict[str, dict[str, Any]] = {"finite_outputs": {"value": fid.nonfinite, "limit": 0,
+                                                           "passed": fid.nonfinite == 0}}
     if config.min_agreement is not None:
         gates["top1_agreement"] = {"value": fid.top1_agreement, "limit": config.min_agreement,
                                    "passed": fid.top1_agreement >= config.min_agreement}
@@ -730,10 +772,12 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
              resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.lut import LayerModel, best_channel_multiple, build_lut
+    from edgeprune.lut import LayerModel, best_channel_multiple, build_lut, check_lut_out
     from edgeprune.runtimes import measure, runtime_for
     from edgeprune.targets import load_target
 
+    check_patterns(ignore)
+    check_lut_out(Path(out), resume)
     target = load_target(device)
     runtime_for(target)
     t0 = time.perf_counter()

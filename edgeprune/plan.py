@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeprune.atomic import atomic_write_text
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph
 from edgeprune.importance import Ranking
@@ -81,11 +81,7 @@ class Plan:
             raise EdgePruneError(f"malformed plan: {type(e).__name__}: {e}") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -11,23 +11,42 @@ from pathlib import Path
 from typing import Any
 
 
-def _clean(obj: Any) -> Any:
-    """NaN and infinities become null: strict JSON parsers (and CI tools) reject bare NaN."""
+def _clean(obj: Any, path: str = "", found: dict[str, str] | None = None) -> Any:
+    """NaN and infinities become null, and `found` records where and what they were: strict JSON parsers (and CI
+    tools) reject bare NaN."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        if math.isfinite(obj):
+            return obj
+        if found is not None:
+            found[path] = "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+        return None
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: _clean(v, f"{path}.{k}" if path else str(k), found) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [_clean(v, f"{path}[{i}]", found) for i, v in enumerate(obj)]
     return obj
 
 
+def clean(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with every non-finite number replaced by null and listed under `non_finite` (key path -> "nan",
+    "inf" or "-inf"): the reason a value is null."""
+    found: dict[str, str] = {}
+    out = _clean(report, found=found)
+    if found:
+        out["non_finite"] = {**out.get("non_finite", {}), **found}
+    return out
+
+
 def to_json(report: dict[str, Any]) -> str:
-    return json.dumps(_clean(report), indent=2, allow_nan=False)
+    return json.dumps(clean(report), indent=2, allow_nan=False)
 
 
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f} ms"
+
+
+def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "n/a" if x is None else format(x * scale, fmt)
 
 
 def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
@@ -35,9 +54,9 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
     lines = [
         f"# edgeprune build: {r['model']} on {r['target']['name']}",
         "",
-        f"**Budget {r['budget']} = {r['budget_ms']:.3f} ms: {'met' if r['met'] else 'NOT met'}** "
+        f"**Budget {r['budget']} = {_ms(r['budget_ms'])}: {'met' if r['met'] else 'NOT met'}** "
         f"(exit code {r['exit_code']}). Final latency {_ms(f['latency_ms']['median'])} against "
-        f"{_ms(b['latency_ms']['median'])} unpruned: {r['speedup']:.2f}x faster.",
+        f"{_ms(b['latency_ms']['median'])} unpruned: {_num(r['speedup'], '.2f')}x faster.",
         "",
         "| | latency median | p90 | std | n | MACs | params |",
         "|---|---|---|---|---|---|---|",
@@ -48,13 +67,18 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
                      f"{row['macs'] / 1e6:.1f} M | {row['params'] / 1e6:.3f} M |")
     fid = r["fidelity"]
     lines += ["", "## Fidelity (held-out data, never used for statistics)", "",
-              f"- top-1 agreement with the unpruned model: {100 * fid['top1_agreement']:.2f}% of {fid['samples']} samples",
-              f"- output relative error: {fid['output_rel_error']:.4f}"]
+              f"- top-1 agreement with the unpruned model: {_num(fid['top1_agreement'], '.2f', 100)}% of "
+              f"{fid['samples']} samples",
+              f"- output relative error: {_num(fid['output_rel_error'], '.4f')}"]
+    if fid.get("nonfinite"):
+        lines.append(f"- **{fid['nonfinite']} held-out samples give non-finite outputs** (NaN or infinity)")
     if fid.get("accuracy"):
         a = fid["accuracy"]
-        lines.append(f"- accuracy: {100 * a['before']:.2f}% -> {100 * a['after']:.2f}% ({a['drop_pp']:.2f} points lost)")
+        lines.append(f"- accuracy: {_num(a['before'], '.2f', 100)}% -> {_num(a['after'], '.2f', 100)}% "
+                     f"({_num(a['drop_pp'], '.2f')} points lost)")
     for k, g in r.get("quality_gates", {}).items():
-        lines.append(f"- gate {k}: {g['value']:.4g} against {g['limit']:.4g}: {'passed' if g['passed'] else 'FAILED'}")
+        lines.append(f"- gate {k}: {_num(g['value'], '.4g')} against {_num(g['limit'], '.4g')}: "
+                     f"{'passed' if g['passed'] else 'FAILED'}")
     s = r["search"]
     lines += ["", "## Search", "",
               f"Criterion `{s['criterion']}`, compensation {'on' if s['compensation'] else 'off'}, proxy "
@@ -62,13 +86,16 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
               f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}.",
               "", "| step | strength | latency | source | widths |", "|---|---|---|---|---|"]
     for c in s["trace"]:
-        lines.append(f"| {c['step']} | {c['strength']:.4f} | {_ms(c['latency_ms'])} | {c['source']} | "
+        lines.append(f"| {c['step']} | {_num(c['strength'], '.4f')} | {_ms(c['latency_ms'])} | {c['source']} | "
                      f"`{c['widths_digest']}` |")
     lines += ["", "## Widths per group", "", "| group | before | after |", "|---|---|---|"]
     for g, w in r["widths"].items():
         lines.append(f"| `{g}` | {w['before']} | {w['after']} |")
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in r["timings_s"].items()]
+    lines += [f"| {k} | {_num(v, '.2f')} |" for k, v in r["timings_s"].items()]
+    if r.get("non_finite"):
+        lines += ["", "## Non-finite values", "", "Reported as null in report.json:", ""]
+        lines += [f"- `{k}`: {v}" for k, v in r["non_finite"].items()]
     lines += ["", "(`search` includes the prune, export and measure time of its candidates.)"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
@@ -117,4 +144,4 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     out = Path(out)
     (out / "report.json").write_text(to_json(report) + "\n")
     plots = plot(out, report)
-    (out / "report.md").write_text(render_markdown(_clean(report), plots))
+    (out / "report.md").write_text(render_markdown(clean(report), plots))

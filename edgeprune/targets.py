@@ -48,14 +48,37 @@ class MeasureConfig:
         return self.max_seconds > 0 and elapsed_s >= self.max_seconds and done >= min(self.MIN_ITERATIONS,
                                                                                      self.iterations)
 
+    # Upper bounds: a typo (iterations = 1e9) must not hold a device, or an agent's measurement lock, for days.
+    LIMITS = {"warmup": 10_000, "iterations": 100_000, "repeats": 100, "final_repeats": 100}
+    MAX_SECONDS = 3600.0
+
     def __post_init__(self) -> None:
-        for name in ("iterations", "repeats", "final_repeats"):
-            if getattr(self, name) < 1:
-                raise EdgePruneError(f"measure.{name} must be at least 1, found {getattr(self, name)}")
-        if self.warmup < 0:
-            raise EdgePruneError(f"measure.warmup must be at least 0, found {self.warmup}")
-        if self.max_seconds < 0:
-            raise EdgePruneError(f"measure.max_seconds must be at least 0 (0: no cap), found {self.max_seconds}")
+        for name, most in self.LIMITS.items():
+            v = getattr(self, name)
+            least = 0 if name == "warmup" else 1
+            if not least <= v <= most:
+                raise EdgePruneError(f"measure.{name} must be in {least}..{most}, found {v}")
+        if not 0 <= self.max_seconds <= self.MAX_SECONDS:  # NaN fails this too
+            raise EdgePruneError(f"measure.max_seconds must be a number of seconds in 0..{self.MAX_SECONDS:.0f} "
+                                 f"(0: no cap), found {self.max_seconds}")
+
+
+def check_agent_url(url: str) -> None:
+    """An http(s) URL with a host and, if given, a numeric port in range."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        raise EdgePruneError(f"[remote] agent must be an http:// or https:// URL, found {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as e:
+        raise EdgePruneError(f"[remote] agent URL {url!r} is malformed ({e}); write it as http://HOST:PORT, e.g. "
+                             f"http://jetson.local:8765") from None
+    if not parts.hostname:
+        raise EdgePruneError(f"[remote] agent URL {url!r} names no host; write it as http://HOST:PORT")
+    if port == 0:
+        raise EdgePruneError(f"[remote] agent URL {url!r} has port 0; the agent's port is 1..65535")
 
 
 @dataclass(frozen=True)
@@ -70,8 +93,11 @@ class RemoteConfig:
     def __post_init__(self) -> None:
         if (self.agent is None) == (self.ssh is None):
             raise EdgePruneError("[remote] needs exactly one of 'agent' (an http:// URL) or 'ssh' (user@host)")
-        if self.agent is not None and not self.agent.startswith(("http://", "https://")):
-            raise EdgePruneError(f"[remote] agent must be an http:// or https:// URL, found {self.agent!r}")
+        if self.agent is not None:
+            check_agent_url(self.agent)
+        if not 0 < self.timeout_s <= 86400:  # NaN fails this too
+            raise EdgePruneError(f"[remote] timeout_s must be a number of seconds in (0, 86400], found "
+                                 f"{self.timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,14 @@ class Target:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "target") -> Target:
         """Validated construction from a TOML/JSON table; every key and type is checked."""
+        try:
+            return cls._from_dict(d, where)
+        except EdgePruneError as e:
+            msg = str(e)
+            raise EdgePruneError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any], where: str) -> Target:
         check_keys(d, _TOP_KEYS, where)
         measure = take(d, "measure", dict, where, {})
         check_keys(measure, _MEASURE_KEYS, f"{where} [measure]")
@@ -136,22 +170,18 @@ class Target:
         aliases = take(d, "aliases", list, where, [])
         if not all(isinstance(a, str) for a in aliases):
             raise EdgePruneError(f"{where}: key 'aliases' must be a list of strings, found {aliases!r}")
-        try:
-            return cls(
-                name=take(d, "name", str, where),
-                runtime=take(d, "runtime", str, where, "onnxruntime", RUNTIME_NAMES),
-                precision=take(d, "precision", str, where, "fp32", PRECISIONS),
-                channel_multiple=take(d, "channel_multiple", int, where, 8),
-                threads=take(d, "threads", int, where, 1),
-                arch=take(d, "arch", str, where, "any", ARCHES),
-                description=take(d, "description", str, where, ""),
-                aliases=tuple(aliases),
-                measure=mc,
-                remote=rc,
-            )
-        except EdgePruneError as e:
-            msg = str(e)
-            raise EdgePruneError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        return cls(
+            name=take(d, "name", str, where),
+            runtime=take(d, "runtime", str, where, "onnxruntime", RUNTIME_NAMES),
+            precision=take(d, "precision", str, where, "fp32", PRECISIONS),
+            channel_multiple=take(d, "channel_multiple", int, where, 8),
+            threads=take(d, "threads", int, where, 1),
+            arch=take(d, "arch", str, where, "any", ARCHES),
+            description=take(d, "description", str, where, ""),
+            aliases=tuple(aliases),
+            measure=mc,
+            remote=rc,
+        )
 
     def fingerprint(self) -> str:
         """Digest of everything that changes a measured figure (not the description, aliases or remote address)."""
@@ -178,15 +208,18 @@ def bundled_targets() -> dict[str, Target]:
 
 
 def load_target(spec: str | Path) -> Target:
-    """A target from a profile name, an alias, or a path to a TOML file."""
+    """A target from a profile name, an alias, or a path to a TOML file (a bare name is a bundled profile first:
+    write ./cpu to mean a file named cpu)."""
     s = str(spec)
-    if s.endswith(".toml") or "/" in s or Path(s).is_file():
+    if s.endswith(".toml") or "/" in s:
         return load_target_file(s)
-    targets = bundled_targets()
+    targets = bundled_targets()  # a bundled name wins over a stray file of that name in the working folder
     if s in targets:
         return targets[s]
     for t in targets.values():
         if s in t.aliases:
             return t
+    if Path(s).is_file():
+        return load_target_file(s)
     names = ", ".join(f"{t.name} ({'/'.join(t.aliases)})" if t.aliases else t.name for t in targets.values())
     raise EdgePruneError(f"unknown device {s!r}; known targets: {names}; or pass a path to a target TOML file")

@@ -17,11 +17,14 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def assert_one_line_error(err: str, *needles: str) -> None:
+    """The error is one line, `edgeprune: error: ...`, and the last; before it stderr may only hold the stage lines a
+    log gets (`edgeprune: <stage>`) and logged warnings, never a traceback."""
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("edgeprune: error: "), err
-    assert "Traceback" not in err
+    errors = [ln for ln in lines if ln.startswith("edgeprune: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert "Traceback" not in err and not any(ln.startswith(("  File ", "    ")) for ln in lines), err
     for n in needles:
-        assert n in lines[0], (n, lines[0])
+        assert n in errors[0], (n, errors[0])
 
 
 def test_targets_json_lists_profiles(capsys: pytest.CaptureFixture) -> None:

@@ -20,7 +20,7 @@ from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
 from edgeprune.fidelity import fidelity
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, PruneConfig, _glibc, atomic_dir, group_workers, load_pruned, \
+from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, PruneConfig, _glibc, group_workers, load_pruned, \
     prepare, prune_job, retained_memory, save_pruned
 from edgeprune.plan import Plan, uniform_widths
 from tests.test_cli import assert_one_line_error
@@ -146,9 +146,10 @@ def random_recipe(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- the example, end to end
 
 
-def test_prune_cli_writes_onnx_pruned_pt_and_plan(example_runs: dict) -> None:
+def test_prune_cli_writes_onnx_pruned_pt_plan_and_report(example_runs: dict) -> None:
     run = example_runs["cap"]
-    assert sorted(p.name for p in run.out.iterdir()) == ["model.onnx", "plan.json", "pruned.pt"]
+    assert sorted(p.name for p in run.out.iterdir()) == ["model.onnx", "plan.json", "pruned.pt", "report.json"]
+    assert json.loads((run.out / "report.json").read_text()) == json.loads(json.dumps(run.result))
     assert not list(run.out.parent.glob(".cap.*"))  # no temporary folder left behind
     r = run.result
     assert r["model"] == "example" and r["criterion"] == "cap" and r["compensation"] is True
@@ -264,20 +265,6 @@ def test_prune_job_needs_exactly_one_of_ratio_and_plan(tmp_path: Path) -> None:
     with pytest.raises(EdgePruneError, match="give exactly one of --ratio"):
         prune_job(PruneConfig(), tmp_path / "out", ratio=0.5, plan_path="plan.json")
     assert not (tmp_path / "out").exists()
-
-
-def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out) as tmp:
-            (tmp / "model.onnx").write_text("partial")
-            raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-    out.mkdir()
-    (out / "old.txt").write_text("old")
-    with atomic_dir(out) as tmp:
-        (tmp / "new.txt").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["new.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---------------------------------------------------------------- bad input: exit 2, one line, nothing written

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from edgeprune.atomic import atomic_write_text
 from edgeprune.runtimes.stats import LatencyStats
 
 ENV_VAR = "EDGEPRUNE_CACHE_DIR"
@@ -62,9 +63,6 @@ class MeasurementCache:
     def put(self, key: str, stats: LatencyStats) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(dataclasses.replace(stats, source="measured").to_dict()))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(dataclasses.replace(stats, source="measured").to_dict()))
         except OSError:
             pass  # a read-only cache must not fail a measurement

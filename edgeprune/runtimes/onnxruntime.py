@@ -59,8 +59,22 @@ def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
+def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:
+    try:
+        sess.run(None, feeds)
+    except Exception as e:  # ORT raises its own InvalidArgument/Fail types
+        dims = [f"{i.name} {i.shape}" for i in sess.get_inputs() if any(not isinstance(d, int) for d in i.shape)]
+        hint = (f"; its input {', '.join(dims)} has symbolic dimensions, which edgeprune feeds as 1: export the model "
+                f"with fixed input shapes") if dims else ""
+        raise EdgePruneError(f"ONNX Runtime cannot run {onnx_path}: {str(e).splitlines()[0][:300]}{hint}") from None
+
+
 def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress=None) -> LatencyStats:
-    """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions."""
+    """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions.
+
+    `progress(done, total)` is called after every run, warm-up runs included (with the timed count so far): an
+    exception it raises stops the measurement (the agent stops a request whose client has gone or whose time is up).
+    """
     import onnxruntime as ort
 
     model_bytes = Path(onnx_path).read_bytes()
@@ -75,12 +89,14 @@ def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, p
             raise EdgePruneError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
         feeds = random_feeds(sess)
         for _ in range(cfg.warmup):
-            sess.run(None, feeds)
+            _run(sess, feeds, onnx_path)
+            if progress is not None:
+                progress(r * cfg.iterations, total)
         times: list[float] = []
         start = time.perf_counter()
         while not cfg.runs_done(len(times), time.perf_counter() - start):
             t0 = time.perf_counter_ns()
-            sess.run(None, feeds)
+            _run(sess, feeds, onnx_path)
             times.append((time.perf_counter_ns() - t0) / 1e6)
             if progress is not None:  # a repeat ends at `iterations` runs or at `max_seconds`, whichever comes first
                 by_time = int(cfg.iterations * (time.perf_counter() - start) / cfg.max_seconds) if cfg.max_seconds else 0

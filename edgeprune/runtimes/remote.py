@@ -125,10 +125,15 @@ def _request(target: Target, method: str, path: str, body: Path | None = None, h
         data = body.read_bytes() if body is not None else None
         if data is not None:
             hdrs["Content-Type"] = "application/octet-stream"
-        req = urllib.request.Request(url, data=data, headers=hdrs, method=method)
         try:
+            req = urllib.request.Request(url, data=data, headers=hdrs, method=method)
             with _opener().open(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
+                raw = resp.read()
+            try:
+                return json.loads(raw)
+            except ValueError as e:
+                raise EdgePruneError(f"the agent at {url} answered with something that is not JSON ({e}); is that "
+                                     f"address an edgeprune agent?") from None
         except urllib.error.HTTPError as e:
             raise _http_error(target, e.code, _error_message(e.read())) from None
         except urllib.error.URLError as e:
@@ -141,9 +146,9 @@ def _request(target: Target, method: str, path: str, body: Path | None = None, h
                 break
         except _CONNECTION_ERRORS as e:
             last = e
-        except ValueError as e:
-            raise EdgePruneError(f"the agent at {url} answered with something that is not JSON ({e}); is that "
-                                 f"address an edgeprune agent?") from None
+        except (http.client.InvalidURL, ValueError) as e:  # a URL or setting the checks let through
+            raise EdgePruneError(f"cannot send a request to the agent at {url} ({e}); check [remote] agent and "
+                                 f"timeout_s in the target file") from None
         log.info("agent %s: attempt %d failed (%s)", url, attempt + 1, last)
     if isinstance(last, (socket.timeout, TimeoutError)):
         raise DeviceUnreachable(f"the agent at {url} did not answer within {timeout:.0f} s; raise [remote] "
@@ -207,23 +212,28 @@ def _toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return f"[{', '.join(_toml_value(v) for v in value)}]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):  # a float stays a float: max_seconds = 0.5 must not reach the device as 0
+        return repr(value)
+    return str(int(value))
+
+
 def target_toml(target: Target) -> str:
-    """The target as a TOML profile file, without its [remote] table (the device measures locally)."""
+    """The target as a TOML profile file, without its [remote] table (the device measures locally); reading it back
+    gives a target with the same fingerprint."""
     d = target.to_dict()
     d.pop("remote", None)
-    lines = []
-    for key in ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch"):
-        value = d[key]
-        if isinstance(value, str):
-            lines.append(f"{key} = {_toml_string(value)}")
-        elif isinstance(value, list):
-            lines.append(f"{key} = [{', '.join(_toml_string(v) for v in value)}]")
-        else:
-            lines.append(f"{key} = {int(value)}")
+    lines = [f"{key} = {_toml_value(d[key])}"
+             for key in ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch")]
     lines.append("")
     lines.append("[measure]")
-    for key, value in d["measure"].items():
-        lines.append(f"{key} = {int(value)}")
+    lines += [f"{key} = {_toml_value(value)}" for key, value in d["measure"].items()]
     return "\n".join(lines) + "\n"
 
 

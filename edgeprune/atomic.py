@@ -1,0 +1,179 @@
+"""Writing outputs without losing anything: temporary names renamed into place, and `--out` folders that are only
+ever replaced when they hold a previous edgeprune output.
+
+    out = OutputDir("release/net", force=False)      # checks before the job starts: exit 2 on a user's folder
+    with out:
+        write(out.tmp / "model.onnx")                 # the job writes into a hidden sibling folder
+        out.commit()                                  # renamed into place (a failed build: out.commit(failed=True))
+
+    atomic_write_text(path, text)                     # one file, via a sibling temporary name
+
+Rules (README, "Outputs"): a new folder is created (with its parents); an existing folder is replaced only if it holds
+nothing but edgeprune's artifacts (recognised by its report.json or plan.json), unless `force`; a file is never
+replaced by a folder; the current folder and its ancestors are refused. A failed build goes to `OUT.failed/`, so the
+last good release in `OUT/` stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from edgeprune.errors import EdgePruneError
+
+# Every file a `prune` or `build` output folder can hold.
+ARTIFACTS = frozenset({"model.onnx", "pruned.pt", "plan.json", "report.json", "report.md", "search.png", "widths.png"})
+FAILED_SUFFIX = ".failed"
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A sibling temporary name: same filesystem, so the final rename is atomic."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a sibling temporary file: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _marked(path: Path) -> bool:
+    """Whether `path` is a JSON file edgeprune wrote: a report ({"edgeprune": version, ...}) or a plan."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and ("edgeprune" in d or str(d.get("format", "")).startswith("edgeprune."))
+
+
+def is_edgeprune_output(folder: Path) -> bool:
+    """Whether `folder` holds nothing but a previous edgeprune output (or nothing at all)."""
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        return True
+    return names <= ARTIFACTS and any(_marked(folder / n) for n in ("report.json", "plan.json") if n in names)
+
+
+def _foreign(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir() if p.name not in ARTIFACTS)
+    if not names:
+        return "edgeprune's file names but no edgeprune report or plan"
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _refuse_cwd(out: Path, flag: str) -> None:
+    here = Path.cwd().resolve()
+    resolved = out.resolve()
+    if resolved == here or resolved in here.parents:
+        raise EdgePruneError(f"{flag} {out} is the current folder{'' if resolved == here else ' or one above it'}; "
+                             f"edgeprune replaces its output folder as a whole: name a new subfolder such as out/")
+
+
+def check_replaceable(out: Path, force: bool, flag: str = "--out") -> None:
+    """Raise unless writing an output folder at `out` loses nothing the user made (or `force` says to replace it)."""
+    _refuse_cwd(out, flag)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise EdgePruneError(f"{flag} {out} exists and is {'a link' if out.is_symlink() else 'a file'}; edgeprune "
+                             f"writes a folder there and never replaces a file with one: choose another {flag}")
+    if out.is_dir() and not force and not is_edgeprune_output(out):
+        raise EdgePruneError(f"{flag} {out} is a folder that holds files edgeprune did not write ({_foreign(out)}); "
+                             f"choose a new or empty folder, or pass --force to replace it and everything in it")
+
+
+def _make_dir(path: Path, flag: str, out: Path) -> None:
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise EdgePruneError(f"cannot write {flag} {out}: {e.strerror or e} ({e.filename}); check that its parent "
+                             f"folder exists, is writable and has free space") from None
+
+
+class OutputDir:
+    """An output folder written as a whole: checked when made, filled under a temporary name, renamed into place.
+
+    The checks run in `__init__`, before any work; `commit` renames the temporary folder to `out` (or, for a failed
+    build, to `out.failed`), replacing a previous edgeprune output there; leaving the `with` block without a commit
+    removes the temporary folder.
+    """
+
+    def __init__(self, out: str | Path, force: bool = False, flag: str = "--out") -> None:
+        self.out = Path(out)
+        self.force, self.flag = force, flag
+        if not self.out.name or self.out.name in (".", ".."):
+            _refuse_cwd(self.out, flag)
+            raise EdgePruneError(f"{flag} {out} names no folder; give a folder name such as out/")
+        self.failed_out = self.out.with_name(self.out.name + FAILED_SUFFIX)
+        check_replaceable(self.out, force, flag)
+        check_replaceable(self.failed_out, force, flag)
+        self.tmp = tmp_path_for(self.out)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        _make_dir(self.tmp, flag, self.out)  # proves the parent is writable before the job starts
+        self.committed: Path | None = None
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self, failed: bool = False) -> Path:
+        """Rename the finished folder into place: `out`, or `out.failed` for a run that failed its budget or gates."""
+        dest = self.failed_out if failed else self.out
+        try:
+            check_replaceable(dest, self.force, self.flag)  # again: the user may have put files there meanwhile
+        except EdgePruneError as e:
+            keep = dest.with_name(f"{dest.name}.edgeprune-{os.getpid()}")
+            os.replace(self.tmp, keep)
+            raise EdgePruneError(f"{e} (it changed while the job ran); this run's artifacts are in {keep}") from None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(self.tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, dest)
+        self.committed = dest
+        return dest
+
+
+def check_output_file(path: str | Path, suffixes: tuple[str, ...], force: bool = False, flag: str = "-o") -> Path:
+    """Before a job that writes one file: refuse a folder, a file of another kind (unless `force`), and a folder
+    where nothing can be written (checked by creating the temporary file the write will use)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgePruneError(f"{flag} {path} is a folder; give a file name such as {path / ('model' + suffixes[0])}")
+    if path.exists() and path.suffix.lower() not in suffixes and not force:
+        raise EdgePruneError(f"{flag} {path} exists and is not a {' or '.join(suffixes)} file; edgeprune would "
+                             f"overwrite it: choose another name, or pass --force")
+    tmp = tmp_path_for(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError as e:
+        raise EdgePruneError(f"cannot write {flag} {path}: {e.strerror or e}; check that its folder is writable and "
+                             f"has free space") from None
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return path
+
+
+def write_error(path: Path, e: OSError) -> EdgePruneError:
+    """The one-line error for a write that failed (full disk, file size limit, permissions)."""
+    return EdgePruneError(f"cannot write {path}: {e.strerror or e}; check free space, file size limits (ulimit -f) "
+                          f"and permissions")

@@ -1,0 +1,157 @@
+"""Outputs never lose what was there: `--out` folders are replaced only when they hold an edgeprune output."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from edgeprune.atomic import OutputDir, atomic_write_text, check_output_file, is_edgeprune_output
+from edgeprune.errors import EdgePruneError
+
+
+def previous_output(folder: Path, marker: str = "report") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"old model")
+    if marker == "report":
+        (folder / "report.json").write_text(json.dumps({"edgeprune": "0.1.0", "met": True}))
+    else:
+        (folder / "plan.json").write_text(json.dumps({"format": "edgeprune.plan/1"}))
+    return folder
+
+
+def test_new_folder_is_created_with_parents_and_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b" / "out"
+    with OutputDir(out) as o:
+        (o.tmp / "model.onnx").write_text("new")
+        o.commit()
+    assert (out / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
+def test_interrupted_job_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with OutputDir(out) as o:
+            (o.tmp / "model.onnx").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("marker", ["report", "plan"])
+def test_previous_edgeprune_output_is_replaced(tmp_path: Path, marker: str) -> None:
+    out = previous_output(tmp_path / "out", marker)
+    assert is_edgeprune_output(out)
+    with OutputDir(out) as o:
+        (o.tmp / "model.onnx").write_text("new")
+        o.commit()
+    assert [p.name for p in out.iterdir()] == ["model.onnx"] and (out / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_users_folder_is_refused_before_any_work_and_kept(tmp_path: Path) -> None:
+    out = tmp_path / "userdir"
+    out.mkdir()
+    (out / "precious.txt").write_text("precious")
+    with pytest.raises(EdgePruneError, match=r"holds files edgeprune did not write \(precious.txt\).*--force"):
+        OutputDir(out)
+    assert (out / "precious.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["userdir"]  # no temporary folder made either
+
+
+def test_artifact_names_without_an_edgeprune_report_are_not_enough(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("someone else's model")
+    (out / "report.json").write_text(json.dumps({"accuracy": 0.9}))
+    with pytest.raises(EdgePruneError, match="did not write"):
+        OutputDir(out)
+
+
+def test_force_replaces_a_users_folder(tmp_path: Path) -> None:
+    out = tmp_path / "userdir"
+    out.mkdir()
+    (out / "precious.txt").write_text("precious")
+    with OutputDir(out, force=True) as o:
+        (o.tmp / "model.onnx").write_text("new")
+        o.commit()
+    assert [p.name for p in out.iterdir()] == ["model.onnx"]
+
+
+def test_a_file_is_never_replaced_by_a_folder(tmp_path: Path) -> None:
+    out = tmp_path / "existing_file"
+    out.write_text("my notes")
+    for force in (False, True):
+        with pytest.raises(EdgePruneError, match="exists and is a file"):
+            OutputDir(out, force=force)
+    assert out.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["existing_file"]
+
+
+def test_current_folder_and_its_parents_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inner = tmp_path / "sandbox" / "inner"
+    inner.mkdir(parents=True)
+    (inner / "keep.txt").write_text("keep")
+    monkeypatch.chdir(inner)
+    for out in (".", "..", str(inner), "./"):
+        with pytest.raises(EdgePruneError, match="current folder"):
+            OutputDir(out, force=True)
+    assert (inner / "keep.txt").read_text() == "keep"
+
+
+def test_unwritable_parent_is_an_error_before_the_job(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(EdgePruneError, match=r"cannot write --out .*a_file/out"):
+        OutputDir(blocker / "out")
+
+
+def test_failed_run_goes_next_to_the_good_one(tmp_path: Path) -> None:
+    out = previous_output(tmp_path / "rel")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with OutputDir(out) as o:
+        (o.tmp / "model.onnx").write_text("failed model")
+        dest = o.commit(failed=True)
+    assert dest == tmp_path / "rel.failed" and (dest / "model.onnx").read_text() == "failed model"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_users_folder_at_the_failed_name_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "rel.failed").mkdir()
+    (tmp_path / "rel.failed" / "notes.txt").write_text("mine")
+    with pytest.raises(EdgePruneError, match="rel.failed"):
+        OutputDir(tmp_path / "rel")
+
+
+def test_files_added_while_the_job_ran_are_kept(tmp_path: Path) -> None:
+    out = previous_output(tmp_path / "out")
+    with OutputDir(out) as o:
+        (o.tmp / "model.onnx").write_text("new")
+        (out / "added-meanwhile.txt").write_text("mine")
+        with pytest.raises(EdgePruneError, match=r"changed while the job ran.*out.edgeprune-"):
+            o.commit()
+    assert (out / "added-meanwhile.txt").read_text() == "mine"
+    kept = tmp_path / f"out.edgeprune-{os.getpid()}"
+    assert (kept / "model.onnx").read_text() == "new"
+
+
+def test_output_file_checks(tmp_path: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(EdgePruneError, match="is a folder"):
+        check_output_file(tmp_path / "folder", (".onnx",))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(EdgePruneError, match="not a .onnx file"):
+        check_output_file(notes, (".onnx",))
+    assert check_output_file(notes, (".onnx",), force=True) == notes and notes.read_text() == "mine"
+    (tmp_path / "m.onnx").write_text("old")
+    check_output_file(tmp_path / "m.onnx", (".onnx",))  # an ONNX file may be overwritten
+    with pytest.raises(EdgePruneError, match="cannot write"):
+        check_output_file(notes / "m.onnx", (".onnx",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.onnx", "notes.txt"]
+
+
+def test_atomic_write_text(tmp_path: Path) -> None:
+    path = atomic_write_text(tmp_path / "sub" / "a.json", "{}")
+    assert path.read_text() == "{}" and [p.name for p in path.parent.iterdir()] == ["a.json"]
