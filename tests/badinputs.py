@@ -145,7 +145,7 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
-def _tiny_onnx(path: Path, dynamic_hw: bool = False) -> Path:
+def tiny_onnx_file(path: Path, dynamic_hw: bool = False) -> Path:
     """A conv whose weight is an initializer; with `dynamic_hw` the input's H and W are symbolic."""
     w = helper.make_tensor("W", TensorProto.FLOAT, [4, 3, 3, 3], np.ones(4 * 3 * 3 * 3, np.float32).tolist())
     hw = ["H", "W"] if dynamic_hw else [16, 16]
@@ -159,9 +159,9 @@ def _tiny_onnx(path: Path, dynamic_hw: bool = False) -> Path:
     return path
 
 
-def _external_onnx(path: Path, location: str) -> Path:
+def external_data_onnx(path: Path, location: str) -> Path:
     """A model whose weight is external data at `location` (outside its folder): refused, never read."""
-    model = onnx.load(str(_tiny_onnx(path)))
+    model = onnx.load(str(tiny_onnx_file(path)))
     w = model.graph.initializer[0]
     w.ClearField("float_data")
     w.ClearField("raw_data")
@@ -212,14 +212,15 @@ def make_fixtures(root: Path) -> dict[str, Path]:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     export_onnx(mod.tiny().eval(), torch.randn(1, 3, 16, 16), good, exporter="torchscript")
-    _tiny_onnx(fx / "dyn.onnx", dynamic_hw=True)
-    _external_onnx(fx / "ext_traversal.onnx", "../../../../../../../../etc/hostname")
-    _external_onnx(fx / "ext_abs.onnx", "/etc/hostname")
+    tiny_onnx_file(fx / "dyn.onnx", dynamic_hw=True)
+    external_data_onnx(fx / "ext_traversal.onnx", "../../../../../../../../etc/hostname")
+    external_data_onnx(fx / "ext_abs.onnx", "/etc/hostname")
 
     measure = "[measure]\n"
     targets = {
         "t_hugeiter": f'name = "t"\n{measure}iterations = 1000000000\nmax_seconds = 0\n',
         "t_nan_maxsec": f'name = "t"\n{measure}max_seconds = nan\n',
+        "t_negrepeats": f'name = "t"\n{measure}repeats = -1\n',
         "t_remote_negtimeout": 'name = "t"\n[remote]\nagent = "http://127.0.0.1:8799"\ntimeout_s = -1\n',
         "t_remote_badport": 'name = "t"\n[remote]\nagent = "http://127.0.0.1:notaport"\n',
         "t_long": f'name = "long"\n{measure}warmup = 0\niterations = 100000\nrepeats = 100\n',

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
+import os
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -223,3 +225,119 @@ def test_cli_agent_serves_with_token_file(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- bad models and hostile requests (the matrix's A rows)
+
+
+@pytest.mark.parametrize("kind", ["A18_fails_at_run_time", "A19_external_data_traversal", "A19b_external_data_abs"])
+def test_agent_answers_400_for_bad_models_without_its_paths(agent, tmp_path, kind):
+    from tests.badinputs import external_data_onnx, tiny_onnx_file
+
+    path = tmp_path / "m.onnx"
+    if kind.startswith("A18"):
+        tiny_onnx_file(path, dynamic_hw=True)
+    else:
+        external_data_onnx(path, "../../../../../../../../etc/hostname" if "traversal" in kind else "/etc/hostname")
+    status, answer = post_measure(agent.url, path.read_bytes(), fast_target())
+    assert status == 400, answer
+    assert ("symbolic dimensions" if kind.startswith("A18") else "external weight data") in answer["error"]
+    for shown in (str(agent.upload_dir), str(agent.upload_dir.resolve()), "edgeprune-agent-", "tmp"):
+        assert shown not in answer["error"], answer["error"]
+    assert call(agent.url, "/health")[0] == 200  # and it keeps serving
+
+
+def test_agent_repeats_header_has_an_upper_bound(agent, model):
+    status, answer = call(agent.url, "/measure", model.read_bytes(), TOKEN,
+                          {TARGET_HEADER: "cpu", "X-Edgeprune-Repeats": "1000000"})
+    assert status == 400 and "must be an integer in 1..100" in answer["error"]
+
+
+def test_agent_refuses_unbounded_measurement_settings(agent, model):
+    hostile = {**fast_target(), "measure": {"warmup": 0, "iterations": 10**12, "repeats": 1, "final_repeats": 1,
+                                            "max_seconds": 0.0}}
+    status, answer = post_measure(agent.url, model.read_bytes(), hostile)
+    assert status == 400 and "measure.iterations must be in 1..100000" in answer["error"]
+
+
+def hostile_target() -> dict:
+    """Within every bound, yet about 10 minutes of timed runs of the tiny model: only the agent's limits stop it."""
+    return {**fast_target(), "measure": {"warmup": 0, "iterations": 100_000, "repeats": 100, "final_repeats": 1,
+                                         "max_seconds": 0.0}}
+
+
+def test_A14_time_limit_frees_the_agent_for_the_next_client(model):
+    """A request that would measure for minutes is stopped at the agent's --max-seconds (400, with the way out),
+    and a second client, sent while it runs, is answered within 5 s."""
+    server = start_agent(AgentConfig(port=0, max_seconds=2.0))
+    try:
+        body = model.read_bytes()
+        hog: list[tuple[int, dict]] = []
+        t = threading.Thread(target=lambda: hog.append(post_measure(server.url, body, hostile_target(), token=None)))
+        t.start()
+        time.sleep(0.5)
+        sent = time.monotonic()
+        status, answer = post_measure(server.url, body, fast_target(), token=None)
+        waited = time.monotonic() - sent
+        t.join(timeout=30)
+        assert status == 200 and waited < 5.0, (status, waited)
+        assert hog[0][0] == 400 and "limit of 2 s per request" in hog[0][1]["error"]
+        assert "--max-seconds" in hog[0][1]["error"] and server.stopped == 1
+    finally:
+        server.close()
+
+
+def test_A14_client_that_disconnects_frees_the_agent(model):
+    """A client that sends a long measurement and goes away no longer holds the measurement lock: the agent notices
+    within a fraction of a second, stops, and serves the next client within 5 s, although its time limit is 600 s."""
+    import socket
+
+    server = start_agent(AgentConfig(port=0))
+    try:
+        body = model.read_bytes()
+        head = (f"POST /measure HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+                f"{TARGET_HEADER}: {json.dumps(hostile_target())}\r\n\r\n").encode()
+        sock = socket.create_connection(server.server_address[:2])
+        sock.sendall(head + body)
+        time.sleep(0.5)
+        sock.close()  # gone, mid-measurement
+        sent = time.monotonic()
+        status, _ = post_measure(server.url, body, fast_target(), token=None)
+        assert status == 200 and time.monotonic() - sent < 5.0
+        assert server.stopped == 1 and server.measurements == 1
+    finally:
+        server.close()
+
+
+def test_A28_sigterm_removes_the_agents_uploads(model, tmp_path):
+    """`systemctl stop` (SIGTERM) mid-measurement: exit 143 and the upload folder is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    tmpdir = tmp_path / "TMPDIR"
+    tmpdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "edgeprune", "agent", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmpdir)})
+    try:
+        port = int(proc.stdout.readline().split("127.0.0.1:")[1].split()[0])
+        url = f"http://127.0.0.1:{port}"
+        threading.Thread(target=lambda: _ignore_errors(post_measure, url, model.read_bytes(), hostile_target(), None),
+                         daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not list(tmpdir.glob("edgeprune-agent-*/*/model.onnx")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmpdir.glob("edgeprune-agent-*/*/model.onnx")), "the upload never arrived"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "edgeprune: terminated", err
+    assert [p.name for p in tmpdir.iterdir() if p.name != ".ses"] == []
+
+
+def _ignore_errors(fn, *args):  # noqa: ANN001, ANN202
+    try:
+        return fn(*args)
+    except OSError:
+        return None

@@ -62,6 +62,8 @@ CASES = [
     # target files and measurement settings
     Case("T08", ("profile", "fx/good.onnx", "--device", "fx/t_hugeiter.toml", "--no-cache"), 2,
          "measure.iterations must be in 1..100000"),
+    Case("T07", ("profile", "fx/good.onnx", "--device", "fx/t_negrepeats.toml"), 2,
+         "target file fx/t_negrepeats.toml: measure.repeats must be in 1..100"),
     Case("T18", ("profile", "fx/good.onnx", "--device", "fx/t_nan_maxsec.toml"), 2, "max_seconds must be"),
     Case("R03", ("profile", "fx/good.onnx", "--device", "fx/t_remote_negtimeout.toml"), 2, "timeout_s must be"),
     Case("R04", ("profile", "fx/good.onnx", "--device", "fx/t_remote_badport.toml"), 2, "'http://127.0.0.1:notaport' is malformed"),
@@ -209,22 +211,27 @@ def test_O04_out_dot_is_refused(root: Path, scratch: Path, capsys: pytest.Captur
     assert [p.name for p in inner.iterdir()] == ["keep.txt"] and (inner / "keep.txt").read_text() == "keep"
 
 
-def test_O02_read_only_parent_is_refused_before_the_job(root: Path, scratch: Path, capsys: pytest.CaptureFixture) \
-        -> None:
-    ro = root / "out" / "ro"
+@pytest.mark.parametrize("command", ["O02_prune", "O09_export"])
+def test_read_only_folder_is_refused_before_the_job(command: str, root: Path, scratch: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    ro = root / "out" / command
     ro.mkdir(parents=True, exist_ok=True)
     if subprocess.run(["chattr", "+i", str(ro)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (needs root and a filesystem with the immutable flag); "
                     "O02's twin with a file as the parent runs in test_bad_input")
     try:
         t0 = time.perf_counter()
-        code = main([*P, "--calibration", "fx/c_rand64.toml", "--out", str(ro / "p")])
+        if command == "O02_prune":
+            code = main([*P, "--calibration", "fx/c_rand64.toml", "--out", str(ro / "p")])
+        else:
+            code = main([*EXPORT[:-1], str(ro / "m.onnx")])
         err = capsys.readouterr().err
         elapsed = time.perf_counter() - t0
     finally:
         subprocess.run(["chattr", "-i", str(ro)], check=True)
     assert code == 2 and elapsed < 1.0  # refused before loading anything
-    assert_one_line_error(err, "cannot write --out", "Operation not permitted")
+    assert_one_line_error(err, "cannot write --out" if command == "O02_prune" else "cannot write -o",
+                          "Operation not permitted")
     assert list(ro.iterdir()) == []
 
 
