@@ -116,6 +116,8 @@ class OutputDir:
         check_replaceable(self.failed_out, force, flag)
         self.tmp = tmp_path_for(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        # the parents this creates are removed again if the job writes nothing
+        self._made = [p for p in self.out.parents if not p.exists()]
         _make_dir(self.tmp, flag, self.out)  # proves the parent is writable before the job starts
         self.committed: Path | None = None
 
@@ -127,6 +129,12 @@ class OutputDir:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.committed is None:
+            for p in self._made:  # innermost first
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
 
     def commit(self, failed: bool = False) -> Path:
         """Rename the finished folder into place: `out`, or `out.failed` for a run that failed its budget or gates."""

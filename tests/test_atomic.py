@@ -32,7 +32,7 @@ def test_new_folder_is_created_with_parents_and_nothing_else(tmp_path: Path) -> 
 
 
 def test_interrupted_job_leaves_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    out = tmp_path / "new" / "deep" / "out"
     with pytest.raises(RuntimeError):
         with OutputDir(out) as o:
             (o.tmp / "model.onnx").write_text("partial")

@@ -198,6 +198,29 @@ def test_out_holding_users_files_is_refused_and_kept(kind: str, root: Path, scra
     assert tree_digest(out.parent) == before and leftovers(scratch) == []
 
 
+@pytest.mark.parametrize("command", ["prune", "build", "lut", "export"])
+def test_users_folder_survives_every_command(command: str, root: Path, scratch: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """A slip like `--out src`: a folder of the user's given as the output of any command is refused (exit 2) before
+    any work, byte for byte as it was, even with --fresh for a latency table."""
+    user = root / "out" / f"src-{command}"
+    (user / "pkg").mkdir(parents=True)
+    (user / "main.py").write_text("print('mine')\n")
+    (user / "pkg" / "model.onnx").write_bytes(b"mine too")
+    before = tree_digest(user)
+    argv = {"prune": [*P, "--calibration", "fx/c_rand64.toml", "--out", str(user)],
+            "build": ["build", "--device", "fx/t_ok.toml", "--calibration", "fx/c_rand64.toml", "--out", str(user)],
+            "lut": ["lut", "--device", "fx/t_ok.toml", "--fresh", "--out", str(user)],
+            "export": [*EXPORT[:-1], str(user)]}[command]
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 2.0  # before loading the model
+    assert_one_line_error(capsys.readouterr().err, str(user))
+    assert tree_digest(user) == before and sorted(p.name for p in user.parent.iterdir()
+                                                  if p.name.startswith((".src", f"src-{command}."))) == []
+    assert leftovers(scratch) == []
+
+
 def test_O04_out_dot_is_refused(root: Path, scratch: Path, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     inner = root / "sandbox" / "inner"

@@ -106,11 +106,15 @@ def test_build_quality_gate_exit_4(cap_build: tuple[int, dict, str], env: dict[s
     code, r, err = build(env, capsys, "gate", "--latency", "0.5x", "--max-accuracy-drop", str(gate))
     assert code == 4 and r["exit_code"] == 4 and r["quality_gates"]["accuracy_drop_pp"]["passed"] is False
     assert "edgeprune: error: quality gate failed" in err
+    # a failed gate never lands in --out: the artifacts go next to it
+    assert not (env["root"] / "gate").exists() and r["out"] == str(env["root"] / "gate.failed")
+    assert json.loads((env["root"] / "gate.failed" / "report.json").read_text())["exit_code"] == 4
 
 
 def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     code, r, err = build(env, capsys, "unreachable", "--latency", "1us", "--criterion", "l1", "--no-compensation")
     assert code == 3 and r["met"] is False
+    assert not (env["root"] / "unreachable").exists() and (env["root"] / "unreachable.failed" / "model.onnx").is_file()
     line = [ln for ln in err.splitlines() if ln.startswith("edgeprune: error:")][0]
     assert "unreachable" in line and f"{r['final']['latency_ms']['median']:.3f} ms" in line
 
