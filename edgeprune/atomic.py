@@ -89,12 +89,22 @@ def check_replaceable(out: Path, force: bool, flag: str = "--out") -> None:
                              f"choose a new or empty folder, or pass --force to replace it and everything in it")
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path`, when it is a file (so nothing can be made below it)."""
+    for p in path.parents:
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def _make_dir(path: Path, flag: str, out: Path) -> None:
+    if (blocker := _file_in_the_way(out)) is not None:
+        raise EdgePruneError(f"cannot write {flag} {out}: {blocker} is a file, not a folder")
     try:
         path.mkdir(parents=True)
     except OSError as e:
-        raise EdgePruneError(f"cannot write {flag} {out}: {e.strerror or e} ({e.filename}); check that its parent "
-                             f"folder exists, is writable and has free space") from None
+        raise EdgePruneError(f"cannot write {flag} {out}: {e.strerror or e}; check that its parent folder is "
+                             f"writable and has free space") from None
 
 
 class OutputDir:
@@ -166,6 +176,8 @@ def check_output_file(path: str | Path, suffixes: tuple[str, ...], force: bool =
     if path.exists() and path.suffix.lower() not in suffixes and not force:
         raise EdgePruneError(f"{flag} {path} exists and is not a {' or '.join(suffixes)} file; edgeprune would "
                              f"overwrite it: choose another name, or pass --force")
+    if (blocker := _file_in_the_way(path)) is not None:
+        raise EdgePruneError(f"cannot write {flag} {path}: {blocker} is a file, not a folder")
     tmp = tmp_path_for(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
