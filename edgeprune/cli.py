@@ -38,6 +38,7 @@ class Progress:
         self._bar = None
         self._task = None
         self._lines = enabled and not sys.stderr.isatty()  # a log gets a line per stage, not a redrawn bar
+        self._last = ""
         if enabled and sys.stderr.isatty():  # live progress is for a person at a terminal
             try:
                 from rich.console import Console
@@ -61,7 +62,8 @@ class Progress:
     def stage(self, description: str, total: int | None = None) -> Callable[[int, int], None]:
         """Start a stage; returns a `(done, total)` callback for the library."""
         if self._bar is None:
-            if self._lines:
+            if self._lines and description != self._last:  # a log gets each stage once, not once per candidate
+                self._last = description
                 sys.stderr.write(f"edgeprune: {description}\n")
                 sys.stderr.flush()
             return lambda done, total: None
