@@ -209,6 +209,7 @@ class ZooEntry:
     excluded: dict[str, str] = field(default_factory=dict)  # group root -> words its reason must contain
 
     def build(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)  # before construction: the same weights in every process (the audit's F11)
         return settle(self.make(), seed)
 
     def example_input(self, batch: int = 1, seed: int = 0) -> torch.Tensor:

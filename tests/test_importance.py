@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.compensate import LayerStats, collect_statistics, unfold_input
+from edgeprune.compensate import LayerStats, collect_statistics, layer_rng, unfold_input
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group, trace
 from edgeprune.importance import CRITERIA, Ranking, consumer_weight, rank
@@ -25,7 +25,7 @@ class Calibrated:
 def calibrate(model: nn.Module, entry: ZooEntry) -> Calibrated:
     graph = trace(model, entry.example_input())
     calib = entry.example_input(64, seed=1)
-    return Calibrated(model, graph, collect_statistics(model, graph.consumer_modules(), [calib]), calib)
+    return Calibrated(model, graph, collect_statistics(model, graph.consumer_modules(), [calib], shrink=False), calib)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,8 @@ def consumer_patches(c: Calibrated, names: list[str]) -> dict[str, np.ndarray]:
     mods = dict(c.model.named_modules())
     seen: dict[str, np.ndarray] = {}
     handles = [mods[n].register_forward_pre_hook(
-        lambda m, a, n=n: seen.__setitem__(n, unfold_input(m, a[0]).double().numpy())) for n in names]
+        lambda m, a, n=n: seen.__setitem__(n, unfold_input(m, a[0], rng=layer_rng(0, n)).double().numpy()))
+               for n in names]
     with torch.no_grad():
         c.model(c.calib)
     for h in handles:

@@ -424,3 +424,73 @@ def test_group_workers_one_per_core_with_one_blas_thread_on_large_inputs_only(mo
             assert all(i["num_threads"] == 1 for i in threadpool_info() if i["user_api"] == "blas")
             assert torch.get_num_threads() == 1
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == blas_before
+
+
+# ---------------------------------------------------------------- verification of the release
+
+
+def _cand(step: int, lat: float, digest: str) -> "Candidate":
+    from edgeprune.search import Candidate
+
+    return Candidate(step=step, strength=step / 10, widths_digest=digest, latency_ms=lat, source="measured",
+                     widths={"g": step})
+
+
+def _result(trace: list, best):  # noqa: ANN001, ANN202
+    from edgeprune.search import SearchResult
+
+    return SearchResult(best=best, fastest=min(trace, key=lambda c: c.latency_ms), trace=tuple(trace),
+                        budget_ms=1.0, converged=True)
+
+
+def _verifier(truth: dict[str, float], calls: list[str]):  # noqa: ANN202
+    from edgeprune.pipeline import Verified
+    from edgeprune.runtimes.stats import stats_from_repeats
+
+    def verify_one(c):  # noqa: ANN001, ANN202
+        calls.append(c.widths_digest)
+        stats = stats_from_repeats([[truth[c.widths_digest]]], target="t", runtime="r", runtime_version="1",
+                                   precision="fp32")
+        return Verified(c, stats, None, None, Path("x"))
+
+    return verify_one
+
+
+def test_verify_release_falls_back_to_the_nearest_feasible_candidate() -> None:
+    from edgeprune.pipeline import verify_release
+
+    a, b, c = _cand(1, 0.98, "a"), _cand(2, 0.95, "b"), _cand(3, 0.5, "c")
+    calls: list[str] = []
+    released, _ = verify_release(_result([a, b, c], a), 1.0, _verifier({"a": 1.03, "b": 0.96, "c": 0.5}, calls),
+                                 resume=lambda r, v: pytest.fail("no resume when a near fallback verifies"))
+    assert released.candidate.widths_digest == "b" and calls == ["a", "b"]
+
+
+def test_verify_release_resumes_instead_of_releasing_a_model_far_under_budget() -> None:
+    """The audit's case: the chosen model verified over budget and the only other feasible candidate was the
+    minimum-width model (0.35x of the budget): the search resumes from the verified figure and its new best ships."""
+    from edgeprune.pipeline import verify_release
+
+    a, c = _cand(1, 0.97, "a"), _cand(2, 0.35, "c")
+    d = _cand(3, 0.93, "d")
+    seen: list[dict] = []
+
+    def resume(res, verified):  # noqa: ANN001, ANN202
+        seen.append({k: v.median for k, v in verified.items()})
+        return _result(list(res.trace) + [d], d)
+
+    calls: list[str] = []
+    released, result = verify_release(_result([a, c], a), 1.0, _verifier({"a": 1.04, "c": 0.36, "d": 0.94}, calls),
+                                      resume)
+    assert seen == [{"a": 1.04}] and released.candidate.widths_digest == "d" and calls == ["a", "d"]
+    assert [x.widths_digest for x in result.trace] == ["a", "c", "d"]
+
+
+def test_verify_release_without_steps_left_takes_the_far_fallback() -> None:
+    from edgeprune.pipeline import verify_release
+
+    a, c = _cand(1, 0.97, "a"), _cand(2, 0.35, "c")
+    calls: list[str] = []
+    released, _ = verify_release(_result([a, c], a), 1.0, _verifier({"a": 1.04, "c": 0.36}, calls),
+                                 resume=lambda r, v: None)
+    assert released.candidate.widths_digest == "c" and calls == ["a", "c"]

@@ -46,6 +46,17 @@ class LatencyStats:
         kw["repeat_medians"] = tuple(kw.get("repeat_medians", ()))
         return cls(**kw)
 
+    SPREAD_FLOOR = 0.005  # three repeat medians can agree by chance; a CPU figure is never better than this
+
+    @property
+    def spread(self) -> float:
+        """Relative standard error of `median`: the spread of the repeat medians over √repeats (at least
+        `SPREAD_FLOOR`; 0 for a figure of one repeat, which says nothing about its noise)."""
+        r = len(self.repeat_medians)
+        if r < 2 or self.median <= 0:
+            return 0.0
+        return max(float(np.std(self.repeat_medians, ddof=1)) / self.median / np.sqrt(r), self.SPREAD_FLOOR)
+
     def summary(self) -> dict[str, float | int]:
         """The `latency_ms` block of the JSON outputs."""
         return {"median": self.median, "p90": self.p90, "std": self.std, "min": self.min, "max": self.max,
