@@ -266,6 +266,14 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files edgeprune did not write")
 
 
+def add_repair_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repair", choices=("auto", "sequential", "independent"), default="auto",
+                   help="how the released model's layers are repaired: sequential (each fitted on the pruned "
+                        "network's own inputs, in forward order: 2-4x lower output error, about 1.5 calibration "
+                        "passes more), independent (each on the unpruned network's inputs), or auto (default): "
+                        "sequential on real calibration data, independent on random data")
+
+
 def add_calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, metavar="RECIPE",
                    help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
@@ -281,7 +289,7 @@ def prune_config(args: argparse.Namespace):  # -> PruneConfig
                        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                        calibration=args.calibration, criterion=args.criterion,
                        compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
-                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter)
+                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter, repair=args.repair)
 
 
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
@@ -295,6 +303,7 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
     how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
     p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
     p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
     p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
@@ -349,6 +358,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                                                      "(default 0.5x)")
     p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
     p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
     p.add_argument("--channel-multiple", type=int, default=0,
                    help="round widths to this multiple (default: the target's channel_multiple)")
     p.add_argument("--tolerance", type=float, default=0.05,

@@ -32,7 +32,7 @@ from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, output
 from edgeprune.graph import CallRecorder, Graph, check_patterns, trace
 from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
 from edgeprune.models import LoadedModel, check_seed, load_model, read_checkpoint
-from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
+from edgeprune.plan import REPAIRS, Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
 from edgeprune.versions import versions
 
@@ -60,8 +60,13 @@ class PruneConfig:
     ignore: tuple[str, ...] = ()
     seed: int = 0
     exporter: str = "dynamo"
+    # how the released model's consumers are fitted: sequential (on the pruned network's own inputs) for real
+    # calibration data, independent (each on the unpruned network's inputs) on random data, where nothing is learnt
+    repair: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.repair not in ("auto",) + REPAIRS:
+            raise EdgePruneError(f"--repair must be auto, {' or '.join(REPAIRS)}, found {self.repair!r}")
         if self.criterion not in CRITERIA:
             raise EdgePruneError(f"unknown criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
         if self.channel_multiple < 0:  # 0: the target's channel_multiple (build)
@@ -69,10 +74,20 @@ class PruneConfig:
         check_seed(self.seed)
         check_patterns(self.ignore)
 
+    def repair_for(self, recipe_kind: str) -> str:
+        if self.repair != "auto":
+            return self.repair
+        return "independent" if recipe_kind == "random" else "sequential"
+
     def recipe_spec(self) -> str:
         if self.calibration:
             return self.calibration
         return "digits" if (self.model or "example") == "example" else "random"
+
+
+# How statistics are sampled: a plan replayed by another version reproduces its widths but not its weights.
+# 2: random subsampling offsets per batch and layer, seeded by the plan's seed; shrinkage always (2026-12).
+STATISTICS_VERSION = 2
 
 
 @dataclass
@@ -92,10 +107,12 @@ class Prepared:
     def plan(self, widths: dict[str, int], **meta: Any) -> Plan:
         c = self.config
         if c.compensation:  # compensated weights follow from the calibration data: `prune --plan` checks it
-            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest, **meta}
+            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest,
+                    "statistics": STATISTICS_VERSION, **meta}
         return plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
                                   compensation=c.compensation, channel_multiple=c.channel_multiple,
-                                  model=self.loaded.spec, seed=c.seed, meta=meta)
+                                  model=self.loaded.spec, seed=c.seed, meta=meta,
+                                  repair=c.repair_for(self.data.recipe.kind))
 
     @functools.cached_property
     def calib_digest(self) -> str:
@@ -106,10 +123,13 @@ class Prepared:
         """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
         a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
         orders = self.orders() if probe and self.rankings else None
+        if probe:  # a search candidate's latency does not depend on its weights: the fast independent repair
+            plan = dataclasses.replace(plan, repair="independent")
+        batches = list(self.data.calib_batches()) if plan.repair == "sequential" else None
         with group_workers(self.data) as workers:
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
-                         self.solvers if probe else None, graph=self.graph, workers=workers)
+                         self.solvers if probe else None, graph=self.graph, workers=workers, batches=batches)
 
     def orders(self) -> dict[str, tuple[int, ...]]:
         """Channel order per group: what lets `solvers` serve every width of a consumer."""
@@ -374,9 +394,14 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
 
     if given is not None:  # the plan decides criterion and compensation: reproduce it exactly
         config = dataclasses.replace(config, criterion=given.criterion, compensation=given.compensation,
+                                     repair=given.repair,
                                      channel_multiple=given.channel_multiple, seed=given.seed)
     prep = prepare(config, stages, rank_groups=given is None)
     t = prep.timings_s
+    if given is not None and given.compensation and given.meta.get("statistics", 1) != STATISTICS_VERSION:
+        log.warning("plan %s was made by an edgeprune that sampled calibration statistics differently (version %s, "
+                    "here %s): widths are reproduced, compensated weights will differ slightly", plan_path,
+                    given.meta.get("statistics", 1), STATISTICS_VERSION)
     made_with = given.meta.get("calibration_digest") if given is not None and given.compensation else None
     if made_with is not None and made_with != prep.calib_digest:
         log.warning("plan %s was made with other calibration data (%s, digest %s; here %s, digest %s): the compensated "
@@ -704,7 +729,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
             "fidelity": fid.to_dict(), "quality_gates": gates,
             "lut": config.lut,
             "device_measurements": device_runs[0],
-            "search": {"criterion": pc.criterion, "compensation": pc.compensation,
+            "search": {"criterion": pc.criterion, "compensation": pc.compensation, "repair": plan.repair,
                        "proxy": "fidelity" if proxy == "fidelity" else "cap-loss-curve"
                        if prep.rankings and all(r.loss is not None for r in prep.rankings.values()) else "uniform",
                        "channel_multiple": pc.channel_multiple,

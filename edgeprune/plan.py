@@ -17,6 +17,7 @@ from edgeprune.graph import Graph
 from edgeprune.importance import Ranking
 
 PLAN_VERSION = 1
+REPAIRS = ("independent", "sequential")  # how compensated consumers are fitted: prune.compensate_consumers, repair
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,11 @@ class Plan:
     target: str | None = None
     seed: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    repair: str = "independent"  # see REPAIRS; plans from before it existed were independent
 
     def __post_init__(self) -> None:
+        if self.repair not in REPAIRS:
+            raise EdgePruneError(f"plan repair {self.repair!r} unknown; allowed: {', '.join(REPAIRS)}")
         for g, idx in self.kept.items():
             c = self.channels.get(g)
             if c is None:
@@ -52,7 +56,8 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "model": self.model, "target": self.target, "criterion": self.criterion,
-                "compensation": self.compensation, "channel_multiple": self.channel_multiple, "seed": self.seed,
+                "compensation": self.compensation, "repair": self.repair, "channel_multiple": self.channel_multiple,
+                "seed": self.seed,
                 "channels": dict(self.channels), "kept": {g: list(k) for g, k in self.kept.items()},
                 "meta": self.meta}
 
@@ -75,6 +80,7 @@ class Plan:
             return cls(kept={g: ints(k, f"kept[{g!r}]") for g, k in d["kept"].items()},
                        channels={g: ints([c], f"channels[{g!r}]")[0] for g, c in d["channels"].items()},
                        criterion=typed("criterion", str), compensation=typed("compensation", bool),
+                       repair=str(d.get("repair", "independent")),
                        channel_multiple=typed("channel_multiple", int), model=str(d.get("model", "")),
                        target=d.get("target"), seed=int(d.get("seed", 0)), meta=dict(d.get("meta", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as e:

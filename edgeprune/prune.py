@@ -144,19 +144,30 @@ def prune(
     solvers: dict | None = None,
     graph: Graph | None = None,
     workers: int = 1,
+    batches: list[torch.Tensor] | None = None,
 ) -> nn.Module:
     """A pruned copy of `model`: compensated when `plan.compensation`, channels removed per `plan.kept`.
 
     `orders` and `solvers` (see `compensate_consumers`) make repeated pruning of one model at many widths cheap, and so
     does `graph` (the groups of `model` traced with the same `ignore`): one dependency trace per candidate, not two.
-    `workers` repairs that many consumers at once (see `compensate_consumers`).
+    `workers` repairs that many consumers at once (see `compensate_consumers`). A plan whose `repair` is
+    "sequential" is repaired on the calibration `batches` instead (`repair.sequential_repair`, seeded by the plan).
     """
     import torch_pruning as tp
 
     model = copy.deepcopy(model).eval()
     graph = graph if graph is not None else trace(model, example_input, ignore)
     check_plan(graph, plan)
-    if plan.compensation:
+    if plan.compensation and plan.repair == "sequential":
+        from edgeprune.repair import sequential_repair
+
+        if not batches:
+            raise EdgePruneError("the sequential repair needs the calibration batches; pass a calibration recipe")
+        modules = dict(model.named_modules())
+        for name, (keep, w_new, b_new) in sequential_repair(model, graph, plan, batches,
+                                                            removed_coords(graph, plan), seed=plan.seed).items():
+            _set_weights(modules[name], keep, w_new, b_new)
+    elif plan.compensation:
         if stats is None:
             raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")
         compensate_consumers(model, graph, plan, stats, orders, solvers, workers=workers)

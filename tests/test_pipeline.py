@@ -156,6 +156,7 @@ def test_prune_cli_writes_onnx_pruned_pt_plan_and_report(example_runs: dict) -> 
     assert r["parity"]["rel_error"] <= 1e-4
     plan = Plan.load(run.out / "plan.json")
     assert plan.criterion == "cap" and plan.compensation and plan.channel_multiple == 8 and plan.model == "example"
+    assert plan.repair == "sequential"  # the default on real calibration data; the replay below reproduces it
     assert {g: len(k) for g, k in plan.kept.items()} == {g: w["after"] for g, w in r["widths"].items()}
     for w in r["widths"].values():
         assert w["after"] == w["before"] // 2
