@@ -52,6 +52,15 @@ class Group:
     producers: tuple[str, ...]
     consumers: tuple[Consumer, ...]
     members: tuple[str, ...]  # pass-through layers whose channels follow the group (BN, depthwise convs, ...)
+    # per producer (aligned with `producers`), the group channel each of its output channels is: all of them, or
+    # for the branches of a concat a part; empty when unknown
+    produces: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def branches(self) -> tuple[tuple[int, ...], ...]:
+        """Group channels of each producer that makes only part of them (a concat's branches): a plan must keep one
+        at least of each, or a conv is left with no output channel."""
+        return tuple(sorted({tuple(sorted(p)) for p in self.produces if 0 < len(p) < self.channels}))
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "channels": self.channels, "producers": list(self.producers),
@@ -242,6 +251,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         channels = len(root_item.idxs)
         gname = names.get(root, f"<{type(root).__name__}>")
         producers, members, consumers = [], [], []
+        made: dict[str, dict[int, int]] = {}  # producer -> {its output channel: the group channel it is}
         reason = None
         for item in tp_group:
             for node in (item.dep.source, item.dep.target):
@@ -258,6 +268,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
                     reason = f"{mname} is a grouped conv (groups={module.groups}), whose channels are coupled within groups"
                 elif "out_channels" in handler:
                     producers.append(mname)
+                    made.setdefault(mname, {}).update(zip((int(i) for i in item.idxs), (int(i) for i in item.root_idxs)))
                 elif "in_channels" in handler:
                     consumers.append(_consumer(mname, module, list(item.idxs), list(item.root_idxs), channels, dg))
             elif mname not in members:
@@ -269,8 +280,10 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         if reason is not None:
             excluded[gname] = reason
             continue
-        groups.append(Group(name=gname, channels=channels, producers=tuple(dict.fromkeys(producers)),
-                            consumers=tuple(consumers), members=tuple(members)))
+        producers = list(dict.fromkeys(producers))
+        produces = tuple(tuple(made[p][o] for o in sorted(made[p])) for p in producers)
+        groups.append(Group(name=gname, channels=channels, producers=tuple(producers), consumers=tuple(consumers),
+                            members=tuple(members), produces=produces))
     order = execution_order(model, example_input)
     groups.sort(key=lambda g: min((order.get(p, 1 << 30) for p in g.producers), default=1 << 30))
     log.info("traced %d prunable groups (%d excluded)", len(groups), len(excluded))

@@ -183,6 +183,14 @@ class _ConsumerState:
         self.loss = max(self.loss - drop, 0.0)
         return drop
 
+    def pool(self, cand: np.ndarray) -> _Pool:
+        """The state restricted to the coordinates of channels `cand`, in float64: what an exact greedy among them
+        needs (gain(t | S ∪ T') only reads the conditional covariance and W̃Σ on the candidates' coordinates)."""
+        idx = self.pos[self.local[cand]].ravel()
+        lo, hi = np.minimum.outer(idx, idx), np.maximum.outer(idx, idx)
+        return _Pool(self.sigma[lo, hi].astype(np.float64), self.a[:, idx].astype(np.float64), self.k,
+                     RIDGE * self.scale)
+
     def _compact(self) -> None:
         """Drop the rows and columns of selected coordinates: later downdates touch only what is left."""
         live = self.pos >= 0
@@ -194,13 +202,75 @@ class _ConsumerState:
         self.pos[live] = np.arange(rows.size)
 
 
+class _Pool:
+    """A consumer's greedy state on a pool of candidate channels (float64): gains and selections among them only."""
+
+    def __init__(self, sigma: np.ndarray, a: np.ndarray, k: int, ridge: float) -> None:
+        self.sigma, self.a, self.k, self.ridge = sigma, a, k, ridge
+
+    def _rows(self, j: int) -> slice:
+        return slice(j * self.k, (j + 1) * self.k)
+
+    def gains(self, alive: list[int]) -> np.ndarray:
+        """gain(t | picked) for each alive pool channel, batched as `_ConsumerState.gains`."""
+        idx = np.asarray(alive)[:, None] * self.k + np.arange(self.k)  # (C', k) rows
+        out = np.zeros(len(alive))
+        m = self.sigma[idx[:, :, None], idx[:, None, :]] + self.ridge * np.eye(self.k)  # (C', k, k)
+        ok = np.all(np.diagonal(m, axis1=1, axis2=2) > 2 * self.ridge, axis=1)
+        if not ok.any():
+            return out
+        r = self.a.T[idx[ok]]  # (C', k, N)
+        gram = np.matmul(r, np.transpose(r, (0, 2, 1)))
+        if self.k == 1:
+            out[ok] = gram[:, 0, 0] / m[ok, 0, 0]
+        else:
+            out[ok] = np.trace(np.linalg.solve(m[ok], gram), axis1=1, axis2=2)
+        return np.maximum(out, 0.0)
+
+    def select(self, j: int) -> None:
+        r = self._rows(j)
+        m = self.sigma[r, r] + self.ridge * np.eye(self.k)
+        try:
+            inv_low_t = np.linalg.inv(np.linalg.cholesky(m)).T  # L⁻ᵀ
+        except np.linalg.LinAlgError:
+            return  # numerically exhausted: selecting it explains nothing more
+        z = self.sigma[:, r] @ inv_low_t
+        za = self.a[:, r] @ inv_low_t
+        self.sigma = self.sigma - z @ z.T
+        self.a = self.a - za @ z.T
+
+
+POOL = 4  # candidates per selected channel for the exact greedy inside a block
+
+
+def _pooled_greedy(states: list[_ConsumerState], cand: np.ndarray, take: int) -> tuple[list[int], list[float]]:
+    """The exact greedy among `cand` (positions into it, in pick order, and each pick's exact loss drop)."""
+    pools = [s.pool(cand) for s in states]
+    alive = list(range(len(cand)))
+    picks, drops = [], []
+    for _ in range(take):
+        g = sum(p.gains(alive) for p in pools)
+        n = int(np.argmax(g))  # ties: the first, i.e. the higher individual gain (the pool's order)
+        picks.append(alive.pop(n))
+        drops.append(float(g[n]))
+        for p in pools:
+            p.select(picks[-1])
+    return picks, drops
+
+
 def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
              block: int | None = None) -> Ranking:
     """Greedy compensation-aware ranking, joint over the group's compensable consumers.
 
+    Wide groups select `block` channels per step (at most 64 steps by default), but not by their stale individual
+    gains: among the POOL·block best candidates of the step, an exact greedy (float64, on the pool's part of the
+    state) picks them one by one, each given the ones picked before it, and the step's one joint downdate follows.
+    Ranking blocks by stale gains kept redundant channels together (with duplicated channels up to 23x the exact
+    greedy's loss; +19-24% at width 8 on the example's 128-wide groups, the audit's F4); the pooled greedy equals the
+    exact greedy whenever the exact picks lie in the pool.
+
     Args:
-        block: channels selected per step; 1 is the exact greedy, larger blocks trade a little loss for speed on
-            wide groups (default: enough to need at most 256 steps).
+        block: channels selected per step; 1 is the exact greedy over all candidates (default: at most 64 steps).
     """
     states = [_ConsumerState(consumer_weight(modules[c.module]), stats[c.module], c.coords)
               for c in group.consumers if c.compensable and c.module in stats]
@@ -216,15 +286,20 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
         gains = sum(s.gains(remaining) for s in states)
         take = min(block, remaining.size)
         # stable: the highest gain first, ties broken by channel index
-        pick = np.lexsort((remaining, -gains))[:take]
+        ranked = np.lexsort((remaining, -gains))
+        if take == 1:
+            pick, g = ranked[:1], np.maximum(gains[ranked[:1]], 0)
+        else:
+            pool = ranked[:min(POOL * take, remaining.size)]
+            local, inner = _pooled_greedy(states, remaining[pool], take)
+            pick, g = pool[local], np.maximum(np.asarray(inner), 0)
         chans = remaining[pick]
         for s in states:
             s.select(chans)
         new_loss = sum(s.loss for s in states)
         drop = loss[-1] - new_loss
-        g = np.maximum(gains[pick], 0)
         share = g / g.sum() if g.sum() > 0 else np.full(take, 1.0 / take)
-        for j in range(take):  # within a block, the exact drop is shared in proportion to individual gains
+        for j in range(take):  # within a block, the exact drop is shared as the picks' exact drops say
             loss.append(loss[-1] - drop * share[j])
         loss[-1] = new_loss
         order.extend(int(x) for x in chans)
@@ -235,11 +310,14 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
 # ---------------------------------------------------------------- baselines
 
 
-def _producer_filters(modules: dict[str, nn.Module], group: Group) -> list[np.ndarray]:
+def _producer_filters(modules: dict[str, nn.Module], group: Group) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each producer's output filters (rows) and the group channel each one is: a concat's branches make a part of
+    the group each, and their scores must land on their own channels."""
     out = []
-    for p in group.producers:
+    for i, p in enumerate(group.producers):
         w = modules[p].weight.detach().double().cpu().numpy()
-        out.append(w.reshape(w.shape[0], -1))
+        where = np.asarray(group.produces[i]) if group.produces else np.arange(group.channels)
+        out.append((w.reshape(w.shape[0], -1)[: where.size], where))
     return out
 
 
@@ -247,25 +325,34 @@ def _order_by(score: np.ndarray) -> Ranking:
     return Ranking(order=tuple(int(i) for i in np.lexsort((np.arange(score.size), -score))))
 
 
+def _scored(modules: dict[str, nn.Module], group: Group, per_filter: Callable[[np.ndarray], np.ndarray]) -> Ranking:
+    """Sum over producers of a per-filter score, each on its group channels."""
+    score = np.zeros(group.channels)
+    for f, where in _producer_filters(modules, group):
+        np.add.at(score, where, per_filter(f))
+    return _order_by(score)
+
+
 def rank_l1(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
             block: int | None = None) -> Ranking:
     """Sum over the group's producers of each output filter's L1 norm (magnitude pruning)."""
-    return _order_by(sum(np.abs(f).sum(1) for f in _producer_filters(modules, group)))
+    return _scored(modules, group, lambda f: np.abs(f).sum(1))
 
 
 def rank_l2(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
             block: int | None = None) -> Ranking:
-    return _order_by(sum(np.sqrt((f ** 2).sum(1)) for f in _producer_filters(modules, group)))
+    return _scored(modules, group, lambda f: np.sqrt((f ** 2).sum(1)))
 
 
 def rank_fpgm(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
               block: int | None = None) -> Ranking:
-    """Filter pruning via geometric median: filters close to all others are replaceable and go first."""
-    score = np.zeros(group.channels)
-    for f in _producer_filters(modules, group):
+    """Filter pruning via geometric median: filters close to all others (of their producer) are replaceable and go
+    first."""
+    def per_filter(f: np.ndarray) -> np.ndarray:
         d = np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0)).sum(1)
-        score += d / max(d.max(), 1e-30)
-    return _order_by(score)
+        return d / max(d.max(), 1e-30)
+
+    return _scored(modules, group, per_filter)
 
 
 def rank_random(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,

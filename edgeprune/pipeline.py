@@ -32,7 +32,7 @@ from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, output
 from edgeprune.graph import CallRecorder, Graph, check_patterns, trace
 from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
 from edgeprune.models import LoadedModel, check_seed, load_model, read_checkpoint
-from edgeprune.plan import REPAIRS, Plan, plan_from_rankings, uniform_widths
+from edgeprune.plan import REPAIRS, Plan, keep_first, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
 from edgeprune.versions import versions
 
@@ -897,7 +897,9 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
     model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
         def measure_widths(widths: dict[str, int]) -> float:
-            plan = Plan(kept={g: tuple(range(w)) for g, w in widths.items()}, channels=model.full(),
+            groups = {g.name: g for g in graph.groups}
+            plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
+                        channels=model.full(),
                         compensation=False)
             pruned = prune(loaded.module, loaded.example_input, plan, None, ignore)
             path = Path(tmp) / "calibrate.onnx"

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeprune.atomic import atomic_write_text
 from edgeprune.errors import EdgePruneError
-from edgeprune.graph import Graph
+from edgeprune.graph import Graph, Group
 from edgeprune.importance import Ranking
 
 PLAN_VERSION = 1
@@ -115,7 +115,26 @@ def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, i
     return {g.name: round_width(g.channels * (1 - ratio), g.channels, multiple) for g in graph.groups}
 
 
+def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tuple[int, ...]:
+    """The first `width` channels of `order`, except that every branch of a concat keeps at least one: a branch
+    left empty would leave its conv with no output channel (a crash at pruning). The branch's best channel then
+    replaces the worst kept one whose branch keeps another."""
+    kept = list(order[:width])
+    for branch in group.branches:
+        if set(branch) & set(kept):
+            continue
+        best = next(c for c in order if c in set(branch))
+        counts = {b: len(set(b) & set(kept)) for b in group.branches}
+        for i in range(len(kept) - 1, -1, -1):
+            if all(counts[b] > 1 for b in group.branches if kept[i] in b):
+                kept[i] = best
+                break
+        else:
+            kept.append(best)  # fewer channels kept than branches: one more
+    return tuple(sorted(kept))
+
+
 def plan_from_rankings(graph: Graph, rankings: dict[str, Ranking], widths: dict[str, int], **kw: Any) -> Plan:
-    """Keep the first `widths[g]` channels of each group's ranking."""
-    kept = {g.name: tuple(sorted(rankings[g.name].order[: widths[g.name]])) for g in graph.groups}
+    """Keep the first `widths[g]` channels of each group's ranking (each concat branch keeping one at least)."""
+    kept = {g.name: keep_first(g, rankings[g.name].order, widths[g.name]) for g in graph.groups}
     return Plan(kept=kept, channels={g.name: g.channels for g in graph.groups}, **kw)

@@ -32,6 +32,10 @@ def check_plan(graph: Graph, plan: Plan) -> None:
                                  f"model? groups here: {', '.join(list(names)[:8])}...")
         if names[g].channels != c:
             raise EdgePruneError(f"plan says group {g!r} has {c} channels, the model has {names[g].channels}")
+        for branch in names[g].branches:
+            if g in plan.kept and not set(branch) & set(plan.kept[g]):
+                raise EdgePruneError(f"plan keeps no channel of group {g!r}'s concat branch {branch[0]}..{branch[-1]}: "
+                                     f"its conv would have no output channel; keep at least one of them")
 
 
 def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:

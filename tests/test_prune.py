@@ -395,3 +395,66 @@ def test_two_workers_rank_and_prune_exactly_as_one(name: str, zoo_cases: dict[st
         b = prune(model, case.x, plan, case.stats, workers=2)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- concat branches
+
+
+class ConcatIntoDepthwise(nn.Module):
+    """Two conv branches concatenated and read by a depthwise conv: one group of 32 channels made by two producers
+    (FashionNet's block 3 in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(8, 16, 1)
+        self.right = nn.Conv2d(8, 16, 3, padding=1)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.pw = nn.Conv2d(32, 16, 1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1)
+        return self.head(torch.relu(self.pw(torch.relu(self.dw(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "cap"])
+def test_no_ranking_empties_a_concat_branch(criterion: str) -> None:
+    """Magnitude criteria used to score only the first producer's filters (64 of 128 channels of FashionNet's concat
+    group) and kept one branch whole, leaving the other conv with no output channel: a crash at pruning. Every
+    criterion now scores every channel of the group, and a plan keeps one channel of each branch at least."""
+    from edgeprune.importance import rank
+
+    torch.manual_seed(0)
+    model = ConcatIntoDepthwise().eval()
+    with torch.no_grad():
+        model.right.weight.mul_(0.01)  # the right branch's filters are all smaller than the left's
+    x = torch.randn(1, 3, 8, 8)
+    graph = trace(model, x)
+    group = next(g for g in graph.groups if g.channels == 32)
+    assert group.branches == (tuple(range(16)), tuple(range(16, 32)))
+    stats = collect_statistics(model, graph.consumer_modules(), [torch.randn(64, 3, 8, 8)])
+    r = rank(criterion, model, group, stats)
+    assert sorted(r.order) == list(range(32))
+    if criterion in ("l1", "l2"):
+        assert set(r.order[:16]) == set(range(16))  # the left branch ranks first, as its filters are larger
+    rankings = {g.name: rank(criterion, model, g, stats) for g in graph.groups}
+    plan = plan_from_rankings(graph, rankings, {g.name: 8 if g is group else g.channels for g in graph.groups},
+                              compensation=False)
+    kept = plan.kept[group.name]
+    assert len(kept) == 8 and any(c < 16 for c in kept) and any(c >= 16 for c in kept)
+    pruned = prune(model, x, plan)
+    assert run(pruned, x).shape == (1, 4)
+
+
+def test_a_plan_that_empties_a_concat_branch_is_refused() -> None:
+    torch.manual_seed(0)
+    model = ConcatIntoDepthwise().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = trace(model, x)
+    group = next(g for g in graph.groups if g.channels == 32)
+    plan = Plan(kept={group.name: tuple(range(8))}, channels={g.name: g.channels for g in graph.groups},
+                compensation=False)
+    with pytest.raises(EdgePruneError, match="keeps no channel of group .* concat branch 16..31"):
+        prune(model, x, plan)
