@@ -129,6 +129,19 @@ def _reduces_channels(fn: Any) -> bool:
     return 1 in {d % ndim for d in dims}
 
 
+def _norm_mixing(m: nn.Module) -> str | None:
+    """A normalisation whose statistics span several channels of the group (GroupNorm with groups of more than one
+    channel, LayerNorm and LocalResponseNorm over channels); per-channel norms (BatchNorm, InstanceNorm, GroupNorm with
+    one channel per group) keep channels apart."""
+    if isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels:
+        return f"GroupNorm with {m.num_channels // max(m.num_groups, 1)} channels per group"
+    if isinstance(m, nn.LayerNorm):
+        return "LayerNorm over the channels"
+    if isinstance(m, nn.LocalResponseNorm):
+        return "LocalResponseNorm across channels"
+    return None
+
+
 def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -273,6 +286,10 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
                     consumers.append(_consumer(mname, module, list(item.idxs), list(item.root_idxs), channels, dg))
             elif mname not in members:
                 members.append(mname)
+                mixing = _norm_mixing(module)
+                if mixing is not None and reason is None:
+                    reason = f"{mname} is a {mixing}: removing channels changes the statistics the kept ones are " \
+                             f"normalised with, which neither the repair nor the search's proxy can account for"
         if reason is None and not producers:
             reason = "no conv or linear produces these channels"
         if reason is None and any(len(c.coords) != channels or not all(c.coords) for c in consumers):

@@ -10,7 +10,7 @@ from torch import nn
 from edgeprune.compensate import LayerStats, collect_statistics, layer_rng, unfold_input
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group, trace
-from edgeprune.importance import CRITERIA, Ranking, consumer_weight, rank
+from edgeprune.importance import CRITERIA, Ranking, consumer_weight, rank, rank_cap
 from tests.models import ZOO, ZooEntry
 
 
@@ -279,3 +279,45 @@ def test_rank_cap_handles_rank_deficient_concat_consumer(wa: int, wb: int, sampl
         r = rank("cap", model, g, stats)
         assert sorted(r.order) == list(range(g.channels))
         assert np.isfinite(r.loss).all()
+
+
+# ---------------------------------------------------------------- pooled exact greedy inside blocks
+
+
+def test_block_selection_matches_the_exact_greedy_with_redundant_channels() -> None:
+    """32 channels made of 16 duplicated pairs, selected 4 per step: a block chosen by stale individual gains takes
+    both copies of a pair (they have equal gains), the exact greedy never does. The pooled greedy inside each block
+    gives the exact greedy's residual at every width (brute force: least squares on the patches for every
+    candidate at every step)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[16:] = model[0].weight[:16]
+        model[0].bias[16:] = model[0].bias[:16]
+    x = torch.randn(2000, 12)
+    graph = trace(model, x[:1])
+    group = graph.groups[0]
+    stats = collect_statistics(model, graph.consumer_modules(), [x], shrink=False)
+    with torch.no_grad():
+        feats = torch.relu(model[0](x)).double().numpy()
+    w = model[2].weight.detach().double().numpy()
+    y = feats @ w.T
+    y = y / y.std(0)
+
+    def residual(kept: list[int]) -> float:
+        design = np.hstack([feats[:, kept], np.ones((len(feats), 1))])
+        r = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+        return float((r ** 2).mean(0).sum() / w.shape[0])
+
+    exact: list[int] = []
+    curve = [residual([])]
+    for _ in range(16):
+        best = min((c for c in range(32) if c not in exact), key=lambda c: (residual(exact + [c]), c))
+        exact.append(best)
+        curve.append(residual(exact))
+    pooled = rank_cap(dict(model.named_modules()), group, stats, block=4)
+    for width in (4, 8, 12, 16):
+        assert residual(list(pooled.order[:width])) == pytest.approx(curve[width], rel=1e-6, abs=1e-9), width
+    assert len({c % 16 for c in pooled.order[:16]}) == 16  # no pair kept twice in the first half
+    stale = np.argsort(-np.asarray([residual([]) - residual([c]) for c in range(32)]), kind="stable")[:4]
+    assert len({int(c) % 16 for c in stale}) < 4  # what ranking by stale gains would have taken: a pair twice
