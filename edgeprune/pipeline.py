@@ -125,11 +125,14 @@ class Prepared:
         orders = self.orders() if probe and self.rankings else None
         if probe:  # a search candidate's latency does not depend on its weights: the fast independent repair
             plan = dataclasses.replace(plan, repair="independent")
-        batches = list(self.data.calib_batches()) if plan.repair == "sequential" else None
+        if plan.compensation and plan.repair == "sequential":  # forward passes, like the statistics: all threads
+            with heavy_stage_threads(self.data):
+                return prune(self.loaded.module, self.loaded.example_input, plan, self.stats, self.config.ignore,
+                             graph=self.graph, batches=list(self.data.calib_batches()))
         with group_workers(self.data) as workers:
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
-                         self.solvers if probe else None, graph=self.graph, workers=workers, batches=batches)
+                         self.solvers if probe else None, graph=self.graph, workers=workers)
 
     def orders(self) -> dict[str, tuple[int, ...]]:
         """Channel order per group: what lets `solvers` serve every width of a consumer."""

@@ -173,7 +173,11 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
         s_max = max(cached(min_widths(graph, multiple, min_width)) ** 2, 1e-12) * len(graph.groups) * 1.0001
         inner = functools.lru_cache(maxsize=None)(
             lambda u: fidelity_widths(graph, s_max * u * u, multiple, cached, min_width))
-        return lambda u: dict(inner(u))
+        lows = min_widths(graph, multiple, min_width)
+        # u = 1 is every group at its minimum by definition: where errors are not monotone (slicing without a repair
+        # saturates near 1), pruning one group alone can cost more than pruning all, and the schedule then left
+        # groups wide at u = 1 (an L1 build called a budget unreachable that the minimum widths met)
+        return lambda u: dict(lows) if u >= 1.0 else dict(inner(u))
     has_curves = all(rankings[g.name].loss is not None for g in graph.groups)
     if not has_curves:
         lows = min_widths(graph, multiple, min_width)

@@ -343,3 +343,18 @@ def test_candidate_to_dict_carries_spread_and_error() -> None:
                   spread=0.01, error=0.2)
     assert c.to_dict() == {"step": 1, "strength": 0.5, "widths_digest": "abc", "latency_ms": 1.0,
                            "source": "measured x2", "spread": 0.01, "error": 0.2}
+
+
+def test_fidelity_widths_fn_reaches_the_minimum_widths_at_u_1_even_when_errors_are_not_monotone() -> None:
+    """Slicing without a repair saturates: one group pruned alone can give a larger error than all groups pruned. u = 1
+    must still be every group at its minimum, or the search calls a reachable budget unreachable."""
+    g = toy_graph([64, 64, 64])
+    lows = min_widths(g, 16)
+
+    def error(widths: dict[str, int]) -> float:
+        pruned = sum(widths[k] < 64 for k in widths)
+        return {0: 0.0, 1: 1.2, 2: 1.0, 3: 0.95}[pruned]  # saturating, not monotone
+
+    widths_for = make_widths_fn(g, {}, 16, error=error)
+    assert widths_for(1.0) == lows
+    assert widths_for(0.0) == {gr.name: 64 for gr in g.groups}

@@ -37,17 +37,19 @@ def main() -> None:
     ap.add_argument("--models", default="resnet18,resnet50")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--out", default="bench/prune.json")
+    ap.add_argument("--sequential", action="store_true",
+                    help="also time the sequential repair of the same plan (build's default on real data)")
     args = ap.parse_args()
     rows = []
     with compute_threads(), retained_memory():  # the pipeline's settings (EDGEPRUNE_THREADS, default 1)
         for name in args.models.split(","):
-            rows.append(bench(name, args.images))
+            rows.append(bench(name, args.images, args.sequential))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"benchmark": "prune", "torch": torch.__version__, "rows": rows}, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
 
 
-def bench(name: str, images: int) -> dict:
+def bench(name: str, images: int, sequential: bool = False) -> dict:
     if True:
         m = load_model(f"torchvision:{name}")
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +81,14 @@ def bench(name: str, images: int) -> dict:
             compensate_consumers(model, graph, plan, stats, workers=workers)
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
+        if sequential:
+            from edgeprune.prune import removed_coords
+            from edgeprune.repair import sequential_repair
+
+            t0 = time.perf_counter()
+            with heavy_stage_threads(data):  # as Prepared.prune does
+                sequential_repair(m.module, graph, plan, list(data.calib_batches()), removed_coords(graph, plan))
+            row["sequential_repair_s"], row["sequential_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["groups"], row["consumers"] = len(graph.groups), len(stats)
         print(json.dumps(row), flush=True)
         return row
