@@ -527,7 +527,7 @@ def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> CalibrationData:
     )
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     """Bytes the system can give without swapping (Linux's MemAvailable); None where unknown."""
     try:
         with open("/proc/meminfo") as f:
@@ -549,7 +549,7 @@ def _memory_error(count: int, shape: tuple[int, ...], recipe: Recipe) -> EdgePru
 def _check_memory(count: int, shape: tuple[int, ...], recipe: Recipe) -> None:
     """Refuse a count whose samples would not fit in memory (they are held twice while being split), before
     allocating them: a typo like count = 100000000 must not swap the machine to a halt."""
-    free = _available_memory()
+    free = available_memory()
     if free is not None and 2 * count * int(np.prod(shape)) * 4 > free:
         raise _memory_error(count, shape, recipe)
 

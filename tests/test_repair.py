@@ -112,3 +112,21 @@ def test_sequential_repair_does_not_touch_the_model() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sequential_repair(model, graph, plan, batches, removed_coords(graph, plan))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sequential_repair_uses_the_images_that_fit_in_memory(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Every image's live activations are held at once: beyond half the available memory only the first images fit
+    the repair, which says so (and still repairs every consumer)."""
+    import torch.fx
+
+    import edgeprune.data as data
+    import edgeprune.repair as rp
+
+    model, x, graph, stats, plan, batches, _ = setup("chain")
+    per_image = 2 * rp._peak_live_bytes(torch.fx.symbolic_trace(model).graph, model, x)
+    monkeypatch.setattr(data, "available_memory", lambda: int(per_image * 100 / rp.MEMORY_SHARE))
+    kept = rp._within_memory(torch.fx.symbolic_trace(model).graph, model, batches)
+    assert sum(len(b) for b in kept) == 100 and "first 100 of 256 calibration images" in caplog.text
+    repairs = rp.sequential_repair(model, graph, plan, batches, removed_coords(graph, plan))
+    assert set(repairs) == {n for n, r in removed_coords(graph, plan).items() if r}
