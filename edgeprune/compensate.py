@@ -38,7 +38,6 @@ class LayerStats:
     count: int
     block: int  # coordinates per input channel: kh*kw for a conv, 1 for a linear
     shrinkage: float = 0.0  # weight of the diagonal target the covariance was shrunk towards (see `shrink_towards_diagonal`)
-    images: int = 0  # calibration samples the patches came from (patches of one image are correlated)
 
     @property
     def dim(self) -> int:
@@ -68,9 +67,8 @@ class _Accumulator:
         self.buf = np.zeros((dim, dim), dtype=np.float32, order="F")
         self.pending = 0
         self.n = 0
-        self.images = 0
 
-    def add(self, x: torch.Tensor, images: int = 0) -> None:
+    def add(self, x: torch.Tensor) -> None:
         from scipy.linalg.blas import ssyrk
 
         # NumPy and BLAS only from here: a torch operation would wake torch's OpenMP threads, which then spin
@@ -92,7 +90,6 @@ class _Accumulator:
             self.buf = ssyrk(1.0, x32.T, beta=beta, c=self.buf, trans=0, lower=0, overwrite_c=1)
         self.pending += 1
         self.n += x.shape[0]
-        self.images += images
 
     def flush(self) -> None:
         if not self.pending:
@@ -108,7 +105,7 @@ class _Accumulator:
         parts = [p for p in (self.q, self.buf if self.pending else None) if p is not None]
         cov = _covariance(parts, self.n, m)  # E[xxᵀ] - μμᵀ of the shifted data
         self.q, self.buf = None, np.empty((0, 0), dtype=np.float32)
-        return LayerStats(mean=m + self.shift, cov=cov, count=self.n, block=block, images=self.images)
+        return LayerStats(mean=m + self.shift, cov=cov, count=self.n, block=block)
 
 
 def _covariance(uppers: list[np.ndarray], n: int, mean: np.ndarray, step: int = 512) -> np.ndarray:
@@ -213,7 +210,7 @@ def collect_statistics(
         rng = layer_rng(seed, name)
 
         def hook(mod: nn.Module, args: tuple, name: str = name, rng: np.random.Generator = rng) -> None:
-            pending.append((name, unfold_input(mod, args[0].detach(), max_positions, rng), args[0].shape[0]))
+            pending.append((name, unfold_input(mod, args[0].detach(), max_positions, rng)))
 
         handles.append(module.register_forward_pre_hook(hook))
     t0 = time.perf_counter()
@@ -227,10 +224,10 @@ def collect_statistics(
                 # accumulate after the forward pass, not in the hooks: torch's and BLAS's thread pools then take
                 # turns once per batch instead of spinning against each other at every layer
                 while pending:
-                    name, cols, images = pending.pop(0)
+                    name, cols = pending.pop(0)
                     if name not in accs:
                         accs[name] = _Accumulator(cols.shape[1])
-                    accs[name].add(cols, images)
+                    accs[name].add(cols)
                     del cols
                 if progress is not None:
                     progress(i + 1, total_batches or i + 1)
@@ -390,9 +387,6 @@ def effective_ridge(stats: LayerStats, ridge: float = 1e-6) -> float:
     return max(ridge, 1e-2 * stats.dim / stats.count) if stats.count <= stats.dim and not stats.shrinkage else ridge
 
 
-SHRINK_N = lambda st: st.count  # noqa: E731 - experiment hook
-
-
 def shrink_towards_diagonal(stats: LayerStats) -> LayerStats:
     """Σ' = (1 - α) Σ + α diag(Σ), with the Ledoit-Wolf-type α that minimises the expected error of Σ' under a Gaussian
     model: Var(s_ij) ≈ (s_ij² + s_ii s_jj) / n, α = Σ_{i≠j} Var(s_ij) / Σ_{i≠j} s_ij².
@@ -402,8 +396,12 @@ def shrink_towards_diagonal(stats: LayerStats) -> LayerStats:
     slicing (0.96x at 16 samples, 0.82x at 48; tests/test_compensate.py). The diagonal target keeps each input's
     variance, which the BatchNorm rescale relies on; as α -> 1 the repair tends to the mean-only repair
     b' = b + W_P μ_P.
+
+    n is the number of patches, although patches of one image are correlated: counting images instead (an effective
+    sample size no larger than the true one) over-shrank; the example's held-out output error at 50/70/80% removed,
+    independent repair: 0.072/0.216/0.266 with patches, 0.080/0.245/0.290 with images (measured, 2026-12).
     """
-    cov, n = stats.cov, max(SHRINK_N(stats), 1)
+    cov, n = stats.cov, max(stats.count, 1)
     d = np.diag(cov).copy()
     off2 = np.sum(cov * cov) - np.sum(d * d)
     var = (off2 + np.sum(d) ** 2 - np.sum(d * d)) / n  # Σ_{i≠j} (s_ij² + s_ii s_jj) / n

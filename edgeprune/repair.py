@@ -55,10 +55,10 @@ class _Paired:
         self.y_sum = np.zeros(weight.shape[0])
         self.w32 = weight.T.astype(np.float32)
 
-    def add(self, x: torch.Tensor, x_tilde: torch.Tensor, images: int) -> None:
+    def add(self, x: torch.Tensor, x_tilde: torch.Tensor) -> None:
         t = np.ascontiguousarray(x_tilde.to(torch.float32).numpy()[:, self.keep])
         y = x.to(torch.float32).numpy() @ self.w32  # the original layer's output (bias aside) on these patches
-        self.acc.add(torch.from_numpy(t), images)
+        self.acc.add(torch.from_numpy(t))
         self.cross += (t - self.acc.shift).T.astype(np.float32) @ y  # float32 products of one batch, float64 total
         self.y_sum += y.sum(0, dtype=np.float64)
 
@@ -169,7 +169,7 @@ class _Fits:
         with torch.no_grad():
             for x, x_tilde in pairs:
                 paired.add(unfold_input(m, x, self.max_positions, rng_x),
-                           unfold_input(m, x_tilde, self.max_positions, rng_t), x.shape[0])
+                           unfold_input(m, x_tilde, self.max_positions, rng_t))
         bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
         w_new, b_new = paired.solve(bias, self.ridge)
         self.repairs[name] = (keep, w_new, b_new)

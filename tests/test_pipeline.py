@@ -430,7 +430,7 @@ def test_group_workers_one_per_core_with_one_blas_thread_on_large_inputs_only(mo
 # ---------------------------------------------------------------- verification of the release
 
 
-def _cand(step: int, lat: float, digest: str) -> "Candidate":
+def _cand(step: int, lat: float, digest: str):  # noqa: ANN202 - a search Candidate
     from edgeprune.search import Candidate
 
     return Candidate(step=step, strength=step / 10, widths_digest=digest, latency_ms=lat, source="measured",
