@@ -19,10 +19,11 @@ import numpy as np
 import scipy.linalg
 from torch import nn
 
-from edgeprune.compensate import LayerStats, effective_ridge
+from edgeprune.compensate import effective_ridge
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Group
 from edgeprune.parallel import thread_map
+from edgeprune.statistics import LayerStats
 
 log = logging.getLogger(__name__)
 

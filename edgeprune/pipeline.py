@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgeprune.atomic import OutputDir
-from edgeprune.compensate import LayerStats, collect_statistics
+from edgeprune.statistics import LayerStats, collect_statistics
 from edgeprune.data import CalibrationData, load_data, load_recipe
 from edgeprune.errors import EdgePruneError, QualityGateFailed
 from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.compensate import LayerStats, PrefixSolver, compensate_layer
+from edgeprune.compensate import PrefixSolver, compensate_layer
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, build_dependency_graph, trace
 from edgeprune.parallel import thread_map
 from edgeprune.plan import Plan
+from edgeprune.statistics import LayerStats
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.compensate import (MAX_POSITIONS, _Accumulator, _cholesky_solve, layer_rng, shrink_towards_diagonal,
-                                  unfold_input)
+from edgeprune.compensate import _cholesky_solve
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, execution_order
 from edgeprune.plan import Plan
+from edgeprune.statistics import MAX_POSITIONS, _Accumulator, layer_rng, shrink_towards_diagonal, unfold_input
 
 log = logging.getLogger(__name__)
 

@@ -7,15 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.compensate import (
+from edgeprune.compensate import PrefixSolver, compensate_layer, reconstruction_error
+from edgeprune.statistics import (
     LayerStats,
-    PrefixSolver,
     _Accumulator,
     collect_statistics,
     layer_rng,
-    compensate_layer,
     min_patches_needed,
-    reconstruction_error,
     unfold_input,
 )
 from edgeprune.errors import EdgePruneError
@@ -427,7 +425,7 @@ def test_compensate_layer_beats_plain_slicing_on_heldout_data_when_statistics_ar
 
 
 def test_shrinkage_keeps_variances_and_vanishes_with_many_samples() -> None:
-    from edgeprune.compensate import shrink_towards_diagonal
+    from edgeprune.statistics import shrink_towards_diagonal
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((16, 16))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.compensate import LayerStats, collect_statistics, layer_rng, unfold_input
+from edgeprune.statistics import LayerStats, collect_statistics, layer_rng, unfold_input
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group, trace
 from edgeprune.importance import CRITERIA, Ranking, consumer_weight, rank, rank_cap

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.compensate import LayerStats, collect_statistics, compensate_layer
+from edgeprune.compensate import compensate_layer
+from edgeprune.statistics import LayerStats, collect_statistics
 from edgeprune.errors import EdgePruneError
 from edgeprune.export import export
 from edgeprune.graph import Graph, trace

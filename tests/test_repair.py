@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.compensate import collect_statistics
+from edgeprune.statistics import collect_statistics
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.plan import plan_from_rankings, uniform_widths
@@ -74,7 +74,7 @@ def test_sequential_fit_is_least_squares_on_the_paired_patches(monkeypatch: pyte
     original layer's outputs W x on the kept inputs x~_S the partly pruned network produces, patch by patch (the same
     seeded subsampling offsets in both networks)."""
     import edgeprune.repair as rp
-    from edgeprune.compensate import layer_rng, unfold_input
+    from edgeprune.statistics import layer_rng, unfold_input
     from edgeprune.graph import execution_order
     from edgeprune.importance import consumer_weight
     from edgeprune.prune import _set_weights

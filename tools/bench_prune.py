@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.compensate import collect_statistics
+from edgeprune.statistics import collect_statistics
 from edgeprune.data import load_data, load_recipe_file
 from edgeprune.graph import trace
 from edgeprune.importance import rank_all
