@@ -196,7 +196,8 @@ class AgentServer(ThreadingHTTPServer):
         self.upload_dir = Path(tempfile.mkdtemp(prefix="edgeprune-agent-"))  # every upload, removed on close
 
     def hide_paths(self, text: str) -> str:
-        """An error message without this machine's paths: the upload folder becomes 'the uploaded model'."""
+        """An error message without this machine's paths: any path in the upload folder becomes 'the upload folder'
+        (the caller first names the model file itself 'the uploaded model')."""
         for p in {str(self.upload_dir), str(self.upload_dir.resolve())}:
             text = re.sub(re.escape(p) + r"[^\s'\"]*", "the upload folder", text)
         return text

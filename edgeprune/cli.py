@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune import __version__
-from edgeprune.errors import EdgePruneError, ExitCode, Terminated
+from edgeprune.errors import EdgePruneError, ExitCode, Terminated, first_line
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        first = first_line(e, 300, default="")
         sys.stderr.write(f"edgeprune: error: internal error ({type(e).__name__}{': ' + first if first else ''}); "
                          f"this is a bug in edgeprune: rerun with -v for the traceback and report it\n")
         return int(ExitCode.INTERNAL)

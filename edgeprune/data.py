@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from edgeprune.errors import EdgePruneError
+from edgeprune.models import check_seed
 from edgeprune.resources import bundled_dir
 from edgeprune.tomlcheck import check_keys, read_toml, take
 
@@ -98,8 +99,7 @@ class Recipe:
                                      "samples; raise count or lower heldout")
         if self.batch_size < 1:
             raise EdgePruneError(f"{where}: batch_size must be at least 1, found {self.batch_size}")
-        if not 0 <= self.seed < 2**63:
-            raise EdgePruneError(f"{where}: seed must be an integer in 0..2**63-1, found {self.seed}")
+        check_seed(self.seed, f"{where}: seed")
         if self.kind in ("imagefolder", "npy") and not self.path:
             raise EdgePruneError(f"{where}: kind {self.kind!r} needs 'path' "
                                  f"({'a folder of images' if self.kind == 'imagefolder' else 'an .npy array file'})")

@@ -16,6 +16,13 @@ class ExitCode(IntEnum):
     TERMINATED = 143  # SIGTERM (CI cancellation, systemctl stop), 128 + 15
 
 
+def first_line(e: BaseException, limit: int = 200, default: str | None = None) -> str:
+    """The first non-blank line of an exception's message, cut to `limit` characters: what a one-line error quotes of
+    a library's (often multi-line, sometimes empty) text. An empty message gives `default`, or the exception's type."""
+    line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__ if default is None else default)
+    return line[:limit]
+
+
 class EdgePruneError(Exception):
     """A problem the user can fix: the message says what was wanted, what was found and what to do.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgeprune.atomic import tmp_path_for, write_error
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 
 if TYPE_CHECKING:
     import onnx
@@ -86,7 +86,7 @@ def check_onnx(path: str | Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except onnx.checker.ValidationError as e:  # external data that points outside the model's folder: not read
         raise EdgePruneError(f"{path} refers to external weight data that edgeprune does not read "
-                             f"({str(e).splitlines()[0][:160]}); external data must lie in files beside the model: "
+                             f"({first_line(e, 160)}); external data must lie in files beside the model: "
                              f"save it as one file with onnx.save(model, PATH, save_as_external_data=False)") from None
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise EdgePruneError(
@@ -98,7 +98,7 @@ def check_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        raise EdgePruneError(f"{path} fails the ONNX checker: {str(e).splitlines()[0][:200]}") from None
+        raise EdgePruneError(f"{path} fails the ONNX checker: {first_line(e)}") from None
     return model
 
 
@@ -135,9 +135,9 @@ def export_onnx(
     except Exception as e:
         if (oserr := _os_error(e)) is not None:
             raise write_error(path, oserr) from None
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        first = first_line(e, 300)
         raise EdgePruneError(
-            f"the {exporter} exporter cannot export {type(model).__name__}: {first[:300]}; "
+            f"the {exporter} exporter cannot export {type(model).__name__}: {first}; "
             f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
         ) from None
     finally:
@@ -158,7 +158,7 @@ def simplify_onnx(src: str | Path, dst: str | Path | None = None) -> Path:
             warnings.simplefilter("ignore")
             simplified, ok = onnxsim.simplify(model)
     except Exception as e:
-        raise EdgePruneError(f"onnxsim cannot simplify {src}: {str(e).splitlines()[0][:300]}") from None
+        raise EdgePruneError(f"onnxsim cannot simplify {src}: {first_line(e, 300)}") from None
     if not ok:
         raise EdgePruneError(f"onnxsim's check failed for {src}: the simplified model's outputs differ; use --no-simplify")
     tmp = tmp_path_for(dst)

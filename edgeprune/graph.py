@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
     except Exception as e:
         import traceback
 
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        first = first_line(e, 200)
         frames = [f.name for f in traceback.extract_tb(e.__traceback__) if "torch_pruning" in f.filename]
         where = frames[-1] if frames else "?"
         hint = {"update_reshape_index_mapping": "a view/reshape that regroups channels (e.g. a channel shuffle)",
@@ -189,7 +189,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
                 "update_slice_index_mapping": "a slice over channels"}.get(where, f"the step {where}")
         raise EdgePruneError(
             f"torch-pruning cannot trace {type(model).__name__}: it fails at {hint} ({type(e).__name__}: "
-            f"{first[:200]} in {where}); edgeprune cannot prune this architecture's channels safely"
+            f"{first} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
 
 

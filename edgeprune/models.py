@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.resources import asset
 
 DEFAULT_SPEC = "example"
@@ -116,7 +116,7 @@ def _factory(spec: str) -> nn.Module:
     try:
         model = fn()
     except Exception as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:200]
+        first = first_line(e, default="")
         raise EdgePruneError(f"model factory {spec} failed: {type(e).__name__}{': ' + first if first else ''}; it must "
                              f"return a torch.nn.Module when called without arguments") from None
     if not isinstance(model, nn.Module):
@@ -183,7 +183,7 @@ def read_checkpoint(path: Path, what: str) -> object:
             raise EdgePruneError(f"{what} file {path} holds Python objects that a safe load refuses "
                                  f"({refused or 'not tensors and plain containers'}): loading them could run code; "
                                  f"save a state dict with torch.save(model.state_dict(), PATH) instead") from None
-        first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)[:200]
+        first = first_line(e)
         raise EdgePruneError(f"cannot load {what} {path} (truncated or damaged?): {first}; save it again with "
                              f"torch.save(model.state_dict(), PATH)") from None
 
@@ -227,7 +227,7 @@ def load_model(
             out = model(example)
     except Exception as e:
         raise EdgePruneError(
-            f"model {spec} does not run on an input of shape {list(shape)}: {str(e).splitlines()[0][:200]}; "
+            f"model {spec} does not run on an input of shape {list(shape)}: {first_line(e)}; "
             f"pass --input-shape"
         ) from None
     check_output(out, spec)

@@ -27,7 +27,7 @@ from torch import nn
 from edgeprune.atomic import OutputDir
 from edgeprune.statistics import LayerStats, collect_statistics
 from edgeprune.data import CalibrationData, load_data, load_recipe
-from edgeprune.errors import EdgePruneError, QualityGateFailed
+from edgeprune.errors import EdgePruneError, QualityGateFailed, first_line
 from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
 from edgeprune.graph import CallRecorder, Graph, check_patterns, trace
 from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
@@ -162,7 +162,7 @@ def model_runs(loaded: LoadedModel, what: str, batch_size: int) -> Iterator[None
     except EdgePruneError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
+        first = first_line(e)
         raise EdgePruneError(
             f"model {loaded.spec} fails on {what} (batches of {batch_size}) although it ran on the example input "
             f"{list(loaded.input_shape)}: {first}; if forward() handles one sample at a time, set batch_size = 1 in "
@@ -583,24 +583,25 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
 
+        def measured(widths: dict[str, int], cached: bool = True) -> Probe:
+            path = work_dir / f"cand-{widths_digest(widths)}.onnx"
+            with timed(t, "measure"):
+                stats = measure(path, target, cache=cache if cached else None,
+                                progress=stages(f"measuring candidate on {target.name}", None))
+            return Probe(stats.median, stats.source, stats.spread)
+
         def oracle(widths: dict[str, int]) -> Probe:
             plan = prep.plan(widths)
             with timed(t, "prune"):
                 pruned = prep.prune(plan, probe=True)
-            path = work_dir / f"cand-{widths_digest(widths)}.onnx"
             with timed(t, "export"):
-                export_candidate(pruned, example, path, pc.exporter)
-            with timed(t, "measure"):
-                stats = measure(path, target, cache=cache, progress=stages(f"measuring candidate on {target.name}", None))
-            return Probe(stats.median, stats.source, stats.spread)
+                export_candidate(pruned, example, work_dir / f"cand-{widths_digest(widths)}.onnx", pc.exporter)
+            return measured(widths)
 
         def remeasure(widths: dict[str, int]) -> Probe:
             """A second, fresh measurement of a candidate too close to the budget to tell (the cache would only
             repeat the first figure)."""
-            path = work_dir / f"cand-{widths_digest(widths)}.onnx"
-            with timed(t, "measure"):
-                stats = measure(path, target, cache=None, progress=stages(f"measuring candidate on {target.name}", None))
-            return Probe(stats.median, stats.source, stats.spread)
+            return measured(widths, cached=False)
 
         layer_model = None
         if table is not None:

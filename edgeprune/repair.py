@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from edgeprune.compensate import _cholesky_solve
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.graph import Graph, execution_order
 from edgeprune.plan import Plan
 from edgeprune.statistics import MAX_POSITIONS, _Accumulator, layer_rng, shrink_towards_diagonal, unfold_input
@@ -95,7 +95,7 @@ def sequential_repair(model: nn.Module, graph: Graph, plan: Plan, batches: list[
         graph_fx = torch.fx.symbolic_trace(orig).graph
     except Exception as e:  # noqa: BLE001 - any tracing failure: the slower per-consumer passes give the same result
         log.info("sequential repair without torch.fx (%s): one truncated pass per consumer",
-                 str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+                 first_line(e, 160))
         return _by_passes(fits, orig, work, batches)
     return _by_interpretation(fits, graph_fx, orig, work, _within_memory(graph_fx, orig, batches))
 

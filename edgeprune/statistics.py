@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _calibration_copy(model: nn.Module, consumers: list[str]) -> tuple[nn.Module
         if all(c in names for c in consumers):
             model = fused
     except Exception as e:  # noqa: BLE001 - any tracing failure only costs speed
-        log.debug("calibration pass without BatchNorm folding (torch.fx: %s)", str(e).splitlines()[0][:200])
+        log.debug("calibration pass without BatchNorm folding (torch.fx: %s)", first_line(e))
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if conv:
         model = model.to(memory_format=torch.channels_last)

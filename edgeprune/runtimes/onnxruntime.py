@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.errors import EdgePruneError
+from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.targets import Target
 
@@ -66,7 +66,7 @@ def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:
         dims = [f"{i.name} {i.shape}" for i in sess.get_inputs() if any(not isinstance(d, int) for d in i.shape)]
         hint = (f"; its input {', '.join(dims)} has symbolic dimensions, which edgeprune feeds as 1: export the model "
                 f"with fixed input shapes") if dims else ""
-        raise EdgePruneError(f"ONNX Runtime cannot run {onnx_path}: {str(e).splitlines()[0][:300]}{hint}") from None
+        raise EdgePruneError(f"ONNX Runtime cannot run {onnx_path}: {first_line(e, 300)}{hint}") from None
 
 
 def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress=None) -> LatencyStats:
@@ -86,7 +86,7 @@ def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, p
         try:
             sess = ort.InferenceSession(model_bytes, session_options(target), providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
-            raise EdgePruneError(f"ONNX Runtime cannot load {onnx_path}: {str(e).splitlines()[0]}") from None
+            raise EdgePruneError(f"ONNX Runtime cannot load {onnx_path}: {first_line(e, 300)}") from None
         feeds = random_feeds(sess)
         for _ in range(cfg.warmup):
             _run(sess, feeds, onnx_path)
