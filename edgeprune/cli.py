@@ -283,7 +283,7 @@ def add_calibration_arg(p: argparse.ArgumentParser) -> None:
 def prune_config(args: argparse.Namespace):  # -> PruneConfig
     """The PruneConfig that `prune` and `build` both take from their shared flags."""
     from edgeprune.models import parse_shape
-    from edgeprune.pipeline import PruneConfig
+    from edgeprune.config import PruneConfig
 
     return PruneConfig(model=args.model, weights=args.weights,
                        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
@@ -369,6 +369,11 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
                         "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
                         "loss on random data")
+    p.add_argument("--allocation", choices=("auto", "step", "latency"), default="auto",
+                   help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
+                        "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
+                        "error goes to the groups whose channels cost most), or auto (default): latency with the "
+                        "fidelity proxy and compensation, else step")
     p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
                    help="quality gate: held-out top-1 agreement with the unpruned model, e.g. 0.98 (exit 4 below)")
     p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
@@ -393,13 +398,15 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from edgeprune.pipeline import BuildConfig, build
+    from edgeprune.config import BuildConfig
+    from edgeprune.pipeline import build
 
     prune_cfg = prune_config(args)
     config = BuildConfig(prune=prune_cfg, device=args.device, latency=args.latency, tolerance=args.tolerance,
                          max_steps=args.max_steps, min_agreement=args.min_agreement,
                          max_accuracy_drop=args.max_accuracy_drop, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy)
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
+                         allocation=args.allocation)
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")

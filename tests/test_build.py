@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main
-from edgeprune.pipeline import load_pruned
+from edgeprune.artifacts import load_pruned
 
 FAST_CPU = """name = "cpu-test"
 description = "cpu with fewer timed runs: tests check behaviour, benchmarks check speed"

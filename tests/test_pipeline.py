@@ -20,8 +20,11 @@ from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
 from edgeprune.fidelity import fidelity
 from edgeprune.models import load_model
-from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, PruneConfig, _glibc, group_workers, load_pruned, \
-    prepare, prune_job, retained_memory, save_pruned
+from edgeprune.parallel import _DEFAULT_TORCH_THREADS, _glibc, group_workers, retained_memory
+from edgeprune.config import PruneConfig
+from edgeprune.artifacts import load_pruned, save_pruned
+from edgeprune.session import prepare
+from edgeprune.pipeline import prune_job
 from edgeprune.plan import Plan, uniform_widths
 from tests.test_cli import assert_one_line_error
 
@@ -445,7 +448,7 @@ def _result(trace: list, best):  # noqa: ANN001, ANN202
 
 
 def _verifier(truth: dict[str, float], calls: list[str]):  # noqa: ANN202
-    from edgeprune.pipeline import Verified
+    from edgeprune.oracle import Verified
     from edgeprune.runtimes.stats import stats_from_repeats
 
     def verify_one(c):  # noqa: ANN001, ANN202
@@ -458,7 +461,7 @@ def _verifier(truth: dict[str, float], calls: list[str]):  # noqa: ANN202
 
 
 def test_verify_release_falls_back_to_the_nearest_feasible_candidate() -> None:
-    from edgeprune.pipeline import verify_release
+    from edgeprune.oracle import verify_release
 
     a, b, c = _cand(1, 0.98, "a"), _cand(2, 0.95, "b"), _cand(3, 0.5, "c")
     calls: list[str] = []
@@ -470,7 +473,7 @@ def test_verify_release_falls_back_to_the_nearest_feasible_candidate() -> None:
 def test_verify_release_resumes_instead_of_releasing_a_model_far_under_budget() -> None:
     """The audit's case: the chosen model verified over budget and the only other feasible candidate was the
     minimum-width model (0.35x of the budget): the search resumes from the verified figure and its new best ships."""
-    from edgeprune.pipeline import verify_release
+    from edgeprune.oracle import verify_release
 
     a, c = _cand(1, 0.97, "a"), _cand(2, 0.35, "c")
     d = _cand(3, 0.93, "d")
@@ -488,7 +491,7 @@ def test_verify_release_resumes_instead_of_releasing_a_model_far_under_budget() 
 
 
 def test_verify_release_without_steps_left_takes_the_far_fallback() -> None:
-    from edgeprune.pipeline import verify_release
+    from edgeprune.oracle import verify_release
 
     a, c = _cand(1, 0.97, "a"), _cand(2, 0.35, "c")
     calls: list[str] = []

@@ -16,7 +16,8 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.export import export
 from edgeprune.graph import Graph, trace
 from edgeprune.importance import consumer_weight, rank, rank_all
-from edgeprune.pipeline import PruneConfig, prepare
+from edgeprune.config import PruneConfig
+from edgeprune.session import prepare
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, removed_coords, structural_copy
 from tests.models import ZOO, ZooEntry

@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprune.pipeline import BuildConfig, PruneConfig, build
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.pipeline import build
 
 
 def run(prune: PruneConfig, latency: str, cache: str, out: str, proxy: str = "loss") -> dict:

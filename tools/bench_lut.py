@@ -27,7 +27,8 @@ import numpy as np
 from edgeprune.graph import trace
 from edgeprune.lut import LayerModel, load_lut, predict
 from edgeprune.models import load_model
-from edgeprune.pipeline import export_candidate, lut_job
+from edgeprune.oracle import export_candidate
+from edgeprune.pipeline import lut_job
 from edgeprune.plan import Plan, round_width
 from edgeprune.prune import prune
 from edgeprune.runtimes import measure

@@ -32,7 +32,9 @@ from torch import nn
 
 from edgeprune import __version__
 from edgeprune.export import export
-from edgeprune.pipeline import PruneConfig, model_size, prepare
+from edgeprune.config import PruneConfig
+from edgeprune.artifacts import model_size
+from edgeprune.session import prepare
 from edgeprune.plan import uniform_widths
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",

@@ -1,0 +1,144 @@
+"""What a job is asked to do: the prune and build configurations, the latency budget, the progress callback type.
+
+    config = BuildConfig(prune=PruneConfig(model="torchvision:resnet18"), device="cpu", latency="0.5x")
+    config.budget.ms(base_ms=4.2)   # 2.1
+
+Frozen and validated on construction: a bad value is an `EdgePruneError` (exit 2) before any work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edgeprune.errors import EdgePruneError
+from edgeprune.graph import check_patterns
+from edgeprune.importance import CRITERIA
+from edgeprune.models import check_seed
+from edgeprune.plan import REPAIRS
+
+Tick = Callable[[int, int], None]
+
+
+Stages = Callable[[str, int | None], Tick]  # (stage description, total steps) -> progress callback
+
+
+def no_progress(description: str, total: int | None = None) -> Tick:
+    return lambda done, total: None
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and how; `None` means the default."""
+
+    model: str | None = None  # default: the bundled example
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    calibration: str | None = None  # recipe name or file; default digits for the example, random otherwise
+    criterion: str = "cap"
+    compensation: bool = True
+    channel_multiple: int = 8  # 0 in a build: the target's
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+    exporter: str = "dynamo"
+    # how the released model's consumers are fitted: sequential (on the pruned network's own inputs) for real
+    # calibration data, independent (each on the unpruned network's inputs) on random data, where nothing is learnt
+    repair: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.repair not in ("auto",) + REPAIRS:
+            raise EdgePruneError(f"--repair must be auto, {' or '.join(REPAIRS)}, found {self.repair!r}")
+        if self.criterion not in CRITERIA:
+            raise EdgePruneError(f"unknown criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
+        if self.channel_multiple < 0:  # 0: the target's channel_multiple (build)
+            raise EdgePruneError(f"--channel-multiple must be at least 1, found {self.channel_multiple}")
+        check_seed(self.seed)
+        check_patterns(self.ignore)
+
+    def repair_for(self, recipe_kind: str) -> str:
+        if self.repair != "auto":
+            return self.repair
+        return "independent" if recipe_kind == "random" else "sequential"
+
+    def recipe_spec(self) -> str:
+        if self.calibration:
+            return self.calibration
+        return "digits" if (self.model or "example") == "example" else "random"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """`10ms`, `2.5ms`, `800us` (absolute) or `0.5x` (a fraction of the unpruned model's measured latency)."""
+
+    value: float
+    relative: bool
+    text: str
+
+    def ms(self, base_ms: float) -> float:
+        return self.value * base_ms if self.relative else self.value
+
+
+def parse_budget(text: str) -> Budget:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s|x)\s*", text)
+    if not m:
+        raise EdgePruneError(f"--latency must look like 10ms, 2.5ms, 800us or 0.5x, found {text!r}")
+    v, unit = float(m.group(1)), m.group(2)
+    if v <= 0:
+        raise EdgePruneError(f"--latency must be positive, found {text!r}")
+    if not math.isfinite(v):
+        raise EdgePruneError(f"--latency must be a finite budget, found {text!r}, which overflows to infinity; give "
+                             f"one like 10ms or 0.5x")
+    if unit == "x":
+        if v >= 1:
+            raise EdgePruneError(f"a relative --latency must be below 1x (a fraction of the unpruned latency), found {text!r}")
+        return Budget(v, True, text)
+    return Budget(v * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit], False, text)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    prune: PruneConfig
+    device: str = "cpu"
+    latency: str = "0.5x"
+    tolerance: float = 0.05
+    max_steps: int = 12
+    min_agreement: float | None = None  # fraction of held-out samples where top-1 must agree
+    max_accuracy_drop: float | None = None  # percentage points
+    cache_dir: str | None = None
+    use_cache: bool = True
+    lut: str | None = None  # search on this latency table; only the final model is measured on the device
+    force_lut: bool = False  # use a table made for another target/precision/runtime version (with a warning)
+    # inner level: CaP loss curves (loss), the masked network's output error (fidelity), or auto: fidelity on real
+    # calibration data (better at equal latency on digits, bench_build (b)), loss on `random` data, where output
+    # fidelity means nothing and the curves cost nothing
+    proxy: str = "auto"
+    # how the inner level spends the proxy: the step constraint (an equal share per group, CAP.md §5), or latency
+    # (error + λ·latency cost per group, cost from --lut or MACs); auto: latency with the fidelity proxy of a
+    # compensated model (FashionNet at equal MACs: output error 0.235 -> 0.211 at 0.2x), else step
+    allocation: str = "auto"
+
+    def __post_init__(self) -> None:
+        from edgeprune.search import ALLOCATIONS, PROXIES
+
+        if self.proxy not in PROXIES + ("auto",):
+            raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
+        if self.allocation not in ALLOCATIONS + ("auto",):
+            raise EdgePruneError(f"--allocation must be auto, {' or '.join(ALLOCATIONS)}, found {self.allocation!r}")
+        if not 0 < self.tolerance < 1:
+            raise EdgePruneError(f"--tolerance must be in (0, 1), found {self.tolerance}")
+        if self.max_steps < 2:
+            raise EdgePruneError(f"--max-steps must be at least 2, found {self.max_steps}")
+        if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
+            raise EdgePruneError(f"--min-agreement is a fraction in [0, 1], found {self.min_agreement}")
+
+
+    def allocation_for(self, proxy: str) -> str:
+        """auto: latency for the fidelity proxy of a compensated model. Without the repair, a sliced group's output
+        error saturates near 1 at once, so error + λ·latency cuts a group to its minimum or not at all (the bundled
+        example's L1 build at 0.5x kept 6% accuracy so); the step constraint spreads the cuts."""
+        if self.allocation != "auto":
+            return self.allocation
+        return "latency" if proxy == "fidelity" and self.prune.compensation else "step"

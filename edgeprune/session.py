@@ -1,0 +1,199 @@
+"""The width-independent part of a job, done once: model and data loaded, groups traced, statistics collected,
+channels ranked; then any widths become a plan, a pruned model, a fidelity figure.
+
+    session = prepare(PruneConfig(model="example"))
+    pruned = session.prune(session.plan({"stem.0": 16, ...}))
+    error = fidelity_error(session, timings)        # the search's proxy, memoised by widths
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.config import PruneConfig, Stages, no_progress
+from edgeprune.data import CalibrationData, load_data, load_recipe
+from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
+from edgeprune.graph import CallRecorder, Graph, trace
+from edgeprune.importance import NEEDS_STATS, Ranking, rank_all
+from edgeprune.models import LoadedModel, load_model
+from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
+from edgeprune.plan import Plan, plan_from_rankings
+from edgeprune.prune import prune
+from edgeprune.statistics import LayerStats, collect_statistics
+
+log = logging.getLogger(__name__)
+
+# How statistics are sampled: a plan replayed by another version reproduces its widths but not its weights.
+# 2: random subsampling offsets per batch and layer, seeded by the plan's seed; shrinkage always (2026-12).
+STATISTICS_VERSION = 2
+
+
+@dataclass
+class Prepared:
+    """Everything the widths do not change: loaded once per build."""
+
+    config: PruneConfig
+    loaded: LoadedModel
+    data: CalibrationData
+    graph: Graph
+    stats: dict[str, LayerStats]
+    rankings: dict[str, Ranking]
+    base_outputs: tuple[torch.Tensor, torch.Tensor | None]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    solvers: dict = field(default_factory=dict)  # per-consumer PrefixSolver, shared by every candidate
+
+    def plan(self, widths: dict[str, int], **meta: Any) -> Plan:
+        c = self.config
+        if c.compensation:  # compensated weights follow from the calibration data: `prune --plan` checks it
+            meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest,
+                    "statistics": STATISTICS_VERSION, **meta}
+        return plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
+                                  compensation=c.compensation, channel_multiple=c.channel_multiple,
+                                  model=self.loaded.spec, seed=c.seed, meta=meta,
+                                  repair=c.repair_for(self.data.recipe.kind))
+
+    @functools.cached_property
+    def calib_digest(self) -> str:
+        """Digest of the calibration samples, hashed once: every candidate plan records it."""
+        return self.data.calib_digest()
+
+    def prune(self, plan: Plan, probe: bool = False) -> nn.Module:
+        """Pruned copy. `probe=True` (search candidates) reuses one Cholesky factor per consumer across widths;
+        a released model always takes the direct solve, which `prune --plan` reproduces bit for bit."""
+        orders = self.orders() if probe and self.rankings else None
+        if probe:  # a search candidate's latency does not depend on its weights: the fast independent repair
+            plan = dataclasses.replace(plan, repair="independent")
+        if plan.compensation and plan.repair == "sequential":  # forward passes, like the statistics: all threads
+            with heavy_stage_threads(self.data):
+                return prune(self.loaded.module, self.loaded.example_input, plan, self.stats, self.config.ignore,
+                             graph=self.graph, batches=list(self.data.calib_batches()))
+        with group_workers(self.data) as workers:
+            return prune(self.loaded.module, self.loaded.example_input, plan,
+                         self.stats if plan.compensation else None, self.config.ignore, orders,
+                         self.solvers if probe else None, graph=self.graph, workers=workers)
+
+    def orders(self) -> dict[str, tuple[int, ...]]:
+        """Channel order per group: what lets `solvers` serve every width of a consumer."""
+        return {g: r.order for g, r in self.rankings.items()}
+
+    def fidelity(self, pruned: nn.Module) -> Fidelity:
+        return fidelity(self.loaded.module, pruned, self.data, self.base_outputs)
+
+
+def check_traced(graph: Graph, recorder: CallRecorder, where: str) -> None:
+    """Refuse a model whose calibration or held-out batches run layers the trace (one example input) never saw:
+    data-dependent control flow would make the pruning silently wrong for those layers. Every batch the job forwards
+    anyway is recorded (`CallRecorder`), so the check costs no extra forward pass."""
+    missed = sorted(set(recorder.called) - set(graph.traced))
+    if missed:
+        raise EdgePruneError(
+            f"layer {missed[0]}{f' (and {len(missed) - 1} more)' if len(missed) > 1 else ''} runs on {where} but not "
+            f"on the example input the dependency trace used (data-dependent control flow); edgeprune cannot prune "
+            f"such a model safely: make forward() take the same path for every input")
+
+
+@contextmanager
+def model_runs(loaded: LoadedModel, what: str, batch_size: int) -> Iterator[None]:
+    """A forward pass of the user's model that fails is their model's problem, said in one line."""
+    try:
+        yield
+    except EdgePruneError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as e:
+        first = first_line(e)
+        raise EdgePruneError(
+            f"model {loaded.spec} fails on {what} (batches of {batch_size}) although it ran on the example input "
+            f"{list(loaded.input_shape)}: {first}; if forward() handles one sample at a time, set batch_size = 1 in "
+            f"the calibration recipe") from None
+
+
+def prepare(config: PruneConfig, stages: Stages = no_progress, rank_groups: bool = True) -> Prepared:
+    """Load the model and calibration data, trace groups, collect statistics and rank every group."""
+    with compute_threads(), retained_memory():
+        return _prepare(config, stages, rank_groups)
+
+
+def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared:
+    t: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+    with timed(t, "load"):
+        stages("loading model and calibration data", None)
+        loaded = load_model(config.model, config.weights, config.input_shape, seed=config.seed)
+        recipe = load_recipe(config.recipe_spec())
+        data = load_data(recipe, loaded.input_shape)
+    with timed(t, "trace"):
+        stages("tracing channel groups", None)
+        graph = trace(loaded.module, loaded.example_input, config.ignore)
+        recorder = CallRecorder()
+        bs = data.recipe.batch_size
+        with model_runs(loaded, "the first calibration batch", bs), recorder.watch(loaded.module), torch.no_grad():
+            loaded.module(next(iter(data.calib_batches())))
+        check_traced(graph, recorder, "the first calibration batch")  # before the statistics: fail fast
+        if not graph.groups:
+            raise EdgePruneError(f"{loaded.spec} has no prunable channel groups"
+                                 + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
+                                    if graph.excluded else ""))
+    with timed(t, "baseline"), model_runs(loaded, "the held-out data", bs), recorder.watch(loaded.module):
+        base_outputs = outputs(loaded.module, data)  # before the statistics: a broken model fails in seconds
+    check_traced(graph, recorder, "the held-out data")
+    check_finite_baseline(loaded.module, data, base_outputs[0], loaded.spec)
+    stats: dict[str, LayerStats] = {}
+    if config.compensation or config.criterion in NEEDS_STATS:
+        with timed(t, "statistics"), heavy_stage_threads(data):
+            n = -(-len(data.calib_x) // data.recipe.batch_size)
+            stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(),
+                                       progress=stages("collecting statistics", n), total_batches=n,
+                                       strict=data.recipe.kind != "random", observe=recorder.watch)
+        check_traced(graph, recorder, "the calibration data")
+    rankings: dict[str, Ranking] = {}
+    if rank_groups:
+        with timed(t, "rank"), group_workers(data) as workers:
+            rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, config.seed, workers,
+                                stages(f"ranking channels ({config.criterion})", len(graph.groups)))
+    return Prepared(config, loaded, data, graph, stats, rankings, base_outputs, t)
+
+
+PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224
+
+
+def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[str, int]], float]:
+    """The `fidelity` proxy: output error of the masked, compensated network on calibration samples, memoised by
+    widths (the inner level and the search's choice among feasible candidates ask for the same widths)."""
+    from edgeprune.fidelity import MaskedProxy
+    from edgeprune.search import widths_digest
+
+    n = max(8, min(256, PROXY_VALUES // int(np.prod(prep.data.sample_shape))))
+    x = torch.from_numpy(prep.data.calib_x[:n].copy())
+    proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
+                        orders=prep.orders(), solvers=prep.solvers)
+    memo: dict[str, float] = {}
+
+    def error(widths: dict[str, int]) -> float:
+        key = widths_digest(widths)
+        if key not in memo:
+            with timed(timings, "proxy"):
+                memo[key] = proxy.error(prep.plan(widths))
+        return memo[key]
+
+    return error
+
+
+def allocation_cost(prep: Prepared, table: Any) -> Callable[[dict[str, int]], float]:
+    """The latency model of the latency-aware allocation: the table's prediction with --lut, else MACs."""
+    from edgeprune.cost import macs_cost, relative_cost, table_cost
+    from edgeprune.lut import LayerModel
+
+    layers = LayerModel.from_model(prep.loaded.module, prep.loaded.example_input, prep.graph, prep.loaded.spec)
+    cost = table_cost(table, layers) if table is not None else macs_cost(layers)
+    return relative_cost(cost, layers.full())
