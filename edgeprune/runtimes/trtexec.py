@@ -12,7 +12,7 @@ Flags differ between TensorRT versions; `command` follows trtexec's own option p
 - `--workspace=N` until 8.3; `--memPoolSize=workspace:N` (MiB) from 8.4, where `--workspace` is deprecated.
 - `--percentile` takes one value until 8.4 and a list from 8.5.
 - `--fp16`/`--int8` exist until 10.x (deprecated there with weak typing); 11 is strongly typed and rejects them as
-  "Unknown option", so an fp16 model is prepared instead (`tensorrt.prepare_onnx`).
+  "Unknown option", so an fp16 model is prepared instead (`trtonnx.prepare_onnx`).
 - 11 turns on what `--useSpinWait`, `--noDataTransfers` and `--separateProfileRun` asked for (they only warn now)
   and CUDA graphs, which `--noCudaGraph` turns off so figures stay comparable with 8.x/10.x and the Python API.
 
@@ -40,9 +40,8 @@ import numpy as np
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
 from edgeprune.runtimes.cache import default_cache_dir
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
+from edgeprune.runtimes.trtonnx import TrtVersion, input_shapes, prepare_onnx
 from edgeprune.targets import Target
-
-TrtVersion = tuple[int, int, int]
 
 BINARY_ENV = "EDGEPRUNE_TRTEXEC"  # path of trtexec when it is not on PATH (e.g. /usr/src/tensorrt/bin/trtexec)
 TIMEOUT_S = 1800.0  # one trtexec run, engine build included; large models on a Jetson take minutes
@@ -348,8 +347,6 @@ def stats_from_reports(reports: Sequence[TrtexecReport], target: Target, runtime
 def _dynamic_shapes(onnx_path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import onnx
 
-    from edgeprune.runtimes.tensorrt import input_shapes
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     return tuple((name, shape) for name, (shape, dynamic) in input_shapes(model).items() if dynamic)
 
@@ -362,8 +359,6 @@ def measure(
 ) -> LatencyStats:
     """GPU compute time of `onnx_path` at the target's precision, timed by trtexec: the first run builds the engine
     (with a persistent timing cache), each further repeat is a fresh trtexec process that loads it."""
-    from edgeprune.runtimes.tensorrt import prepare_onnx
-
     binary = find_binary()
     if binary is None:
         raise DeviceUnreachable(f"cannot measure with trtexec here: {unavailable_reason()}")
