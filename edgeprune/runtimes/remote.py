@@ -29,11 +29,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.stats import LatencyStats
 from edgeprune.targets import Target
 
@@ -68,7 +68,7 @@ def version(target: Target | None = None) -> str | None:
     return f"{target.runtime} {rt.get('version')}" if rt.get("version") else "remote"
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     return None  # whether the device answers is found out when measuring
 
 
@@ -76,11 +76,21 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> LatencyStats:
-    """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime."""
+    """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime.
+
+    `calibration` does not travel: the agent's request and `edgeprune profile` carry the model and the target only,
+    so an int8 engine on the device is calibrated on random data (its latency is representative, its accuracy is not);
+    a warning says so when calibration data is passed for an int8 target.
+    """
     if target.remote is None:
         raise EdgePruneError(f"target {target.name} has no [remote] table; the remote runtime needs one")
+    if calibration is not None and target.precision == "int8":
+        log.warning("calibration data does not travel to a remote device: the int8 engine of %s on %s is calibrated "
+                    "on random data there (its latency is representative, its accuracy is not)", Path(onnx_path).name,
+                    target.remote.agent or target.remote.ssh)
     total = (repeats or target.measure.repeats) * target.measure.iterations
     if progress is not None:
         progress(0, total)

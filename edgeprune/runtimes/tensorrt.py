@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
-from edgeprune.runtimes.trtcalib import Calibration
 from edgeprune.runtimes.trtengine import build_engine
 from edgeprune.runtimes.trtonnx import input_shapes
 from edgeprune.targets import Target
 
 
-def version() -> str | None:
+def version(target: Target | None = None) -> str | None:
     try:
         import tensorrt
     except ImportError:
@@ -42,7 +42,7 @@ def version() -> str | None:
     return tensorrt.__version__
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     if version() is None:
         return "the tensorrt Python package is not installed (pip install tensorrt, or JetPack's python3-libnvinfer)"
     try:
@@ -121,7 +121,7 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     calibration: Calibration | None = None,
     cache_dir: str | Path | None = None,
 ) -> LatencyStats:
@@ -129,7 +129,8 @@ def measure(
 
     Args:
         repeats: fresh execution contexts to time; default the target's `measure.repeats`.
-        calibration: int8 calibration batches (see `build_engine`).
+        calibration: int8 calibration inputs, fed to TensorRT's entropy calibrator when the engine is built (see
+            `trtengine.build_engine`); None calibrates on random data (logged).
         cache_dir: where engines and the timing cache live; default `<edgeprune cache>/tensorrt`.
     """
     reason = unavailable_reason()

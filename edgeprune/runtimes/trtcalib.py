@@ -4,39 +4,24 @@ batches to the builder.
     batches = calibration_batches(data, {"input": ((1, 3, 224, 224), False)}, {"input": np.dtype(np.float32)})
     config.int8_calibrator = make_calibrator(trt, cuda_backend(), batches)      # TensorRT < 11
 
-`calibration_batches` and `calibration_digest` need only NumPy; `make_calibrator` needs the `tensorrt` module.
+`calibration_batches` needs only NumPy; `make_calibrator` needs the `tensorrt` module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from edgeprune.errors import EdgePruneError
+from edgeprune.runtimes.base import Calibration, calibration_list
 from edgeprune.runtimes.cuda import CudaBackend
 
 log = logging.getLogger(__name__)
 
 RANDOM_CALIBRATION_BATCHES = 8  # used only when an int8 target is measured without calibration data
-Calibration = Sequence["np.ndarray | Mapping[str, np.ndarray]"]
-
-
-def calibration_digest(batches: Calibration | None) -> str:
-    """Digest of the calibration data, so engines calibrated on other data are not reused."""
-    if batches is None:
-        return "random"
-    h = hashlib.sha256()
-    for b in batches:
-        items = sorted(b.items()) if isinstance(b, Mapping) else [("", b)]
-        for name, arr in items:
-            arr = np.ascontiguousarray(arr)
-            h.update(f"{name}|{arr.dtype}|{arr.shape}|".encode())
-            h.update(arr.tobytes())
-    return h.hexdigest()[:16]
 
 
 def make_calibrator(trt: Any, cuda: CudaBackend, batches: list[dict[str, np.ndarray]]) -> Any:
@@ -88,14 +73,15 @@ def calibration_batches(batches: Calibration | None, shapes: dict[str, tuple[tup
     """Calibration batches by input name, in the inputs' dtypes and in the shapes the engine is built for (an array
     holding several batches along the first axis is split); random-normal ones (seeded) when none are given."""
     names = list(shapes)
-    if batches is None:
+    given = calibration_list(batches)
+    if given is None:
         log.warning("int8 engine calibrated on random data: its latency is representative, its accuracy is not; "
                     "pass calibration batches for a deployable engine")
         rng = np.random.default_rng(0)
         return [{n: rng.standard_normal(shapes[n][0]).astype(dtypes[n]) for n in names}
                 for _ in range(RANDOM_CALIBRATION_BATCHES)]
     per_input: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for b in batches:
+    for b in given:
         if isinstance(b, Mapping):
             missing = set(names) - set(b)
             if missing:

@@ -27,7 +27,8 @@ from edgeprune.atomic import atomic_write_bytes
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
 from edgeprune.runtimes.cache import default_cache_dir, file_sha256
 from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
-from edgeprune.runtimes.trtcalib import Calibration, calibration_batches, calibration_digest, make_calibrator
+from edgeprune.runtimes.base import Calibration, calibration_digest
+from edgeprune.runtimes.trtcalib import calibration_batches, make_calibrator
 from edgeprune.runtimes.trtonnx import has_qdq, input_shapes, parse_version, prepare_onnx
 from edgeprune.targets import Target
 
@@ -55,8 +56,10 @@ def build_engine(
     """A serialized engine for `onnx_path` at the target's precision, from the on-disk cache when built before.
 
     Args:
-        calibration: int8 only; batches as arrays (one-input models) or dicts by input name. None calibrates on
-            random data, which times like a calibrated engine but must not be deployed.
+        calibration: int8 only (and only for a model without Q/DQ nodes): the samples the calibrator feeds, as one
+            array stacked along the first axis, or batches as arrays (one-input models) or dicts by input name
+            (`runtimes.base`). None calibrates on random data, which times like a calibrated engine but must not be
+            deployed.
         cache_dir: engines and the timing cache; default `<edgeprune cache>/tensorrt`.
     """
     import tensorrt as trt

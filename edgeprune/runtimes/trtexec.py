@@ -24,6 +24,7 @@ last 200 from 10 on), from which the statistics are exact; otherwise they come f
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -31,17 +32,20 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.cache import default_cache_dir
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
-from edgeprune.runtimes.trtonnx import TrtVersion, input_shapes, prepare_onnx
+from edgeprune.runtimes.trtonnx import TrtVersion, has_qdq, input_shapes, prepare_onnx
 from edgeprune.targets import Target
+
+log = logging.getLogger(__name__)
 
 BINARY_ENV = "EDGEPRUNE_TRTEXEC"  # path of trtexec when it is not on PATH (e.g. /usr/src/tensorrt/bin/trtexec)
 TIMEOUT_S = 1800.0  # one trtexec run, engine build included; large models on a Jetson take minutes
@@ -104,7 +108,7 @@ def detect_version(binary: str) -> TrtVersion | None:
     return _detect_version(binary, mtime)
 
 
-def version() -> str | None:
+def version(target: Target | None = None) -> str | None:
     binary = find_binary()
     if binary is None:
         return None
@@ -112,7 +116,7 @@ def version() -> str | None:
     return ".".join(map(str, v)) if v is not None else "unknown"
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     return None if find_binary() else f"trtexec is not on PATH (install TensorRT, or set ${BINARY_ENV})"
 
 
@@ -351,14 +355,32 @@ def _dynamic_shapes(onnx_path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple((name, shape) for name, (shape, dynamic) in input_shapes(model).items() if dynamic)
 
 
+def _warn_uncalibrated(model_path: Path) -> None:
+    import onnx
+
+    if not has_qdq(onnx.load(str(model_path), load_external_data=False)):
+        log.warning("trtexec cannot take calibration data (only a calibration cache, --calib): the int8 engine of %s "
+                    "uses dummy dynamic ranges; its latency is representative, its accuracy is not (the tensorrt "
+                    "runtime calibrates on the data)", model_path.name)
+
+
 def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> LatencyStats:
     """GPU compute time of `onnx_path` at the target's precision, timed by trtexec: the first run builds the engine
-    (with a persistent timing cache), each further repeat is a fresh trtexec process that loads it."""
+    (with a persistent timing cache), each further repeat is a fresh trtexec process that loads it.
+
+    `calibration` cannot reach trtexec: it takes INT8 scales only from a calibration cache (`--calib=FILE`, which
+    TensorRT's calibrator writes), and `--loadInputs` sets the timed inputs, not calibration data. Without a cache,
+    `--int8` gives every tensor a dummy dynamic range ("Int8 calibrator not provided. Generating dummy per-tensor
+    dynamic range"), so the int8 engine of a model without Q/DQ nodes times like a calibrated one but its outputs are
+    meaningless; a warning says so when calibration data is passed. For INT8 calibrated on the recipe's data use the
+    `tensorrt` runtime, or a model quantized with Q/DQ nodes.
+    """
     binary = find_binary()
     if binary is None:
         raise DeviceUnreachable(f"cannot measure with trtexec here: {unavailable_reason()}")
@@ -375,6 +397,8 @@ def measure(
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-trtexec-") as tmp:
         model = prepare_onnx(onnx_path, target.precision, ver, tmp)
+        if calibration is not None and target.precision == "int8":
+            _warn_uncalibrated(Path(model))
         shapes = _dynamic_shapes(Path(model))
         engine = str(Path(tmp) / "model.engine")
         for r in range(repeats):

@@ -78,3 +78,5 @@ def test_measure_int8_calibrates_from_batches(tiny_onnx, tmp_path):
     other = [b + np.float32(1.0) for b in batches]
     trtengine.build_engine(tiny_onnx, target, calibration=other, cache_dir=tmp_path)
     assert len(list((tmp_path / "engines").glob("*.engine"))) == 2  # other calibration data, other engine
+    stacked = np.concatenate(other)  # the recipe's samples as one N x C x H x W array, sliced into batches of 1
+    assert trt_backend.measure(tiny_onnx, target, calibration=stacked, cache_dir=tmp_path).n == 60
