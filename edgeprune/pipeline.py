@@ -887,7 +887,8 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
              resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.lut import LayerModel, best_channel_multiple, build_lut, check_lut_out
+    from edgeprune.lut import LayerModel
+    from edgeprune.lutbuild import best_channel_multiple, build_lut, check_lut_out
     from edgeprune.runtimes import measure, runtime_for
     from edgeprune.targets import load_target
 

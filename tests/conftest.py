@@ -39,6 +39,33 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+LUT_TARGET = """name = "cpu"
+description = "cpu with few runs"
+runtime = "onnxruntime"
+precision = "fp32"
+channel_multiple = 16
+threads = 1
+[measure]
+warmup = 3
+iterations = 20
+repeats = 3
+final_repeats = 3
+"""
+
+
+@pytest.fixture(scope="session")
+def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` (once: the
+    table tests of test_lut.py and the measuring tests of test_lutbuild.py share it)."""
+    from edgeprune.cli import main
+
+    root = tmp_path_factory.mktemp("lut")
+    (root / "cpu.toml").write_text(LUT_TARGET)
+    code = main(["lut", "--device", str(root / "cpu.toml"), "--out", str(root / "lut.json"), "--json"])
+    assert code == 0
+    return {"root": root, "target": root / "cpu.toml", "table": root / "lut.json"}
+
+
 @pytest.fixture
 def fast_cpu() -> Target:
     """The `cpu` target with few runs: tests check behaviour, benchmarks check speed."""
