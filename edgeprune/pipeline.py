@@ -26,7 +26,7 @@ from torch import nn
 
 from edgeprune.atomic import OutputDir
 from edgeprune.statistics import LayerStats, collect_statistics
-from edgeprune.data import CalibrationData, load_data, load_recipe
+from edgeprune.data import CalibrationData, load_data
 from edgeprune.errors import EdgePruneError, QualityGateFailed, first_line
 from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
 from edgeprune.graph import CallRecorder, Graph, check_patterns, trace
@@ -34,6 +34,7 @@ from edgeprune.importance import CRITERIA, NEEDS_STATS, Ranking, rank_all
 from edgeprune.models import LoadedModel, check_seed, load_model, read_checkpoint
 from edgeprune.plan import REPAIRS, Plan, keep_first, plan_from_rankings, uniform_widths
 from edgeprune.prune import prune, structural_copy
+from edgeprune.recipe import load_recipe
 from edgeprune.versions import versions
 
 log = logging.getLogger(__name__)

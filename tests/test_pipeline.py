@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main
-from edgeprune.data import load_data, load_recipe
+from edgeprune.data import load_data
 from edgeprune.errors import EdgePruneError
 from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
@@ -23,6 +23,7 @@ from edgeprune.models import load_model
 from edgeprune.pipeline import _DEFAULT_TORCH_THREADS, PruneConfig, _glibc, group_workers, load_pruned, \
     prepare, prune_job, retained_memory, save_pruned
 from edgeprune.plan import Plan, uniform_widths
+from edgeprune.recipe import load_recipe
 from tests.test_cli import assert_one_line_error
 
 MODELS_PY = '''
