@@ -328,5 +328,6 @@ def measure_ssh(onnx_path: Path, target: Target, repeats: int | None = None) -> 
     return stats_from_profile_json(doc, target)
 
 
-__all__ = ["HEALTH_PATH", "MEASURE_PATH", "REPEATS_HEADER", "RETRY_DELAYS_S", "TARGET_HEADER", "agent_health", "measure", "measure_agent", "measure_ssh", "stats_from_profile_json",
-           "target_toml", "unavailable_reason", "version"]
+__all__ = ["HEALTH_PATH", "MEASURE_PATH", "REPEATS_HEADER", "RETRY_DELAYS_S", "TARGET_HEADER", "agent_health",
+           "measure", "measure_agent", "measure_ssh", "stats_from_profile_json", "target_toml", "unavailable_reason",
+           "version"]

@@ -34,4 +34,5 @@ def test_calibration_batches_slices_the_recipes_samples_into_engine_batches():
     with pytest.raises(EdgePruneError, match="several batches may be stacked"):
         trtcalib.calibration_batches(calib_x[:, :2], shapes, dtypes)
     with pytest.raises(EdgePruneError, match="pass calibration batches as dicts"):
-        trtcalib.calibration_batches(calib_x, {**shapes, "mask": ((1, 4), False)}, {**dtypes, "mask": np.dtype(np.float32)})
+        trtcalib.calibration_batches(calib_x, {**shapes, "mask": ((1, 4), False)},
+                                     {**dtypes, "mask": np.dtype(np.float32)})
