@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
 
@@ -25,8 +25,8 @@ from edgeprune.runtimes.stats import LatencyStats
 from edgeprune.targets import Target
 
 Progress = Callable[[int, int], None]  # (done, total) timed runs; an exception it raises stops the measurement
-Batch = Union[np.ndarray, Mapping[str, np.ndarray]]
-Calibration = Union[np.ndarray, Sequence[Batch]]
+Batch = np.ndarray | Mapping[str, np.ndarray]
+Calibration = np.ndarray | Sequence[Batch]
 
 
 class Runtime(Protocol):
