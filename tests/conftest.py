@@ -39,28 +39,16 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-LUT_TARGET = """name = "cpu"
-description = "cpu with few runs"
-runtime = "onnxruntime"
-precision = "fp32"
-channel_multiple = 16
-threads = 1
-[measure]
-warmup = 3
-iterations = 20
-repeats = 3
-final_repeats = 3
-"""
-
-
 @pytest.fixture(scope="session")
 def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` (once: the
     table tests of test_lut.py and the measuring tests of test_lutbuild.py share it)."""
     from edgeprune.cli import main
+    from edgeprune.runtimes.remote import target_toml
 
     root = tmp_path_factory.mktemp("lut")
-    (root / "cpu.toml").write_text(LUT_TARGET)
+    few_runs = MeasureConfig(warmup=3, iterations=20, repeats=3, final_repeats=3)
+    (root / "cpu.toml").write_text(target_toml(dataclasses.replace(load_target("cpu"), measure=few_runs)))
     code = main(["lut", "--device", str(root / "cpu.toml"), "--out", str(root / "lut.json"), "--json"])
     assert code == 0
     return {"root": root, "target": root / "cpu.toml", "table": root / "lut.json"}
