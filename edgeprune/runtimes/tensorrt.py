@@ -31,7 +31,7 @@ from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.runtimes.trtengine import build_engine
 from edgeprune.runtimes.trtonnx import input_shapes
-from edgeprune.targets import Target
+from edgeprune.targets import MeasureConfig, Target
 
 
 def version(target: Target | None = None) -> str | None:
@@ -154,34 +154,44 @@ def measure(
     total = repeats * cfg.iterations
     per_repeat: list[list[float]] = []
     for r in range(repeats):
-        context = engine.create_execution_context()
-        bindings, enqueue = _bind(trt, engine, context, shapes, cuda, seed=r)
-        stream = cuda.stream()
-        handle = cuda.stream_handle(stream)
-        start, end = cuda.event(), cuda.event()
-        try:
-            for _ in range(cfg.warmup):
-                if not enqueue(handle):
-                    raise EdgePruneError(f"TensorRT could not enqueue {Path(onnx_path).name} (warm-up run)")
-            cuda.synchronize(stream)
-            times = []
-            for i in range(cfg.iterations):
-                cuda.record(start, stream)
-                ok = enqueue(handle)
-                cuda.record(end, stream)
-                if not ok:
-                    raise EdgePruneError(f"TensorRT could not enqueue {Path(onnx_path).name} (timed run {i})")
-                times.append(cuda.elapsed_ms(start, end))
-                if progress is not None:
-                    progress(r * cfg.iterations + i + 1, total)
-        finally:
-            cuda.synchronize(stream)
-            for b in bindings:
-                cuda.free(b.ptr)
-            cuda.destroy(stream, (start, end))
-            del context
-        per_repeat.append(times)
+        def on_run(i: int, done: int = r * cfg.iterations) -> None:
+            if progress is not None:
+                progress(done + i, total)
+
+        per_repeat.append(_time_repeat(trt, engine, shapes, cuda, cfg, Path(onnx_path).name, r, on_run))
     return stats_from_repeats(
         per_repeat, target=target.name, runtime="tensorrt", runtime_version=trt.__version__,
         precision=target.precision, timing="gpu_compute",
     )
+
+
+def _time_repeat(trt: Any, engine: Any, shapes: dict[str, tuple[int, ...]], cuda: CudaBackend, cfg: MeasureConfig,
+                 name: str, seed: int, on_run: Callable[[int], None]) -> list[float]:
+    """One repeat: a fresh execution context, its warm-up enqueues, then `cfg.iterations` timed ones (ms each);
+    `on_run(i)` after the i-th timed run."""
+    context = engine.create_execution_context()
+    bindings, enqueue = _bind(trt, engine, context, shapes, cuda, seed=seed)
+    stream = cuda.stream()
+    handle = cuda.stream_handle(stream)
+    start, end = cuda.event(), cuda.event()
+    try:
+        for _ in range(cfg.warmup):
+            if not enqueue(handle):
+                raise EdgePruneError(f"TensorRT could not enqueue {name} (warm-up run)")
+        cuda.synchronize(stream)
+        times = []
+        for i in range(cfg.iterations):
+            cuda.record(start, stream)
+            ok = enqueue(handle)
+            cuda.record(end, stream)
+            if not ok:
+                raise EdgePruneError(f"TensorRT could not enqueue {name} (timed run {i})")
+            times.append(cuda.elapsed_ms(start, end))
+            on_run(i + 1)
+    finally:
+        cuda.synchronize(stream)
+        for b in bindings:
+            cuda.free(b.ptr)
+        cuda.destroy(stream, (start, end))
+        del context
+    return times
