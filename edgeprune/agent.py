@@ -56,6 +56,7 @@ from typing import Any
 
 from edgeprune import __version__
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.runtimes.remote import HEALTH_PATH, MEASURE_PATH, REPEATS_HEADER, TARGET_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_REQUEST_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_SECONDS = 600.0  # one request's measurement, engine build included
 _CLIENT_CHECK_S = 0.2  # how often a running measurement looks whether its client is still there
-TARGET_HEADER = "X-Edgeprune-Target"
-REPEATS_HEADER = "X-Edgeprune-Repeats"
 _CHUNK = 1 << 20
 _DRAIN_BYTES = 16 << 20  # an unread body up to this size is read and dropped before an error answer (see _drain)
 
@@ -254,8 +253,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         try:
             self._authorize()
-            if self.path.rstrip("/") != "/health":
-                raise _HttpError(404, f"no such endpoint {self.path}; GET /health or POST /measure")
+            if self.path.rstrip("/") != HEALTH_PATH:
+                raise _HttpError(404, f"no such endpoint {self.path}; GET {HEALTH_PATH} or POST {MEASURE_PATH}")
             self._send_json(200, {**health(), "max_request_bytes": self.server.config.max_request_bytes})
         except _HttpError as e:
             self._send_error(e.status, str(e))
@@ -264,8 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = False
         try:
             self._authorize()
-            if self.path.rstrip("/") != "/measure":
-                raise _HttpError(404, f"no such endpoint {self.path}; POST /measure")
+            if self.path.rstrip("/") != MEASURE_PATH:
+                raise _HttpError(404, f"no such endpoint {self.path}; POST {MEASURE_PATH}")
             self._send_json(200, self._measure())
         except _HttpError as e:
             self._drain()

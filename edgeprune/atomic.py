@@ -6,7 +6,9 @@ ever replaced when they hold a previous edgeprune output.
         write(out.tmp / "model.onnx")                 # the job writes into a hidden sibling folder
         out.commit()                                  # renamed into place (a failed build: out.commit(failed=True))
 
-    atomic_write_text(path, text)                     # one file, via a sibling temporary name
+    atomic_write_text(path, text)                     # one file, via a sibling temporary name (or _bytes)
+    with atomic_path("model.onnx") as tmp:            # a library writes the file: onnx.save(model, str(tmp))
+        ...
 
 Rules (README, "Outputs"): a new folder is created (with its parents); an existing folder is replaced only if it holds
 nothing but edgeprune's artifacts (recognised by its report.json or plan.json), unless `force`; a file is never
@@ -16,9 +18,11 @@ last good release in `OUT/` stays as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgeprune.errors import EdgePruneError
@@ -33,17 +37,32 @@ def tmp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a sibling temporary file: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A sibling temporary path to write `path` through: renamed onto `path` when the block ends normally, removed when
+    it raises, so readers see the old file or the whole new one, never half a file. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a sibling temporary file: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a sibling temporary file: readers never see half a file."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def _marked(path: Path) -> bool:

@@ -121,7 +121,7 @@ class BuildConfig:
     allocation: str = "auto"
 
     def __post_init__(self) -> None:
-        from edgeprune.search import ALLOCATIONS, PROXIES
+        from edgeprune.allocate import ALLOCATIONS, PROXIES
 
         if self.proxy not in PROXIES + ("auto",):
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")

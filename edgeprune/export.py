@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeprune.atomic import tmp_path_for, write_error
+from edgeprune.atomic import atomic_path, write_error
 from edgeprune.errors import EdgePruneError, first_line
 
 if TYPE_CHECKING:
@@ -116,11 +115,11 @@ def export_onnx(
         raise EdgePruneError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
     model.eval()
     try:
         # The dynamo exporter prints its progress to stdout; keep stdout clean for --json.
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=opset,
@@ -128,8 +127,7 @@ def export_onnx(
             else:
                 torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
                                   input_names=["input"], output_names=["output"], do_constant_folding=True)
-        check_onnx(tmp)
-        os.replace(tmp, path)
+            check_onnx(tmp)
     except EdgePruneError:
         raise
     except Exception as e:
@@ -140,8 +138,6 @@ def export_onnx(
             f"the {exporter} exporter cannot export {type(model).__name__}: {first}; "
             f"try --exporter {'torchscript' if exporter == 'dynamo' else 'dynamo'}"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -161,14 +157,11 @@ def simplify_onnx(src: str | Path, dst: str | Path | None = None) -> Path:
         raise EdgePruneError(f"onnxsim cannot simplify {src}: {first_line(e, 300)}") from None
     if not ok:
         raise EdgePruneError(f"onnxsim's check failed for {src}: the simplified model's outputs differ; use --no-simplify")
-    tmp = tmp_path_for(dst)
     try:
-        onnx.save(simplified, str(tmp))
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            onnx.save(simplified, str(tmp))
     except OSError as e:
         raise write_error(dst, e) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 

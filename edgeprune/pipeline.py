@@ -157,7 +157,8 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
 
     from edgeprune.errors import ExitCode
     from edgeprune.runtimes import MeasurementCache
-    from edgeprune.search import Probe, make_widths_fn, search, widths_digest
+    from edgeprune.allocate import make_widths_fn, widths_digest
+    from edgeprune.search import Probe, search
 
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
@@ -402,7 +403,8 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
              resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.lut import LayerModel, best_channel_multiple, build_lut, check_lut_out
+    from edgeprune.lut import LayerModel
+    from edgeprune.lutbuild import best_channel_multiple, build_lut, check_lut_out
     from edgeprune.runtimes import measure, runtime_for
     from edgeprune.targets import load_target
 

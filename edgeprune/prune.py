@@ -21,6 +21,7 @@ from edgeprune.graph import Graph, build_dependency_graph, trace
 from edgeprune.parallel import thread_map
 from edgeprune.plan import Plan
 from edgeprune.statistics import LayerStats
+from edgeprune.weights import set_weights
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
             continue
         key = (name, tuple(sorted(removed)))
         if memo is not None and key in memo:
-            _set_weights(modules[name], *memo[key])
+            set_weights(modules[name], *memo[key])
         else:
             todo[key] = removed
     keys = list(todo)
@@ -122,21 +123,7 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
     for key in todo:  # weights are set in the plan's order, on this thread
         if memo is not None:
             memo[key] = results[key]
-        _set_weights(modules[key[0]], *results[key])
-
-
-def _set_weights(m: nn.Module, keep: np.ndarray, w_new: np.ndarray, b_new: np.ndarray | None) -> None:
-    """Weight with only the `keep` columns (W' there, zeros elsewhere), and bias b' (None keeps the bias as is)."""
-    full = np.zeros((m.weight.shape[0], int(np.prod(m.weight.shape[1:]))))
-    full[:, keep] = w_new
-    with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(full.reshape(m.weight.shape)).to(m.weight.dtype))
-        if b_new is None:
-            return
-        if m.bias is None:
-            m.bias = nn.Parameter(torch.from_numpy(b_new).to(m.weight.dtype))
-        else:
-            m.bias.copy_(torch.from_numpy(b_new).to(m.bias.dtype))
+        set_weights(modules[key[0]], *results[key])
 
 
 def prune(
@@ -171,7 +158,7 @@ def prune(
         modules = dict(model.named_modules())
         for name, (keep, w_new, b_new) in sequential_repair(model, graph, plan, batches,
                                                             removed_coords(graph, plan), seed=plan.seed).items():
-            _set_weights(modules[name], keep, w_new, b_new)
+            set_weights(modules[name], keep, w_new, b_new)
     elif plan.compensation:
         if stats is None:
             raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")

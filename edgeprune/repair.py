@@ -38,6 +38,7 @@ from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.graph import Graph, execution_order
 from edgeprune.plan import Plan
 from edgeprune.statistics import MAX_POSITIONS, _Accumulator, layer_rng, shrink_towards_diagonal, unfold_input
+from edgeprune.weights import set_weights as _set_weights
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,6 @@ class _Fits:
 
     def fit(self, name: str, pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fit `name` on (original input, work input) pairs of every batch, and set the repair on `work`."""
-        from edgeprune.prune import _set_weights
-
         m = self.om[name]
         w = _weight2d(m)
         keep = np.setdiff1d(np.arange(w.shape[1]), np.fromiter(self.todo[name], dtype=np.int64))

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from edgeprune.config import PruneConfig, Stages, no_progress
-from edgeprune.data import CalibrationData, load_data, load_recipe
+from edgeprune.data import CalibrationData, load_data
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
 from edgeprune.graph import CallRecorder, Graph, trace
@@ -30,6 +30,7 @@ from edgeprune.models import LoadedModel, load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
 from edgeprune.plan import Plan, plan_from_rankings
 from edgeprune.prune import prune
+from edgeprune.recipe import load_recipe
 from edgeprune.statistics import LayerStats, collect_statistics
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[
     """The `fidelity` proxy: output error of the masked, compensated network on calibration samples, memoised by
     widths (the inner level and the search's choice among feasible candidates ask for the same widths)."""
     from edgeprune.fidelity import MaskedProxy
-    from edgeprune.search import widths_digest
+    from edgeprune.allocate import widths_digest
 
     n = max(8, min(256, PROXY_VALUES // int(np.prod(prep.data.sample_shape))))
     x = torch.from_numpy(prep.data.calib_x[:n].copy())

@@ -39,6 +39,21 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` (once: the
+    table tests of test_lut.py and the measuring tests of test_lutbuild.py share it)."""
+    from edgeprune.cli import main
+    from edgeprune.runtimes.remote import target_toml
+
+    root = tmp_path_factory.mktemp("lut")
+    few_runs = MeasureConfig(warmup=3, iterations=20, repeats=3, final_repeats=3)
+    (root / "cpu.toml").write_text(target_toml(dataclasses.replace(load_target("cpu"), measure=few_runs)))
+    code = main(["lut", "--device", str(root / "cpu.toml"), "--out", str(root / "lut.json"), "--json"])
+    assert code == 0
+    return {"root": root, "target": root / "cpu.toml", "table": root / "lut.json"}
+
+
 @pytest.fixture
 def fast_cpu() -> Target:
     """The `cpu` target with few runs: tests check behaviour, benchmarks check speed."""

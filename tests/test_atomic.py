@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.atomic import OutputDir, atomic_write_text, check_output_file, is_edgeprune_output
+from edgeprune.atomic import (OutputDir, atomic_path, atomic_write_bytes, atomic_write_text, check_output_file,
+                              is_edgeprune_output)
 from edgeprune.errors import EdgePruneError
 
 
@@ -155,3 +156,18 @@ def test_output_file_checks(tmp_path: Path) -> None:
 def test_atomic_write_text(tmp_path: Path) -> None:
     path = atomic_write_text(tmp_path / "sub" / "a.json", "{}")
     assert path.read_text() == "{}" and [p.name for p in path.parent.iterdir()] == ["a.json"]
+
+
+def test_atomic_write_bytes_replaces_the_file_whole(tmp_path: Path) -> None:
+    path = atomic_write_bytes(tmp_path / "sub" / "engine", b"old")
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new" and [p.name for p in path.parent.iterdir()] == ["engine"]
+
+
+def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path: Path) -> None:
+    path = atomic_write_text(tmp_path / "model.onnx", "old")
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half a mod")
+            raise RuntimeError("exporter failed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -300,7 +300,8 @@ def test_M15c_prune_json_is_strict_json_and_nan_is_never_agreement(tmp_path: Pat
     import torch
 
     from edgeprune.cli import emit_json
-    from edgeprune.data import CalibrationData, Recipe
+    from edgeprune.data import CalibrationData
+    from edgeprune.recipe import Recipe
     from edgeprune.fidelity import fidelity
     from edgeprune.report import clean
 

@@ -151,7 +151,7 @@ def test_build_verification_miss_is_measured_again_before_falling_back(env: dict
     import dataclasses
 
     import edgeprune.runtimes as rt
-    from edgeprune.search import widths_digest
+    from edgeprune.allocate import widths_digest
 
     real = rt.measure
     calls: list[int | None] = []

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeprune.cli import main
-from edgeprune.data import load_data, load_recipe
+from edgeprune.data import load_data
 from edgeprune.errors import EdgePruneError
 from edgeprune.example import INPUT_SHAPE
 from edgeprune.export import parity
@@ -26,6 +26,7 @@ from edgeprune.artifacts import load_pruned, save_pruned
 from edgeprune.session import prepare
 from edgeprune.pipeline import prune_job
 from edgeprune.plan import Plan, uniform_widths
+from edgeprune.recipe import load_recipe
 from tests.test_cli import assert_one_line_error
 
 MODELS_PY = '''

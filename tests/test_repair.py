@@ -77,7 +77,7 @@ def test_sequential_fit_is_least_squares_on_the_paired_patches(monkeypatch: pyte
     from edgeprune.statistics import layer_rng, unfold_input
     from edgeprune.graph import execution_order
     from edgeprune.importance import consumer_weight
-    from edgeprune.prune import _set_weights
+    from edgeprune.weights import set_weights
 
     monkeypatch.setattr(rp, "shrink_towards_diagonal", lambda st: st)
     model, x, graph, stats, plan, batches, _ = setup("chain")
@@ -86,7 +86,7 @@ def test_sequential_fit_is_least_squares_on_the_paired_patches(monkeypatch: pyte
     repairs = rp.sequential_repair(model, graph, plan, batches, removed, ridge=1e-12)
     first, second = order[0], order[1]
     work = __import__("copy").deepcopy(model)
-    _set_weights(dict(work.named_modules())[first], *repairs[first])
+    set_weights(dict(work.named_modules())[first], *repairs[first])
     mods_o, mods_w = dict(model.named_modules()), dict(work.named_modules())
     xs, ts = [], []
     rng_o, rng_w = layer_rng(0, second), layer_rng(0, second)

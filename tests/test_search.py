@@ -10,8 +10,8 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group
 from edgeprune.importance import Ranking
 from edgeprune.config import parse_budget
-from edgeprune.search import (Candidate, Probe, allowed_widths, fidelity_widths, make_widths_fn, min_widths, search,
-                              step_constrained_widths, uniform_strength_widths, widths_digest)
+from edgeprune.allocate import (allowed_widths, fidelity_widths, make_widths_fn, min_widths, step_constrained_widths, uniform_strength_widths, widths_digest)
+from edgeprune.search import Candidate, Probe, search
 
 
 def toy_graph(widths: list[int]) -> Graph:
@@ -373,7 +373,7 @@ def separable(g: Graph, sharp: dict[str, float], price: dict[str, float]):
 
 
 def test_argmin_options_matches_a_scan_on_unimodal_objectives() -> None:
-    from edgeprune.search import _argmin_options
+    from edgeprune.allocate import _argmin_options
 
     rng = random.Random(0)
     for _ in range(300):
@@ -396,7 +396,7 @@ def test_latency_allocation_is_the_exact_lagrangian_optimum_on_a_separable_probl
     """Forward order is exact when groups do not interact: compare with a brute force over every combination."""
     import itertools
 
-    from edgeprune.search import latency_aware_widths
+    from edgeprune.allocate import latency_aware_widths
 
     g = toy_graph([32, 48, 64])
     penalty, cost = separable(g, {"g0": 2.0, "g1": 3.0, "g2": 1.5}, {"g0": 1.0, "g1": 4.0, "g2": 2.0})

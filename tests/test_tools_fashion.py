@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeprune.data import load_data, load_recipe
+from edgeprune.data import load_data
+from edgeprune.recipe import load_recipe
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 

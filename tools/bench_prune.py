@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from edgeprune.statistics import collect_statistics
-from edgeprune.data import load_data, load_recipe_file
+from edgeprune.data import load_data
 from edgeprune.graph import trace
 from edgeprune.importance import rank_all
 from edgeprune.models import load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory
 from edgeprune.plan import plan_from_rankings, uniform_widths
 from edgeprune.prune import compensate_consumers
+from edgeprune.recipe import load_recipe_file
 
 
 def rss_mb() -> float:

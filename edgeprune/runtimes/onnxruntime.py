@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.targets import Target
 
@@ -21,7 +22,7 @@ _DTYPES = {
 }
 
 
-def version() -> str | None:
+def version(target: Target | None = None) -> str | None:
     try:
         import onnxruntime
     except ImportError:
@@ -29,7 +30,7 @@ def version() -> str | None:
     return onnxruntime.__version__
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     return None if version() is not None else "onnxruntime is not installed (pip install onnxruntime)"
 
 
@@ -69,8 +70,11 @@ def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:
         raise EdgePruneError(f"ONNX Runtime cannot run {onnx_path}: {first_line(e, 300)}{hint}") from None
 
 
-def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress=None) -> LatencyStats:
+def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress: Progress | None = None,
+            calibration: Calibration | None = None) -> LatencyStats:
     """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions.
+
+    `calibration` is not used: ONNX Runtime targets are fp32 or fp16 (int8 needs TensorRT), so nothing is calibrated.
 
     `progress(done, total)` is called after every run, warm-up runs included (with the timed count so far): an
     exception it raises stops the measurement (the agent stops a request whose client has gone or whose time is up).

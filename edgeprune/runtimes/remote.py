@@ -5,7 +5,8 @@
     # agent = "http://jetson.local:8765"          # token in $EDGEPRUNE_AGENT_TOKEN (or [remote] token_env)
     stats = measure("model.onnx", load_target("targets/my-jetson.toml"))
 
-Agent: the model's bytes and the target profile go to `POST /measure` (see `edgeprune.agent` for the protocol);
+Agent: the model's bytes and the target profile go to `POST /measure` (`edgeprune.agent` describes the protocol and
+serves it; its constants are defined here, so the client never imports the server);
 connection failures are retried with back-off, and a device that stays unreachable is `DeviceUnreachable` (exit 5).
 
 SSH (`ssh = "user@host"`): the system's `scp` copies the model and the target profile (written as TOML, without its
@@ -28,11 +29,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.stats import LatencyStats
 from edgeprune.targets import Target
 
@@ -42,6 +43,12 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0)  # back-off between connection attempts; len + 
 HEALTH_TIMEOUT_S = 10.0
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=15")
 REMOTE_BIN_ENV = "EDGEPRUNE_REMOTE_BIN"
+
+# The agent protocol (both sides: this client and `edgeprune.agent`, which imports them from here).
+HEALTH_PATH = "/health"
+MEASURE_PATH = "/measure"
+TARGET_HEADER = "X-Edgeprune-Target"  # the target profile as one line of JSON, or a bundled profile's name
+REPEATS_HEADER = "X-Edgeprune-Repeats"  # optional: fresh sessions to time
 
 _CONNECTION_ERRORS = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine, socket.timeout,
                       TimeoutError)
@@ -61,7 +68,7 @@ def version(target: Target | None = None) -> str | None:
     return f"{target.runtime} {rt.get('version')}" if rt.get("version") else "remote"
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     return None  # whether the device answers is found out when measuring
 
 
@@ -69,11 +76,21 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> LatencyStats:
-    """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime."""
+    """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime.
+
+    `calibration` does not travel: the agent's request and `edgeprune profile` carry the model and the target only,
+    so an int8 engine on the device is calibrated on random data (its latency is representative, its accuracy is not);
+    a warning says so when calibration data is passed for an int8 target.
+    """
     if target.remote is None:
         raise EdgePruneError(f"target {target.name} has no [remote] table; the remote runtime needs one")
+    if calibration is not None and target.precision == "int8":
+        log.warning("calibration data does not travel to a remote device: the int8 engine of %s on %s is calibrated "
+                    "on random data there (its latency is representative, its accuracy is not)", Path(onnx_path).name,
+                    target.remote.agent or target.remote.ssh)
     total = (repeats or target.measure.repeats) * target.measure.iterations
     if progress is not None:
         progress(0, total)
@@ -177,13 +194,11 @@ def agent_health(target: Target, retry: bool = True) -> dict[str, Any]:
     """The agent's `GET /health`: edgeprune and runtime versions on the device, and its request size limit."""
     assert target.remote is not None
     timeout = min(HEALTH_TIMEOUT_S, target.remote.timeout_s)
-    return _request(target, "GET", "/health", timeout=timeout, retry=retry)
+    return _request(target, "GET", HEALTH_PATH, timeout=timeout, retry=retry)
 
 
 def measure_agent(onnx_path: Path, target: Target, repeats: int | None = None) -> LatencyStats:
     """Measure through the target's `edgeprune agent`."""
-    from edgeprune.agent import REPEATS_HEADER, TARGET_HEADER
-
     info = agent_health(target)
     limit = info.get("max_request_bytes")
     size = onnx_path.stat().st_size
@@ -195,7 +210,7 @@ def measure_agent(onnx_path: Path, target: Target, repeats: int | None = None) -
     headers = {TARGET_HEADER: json.dumps(profile, separators=(",", ":"))}
     if repeats is not None:
         headers[REPEATS_HEADER] = str(repeats)
-    answer = _request(target, "POST", "/measure", body=onnx_path, headers=headers)
+    answer = _request(target, "POST", MEASURE_PATH, body=onnx_path, headers=headers)
     try:
         stats = LatencyStats.from_dict(answer)
     except TypeError as e:
@@ -313,5 +328,6 @@ def measure_ssh(onnx_path: Path, target: Target, repeats: int | None = None) -> 
     return stats_from_profile_json(doc, target)
 
 
-__all__ = ["RETRY_DELAYS_S", "agent_health", "measure", "measure_agent", "measure_ssh", "stats_from_profile_json",
-           "target_toml", "unavailable_reason", "version"]
+__all__ = ["HEALTH_PATH", "MEASURE_PATH", "REPEATS_HEADER", "RETRY_DELAYS_S", "TARGET_HEADER", "agent_health",
+           "measure", "measure_agent", "measure_ssh", "stats_from_profile_json", "target_toml", "unavailable_reason",
+           "version"]

@@ -12,7 +12,7 @@ Flags differ between TensorRT versions; `command` follows trtexec's own option p
 - `--workspace=N` until 8.3; `--memPoolSize=workspace:N` (MiB) from 8.4, where `--workspace` is deprecated.
 - `--percentile` takes one value until 8.4 and a list from 8.5.
 - `--fp16`/`--int8` exist until 10.x (deprecated there with weak typing); 11 is strongly typed and rejects them as
-  "Unknown option", so an fp16 model is prepared instead (`tensorrt.prepare_onnx`).
+  "Unknown option", so an fp16 model is prepared instead (`trtonnx.prepare_onnx`).
 - 11 turns on what `--useSpinWait`, `--noDataTransfers` and `--separateProfileRun` asked for (they only warn now)
   and CUDA graphs, which `--noCudaGraph` turns off so figures stay comparable with 8.x/10.x and the Python API.
 
@@ -24,6 +24,7 @@ last 200 from 10 on), from which the statistics are exact; otherwise they come f
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import re
@@ -31,18 +32,20 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.cache import default_cache_dir
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
+from edgeprune.runtimes.trtonnx import TrtVersion, has_qdq, input_shapes, prepare_onnx
 from edgeprune.targets import Target
 
-TrtVersion = tuple[int, int, int]
+log = logging.getLogger(__name__)
 
 BINARY_ENV = "EDGEPRUNE_TRTEXEC"  # path of trtexec when it is not on PATH (e.g. /usr/src/tensorrt/bin/trtexec)
 TIMEOUT_S = 1800.0  # one trtexec run, engine build included; large models on a Jetson take minutes
@@ -105,7 +108,7 @@ def detect_version(binary: str) -> TrtVersion | None:
     return _detect_version(binary, mtime)
 
 
-def version() -> str | None:
+def version(target: Target | None = None) -> str | None:
     binary = find_binary()
     if binary is None:
         return None
@@ -113,7 +116,7 @@ def version() -> str | None:
     return ".".join(map(str, v)) if v is not None else "unknown"
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(target: Target | None = None) -> str | None:
     return None if find_binary() else f"trtexec is not on PATH (install TensorRT, or set ${BINARY_ENV})"
 
 
@@ -348,22 +351,36 @@ def stats_from_reports(reports: Sequence[TrtexecReport], target: Target, runtime
 def _dynamic_shapes(onnx_path: Path) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import onnx
 
-    from edgeprune.runtimes.tensorrt import input_shapes
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     return tuple((name, shape) for name, (shape, dynamic) in input_shapes(model).items() if dynamic)
+
+
+def _warn_uncalibrated(model_path: Path) -> None:
+    import onnx
+
+    if not has_qdq(onnx.load(str(model_path), load_external_data=False)):
+        log.warning("trtexec cannot take calibration data (only a calibration cache, --calib): the int8 engine of %s "
+                    "uses dummy dynamic ranges; its latency is representative, its accuracy is not (the tensorrt "
+                    "runtime calibrates on the data)", model_path.name)
 
 
 def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
+    calibration: Calibration | None = None,
 ) -> LatencyStats:
     """GPU compute time of `onnx_path` at the target's precision, timed by trtexec: the first run builds the engine
-    (with a persistent timing cache), each further repeat is a fresh trtexec process that loads it."""
-    from edgeprune.runtimes.tensorrt import prepare_onnx
+    (with a persistent timing cache), each further repeat is a fresh trtexec process that loads it.
 
+    `calibration` cannot reach trtexec: it takes INT8 scales only from a calibration cache (`--calib=FILE`, which
+    TensorRT's calibrator writes), and `--loadInputs` sets the timed inputs, not calibration data. Without a cache,
+    `--int8` gives every tensor a dummy dynamic range ("Int8 calibrator not provided. Generating dummy per-tensor
+    dynamic range"), so the int8 engine of a model without Q/DQ nodes times like a calibrated one but its outputs are
+    meaningless; a warning says so when calibration data is passed. For INT8 calibrated on the recipe's data use the
+    `tensorrt` runtime, or a model quantized with Q/DQ nodes.
+    """
     binary = find_binary()
     if binary is None:
         raise DeviceUnreachable(f"cannot measure with trtexec here: {unavailable_reason()}")
@@ -380,6 +397,8 @@ def measure(
     reports = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-trtexec-") as tmp:
         model = prepare_onnx(onnx_path, target.precision, ver, tmp)
+        if calibration is not None and target.precision == "int8":
+            _warn_uncalibrated(Path(model))
         shapes = _dynamic_shapes(Path(model))
         engine = str(Path(tmp) / "model.engine")
         for r in range(repeats):

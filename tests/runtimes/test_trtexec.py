@@ -318,3 +318,35 @@ def test_find_binary_requires_executable_env_path(tmp_path, monkeypatch):
     assert trtexec.find_binary() is None
     os.chmod(path, 0o755)
     assert trtexec.find_binary() == str(path)
+
+
+def int8_target():
+    return dataclasses.replace(load_target("x86-trt"), precision="int8", arch="any",
+                               measure=MeasureConfig(warmup=50, iterations=200, repeats=1))
+
+
+def test_measure_says_calibration_data_cannot_reach_trtexec(tmp_path, monkeypatch, tiny_onnx, caplog):
+    monkeypatch.setenv(trtexec.BINARY_ENV, str(replay_script(tmp_path, TRT10_14, 0)))
+    monkeypatch.setenv("EDGEPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    calib = np.zeros((4, 3, 32, 32), np.float32)
+    trtexec.measure(tiny_onnx, int8_target(), calibration=calib)
+    assert "trtexec cannot take calibration data" in caplog.text
+    caplog.clear()
+    trtexec.measure(tiny_onnx, dataclasses.replace(int8_target(), precision="fp16"), calibration=calib)
+    assert "calibration" not in caplog.text  # nothing is calibrated at fp16
+
+
+def test_runtimes_measure_keys_int8_figures_by_their_calibration_data(tmp_path, monkeypatch, tiny_onnx):
+    """The dispatcher hands `calibration` to the backend, and a cached int8 figure is reused only for the same data."""
+    from edgeprune.runtimes import MeasurementCache, measure
+
+    monkeypatch.setenv(trtexec.BINARY_ENV, str(replay_script(tmp_path, TRT10_14, 0)))
+    monkeypatch.setenv("EDGEPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    cache = MeasurementCache(tmp_path / "measurements")
+    calib = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    target = int8_target()
+    assert measure(tiny_onnx, target, cache=cache, calibration=calib).source == "measured"
+    assert measure(tiny_onnx, target, cache=cache, calibration=calib.copy()).source == "cache"
+    assert measure(tiny_onnx, target, cache=cache, calibration=calib + 1).source == "measured"
+    assert measure(tiny_onnx, target, cache=cache).source == "measured"  # no data: the backend's placeholder
+    assert measure(tiny_onnx, target, cache=cache).source == "cache"
