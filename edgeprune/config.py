@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
+from dataclasses import dataclass, field
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import check_patterns
@@ -119,9 +120,21 @@ class BuildConfig:
     # (error + λ·latency cost per group, cost from --lut or MACs); auto: latency with the fidelity proxy of a
     # compensated model (FashionNet at equal MACs: output error 0.235 -> 0.211 at 0.2x), else step
     allocation: str = "auto"
+    # the user's own metric (higher is better) of a torch module, before and after; gated by max_metric_drop
+    evaluate: Callable[[Any], float] | None = field(default=None, compare=False)
+    max_metric_drop: float | None = None  # in the metric's own units
+
+    @property
+    def budget(self) -> Budget:
+        return parse_budget(self.latency)
 
     def __post_init__(self) -> None:
         from edgeprune.allocate import ALLOCATIONS, PROXIES
+
+        parse_budget(self.latency)  # exit 2 before any work
+        if self.max_metric_drop is not None and self.evaluate is None:
+            raise EdgePruneError("--max-metric-drop gates on the user's metric: give --evaluate pkg.module:function "
+                                 "(or evaluate= in Python)")
 
         if self.proxy not in PROXIES + ("auto",):
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
@@ -133,7 +146,6 @@ class BuildConfig:
             raise EdgePruneError(f"--max-steps must be at least 2, found {self.max_steps}")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise EdgePruneError(f"--min-agreement is a fraction in [0, 1], found {self.min_agreement}")
-
 
     def allocation_for(self, proxy: str) -> str:
         """auto: latency for the fidelity proxy of a compensated model. Without the repair, a sliced group's output

@@ -163,6 +163,13 @@ def _npy_source(recipe: Recipe, input_shape: tuple[int, ...]) -> _Source:
     return _Source(len(x), load, lambda i: f"sample index {i} of {path}", f"file {path}")
 
 
+def _arrays_source(x: np.ndarray, y: np.ndarray | None) -> _Source:
+    def load(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return np.asarray(x[idx], dtype=np.float32), (None if y is None else y[idx])
+
+    return _Source(len(x), load, lambda i: f"sample {i} of the calibration data given", "the calibration data given")
+
+
 def _read_npy(path: Path, what: str) -> np.ndarray:
     if path.is_dir():
         raise EdgePruneError(f"{what} file {path} is a folder; give the .npy file saved with np.save")
@@ -286,15 +293,21 @@ SOURCES: dict[str, Callable[[Recipe, tuple[int, ...]], _Source]] = {
 # --- load_data ---------------------------------------------------------------------------------------------------
 
 
-def load_data(recipe: Recipe, input_shape: tuple[int, ...]) -> CalibrationData:
-    """The recipe's samples, checked against the model's `input_shape` (N, C, H, W) and split deterministically."""
+def load_data(recipe: Recipe, input_shape: tuple[int, ...],
+              arrays: tuple[np.ndarray, np.ndarray | None] | None = None) -> CalibrationData:
+    """The recipe's samples, checked against the model's `input_shape` (N, C, H, W) and split deterministically.
+
+    `arrays` (samples, labels or None) are the samples of a recipe of kind `arrays` (see `batches.py`): split exactly
+    as the same arrays saved as an `npy` recipe would be."""
     input_shape = tuple(int(d) for d in input_shape)
     if len(input_shape) < 2 or any(d < 1 for d in input_shape):
         raise EdgePruneError(f"model input shape must be positive integers (N, C, H, W), found {list(input_shape)}")
     name = recipe.name or recipe.kind
     if recipe.kind == "random" and recipe.shape is not None and tuple(recipe.shape) != input_shape[1:]:
         raise _shape_error(recipe, input_shape, tuple(recipe.shape), "random normal")
-    src = SOURCES[recipe.kind](recipe, input_shape)
+    if (recipe.kind == "arrays") != (arrays is not None):
+        raise EdgePruneError(f"calibration recipe {name}: samples in memory go with kind 'arrays' only")
+    src = _arrays_source(*arrays) if arrays is not None else SOURCES[recipe.kind](recipe, input_shape)
 
     default = DEFAULT_COUNT[recipe.kind]
     if recipe.count is None:

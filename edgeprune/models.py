@@ -232,3 +232,31 @@ def load_model(
         ) from None
     check_output(out, spec)
     return LoadedModel(module=model, example_input=example, spec=spec, weights=str(weights) if weights else None)
+
+
+def from_module(module: nn.Module, example_input: torch.Tensor | None = None,
+                input_shape: tuple[int, ...] | None = None, seed: int = 0) -> LoadedModel:
+    """A live `nn.Module` as a loaded model (the Python API): a deep copy in eval mode, so that nothing edgeprune
+    does (eval(), pruning, hooks) touches the caller's module. The example input is the one given, else a seeded
+    normal tensor of `input_shape`. Its spec, `python:module.Class`, names it in reports; the CLI cannot load it."""
+    import copy
+
+    if not isinstance(module, nn.Module):
+        raise EdgePruneError(f"model must be an nn.Module or a spec string, found {type(module).__name__}")
+    if example_input is None and input_shape is None:
+        raise EdgePruneError("an nn.Module needs example_input= (one batch of one sample) or input_shape=, or "
+                             "calibration data in memory whose first sample can serve")
+    check_seed(seed)
+    model = copy.deepcopy(module).cpu().eval()
+    if example_input is None:
+        example_input = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    example = example_input.detach().cpu().float()
+    spec = f"python:{type(module).__module__}.{type(module).__qualname__}"
+    try:
+        with torch.no_grad():
+            out = model(example)
+    except Exception as e:
+        raise EdgePruneError(f"model {spec} does not run on its example input of shape {list(example.shape)}: "
+                             f"{first_line(e)}; pass example_input= of the shape it expects") from None
+    check_output(out, spec)
+    return LoadedModel(module=model, example_input=example, spec=spec, weights=None)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import shutil
 import time
@@ -18,16 +19,18 @@ from typing import Any
 
 from edgeprune.artifacts import model_size, save_pruned
 from edgeprune.atomic import OutputDir
-from edgeprune.config import Budget, BuildConfig, PruneConfig, Stages, no_progress, parse_budget
-from edgeprune.errors import EdgePruneError, QualityGateFailed
+from edgeprune.config import BuildConfig, PruneConfig, Stages, no_progress
+from edgeprune.errors import EdgePruneError, ExitCode, QualityGateFailed
 from edgeprune.fidelity import Fidelity
 from edgeprune.graph import check_patterns, trace
 from edgeprune.models import load_model
-from edgeprune.oracle import FAR_UNDER, Verified, export_candidate, verify_release
+from edgeprune.gates import check_gates_apply, metric_report, quality_gates, run_metric
+from edgeprune.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer, TableOracle, Verification, Verified,
+                              export_candidate, verify_release)
 from edgeprune.parallel import compute_threads, retained_memory, timed
 from edgeprune.plan import Plan, keep_first, uniform_widths
 from edgeprune.prune import prune
-from edgeprune.session import STATISTICS_VERSION, allocation_cost, fidelity_error, prepare
+from edgeprune.session import STATISTICS_VERSION, Inputs, Prepared, allocation_cost, fidelity_error, prepare
 from edgeprune.versions import versions
 
 log = logging.getLogger(__name__)
@@ -112,280 +115,246 @@ class BuildOutcome:
     exit_code: int
     message: str | None = None  # the error line for exit codes 3 and 4
     out: str = ""  # where the artifacts went: the --out folder, or OUT.failed for exit codes 3 and 4
+    release: Verified | None = None  # the released candidate: its plan, pruned module, final latency, ONNX file
+    trace: tuple[Any, ...] = ()  # the search's candidates, in order
+    base: Any = None  # LatencyStats of the unpruned model
+    fidelity: Fidelity | None = None
 
 
 def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
-          on_step: Callable[[Any], None] | None = None, force: bool = False) -> BuildOutcome:
+          on_step: Callable[[Any], None] | None = None, force: bool = False, inputs: Inputs | None = None,
+          measure_fn: Callable[..., Any] | None = None) -> BuildOutcome:
     """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget.
 
     A build that misses its budget (exit 3) or a quality gate (exit 4) writes its artifacts to `OUT.failed/` and
-    leaves `out` as it was: the last good release is never replaced by a failed one (`atomic.OutputDir`)."""
-    with compute_threads(), retained_memory():
-        return _build(config, out, stages, on_step, force)
-
-
-def _build(config: BuildConfig, out: str | Path, stages: Stages, on_step: Callable[[Any], None] | None,
-           force: bool) -> BuildOutcome:
-    from edgeprune.runtimes import measure, runtime_for
+    leaves `out` as it was: the last good release is never replaced by a failed one (`atomic.OutputDir`). `inputs`
+    (the Python API) hands over a live model and calibration samples; `measure_fn` replaces `runtimes.measure`."""
+    from edgeprune.runtimes import runtime_for
     from edgeprune.targets import load_target
 
-    budget = parse_budget(config.latency)
-    target = load_target(config.device)
-    device_runs = [0]
-    _measure = measure
+    with compute_threads(), retained_memory():
+        target = load_target(config.device)
+        runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
+        table = None
+        if config.lut:  # and fail fast (exit 2) on a bad or mismatched table
+            from edgeprune.lut import check_table_for, load_lut
 
-    def measure(*a: Any, **kw: Any):  # noqa: F811 - the runtimes' measure, counting real device measurements
-        stats = _measure(*a, **kw)
-        device_runs[0] += stats.source == "measured"
-        return stats
-
-    runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
-    table = None
-    if config.lut:  # and fail fast (exit 2) on a bad or mismatched table
-        from edgeprune.lut import check_table_for, load_lut
-
-        table = load_lut(config.lut)
-        check_table_for(table, target, force=config.force_lut, path=config.lut)
-    with OutputDir(out, force) as outdir:
-        return _build_into(config, outdir, stages, on_step, budget, target, table, measure, device_runs)
+            table = load_lut(config.lut)
+            check_table_for(table, target, force=config.force_lut, path=config.lut)
+        with OutputDir(out, force) as outdir:
+            return _build_into(config, outdir, stages, on_step, target, table, inputs, measure_fn)
 
 
 def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step: Callable[[Any], None] | None,
-                budget: Budget, target: Any, table: Any, measure: Callable[..., Any],
-                device_runs: list[int]) -> BuildOutcome:
+                target: Any, table: Any, inputs: Inputs | None, measure_fn: Callable[..., Any] | None) -> BuildOutcome:
+    """The stages: prepare, baseline, inner level, search (and the table's device check), verification, release."""
     import tempfile
 
-    from edgeprune.errors import ExitCode
     from edgeprune.runtimes import MeasurementCache
-    from edgeprune.allocate import make_widths_fn, widths_digest
-    from edgeprune.search import Probe, search
 
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
-    prep = prepare(pc, stages)
-    if config.max_accuracy_drop is not None and not prep.data.labelled:
-        raise EdgePruneError("--max-accuracy-drop needs a labelled calibration recipe (digits, imagefolder with class "
-                             "folders, npy with labels); use --min-agreement for unlabelled data")
-    t = prep.timings_s
-    cache = MeasurementCache.under(config.cache_dir) if config.use_cache else None
-    example = prep.loaded.example_input
+    session = prepare(pc, stages, inputs=inputs)
+    check_gates_apply(config, session)
+    metric_before = run_metric(config, session.loaded.module, "the unpruned model")
+    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages,
+                        session.timings_s, measure_fn)
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
-
-        def measured(widths: dict[str, int], cached: bool = True) -> Probe:
-            path = work_dir / f"cand-{widths_digest(widths)}.onnx"
-            with timed(t, "measure"):
-                stats = measure(path, target, cache=cache if cached else None,
-                                progress=stages(f"measuring candidate on {target.name}", None))
-            return Probe(stats.median, stats.source, stats.spread)
-
-        def oracle(widths: dict[str, int]) -> Probe:
-            plan = prep.plan(widths)
-            with timed(t, "prune"):
-                pruned = prep.prune(plan, probe=True)
-            with timed(t, "export"):
-                export_candidate(pruned, example, work_dir / f"cand-{widths_digest(widths)}.onnx", pc.exporter)
-            return measured(widths)
-
-        def remeasure(widths: dict[str, int]) -> Probe:
-            """A second, fresh measurement of a candidate too close to the budget to tell (the cache would only
-            repeat the first figure)."""
-            return measured(widths, cached=False)
-
-        layer_model = None
+        oracle: LatencyOracle = TableOracle(session, table, target, config.lut or "") if table is not None \
+            else MeasuredOracle(session, measurer, work_dir, pc.exporter)
+        base = oracle.baseline(config.budget.relative)
+        budget_ms = config.budget.ms(base.median)
+        inner = inner_level(config, session, table)
+        result = run_search(config, session, oracle, inner, budget_ms, base, on_step, stages, target)
+        verify = Verification(session, measurer, work_dir, pc.exporter, budget_ms,
+                              {"budget_ms": budget_ms, "budget": config.budget.text}, target.name, table is not None)
         if table is not None:
-            from edgeprune.lut import LayerModel, predict
-            from edgeprune.runtimes.stats import stats_from_repeats
+            result = check_table(config, oracle, inner, verify, result, budget_ms)  # type: ignore[arg-type]
+        release, result = verify_release(result, budget_ms, verify,
+                                         functools.partial(resume_search, config, oracle, inner, budget_ms, session,
+                                                           table is not None))
+        return finish_build(config, outdir, session, release, result, base, budget_ms, inner, measurer, target,
+                            metric_before)
 
-            layer_model = LayerModel.from_model(prep.loaded.module, example, prep.graph, prep.loaded.spec)
-            if prep.loaded.spec not in table.models:
-                raise EdgePruneError(f"latency table {config.lut} has no calibration for {prep.loaded.spec}; run "
-                                     f"`edgeprune lut --model {prep.loaded.spec} --device {target.source or target.name} --out "
-                                     f"{config.lut}`")
-            base_stats = stats_from_repeats([[table.models[prep.loaded.spec]["base_ms"]]], target=target.name,
-                                            runtime=target.runtime, runtime_version=table.meta["runtime_version"],
-                                            precision=target.precision, source="lut")
-        else:
-            base_path = work_dir / "base.onnx"
-            with timed(t, "export"):
-                export_candidate(prep.loaded.module, example, base_path, pc.exporter)
-            with timed(t, "measure"):
-                # a relative budget rests on a baseline measured in this run, under this run's load: a cached figure
-                # may come from a busier or quieter hour (0.2x once aimed at 0.22x of the unpruned model's latency)
-                base_stats = measure(base_path, target, cache=None if budget.relative else cache,
-                                     progress=stages(f"measuring unpruned model on {target.name}", None))
-        budget_ms = budget.ms(base_stats.median)
-        proxy = config.proxy if config.proxy != "auto" else "loss" if prep.data.recipe.kind == "random" else "fidelity"
-        if proxy == "loss" and prep.data.recipe.kind != "random":
-            log.warning("--proxy loss on real calibration data: the CaP loss curves do not compare across layers and "
-                        "allocated worse than uniform widths on the bundled example (output error 0.241 against 0.195 "
-                        "at about 0.25x MACs); --proxy fidelity (the default here) measures the network's output")
-        error_of = fidelity_error(prep, t) if proxy == "fidelity" else None
-        allocation = config.allocation_for(proxy)
-        widths_for = make_widths_fn(prep.graph, prep.rankings, pc.channel_multiple, error=error_of,
-                                    allocation=allocation, cost=allocation_cost(prep, table) if allocation ==
-                                    "latency" else None)
-        correction = 1.0
 
-        def lut_oracle(widths: dict[str, int]) -> Probe:
-            pred, warns = predict(table, layer_model, widths)
-            for w in warns[:3]:
-                log.warning("latency table: %s", w)
-            return Probe(pred * correction, "lut")
+@dataclass(frozen=True)
+class InnerLevel:
+    """How the search turns a strength into widths, and what it scores them by."""
 
-        with timed(t, "search"):
-            stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
-            # the unpruned model's widths are the u = 0 bracket: its baseline figure serves, no second measurement
-            full = {g.name: g.channels for g in prep.graph.groups}
-            known = {widths_digest(full): Probe(base_stats.median, "baseline", base_stats.spread)} \
-                if table is None else None
-            result = search(widths_for, lut_oracle if table is not None else oracle, budget_ms, config.tolerance,
-                            config.max_steps, on_step=on_step, known=known,
-                            remeasure=remeasure if table is None else None, error_of=error_of)
-        trace_all = list(result.trace)
-        if table is not None and result.best is not None:
-            # one device measurement of the chosen plan; when it misses the band, correct the predictions by the
-            # measured error and search again (the trace keeps both rounds)
-            from edgeprune.search import Candidate
+    proxy: str  # fidelity | loss
+    allocation: str  # step | latency
+    error_of: Callable[[dict[str, int]], float] | None
+    widths_for: Callable[[float], dict[str, int]]
 
-            with timed(t, "verify"):
-                # exactly the model that would ship (direct solve, same plan), so that its verification below is
-                # served from the measurement cache instead of a second device measurement
-                check_plan = dataclasses.replace(prep.plan(result.best.widths, budget_ms=budget_ms, budget=budget.text),
-                                                 target=target.name)
-                path = work_dir / "lut-check.onnx"
-                export_candidate(prep.prune(check_plan), example, path, pc.exporter)
-                got_stats = measure(path, target, cache=cache, repeats=target.measure.final_repeats)
-                got = got_stats.median
-            trace_all.append(Candidate(step=len(trace_all) + 1, strength=result.best.strength,
-                                       widths_digest=result.best.widths_digest, latency_ms=got, source=got_stats.source,
-                                       widths=result.best.widths))
-            if not (1 - config.tolerance) * budget_ms <= got <= budget_ms:
-                correction = got / result.best.latency_ms
-                with timed(t, "search"):
-                    result = search(widths_for, lut_oracle, budget_ms, config.tolerance, config.max_steps)
-                trace_all += [dataclasses.replace(c, step=len(trace_all) + i + 1) for i, c in enumerate(result.trace)]
-        result = dataclasses.replace(result, trace=tuple(trace_all))
 
-        # verify: the released model (direct compensation solve) is exported and measured again with more repeats,
-        # fresh (a cached miss would replay on every later run); a miss falls back to the nearest feasible candidate
-        # or, rather than a model far under budget, resumes the search from the verified figure
-        def verify_one(cand: Any) -> Verified:
-            plan = dataclasses.replace(prep.plan(cand.widths, budget_ms=budget_ms, budget=budget.text),
-                                       target=target.name)
-            with timed(t, "prune"):
-                pruned = prep.prune(plan)
-            final_path = work_dir / "final.onnx"
-            with timed(t, "export"):
-                export_candidate(pruned, example, final_path, pc.exporter)
-            verify_cache = cache if table is not None else None  # the table's check figure is the first verification
-            with timed(t, "verify"):
-                stats = measure(final_path, target, cache=verify_cache, repeats=target.measure.final_repeats,
-                                progress=stages("verifying the final model", None))
-                if stats.median > budget_ms and cand.source != "lut" and cand.latency_ms <= budget_ms:
-                    # the search measured this very model within budget: noise decides between the two figures, and
-                    # a verification over twice the sessions settles it for less than a more pruned fallback costs
-                    stats = measure(final_path, target, cache=None, repeats=2 * target.measure.final_repeats,
-                                    progress=stages("verifying the final model again", None))
-            return Verified(cand, stats, pruned, plan, final_path)
+def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLevel:
+    from edgeprune.allocate import make_widths_fn
 
-        def resume(res: Any, verified: dict[str, Any]) -> Any:
-            used = sum(1 for c in res.trace if c.source.startswith("measured"))
-            if table is not None or used >= config.max_steps:
-                return None
-            known = {c.widths_digest: Probe(c.latency_ms, c.source, c.spread) for c in res.trace}
-            known.update({d: Probe(v.median, "verified", v.spread) for d, v in verified.items()})
-            with timed(t, "search"):
-                more = search(widths_for, oracle, budget_ms, config.tolerance,
-                              len(known) + config.max_steps - used, on_step=None, known=known, remeasure=remeasure,
-                              error_of=error_of)
-            seen = {c.widths_digest for c in res.trace}
-            new = [c for c in more.trace if c.widths_digest not in seen]
-            trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]
-            return dataclasses.replace(more, trace=tuple(trace))
+    kind = session.data.recipe.kind
+    proxy = config.proxy if config.proxy != "auto" else "loss" if kind == "random" else "fidelity"
+    if proxy == "loss" and kind != "random":
+        log.warning("--proxy loss on real calibration data: the CaP loss curves do not compare across layers and "
+                    "allocated worse than uniform widths on the bundled example (output error 0.241 against 0.195 "
+                    "at about 0.25x MACs); --proxy fidelity (the default here) measures the network's output")
+    error_of = fidelity_error(session, session.timings_s) if proxy == "fidelity" else None
+    allocation = config.allocation_for(proxy)
+    cost = allocation_cost(session, table) if allocation == "latency" else None
+    widths_for = make_widths_fn(session.graph, session.rankings, session.config.channel_multiple, error=error_of,
+                                allocation=allocation, cost=cost)
+    return InnerLevel(proxy, allocation, error_of, widths_for)
 
-        release, result = verify_release(result, budget_ms, verify_one, resume)
-        chosen, final_stats, pruned, plan, final_path = release
-        met = final_stats.median <= budget_ms
-        with timed(t, "fidelity"):
-            fid = prep.fidelity(pruned)
-        gates = quality_gates(fid, config)
-        base_size = model_size(prep.loaded.module, example)
-        final_size = model_size(pruned, example)
-        report = {
-            "edgeprune": versions()["edgeprune"], "model": prep.loaded.spec, "weights": prep.loaded.weights,
-            "input_shape": list(prep.loaded.input_shape),
-            "calibration": prep.data.recipe.name or prep.data.recipe.kind,
-            "target": {"name": target.name, "profile": target.to_dict()},
-            "budget": budget.text, "budget_ms": budget_ms, "met": met,
-            "base": {"latency_ms": base_stats.summary(), "latency_source": base_stats.source, **base_size},
-            "final": {"latency_ms": final_stats.summary(), "latency_source": final_stats.source, **final_size},
-            "speedup": base_stats.median / final_stats.median,
-            "widths": {g.name: {"before": g.channels, "after": chosen.widths[g.name]} for g in prep.graph.groups},
-            "fidelity": fid.to_dict(), "quality_gates": gates,
-            "lut": config.lut,
-            "device_measurements": device_runs[0],
-            "search": {"criterion": pc.criterion, "compensation": pc.compensation, "repair": plan.repair,
-                       "proxy": "fidelity" if proxy == "fidelity" else "cap-loss-curve"
-                       if prep.rankings and all(r.loss is not None for r in prep.rankings.values()) else "uniform",
-                       "allocation": allocation, "channel_multiple": pc.channel_multiple,
-                       "tolerance": config.tolerance, "converged": result.converged,
-                       "far_under_budget": met and final_stats.median < FAR_UNDER * budget_ms,
-                       "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
-                       "trace": [c.to_dict() for c in result.trace]},
-            "excluded_groups": prep.graph.excluded, "exporter": pc.exporter,
-            "timings_s": t, "versions": versions(target.runtime),
-        }
-        code, message = int(ExitCode.OK), None
-        if not met and result.best is not None:
-            # the search did find models under budget, but none stayed under it when measured again: timing noise
-            over = final_stats.median / budget_ms - 1
-            code, message = int(ExitCode.BUDGET_UNREACHABLE), (
-                f"budget {budget_ms:.3f} ms ({budget.text}) not met on verification: the search measured "
-                f"{chosen.latency_ms:.3f} ms for the chosen model, {len(final_stats.repeat_medians)} fresh repeats measured "
-                f"{final_stats.median:.3f} ms ({over:+.1%}); timing noise on {target.name} exceeds the margin: re-run on "
-                f"a quieter machine, or raise --tolerance so that the search aims further under the budget")
-        elif not met:
-            w = chosen.widths
-            small = ", ".join(f"{g}={w[g]}" for g in list(w)[:6])
-            code, message = int(ExitCode.BUDGET_UNREACHABLE), (
-                f"budget {budget_ms:.3f} ms ({budget.text}) is unreachable on {target.name}: the lowest latency reached is "
-                f"{final_stats.median:.3f} ms (unpruned {base_stats.median:.3f} ms) at minimum widths ({small}, ...); "
-                f"raise the budget, lower --channel-multiple, or allow narrower groups")
-        elif not all(g["passed"] for g in gates.values()):
-            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" if k != "finite_outputs" else
-                      f"the pruned model's outputs are not finite on {v['value']} held-out samples"
-                      for k, v in gates.items() if not v["passed"]]
-            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {'; '.join(failed)}; budget met at " \
-                f"{final_stats.median:.3f} ms; relax the budget or the gate"
-        report["exit_code"] = code
-        failed = code != int(ExitCode.OK)
-        report["out"] = str(outdir.failed_out if failed else outdir.out)
-        tmp = outdir.tmp
-        shutil.copyfile(final_path, tmp / "model.onnx")
-        save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, pc.ignore)
-        plan.save(tmp / "plan.json")
-        from edgeprune.report import write_report
 
-        write_report(tmp, report)
+def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, inner: InnerLevel, budget_ms: float,
+               base: Any, on_step: Callable[[Any], None] | None, stages: Stages, target: Any) -> Any:
+    from edgeprune.allocate import widths_digest
+    from edgeprune.search import Probe, search
+
+    with timed(session.timings_s, "search"):
+        stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
+        # the unpruned model's widths are the u = 0 bracket: its baseline figure serves, no second measurement
+        full = {g.name: g.channels for g in session.graph.groups}
+        known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
+        return search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step,
+                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of)
+
+
+def check_table(config: BuildConfig, oracle: TableOracle, inner: InnerLevel, verify: Verification, result: Any,
+                budget_ms: float) -> Any:
+    """One device measurement of the plan a table search chose (the model as it would ship, so that its verification
+    is then served from the cache); when it misses the band, the predictions are corrected by the measured error and
+    the search runs again. The trace keeps both rounds."""
+    from edgeprune.search import Candidate, search
+
+    if result.best is None:
+        return result
+    got = verify(result.best).stats
+    trace = list(result.trace) + [Candidate(step=len(result.trace) + 1, strength=result.best.strength,
+                                            widths_digest=result.best.widths_digest, latency_ms=got.median,
+                                            source=got.source, widths=result.best.widths)]
+    if not (1 - config.tolerance) * budget_ms <= got.median <= budget_ms:
+        oracle.correction = got.median / result.best.latency_ms
+        with timed(verify.session.timings_s, "search"):
+            result = search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps)
+        trace += [dataclasses.replace(c, step=len(trace) + i + 1) for i, c in enumerate(result.trace)]
+    return dataclasses.replace(result, trace=tuple(trace))
+
+
+def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel, budget_ms: float, session: Prepared,
+                  from_table: bool, res: Any, verified: dict[str, Any]) -> Any:
+    """The search again after a verification miss, the verified figures in place of its own (None when it cannot:
+    a table search, or no measurements left)."""
+    from edgeprune.search import Probe, search
+
+    used = sum(1 for c in res.trace if c.source.startswith("measured"))
+    if from_table or used >= config.max_steps:
+        return None
+    known = {c.widths_digest: Probe(c.latency_ms, c.source, c.spread) for c in res.trace}
+    known.update({d: Probe(v.median, "verified", v.spread) for d, v in verified.items()})
+    with timed(session.timings_s, "search"):
+        more = search(inner.widths_for, oracle, budget_ms, config.tolerance, len(known) + config.max_steps - used,
+                      on_step=None, known=known, remeasure=oracle.remeasure, error_of=inner.error_of)
+    seen = {c.widths_digest for c in res.trace}
+    new = [c for c in more.trace if c.widths_digest not in seen]
+    trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]
+    return dataclasses.replace(more, trace=tuple(trace))
+
+
+def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, release: Verified, result: Any,
+                 base: Any, budget_ms: float, inner: InnerLevel, measurer: Measurer, target: Any,
+                 metric_before: float | None) -> BuildOutcome:
+    """The release: fidelity, parity of its ONNX file, the user's metric, the gates, the report, the artifacts."""
+    from edgeprune.export import parity
+
+    t = session.timings_s
+    with timed(t, "fidelity"):
+        fid = session.fidelity(release.pruned)
+        par = parity(release.pruned, session.loaded.example_input, release.path)
+    metric = metric_report(metric_before, run_metric(config, release.pruned, "the pruned model"))
+    gates = quality_gates(fid, config, par, metric)
+    report = build_report(config, session, release, result, base, budget_ms, inner, measurer, target, fid, gates)
+    report.update(parity=par.to_dict(), metric=metric)
+    code, message = verdict(report, release, result, base, budget_ms, config.budget.text, target.name)
+    report["exit_code"] = code
+    failed = code != int(ExitCode.OK)
+    report["out"] = str(outdir.failed_out if failed else outdir.out)
+    write_release(outdir.tmp, release, session, report)
     dest = outdir.commit(failed=failed)
     if failed:
-        message += f"; this build's artifacts are in {dest}/ ({outdir.out} left as it was)"
-    return BuildOutcome(report=report, exit_code=code, message=message, out=str(dest))
+        message = f"{message}; this build's artifacts are in {dest}/ ({outdir.out} left as it was)"
+    return BuildOutcome(report=report, exit_code=code, message=message, out=str(dest), release=release,
+                        trace=tuple(result.trace), base=base, fidelity=fid)
 
 
-def quality_gates(fid: Fidelity, config: BuildConfig) -> dict[str, dict[str, Any]]:
-    """The gates the user set, and always `finite_outputs`: a pruned model whose outputs hold NaN or infinity on a
-    held-out sample (where the unpruned model's are finite) never passes."""
-    gates: dict[str, dict[str, Any]] = {"finite_outputs": {"value": fid.nonfinite, "limit": 0,
-                                                           "passed": fid.nonfinite == 0}}
-    if config.min_agreement is not None:
-        gates["top1_agreement"] = {"value": fid.top1_agreement, "limit": config.min_agreement,
-                                   "passed": fid.top1_agreement >= config.min_agreement}
-    if config.max_accuracy_drop is not None and fid.accuracy_drop_pp is not None:
-        gates["accuracy_drop_pp"] = {"value": fid.accuracy_drop_pp, "limit": config.max_accuracy_drop,
-                                     "passed": fid.accuracy_drop_pp <= config.max_accuracy_drop}
-    return gates
+def write_release(tmp: Path, release: Verified, session: Prepared, report: dict[str, Any]) -> None:
+    from edgeprune.report import write_report
+
+    shutil.copyfile(release.path, tmp / "model.onnx")
+    save_pruned(tmp / "pruned.pt", release.pruned, release.plan, session.loaded, session.config.ignore)
+    release.plan.save(tmp / "plan.json")
+    write_report(tmp, report)
+
+
+def build_report(config: BuildConfig, session: Prepared, release: Verified, result: Any, base: Any,
+                 budget_ms: float, inner: InnerLevel, measurer: Measurer, target: Any, fid: Fidelity,
+                 gates: dict[str, Any]) -> dict[str, Any]:
+    pc, final, example = session.config, release.stats, session.loaded.example_input
+    met = final.median <= budget_ms
+    curves = session.rankings and all(r.loss is not None for r in session.rankings.values())
+    return {
+        "edgeprune": versions()["edgeprune"], "model": session.loaded.spec, "weights": session.loaded.weights,
+        "input_shape": list(session.loaded.input_shape),
+        "calibration": session.data.recipe.name or session.data.recipe.kind,
+        "target": {"name": target.name, "profile": target.to_dict()},
+        "budget": config.budget.text, "budget_ms": budget_ms, "met": met,
+        "base": {"latency_ms": base.summary(), "latency_source": base.source,
+                 **model_size(session.loaded.module, example)},
+        "final": {"latency_ms": final.summary(), "latency_source": final.source, **model_size(release.pruned, example)},
+        "speedup": base.median / final.median,
+        "widths": {g.name: {"before": g.channels, "after": release.candidate.widths[g.name]}
+                   for g in session.graph.groups},
+        "fidelity": fid.to_dict(), "quality_gates": gates,
+        "lut": config.lut,
+        "device_measurements": measurer.device_runs,
+        "search": {"criterion": pc.criterion, "compensation": pc.compensation, "repair": release.plan.repair,
+                   "proxy": "fidelity" if inner.proxy == "fidelity" else "cap-loss-curve" if curves else "uniform",
+                   "allocation": inner.allocation, "channel_multiple": pc.channel_multiple,
+                   "tolerance": config.tolerance, "converged": result.converged,
+                   "far_under_budget": met and final.median < FAR_UNDER * budget_ms,
+                   "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
+                   "trace": [c.to_dict() for c in result.trace]},
+        "excluded_groups": session.graph.excluded, "exporter": pc.exporter,
+        "timings_s": session.timings_s, "versions": versions(target.runtime),
+    }
+
+
+def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, budget_ms: float, budget: str,
+            target: str) -> tuple[int, str | None]:
+    """The exit code of a build and its one-line message: budget missed on verification (noise), unreachable, or a
+    quality gate failed."""
+    final, chosen = release.stats, release.candidate
+    if not report["met"] and result.best is not None:
+        # the search did find models under budget, but none stayed under it when measured again: timing noise
+        over = final.median / budget_ms - 1
+        return int(ExitCode.BUDGET_UNREACHABLE), (
+            f"budget {budget_ms:.3f} ms ({budget}) not met on verification: the search measured "
+            f"{chosen.latency_ms:.3f} ms for the chosen model, {len(final.repeat_medians)} fresh repeats measured "
+            f"{final.median:.3f} ms ({over:+.1%}); timing noise on {target} exceeds the margin: re-run on "
+            f"a quieter machine, or raise --tolerance so that the search aims further under the budget")
+    if not report["met"]:
+        small = ", ".join(f"{g}={w}" for g, w in list(chosen.widths.items())[:6])
+        return int(ExitCode.BUDGET_UNREACHABLE), (
+            f"budget {budget_ms:.3f} ms ({budget}) is unreachable on {target}: the lowest latency reached is "
+            f"{final.median:.3f} ms (unpruned {base.median:.3f} ms) at minimum widths ({small}, ...); "
+            f"raise the budget, lower --channel-multiple, or allow narrower groups")
+    gates = report["quality_gates"]
+    if not all(g["passed"] for g in gates.values()):
+        failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" if k != "finite_outputs" else
+                  f"the pruned model's outputs are not finite on {v['value']} held-out samples"
+                  for k, v in gates.items() if not v["passed"]]
+        return int(ExitCode.QUALITY_GATE), (f"quality gate failed: {'; '.join(failed)}; budget met at "
+                                            f"{final.median:.3f} ms; relax the budget or the gate")
+    return int(ExitCode.OK), None
 
 
 # ---------------------------------------------------------------- latency tables

@@ -27,7 +27,8 @@ GRAY_STD = (0.226,)
 DEFAULT_HELDOUT = 0.25
 DEFAULT_BATCH_SIZE = 32
 # `count = None`: how many samples a kind uses; None there means every sample the source has.
-DEFAULT_COUNT: dict[str, int | None] = {"digits": None, "imagefolder": 512, "npy": None, "random": 512}
+DEFAULT_COUNT: dict[str, int | None] = {"digits": None, "imagefolder": 512, "npy": None, "random": 512,
+                                        "arrays": None}
 
 _COMMON_KEYS = ("name", "description", "kind", "count", "heldout", "batch_size", "seed")
 # Keys each kind reads, beyond the common ones; a key another kind reads is rejected, not silently ignored.
@@ -36,8 +37,9 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
     "imagefolder": ("path", "resize", "crop", "mean", "std", "grayscale"),
     "npy": ("path", "labels"),
     "random": ("shape",),
+    "arrays": (),  # samples handed over in memory (the Python API: a DataLoader, a tensor); never in a TOML file
 }
-KINDS = tuple(KIND_KEYS)
+KINDS = tuple(k for k in KIND_KEYS if k != "arrays")  # the kinds a recipe file may name
 _FIELD_DEFAULTS = {"path": None, "labels": None, "resize": None, "crop": None, "mean": None, "std": None,
                    "grayscale": False, "shape": None}
 

@@ -30,7 +30,7 @@ from edgeprune.models import LoadedModel, load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
 from edgeprune.plan import Plan, plan_from_rankings
 from edgeprune.prune import prune
-from edgeprune.recipe import load_recipe
+from edgeprune.recipe import Recipe, load_recipe
 from edgeprune.statistics import LayerStats, collect_statistics
 
 log = logging.getLogger(__name__)
@@ -119,20 +119,32 @@ def model_runs(loaded: LoadedModel, what: str, batch_size: int) -> Iterator[None
             f"the calibration recipe") from None
 
 
-def prepare(config: PruneConfig, stages: Stages = no_progress, rank_groups: bool = True) -> Prepared:
-    """Load the model and calibration data, trace groups, collect statistics and rank every group."""
+@dataclass(frozen=True)
+class Inputs:
+    """What the Python API hands over instead of a model spec and a recipe: a loaded model (`models.from_module`)
+    and calibration samples in memory with the recipe that splits them (kind `arrays`)."""
+
+    loaded: LoadedModel | None = None
+    recipe: Recipe | None = None
+    arrays: tuple[np.ndarray, np.ndarray | None] | None = None
+
+
+def prepare(config: PruneConfig, stages: Stages = no_progress, rank_groups: bool = True,
+            inputs: Inputs | None = None) -> Prepared:
+    """Load the model and calibration data (or take them from `inputs`), trace groups, collect statistics and rank
+    every group."""
     with compute_threads(), retained_memory():
-        return _prepare(config, stages, rank_groups)
+        return _prepare(config, stages, rank_groups, inputs or Inputs())
 
 
-def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool) -> Prepared:
+def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inputs) -> Prepared:
     t: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with timed(t, "load"):
         stages("loading model and calibration data", None)
-        loaded = load_model(config.model, config.weights, config.input_shape, seed=config.seed)
-        recipe = load_recipe(config.recipe_spec())
-        data = load_data(recipe, loaded.input_shape)
+        loaded = inputs.loaded or load_model(config.model, config.weights, config.input_shape, seed=config.seed)
+        recipe = inputs.recipe or load_recipe(config.recipe_spec())
+        data = load_data(recipe, loaded.input_shape, arrays=inputs.arrays)
     with timed(t, "trace"):
         stages("tracing channel groups", None)
         graph = trace(loaded.module, loaded.example_input, config.ignore)

@@ -341,7 +341,7 @@ def test_R07_ssh_profile_keeps_every_measure_setting() -> None:
 def test_build_with_non_finite_pruned_outputs_fails_its_implicit_gate() -> None:
     from edgeprune.fidelity import Fidelity
     from edgeprune.config import BuildConfig, PruneConfig
-    from edgeprune.pipeline import quality_gates
+    from edgeprune.gates import quality_gates
 
     ok = Fidelity(1.0, 0.0, None, None, samples=4)
     bad = Fidelity(0.5, float("nan"), None, None, samples=4, nonfinite=2)
