@@ -15,7 +15,7 @@ from torch import nn
 from edgeprune.errors import EdgePruneError
 from edgeprune.models import LoadedModel, load_model, read_checkpoint
 from edgeprune.plan import Plan
-from edgeprune.prune import structural_copy
+from edgeprune.surgery import structural_copy
 
 PRUNED_FORMAT = "edgeprune.pruned/1"
 

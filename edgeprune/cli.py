@@ -464,8 +464,8 @@ def run_lut(args: argparse.Namespace) -> int:
                           parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
                           stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore))
     if args.report:
-        from edgeprune.lut import load_lut
-        from edgeprune.lutbuild import plot_lut
+        from edgeprune.lookup import load_lut
+        from edgeprune.lookupbuild import plot_lut
 
         summary["plot"] = plot_lut(load_lut(args.out), Path(args.out).with_suffix(".png"))
     if args.json:

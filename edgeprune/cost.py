@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from edgeprune.lut import Layer, LatencyTable, LayerModel, predict
+from edgeprune.lookup import Layer, LatencyTable, LayerModel, predict
 
 Cost = Callable[[dict[str, int]], float]
 

@@ -136,7 +136,7 @@ class MaskedProxy:
 
     def error(self, plan: Any) -> float:
         """||y_plan - y|| / ||y|| over the samples."""
-        from edgeprune.prune import compensate_consumers
+        from edgeprune.surgery import compensate_consumers
 
         with torch.no_grad():
             for n, m in self.modules.items():

@@ -172,7 +172,7 @@ class TableOracle:
     remeasure = None
 
     def __init__(self, session: Prepared, table: Any, target: Any, lut_path: str) -> None:
-        from edgeprune.lut import LayerModel
+        from edgeprune.lookup import LayerModel
 
         spec = session.loaded.spec
         if spec not in table.models:
@@ -191,7 +191,7 @@ class TableOracle:
                                   source="lut")
 
     def __call__(self, widths: dict[str, int]) -> Probe:
-        from edgeprune.lut import predict
+        from edgeprune.lookup import predict
 
         pred, warns = predict(self.table, self.layers, widths)
         for w in warns[:3]:

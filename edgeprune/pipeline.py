@@ -29,7 +29,7 @@ from edgeprune.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer
                               export_candidate, verify_release)
 from edgeprune.parallel import compute_threads, retained_memory, timed
 from edgeprune.plan import Plan, keep_first, uniform_widths
-from edgeprune.prune import prune
+from edgeprune.surgery import prune
 from edgeprune.session import STATISTICS_VERSION, Inputs, Prepared, allocation_cost, fidelity_error, prepare
 from edgeprune.versions import versions
 
@@ -137,7 +137,7 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
         runtime_for(target)  # fail fast (exit 5) before any heavy work when the device cannot be measured
         table = None
         if config.lut:  # and fail fast (exit 2) on a bad or mismatched table
-            from edgeprune.lut import check_table_for, load_lut
+            from edgeprune.lookup import check_table_for, load_lut
 
             table = load_lut(config.lut)
             check_table_for(table, target, force=config.force_lut, path=config.lut)
@@ -372,8 +372,8 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
              resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.lut import LayerModel
-    from edgeprune.lutbuild import best_channel_multiple, build_lut, check_lut_out
+    from edgeprune.lookup import LayerModel
+    from edgeprune.lookupbuild import best_channel_multiple, build_lut, check_lut_out
     from edgeprune.runtimes import measure, runtime_for
     from edgeprune.targets import load_target
 

@@ -29,7 +29,7 @@ from edgeprune.importance import NEEDS_STATS, Ranking, rank_all
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
 from edgeprune.plan import Plan, plan_from_rankings
-from edgeprune.prune import prune
+from edgeprune.surgery import prune
 from edgeprune.recipe import Recipe, load_recipe
 from edgeprune.statistics import LayerStats, collect_statistics
 
@@ -205,7 +205,7 @@ def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[
 def allocation_cost(prep: Prepared, table: Any) -> Callable[[dict[str, int]], float]:
     """The latency model of the latency-aware allocation: the table's prediction with --lut, else MACs."""
     from edgeprune.cost import macs_cost, relative_cost, table_cost
-    from edgeprune.lut import LayerModel
+    from edgeprune.lookup import LayerModel
 
     layers = LayerModel.from_model(prep.loaded.module, prep.loaded.example_input, prep.graph, prep.loaded.spec)
     cost = table_cost(table, layers) if table is not None else macs_cost(layers)

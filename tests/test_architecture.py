@@ -103,12 +103,12 @@ def test_modules_import_only_modules_listed_below_them():
 
 
 def test_imports_of_sees_function_level_relative_and_registry_imports():
-    modules = {"edgeprune", "edgeprune.lut", "edgeprune.runtimes", "edgeprune.runtimes.base",
+    modules = {"edgeprune", "edgeprune.lookup", "edgeprune.runtimes", "edgeprune.runtimes.base",
                "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
     source = '''
 import json
 from edgeprune import __version__
-from edgeprune import lut
+from edgeprune import lookup
 from .stats import LatencyStats
 
 def measure():
@@ -118,10 +118,10 @@ def measure():
 RUNTIMES = {"tensorrt": "edgeprune.runtimes.tensorrt", "name": "edgeprune"}
 '''
     assert imports_of(source, "edgeprune.runtimes.base", modules) == {
-        "edgeprune.lut", "edgeprune.runtimes", "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
-    package_source = "from . import base\nfrom ..lut import predict\n"
+        "edgeprune.lookup", "edgeprune.runtimes", "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
+    package_source = "from . import base\nfrom ..lookup import predict\n"
     assert imports_of(package_source, "edgeprune.runtimes", modules, package=True) == {
-        "edgeprune.runtimes.base", "edgeprune.lut"}
+        "edgeprune.runtimes.base", "edgeprune.lookup"}
 
 
 @pytest.mark.parametrize("rel", sorted(package_modules()))

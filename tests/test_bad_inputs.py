@@ -402,7 +402,7 @@ def test_sigterm_cleans_up_and_exits_143(name: str, root: Path, tmp_path: Path) 
     if out is not None:
         assert not (root / out).exists() and not list((root / out).parent.glob(f".{Path(out).name}*"))
     if name == "U03_lut" and (root / "out/lut_term.json").exists():
-        from edgeprune.lut import load_lut
+        from edgeprune.lookup import load_lut
 
         load_lut(root / "out/lut_term.json")  # what was measured is a valid table the next run resumes from
 

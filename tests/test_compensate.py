@@ -20,7 +20,7 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.graph import trace
 from edgeprune.importance import consumer_weight, rank
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.prune import removed_coords
+from edgeprune.surgery import removed_coords
 from tests.models import ZOO, ZooEntry
 
 

@@ -12,7 +12,7 @@ from edgeprune.statistics import collect_statistics
 from edgeprune.graph import trace
 from edgeprune.importance import rank
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.prune import prune, removed_coords
+from edgeprune.surgery import prune, removed_coords
 from edgeprune.repair import sequential_repair
 from tests.models import ZOO
 

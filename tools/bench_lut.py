@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.graph import trace
-from edgeprune.lut import LayerModel, load_lut, predict
+from edgeprune.lookup import LayerModel, load_lut, predict
 from edgeprune.models import load_model
 from edgeprune.oracle import export_candidate
 from edgeprune.pipeline import lut_job
 from edgeprune.plan import Plan, round_width
-from edgeprune.prune import prune
+from edgeprune.surgery import prune
 from edgeprune.runtimes import measure
 from edgeprune.targets import load_target
 

@@ -25,7 +25,7 @@ from edgeprune.importance import rank_all
 from edgeprune.models import load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.prune import compensate_consumers
+from edgeprune.surgery import compensate_consumers
 from edgeprune.recipe import load_recipe_file
 
 
@@ -83,7 +83,7 @@ def bench(name: str, images: int, sequential: bool = False) -> dict:
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
         if sequential:
-            from edgeprune.prune import removed_coords
+            from edgeprune.surgery import removed_coords
             from edgeprune.repair import sequential_repair
 
             t0 = time.perf_counter()

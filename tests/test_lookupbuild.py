@@ -11,8 +11,8 @@ import pytest
 
 from edgeprune.cli import main
 from edgeprune.graph import trace
-from edgeprune.lut import LayerModel, load_lut
-from edgeprune.lutbuild import CALIBRATION_RANDOM, build_layer_onnx, grid_widths
+from edgeprune.lookup import LayerModel, load_lut
+from edgeprune.lookupbuild import CALIBRATION_RANDOM, build_layer_onnx, grid_widths
 from edgeprune.models import load_model
 from edgeprune.runtimes import measure
 from edgeprune.targets import load_target

@@ -19,7 +19,7 @@ from edgeprune.importance import consumer_weight, rank, rank_all
 from edgeprune.config import PruneConfig
 from edgeprune.session import prepare
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
-from edgeprune.prune import prune, removed_coords, structural_copy
+from edgeprune.surgery import prune, removed_coords, structural_copy
 from tests.models import ZOO, ZooEntry
 
 

@@ -11,7 +11,7 @@ latency is a + b·(sum of its layers' entries), with a and b fitted on eight mea
 overhead, pooling, adds and the difference between a layer alone and inside a model). Entries are keyed by signature,
 so tables for several models on one target merge.
 
-This module is the table itself and imports neither onnx nor onnxruntime; `lutbuild` measures one on a device.
+This module is the table itself and imports neither onnx nor onnxruntime; `lookupbuild` measures one on a device.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from edgeprune.targets import Target
 
 log = logging.getLogger(__name__)
 
-LUT_FORMAT = "edgeprune.lut/1"
+LUT_FORMAT = "edgeprune.lookup/1"
 ACTIVATIONS = {nn.ReLU: "Relu", nn.ReLU6: "Clip6", nn.Hardswish: "HardSwish", nn.SiLU: "Sigmoid*", nn.Hardsigmoid: "HardSigmoid"}
 
 

@@ -12,7 +12,7 @@ import pytest
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import trace
-from edgeprune.lut import LatencyTable, LayerModel, check_table_for, entry_latency, fit_calibration, load_lut, predict
+from edgeprune.lookup import LatencyTable, LayerModel, check_table_for, entry_latency, fit_calibration, load_lut, predict
 from edgeprune.models import load_model
 from edgeprune.targets import load_target
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from edgeprune.atomic import check_output_file
 from edgeprune.errors import EdgePruneError
-from edgeprune.lut import (LUT_FORMAT, LatencyTable, Layer, LayerModel, check_table_for, entry_latency,
+from edgeprune.lookup import (LUT_FORMAT, LatencyTable, Layer, LayerModel, check_table_for, entry_latency,
                            fit_calibration, load_lut, table_meta)
 from edgeprune.plan import round_width
 from edgeprune.runtimes import measure
