@@ -1,13 +1,23 @@
 """edgeprune: prune a trained CNN to an ONNX model that meets a latency budget measured on the device.
 
-Importing the package is cheap on purpose: torch, onnxsim and tensorrt load only in the stage that needs them.
+    import edgeprune
+    result = edgeprune.build(model, calibration=loader, device="cpu", latency="0.5x", evaluate=my_metric)
+    stats = edgeprune.profile("model.onnx", "cpu")
 
-    from edgeprune.targets import load_target
-    from edgeprune.runtimes import measure
-    stats = measure("model.onnx", load_target("cpu"))
+The API (`build`, `prune`, `profile`, `lut`, `load_target`, `release`; see `edgeprune.api`) loads on first use:
+importing the package is cheap on purpose, and torch, onnxsim and tensorrt load only in the stage that needs them.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+API = ("build", "prune", "profile", "lut", "load_target", "release")
+__all__ = ["__version__", *API]
+
+
+def __getattr__(name: str):  # PEP 562: the API without importing torch at `import edgeprune`
+    if name in API:
+        from edgeprune import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'edgeprune' has no attribute {name!r}")

@@ -30,16 +30,26 @@ def save_pruned(path: Path, pruned: nn.Module, plan: Plan, loaded: LoadedModel, 
 
 def load_pruned(path: str | Path) -> tuple[nn.Module, Plan]:
     """Rebuild a pruned model from pruned.pt: the original model, the plan's architecture, the saved weights."""
+    skeleton, plan, _ = load_pruned_with_original(path)
+    return skeleton, plan
+
+
+def load_pruned_with_original(path: str | Path,
+                              input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, Plan, LoadedModel]:
+    """load_pruned, and the unpruned model it was pruned from (its spec and weights as pruned.pt records them)."""
     if not Path(path).is_file():
         raise EdgePruneError(f"pruned model {path} does not exist")
     d = read_checkpoint(Path(path), "pruned model")
     if not isinstance(d, dict) or d.get("format") != PRUNED_FORMAT:
         raise EdgePruneError(f"{path} is not an edgeprune pruned.pt (format {PRUNED_FORMAT})")
     plan = Plan.from_dict(d["plan"])
+    if input_shape is not None and tuple(input_shape) != tuple(d["input_shape"]):
+        raise EdgePruneError(f"{path} was pruned for input shape {list(d['input_shape'])}, found --input-shape "
+                             f"{list(input_shape)}; pruning depends on the input size: prune again for this shape")
     loaded = load_model(d["model"], d["weights"], tuple(d["input_shape"]))
     skeleton = structural_copy(loaded.module, loaded.example_input, plan, d["biased"], tuple(d["ignore"]))
     skeleton.load_state_dict(d["state_dict"])
-    return skeleton.eval(), plan
+    return skeleton.eval(), plan, loaded
 
 
 def model_size(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:

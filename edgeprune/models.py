@@ -16,6 +16,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,8 +94,11 @@ def _timm(name: str) -> nn.Module:
         raise EdgePruneError(f"timm cannot create {name!r}: {e}") from None
 
 
-def _factory(spec: str) -> nn.Module:
+def load_callable(spec: str, what: str = "model spec") -> Any:
+    """The callable `pkg.module:function` or `path/to/file.py:function` names."""
     mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise EdgePruneError(f"{what} {spec!r} must look like pkg.module:function or path/to/file.py:function")
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
@@ -109,10 +113,16 @@ def _factory(spec: str) -> nn.Module:
     except EdgePruneError:
         raise
     except Exception as e:
-        raise EdgePruneError(f"cannot import {mod_name!r} for model spec {spec!r}: {type(e).__name__}: {e}") from None
+        raise EdgePruneError(f"cannot import {mod_name!r} for {what} {spec!r}: {type(e).__name__}: "
+                             f"{first_line(e)}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise EdgePruneError(f"{mod_name} has no callable {fn_name!r} (model spec {spec!r})")
+        raise EdgePruneError(f"{mod_name} has no callable {fn_name!r} ({what} {spec!r})")
+    return fn
+
+
+def _factory(spec: str) -> nn.Module:
+    fn = load_callable(spec)
     try:
         model = fn()
     except Exception as e:

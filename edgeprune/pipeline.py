@@ -36,8 +36,16 @@ from edgeprune.versions import versions
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PruneOutcome:
+    report: dict[str, Any]
+    module: Any  # the pruned nn.Module
+    plan: Plan
+    fidelity: Fidelity
+
+
 def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, plan_path: str | None = None,
-              stages: Stages = no_progress, force: bool = False) -> dict[str, Any]:
+              stages: Stages = no_progress, force: bool = False, inputs: Inputs | None = None) -> PruneOutcome:
     """`edgeprune prune`: one plan (uniform ratio or a plan file), pruned, exported, with held-out fidelity.
 
     `out` is checked before any work (see `atomic.OutputDir`: a folder holding anything but a previous edgeprune
@@ -48,11 +56,11 @@ def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, 
         raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
     given = Plan.load(plan_path) if plan_path else None
     with OutputDir(out, force) as outdir, compute_threads(), retained_memory():
-        return _prune_job(config, outdir, ratio, given, plan_path, stages)
+        return _prune_job(config, outdir, ratio, given, plan_path, stages, inputs)
 
 
 def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, given: Plan | None,
-               plan_path: str | None, stages: Stages) -> dict[str, Any]:
+               plan_path: str | None, stages: Stages, inputs: Inputs | None) -> PruneOutcome:
     from edgeprune.export import export
     from edgeprune.report import to_json
 
@@ -60,7 +68,7 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
         config = dataclasses.replace(config, criterion=given.criterion, compensation=given.compensation,
                                      repair=given.repair,
                                      channel_multiple=given.channel_multiple, seed=given.seed)
-    prep = prepare(config, stages, rank_groups=given is None)
+    prep = prepare(config, stages, rank_groups=given is None, inputs=inputs)
     t = prep.timings_s
     if given is not None and given.compensation and given.meta.get("statistics", 1) != STATISTICS_VERSION:
         log.warning("plan %s was made by an edgeprune that sampled calibration statistics differently (version %s, "
@@ -103,7 +111,7 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
                                 f"{fid.samples} held-out samples; its artifacts are in {dest}/ for inspection; try "
                                 f"a lower --ratio, or --no-compensation to tell whether the repair is at fault")
     outdir.commit()
-    return result
+    return PruneOutcome(result, pruned, plan, fid)
 
 
 # ---------------------------------------------------------------- build
@@ -278,7 +286,7 @@ def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, rele
     report["exit_code"] = code
     failed = code != int(ExitCode.OK)
     report["out"] = str(outdir.failed_out if failed else outdir.out)
-    write_release(outdir.tmp, release, session, report)
+    write_release(outdir.tmp, release, session.loaded, session.config.ignore, report)
     dest = outdir.commit(failed=failed)
     if failed:
         message = f"{message}; this build's artifacts are in {dest}/ ({outdir.out} left as it was)"
@@ -286,11 +294,12 @@ def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, rele
                         trace=tuple(result.trace), base=base, fidelity=fid)
 
 
-def write_release(tmp: Path, release: Verified, session: Prepared, report: dict[str, Any]) -> None:
+def write_release(tmp: Path, release: Verified, loaded: Any, ignore: tuple[str, ...], report: dict[str, Any]) -> None:
+    """model.onnx, pruned.pt, plan.json, report.json and report.md of a release into the output's temporary folder."""
     from edgeprune.report import write_report
 
     shutil.copyfile(release.path, tmp / "model.onnx")
-    save_pruned(tmp / "pruned.pt", release.pruned, release.plan, session.loaded, session.config.ignore)
+    save_pruned(tmp / "pruned.pt", release.pruned, release.plan, loaded, ignore)
     release.plan.save(tmp / "plan.json")
     write_report(tmp, report)
 

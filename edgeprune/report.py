@@ -52,7 +52,7 @@ def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
 def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
     b, f = r["base"], r["final"]
     lines = [
-        f"# edgeprune build: {r['model']} on {r['target']['name']}",
+        f"# edgeprune {r.get('command', 'build')}: {r['model']} on {r['target']['name']}",
         "",
         f"**Budget {r['budget']} = {_ms(r['budget_ms'])}: {'met' if r['met'] else 'NOT met'}** "
         f"(exit code {r['exit_code']}). Final latency {_ms(f['latency_ms']['median'])} against "
@@ -76,6 +76,12 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
         a = fid["accuracy"]
         lines.append(f"- accuracy: {_num(a['before'], '.2f', 100)}% -> {_num(a['after'], '.2f', 100)}% "
                      f"({_num(a['drop_pp'], '.2f')} points lost)")
+    if r.get("metric"):
+        m = r["metric"]
+        lines.append(f"- your metric (evaluate): {_num(m['before'], '.4g')} -> {_num(m['after'], '.4g')} "
+                     f"(drop {_num(m['drop'], '.4g')})")
+    if r.get("widths_from"):
+        lines.append(f"- released as given, widths from {r['widths_from']}")
     for k, g in r.get("quality_gates", {}).items():
         lines.append(f"- gate {k}: {_num(g['value'], '.4g')} against {_num(g['limit'], '.4g')}: "
                      f"{'passed' if g['passed'] else 'FAILED'}")

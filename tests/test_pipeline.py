@@ -224,7 +224,7 @@ def test_prune_job_then_load_pruned_equals_in_memory_model(tmp_path: Path, model
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
     assert plan2 == plan
-    result = prune_job(config, tmp_path / "job", ratio=0.5)
+    result = prune_job(config, tmp_path / "job", ratio=0.5).report
     assert torch.equal(states(tmp_path / "job" / "pruned.pt")["head.weight"], pruned.head.weight.detach())
     assert result["widths"] == {"first.0": {"before": 16, "after": 8}, "second.0": {"before": 32, "after": 16}}
 

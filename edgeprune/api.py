@@ -1,0 +1,187 @@
+"""The Python API: the CLI's jobs on live models, data loaders and your own metric.
+
+    import edgeprune
+    result = edgeprune.build(model, calibration=loader, device="cpu", latency="0.5x", evaluate=top1)
+    result.met, result.final.median, result.metric, result.module
+    stats = edgeprune.profile("model.onnx", "rpi5")
+    again = edgeprune.release(finetuned, original=model, plan=result.plan, calibration=loader, latency="0.5x")
+
+`model` is an `nn.Module` (deep-copied: yours is never changed) or a spec string as on the command line;
+`calibration` a recipe name or file, a `DataLoader`, any iterable of batches or (input, label) pairs, a tensor or an
+array (see `batches.py`). Other options are the CLI's flags in Python spelling (`criterion="l1"`,
+`max_accuracy_drop=1.0`, `heldout=0.25` for data in memory); an unknown one is an error naming the known ones.
+Errors are `edgeprune.errors.EdgePruneError` with the CLI's one-line message; a build that misses its budget or a
+gate returns (`result.exit_code` 3 or 4), it does not raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.errors import EdgePruneError
+from edgeprune.results import BuildResult, PruneResult
+from edgeprune.runtimes.stats import LatencyStats
+from edgeprune.session import Inputs
+from edgeprune.targets import Target
+
+_PRUNE_OPTIONS = {f.name for f in dataclasses.fields(PruneConfig)} - {"model", "calibration", "input_shape"}
+_BUILD_OPTIONS = {f.name for f in dataclasses.fields(BuildConfig)} - {"prune", "device", "latency", "evaluate"}
+_DATA_OPTIONS = {"heldout", "batch_size", "count"}  # how calibration data in memory is split (recipe keys)
+
+
+def load_target(spec: str | Path) -> Target:
+    """A device profile: a bundled name (`cpu`, `rpi5`, `jetson-orin-nano`, ...) or a TOML file."""
+    from edgeprune.targets import load_target as load
+
+    return load(spec)
+
+
+def _split_options(options: dict[str, Any], allowed: set[str]) -> tuple[dict, dict, dict]:
+    unknown = set(options) - allowed - _DATA_OPTIONS
+    if unknown:
+        raise EdgePruneError(f"unknown option(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(sorted(allowed | _DATA_OPTIONS))}")
+    prune = {k: v for k, v in options.items() if k in _PRUNE_OPTIONS}
+    data = {k: v for k, v in options.items() if k in _DATA_OPTIONS}
+    rest = {k: v for k, v in options.items() if k not in prune and k not in data}
+    if "ignore" in prune:
+        prune["ignore"] = tuple(prune["ignore"])
+    return prune, data, rest
+
+
+def _inputs(model: nn.Module | str | None, example_input: Any, input_shape: tuple[int, ...] | None,
+            calibration: Any, data_options: dict[str, Any], seed: int) -> tuple[dict[str, Any], Inputs]:
+    """PruneConfig fields and the Inputs for a model and calibration given either way."""
+    from edgeprune.batches import as_arrays
+    from edgeprune.models import from_module
+    from edgeprune.recipe import Recipe
+
+    fields: dict[str, Any] = {"input_shape": tuple(input_shape) if input_shape else None}
+    arrays = None
+    if calibration is None or isinstance(calibration, (str, Path)):
+        if data_options:
+            raise EdgePruneError(f"{', '.join(data_options)} split calibration data given in memory; a recipe file "
+                                 "sets them itself")
+        fields["calibration"] = str(calibration) if calibration is not None else None
+    else:
+        ndim = None if example_input is None and input_shape is None else \
+            len(example_input.shape if example_input is not None else input_shape) - 1
+        arrays = as_arrays(calibration, ndim)
+        fields["calibration"] = "python"
+    recipe = Recipe(kind="arrays", name="python", seed=seed, **data_options) if arrays is not None else None
+    if isinstance(model, nn.Module):
+        shape = input_shape if input_shape or example_input is not None or arrays is None \
+            else (1, *arrays[0].shape[1:])
+        loaded = from_module(model, example_input, shape, seed=seed)
+        fields["model"] = loaded.spec
+        return fields, Inputs(loaded=loaded, recipe=recipe, arrays=arrays)
+    if example_input is not None:
+        raise EdgePruneError("example_input goes with an nn.Module; for a spec string give input_shape=")
+    fields["model"] = model
+    return fields, Inputs(recipe=recipe, arrays=arrays)
+
+
+def _out(out: str | Path | None, kind: str) -> Path:
+    return Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"edgeprune-{kind}-")) / "release"
+
+
+def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tuple[int, ...] | None = None,
+          calibration: Any = None, device: str = "cpu", latency: str = "0.5x",
+          evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None, force: bool = False,
+          on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
+    """Prune `model` until its latency measured on `device` meets `latency` ("10ms", "800us", "0.5x").
+
+    `evaluate(module) -> float` (higher is better) is your metric, run on the unpruned and the pruned torch module
+    (eval mode, CPU); it is in the report and gated by `max_metric_drop=`. Artifacts go to `out` (default: a new
+    temporary folder, `result.out`). Returns a `BuildResult`; `result.exit_code` 3 or 4 when the budget or a gate
+    was missed."""
+    from edgeprune.pipeline import build as run
+
+    prune_opts, data_opts, build_opts = _split_options(options, _PRUNE_OPTIONS | _BUILD_OPTIONS)
+    fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
+    config = BuildConfig(prune=PruneConfig(**fields, **prune_opts), device=device, latency=latency,
+                         evaluate=evaluate, **build_opts)
+    return run_build(config, _out(out, "build"), force=force, on_step=on_step, inputs=inputs, run=run)
+
+
+def run_build(config: BuildConfig, out: str | Path, run: Callable[..., Any], **kw: Any) -> BuildResult:
+    """A `BuildConfig` through the pipeline, as a typed result (the CLI comes in here too)."""
+    outcome = run(config, out, **kw)
+    r, release = outcome.report, outcome.release
+    return BuildResult(met=bool(r["met"]), exit_code=outcome.exit_code, message=outcome.message,
+                       budget_ms=r["budget_ms"], base=outcome.base, final=release.stats, module=release.pruned,
+                       plan=release.plan, onnx_path=Path(outcome.out) / "model.onnx", fidelity=outcome.fidelity,
+                       metric=r.get("metric"), trace=outcome.trace, report=r, out=Path(outcome.out))
+
+
+def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Path | None = None,
+          example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
+          out: str | Path | None = None, force: bool = False, **options: Any) -> PruneResult:
+    """Remove the fraction `ratio` of every channel group (or exactly what `plan` says), with compensation; no
+    latency target. Returns a `PruneResult` (module, plan, fidelity, the exported model.onnx)."""
+    from edgeprune.pipeline import prune_job
+
+    prune_opts, data_opts, _ = _split_options(options, _PRUNE_OPTIONS)
+    fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
+    dest = _out(out, "prune")
+    outcome = prune_job(PruneConfig(**fields, **prune_opts), dest, ratio=ratio,
+                        plan_path=str(plan) if plan is not None else None, force=force, inputs=inputs)
+    return PruneResult(module=outcome.module, plan=outcome.plan, fidelity=outcome.fidelity,
+                       onnx_path=dest / "model.onnx", report=outcome.report, out=dest)
+
+
+def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input: Any = None,
+            input_shape: tuple[int, ...] | None = None, repeats: int | None = None,
+            cache: bool = True) -> LatencyStats:
+    """Latency of an ONNX file, or of a module exported as edgeprune exports candidates, on `device`."""
+    from edgeprune.runtimes import MeasurementCache, measure
+
+    target = load_target(device)
+    store = MeasurementCache.under(None) if cache else None
+    if isinstance(model, nn.Module):
+        from edgeprune.models import from_module
+        from edgeprune.oracle import export_candidate
+
+        loaded = from_module(model, example_input, input_shape)
+        with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
+            path = export_candidate(loaded.module, loaded.example_input, Path(tmp) / "model.onnx", "torchscript")
+            return measure(path, target, cache=store, repeats=repeats)
+    return measure(model, target, cache=store, repeats=repeats)
+
+
+def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
+        input_shape: tuple[int, ...] | None = None, resume: bool = True) -> dict[str, Any]:
+    """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`."""
+    from edgeprune.pipeline import lut_job
+
+    if not isinstance(model, str):
+        raise EdgePruneError("lut() takes a model spec string: the table is keyed by it, and a build reads it back "
+                             "by the same spec")
+    return lut_job(model, device, out, weights, input_shape, resume)
+
+
+def release(model: nn.Module | str | Path, *, original: nn.Module | str | None = None, plan: Any = None,
+            example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
+            device: str = "cpu", latency: str = "0.5x", evaluate: Callable[[nn.Module], float] | None = None,
+            out: str | Path | None = None, force: bool = False, **options: Any) -> BuildResult:
+    """The way back in: a pruned model you changed (fine-tuned) exported, simplified, parity-checked, measured on
+    `device` against `latency`, its fidelity to `original` taken, the gates run, and the same artifacts and report
+    written, without pruning. `model` is a pruned module (with `original=` the unpruned one or its spec, and `plan=`
+    the Plan or plan.json it was pruned by) or a `pruned.pt` (which names both)."""
+    from edgeprune.finetuned import release_job, release_inputs
+
+    _, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "weights"})
+    seed, weights = build_opts.pop("seed", 0), build_opts.pop("weights", None)
+    fields, inputs = _inputs(original if isinstance(model, nn.Module) else None, None, input_shape, calibration,
+                             data_opts, seed)
+    config = BuildConfig(prune=PruneConfig(seed=seed, **fields),
+                         device=device, latency=latency, evaluate=evaluate, **build_opts)
+    pruned = release_inputs(model, original, plan, example_input, inputs, weights, seed)
+    return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)

@@ -1,0 +1,264 @@
+"""The commands that run a job: `build`, `release`, `prune`, `lut`. Each parses its flags into the configs of
+`config.py` and renders the typed result of the job (the Python API's `BuildResult` for build and release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgeprune.cliutil import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
+                               add_repair_arg, emit_json, prune_config)
+
+def add_prune(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
+                       description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
+                                   "following layers in closed form, export, and report fidelity on held-out data.")
+    add_model_args(p)
+    add_calibration_arg(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
+    how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
+    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
+    p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, written as a whole at the end; an existing folder is replaced only if it "
+                        "holds a previous edgeprune output")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return run_prune
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from edgeprune.pipeline import prune_job
+
+    config = prune_config(args)
+    with Progress(enabled=not args.json) as progress:
+        result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
+                           stages=lambda d, total=None: progress.stage(d, total), force=args.force).report
+    if args.json:
+        emit_json(result)
+        return 0
+    f = result["fidelity"]
+    b, p = result["base"], result["pruned"]
+    print(f"pruned {result['model']} ({result['criterion']}, compensation {'on' if result['compensation'] else 'off'}) "
+          f"-> {result['out']}/: model.onnx, pruned.pt, plan.json, report.json")
+    print(f"  MACs {b['macs'] / 1e6:.1f}M -> {p['macs'] / 1e6:.1f}M, params {b['params'] / 1e6:.2f}M -> "
+          f"{p['params'] / 1e6:.2f}M over {len(result['widths'])} groups")
+    line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {100 * f['top1_agreement']:.1f}%, " \
+           f"output relative error {f['output_rel_error']:.3f}"
+    if f["accuracy"]:
+        a = f["accuracy"]
+        line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+    print(line)
+    return 0
+
+
+def add_build(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("build", help="prune to a latency budget measured on the target (the main job)",
+                       description="Search per-group widths until the pruned, compensated, exported model measures "
+                                   "within the latency budget on the target; write model.onnx, pruned.pt, plan.json, "
+                                   "report.json and report.md. Without --model it builds the bundled example on cpu.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 budget unreachable, "
+                              "4 quality gate failed, 5 device unreachable")
+    add_model_args(p)
+    add_calibration_arg(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
+                                                     "(default 0.5x)")
+    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
+    p.add_argument("--channel-multiple", type=int, default=0,
+                   help="round widths to this multiple (default: the target's channel_multiple)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
+    p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
+    p.add_argument("--proxy", choices=("auto", "loss", "fidelity"), default="auto",
+                   help="what decides per-group widths at a given strength: the masked network's output error on "
+                        "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
+                        "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
+                        "loss on random data")
+    p.add_argument("--allocation", choices=("auto", "step", "latency"), default="auto",
+                   help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
+                        "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
+                        "error goes to the groups whose channels cost most), or auto (default): latency with the "
+                        "fidelity proxy and compensation, else step")
+    add_gate_args(p)
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="exporter for every candidate and the result (default torchscript: several times faster)")
+    add_cache_args(p)
+    p.add_argument("--lut", default=None, metavar="lut.json",
+                   help="search on this latency table (made by `edgeprune lut` on the device); only the final model "
+                        "is measured on the target")
+    p.add_argument("--out", default="out", metavar="DIR",
+                   help="output folder, written as a whole at the end (default ./out); an existing folder is replaced "
+                        "only if it holds a previous edgeprune output; a build that exits 3 or 4 writes to DIR.failed "
+                        "and leaves DIR as it was")
+    p.add_argument("--force-lut", action="store_true",
+                   help="use a --lut made for another target, precision or runtime version (with a warning)")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_build
+
+
+def add_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="quality gate: held-out top-1 agreement with the unpruned model, e.g. 0.98 (exit 4 below)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="quality gate: held-out accuracy drop in percentage points (labelled recipes; exit 4 above)")
+    p.add_argument("--evaluate", default=None, metavar="pkg.module:function",
+                   help="your metric: a function (also path/to/file.py:function) taking the torch module (eval mode, "
+                        "CPU) and returning a number, higher is better; run on the unpruned and the pruned model, in "
+                        "the report")
+    p.add_argument("--max-metric-drop", type=float, default=None, metavar="DROP",
+                   help="quality gate: the drop of --evaluate's metric, in its own units (exit 4 above)")
+
+
+def gate_options(args: argparse.Namespace) -> dict:
+    from edgeprune.models import load_callable
+
+    return {"min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
+            "max_metric_drop": args.max_metric_drop,
+            "evaluate": load_callable(args.evaluate, "--evaluate") if args.evaluate else None}
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig
+    from edgeprune.pipeline import build
+
+    config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
+                         tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
+                         allocation=args.allocation, **gate_options(args))
+    with Progress(enabled=not args.json) as progress:
+        def on_step(c) -> None:
+            progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
+
+        result = typed(config, args.out, run=build, stages=lambda d, total=None: progress.stage(d, total),
+                       on_step=None if args.json else on_step, force=args.force)
+    return render_release(result, args.json)
+
+
+def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
+    """The summary of a build or a release (or its report.json with --json), the error line, the exit code."""
+    r = result.report
+    if as_json:
+        from edgeprune.report import to_json
+
+        sys.stdout.write(to_json(r) + "\n")
+    else:
+        f, b = r["final"]["latency_ms"], r["base"]["latency_ms"]
+        fid = r["fidelity"]
+        print(f"{r['model']} on {r['target']['name']}: {f['median']:.3f} ms against a budget of {r['budget_ms']:.3f} ms "
+              f"({r['budget']}): {'met' if r['met'] else 'NOT met'}; unpruned {b['median']:.3f} ms, "
+              f"{r['speedup']:.2f}x faster")
+        line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {100 * fid['top1_agreement']:.1f}%"
+        if fid.get("accuracy"):
+            a = fid["accuracy"]
+            line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+        print(line)
+        if r.get("metric"):
+            m = r["metric"]
+            print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx, "
+              f"pruned.pt, plan.json, report.json, report.md")
+    if result.message:
+        sys.stderr.write(f"edgeprune: error: {result.message}\n")
+    return result.exit_code
+
+
+def add_release(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("release", help="release a pruned (fine-tuned) model: export, parity, measure, gates",
+                       description="The way back in after fine-tuning: take a pruned.pt from build or prune (with "
+                                   "--weights, the fine-tuned state dict), export and simplify it, check ONNX parity, "
+                                   "measure it on the target against --latency, take its held-out fidelity to the "
+                                   "unpruned model, run the gates, and write the artifacts and report a build writes. "
+                                   "Nothing is pruned.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 over budget, "
+                              "4 quality gate failed, 5 device unreachable")
+    p.add_argument("--model", required=True, metavar="pruned.pt", help="the pruned.pt of a build or prune")
+    p.add_argument("--weights", default=None, metavar="state.pt",
+                   help="fine-tuned weights: torch.save(model.state_dict(), PATH) of the module load_pruned gave")
+    p.add_argument("--input-shape", default=None, help="N,C,H,W (must be the shape the model was pruned for)")
+    add_calibration_arg(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 800us, or 0.5x of the unpruned latency")
+    add_gate_args(p)
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    add_cache_args(p)
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder, as for build (default ./out)")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_release
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.finetuned import release_inputs, release_job
+    from edgeprune.models import parse_shape
+    from edgeprune.session import Inputs
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter=args.exporter), device=args.device,
+                         latency=args.latency, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         **gate_options(args))
+    pruned = release_inputs(args.model, None, None, None, Inputs(), args.weights, 0, input_shape=shape)
+    with Progress(enabled=not args.json) as progress:
+        result = typed(config, args.out, run=release_job, pruned=pruned,
+                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+    return render_release(result, args.json)
+
+
+def add_lut(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("lut", help="measure a per-layer latency table on a target, for searches away from it",
+                       description="Measure each layer of a model over a grid of input/output widths on the target "
+                                   "(merging into an existing table, resuming an interrupted run), and calibrate the "
+                                   "model's latency on four measured plans. `build --lut` then searches on the table.")
+    add_model_args(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--out", required=True, metavar="lut.json", help="table file (created or merged into)")
+    p.add_argument("--fresh", action="store_true", help="start a new table instead of resuming/merging")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--report", action="store_true",
+                   help="also plot latency against output width per layer signature (lut.png, needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return run_lut
+
+
+def run_lut(args: argparse.Namespace) -> int:
+    from edgeprune.models import parse_shape
+    from edgeprune.pipeline import lut_job
+
+    with Progress(enabled=not args.json) as progress:
+        summary = lut_job(args.model, args.device, args.out, args.weights,
+                          parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
+                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore))
+    if args.report:
+        from edgeprune.lookup import load_lut
+        from edgeprune.lookupbuild import plot_lut
+
+        summary["plot"] = plot_lut(load_lut(args.out), Path(args.out).with_suffix(".png"))
+    if args.json:
+        emit_json(summary)
+        return 0
+    cal = summary["calibration"]
+    best = summary["best_channel_multiple"]
+    print(f"{summary['table']}: {summary['signatures']} layer signatures for {summary['model']} on {summary['target']} "
+          f"({summary['layers']} layers) in {summary['build_s']:.0f}s; model latency = {cal['offset_ms']:.3f} ms + "
+          f"{cal['scale']:.3f} x layers; unpruned {cal['base_ms']:.3f} ms")
+    print(f"  best channel multiple the table implies: {best['best']} (share of unaligned widths no faster than the "
+          f"next multiple: {', '.join(f'{m}: {v:.2f}' for m, v in best['scores'].items() if v is not None)})")
+    if summary.get("plot"):
+        print(f"  plot: {summary['plot']}")
+    return 0

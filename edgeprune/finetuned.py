@@ -1,0 +1,145 @@
+"""The way back in: release a model that was pruned (and since fine-tuned) without pruning it again.
+
+    pruned = release_inputs("out/pruned.pt", None, None, None, Inputs(), "finetuned_state.pt", seed=0)
+    outcome = release_job(config, "release/", pruned=pruned)     # a pipeline.BuildOutcome, exit codes as build's
+
+Export, simplification, ONNX parity, the measured latency on the target against the budget (a relative one against
+the unpruned model measured in the same run), held-out fidelity to the unpruned model, the user's metric and every
+gate, then the artifacts and report a build writes. The plan records where the widths came from (`meta.widths_from`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeprune.artifacts import load_pruned_with_original, model_size
+from edgeprune.atomic import OutputDir
+from edgeprune.config import BuildConfig, Stages, no_progress
+from edgeprune.data import load_data
+from edgeprune.errors import EdgePruneError, ExitCode
+from edgeprune.fidelity import fidelity
+from edgeprune.gates import metric_report, quality_gates, run_metric
+from edgeprune.models import LoadedModel, load_model, load_weights
+from edgeprune.oracle import Measurer, Verified, export_candidate
+from edgeprune.parallel import compute_threads, retained_memory, timed
+from edgeprune.pipeline import BuildOutcome, write_release
+from edgeprune.plan import Plan
+from edgeprune.recipe import load_recipe
+from edgeprune.session import Inputs
+from edgeprune.versions import versions
+
+
+@dataclass(frozen=True)
+class Pruned:
+    module: nn.Module
+    plan: Plan
+    original: LoadedModel | None  # known when the model came as a pruned.pt
+    source: str  # where the widths came from, for the plan
+
+
+def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inputs: Inputs,
+                   weights: str | None, seed: int, input_shape: tuple[int, ...] | None = None) -> Pruned:
+    """The pruned model and its plan: a module with `plan` (a Plan or plan.json), or a pruned.pt with optional
+    fine-tuned `weights` (a state dict saved with torch.save(model.state_dict(), PATH))."""
+    if isinstance(model, nn.Module):
+        if original is None or plan is None:
+            raise EdgePruneError("releasing a module needs original= (the unpruned nn.Module or its spec) and plan= "
+                                 "(the Plan or plan.json it was pruned by)")
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        return Pruned(copy.deepcopy(model).cpu().eval(), plan, None, f"module {type(model).__qualname__}")
+    module, plan, loaded = load_pruned_with_original(Path(model), input_shape)
+    if weights is not None:
+        load_weights(module, weights)
+    return Pruned(module.eval(), plan, loaded, f"{model}" + (f" with weights {weights}" if weights else ""))
+
+
+def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progress, force: bool = False,
+                inputs: Inputs | None = None, pruned: Pruned | None = None,
+                on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
+    from edgeprune.runtimes import runtime_for
+    from edgeprune.targets import load_target
+
+    assert pruned is not None
+    inputs = inputs or Inputs()
+    with compute_threads(), retained_memory():
+        target = load_target(config.device)
+        runtime_for(target)
+        original = inputs.loaded or pruned.original or load_model(config.prune.model, config.prune.weights,
+                                                                  config.prune.input_shape, config.prune.seed)
+        spec = config.prune.calibration or pruned.plan.meta.get("calibration") or config.prune.recipe_spec()
+        recipe = inputs.recipe or load_recipe(spec)
+        data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
+        with OutputDir(out, force) as outdir:
+            return _release_into(config, outdir, stages, target, original, data, pruned)
+
+
+def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Any, original: LoadedModel,
+                  data: Any, pruned: Pruned) -> BuildOutcome:
+    from edgeprune.export import parity
+    from edgeprune.runtimes import MeasurementCache
+
+    t: dict[str, float] = {}
+    example = original.example_input
+    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages, t)
+    plan = dataclasses.replace(pruned.plan, target=target.name,
+                               meta={**pruned.plan.meta, "widths_from": pruned.source, "budget": config.budget.text})
+    with tempfile.TemporaryDirectory(prefix="edgeprune-release-") as work:
+        base_path, path = Path(work) / "base.onnx", Path(work) / "final.onnx"
+        with timed(t, "export"):
+            export_candidate(original.module, example, base_path, config.prune.exporter)
+            export_candidate(pruned.module, example, path, config.prune.exporter)
+        base = measurer(base_path, "measuring unpruned model", cached=not config.budget.relative)
+        final = measurer(path, "measuring the released model", cached=False,
+                         repeats=target.measure.final_repeats, stage="verify")
+        budget_ms = config.budget.ms(base.median)
+        with timed(t, "fidelity"):
+            fid = fidelity(original.module, pruned.module, data)
+            par = parity(pruned.module, example, path)
+        metric = metric_report(run_metric(config, original.module, "the unpruned model"),
+                               run_metric(config, pruned.module, "the released model"))
+        gates = quality_gates(fid, config, par, metric)
+        met = final.median <= budget_ms
+        report = {
+            "edgeprune": versions()["edgeprune"], "command": "release", "model": original.spec,
+            "weights": original.weights, "input_shape": list(original.input_shape),
+            "calibration": data.recipe.name or data.recipe.kind, "widths_from": pruned.source,
+            "target": {"name": target.name, "profile": target.to_dict()},
+            "budget": config.budget.text, "budget_ms": budget_ms, "met": met,
+            "base": {"latency_ms": base.summary(), "latency_source": base.source,
+                     **model_size(original.module, example)},
+            "final": {"latency_ms": final.summary(), "latency_source": final.source,
+                      **model_size(pruned.module, example)},
+            "speedup": base.median / final.median,
+            "widths": {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
+            "fidelity": fid.to_dict(), "quality_gates": gates, "parity": par.to_dict(), "metric": metric,
+            "device_measurements": measurer.device_runs,
+            "search": {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
+                       "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
+                       "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []},
+            "timings_s": t, "versions": versions(target.runtime),
+        }
+        code, message = int(ExitCode.OK), None
+        if not met:
+            code, message = int(ExitCode.BUDGET_UNREACHABLE), (
+                f"the released model measures {final.median:.3f} ms on {target.name}, over the budget of "
+                f"{budget_ms:.3f} ms ({config.budget.text}); prune it further (edgeprune build) or raise the budget")
+        elif not all(g["passed"] for g in gates.values()):
+            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" for k, v in gates.items() if not v["passed"]]
+            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {'; '.join(failed)}"
+        report["exit_code"] = code
+        report["out"] = str(outdir.failed_out if code else outdir.out)
+        release = Verified(None, final, pruned.module, plan, path)
+        write_release(outdir.tmp, release, original, config.prune.ignore, report)
+    dest = outdir.commit(failed=bool(code))
+    if code:
+        message = f"{message}; the artifacts are in {dest}/ ({outdir.out} left as it was)"
+    return BuildOutcome(report=report, exit_code=code, message=message, out=str(dest), release=release, trace=(),
+                        base=base, fidelity=fid)

@@ -1,0 +1,83 @@
+"""Typed results of the Python API: what a build, a prune or a release returns, with the artifacts it wrote.
+
+    result = edgeprune.build(model, calibration=loader, latency="0.5x")
+    result.met, result.final.median, result.fidelity.top1_agreement, result.module, result.plan
+    result.save("release/")          # model.onnx, pruned.pt, plan.json, report.json, report.md: as the CLI writes
+    print(result.to_json())          # report.json
+
+The report dict is the serialised form (the CLI prints it with --json); the typed fields are views of the same run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgeprune.atomic import OutputDir
+from edgeprune.fidelity import Fidelity
+from edgeprune.plan import Plan
+from edgeprune.runtimes.stats import LatencyStats
+
+ARTIFACTS = ("model.onnx", "pruned.pt", "plan.json", "report.json", "report.md")
+
+
+def _save(src: Path, dest: str | Path, force: bool) -> Path:
+    """Copy the artifacts of `src` into `dest`, written as a whole (`atomic.OutputDir` rules)."""
+    with OutputDir(dest, force) as out:
+        for name in ARTIFACTS:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out.tmp / name)
+        return out.commit()
+
+
+def _to_json(report: dict[str, Any]) -> str:
+    from edgeprune.report import to_json
+
+    return to_json(report)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A build: `met` and `exit_code` say whether it is releasable (0), missed its budget (3) or a gate (4);
+    `message` is the CLI's error line for 3 and 4."""
+
+    met: bool
+    exit_code: int
+    message: str | None
+    budget_ms: float
+    base: LatencyStats  # the unpruned model on the target
+    final: LatencyStats  # the released model on the target, verified
+    module: nn.Module = field(repr=False)  # the pruned model, eval mode
+    plan: Plan = field(repr=False)
+    onnx_path: Path  # the released model.onnx
+    fidelity: Fidelity
+    metric: dict[str, float] | None  # the user's evaluate: before, after, drop
+    trace: tuple[Any, ...] = field(repr=False)  # search.Candidate, in order
+    report: dict[str, Any] = field(repr=False)
+    out: Path  # where the artifacts are (OUT, or OUT.failed for exit codes 3 and 4)
+
+    def to_json(self) -> str:
+        return _to_json(self.report)
+
+    def save(self, dest: str | Path, force: bool = False) -> Path:
+        return _save(self.out, dest, force)
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    module: nn.Module = field(repr=False)
+    plan: Plan = field(repr=False)
+    fidelity: Fidelity
+    onnx_path: Path
+    report: dict[str, Any] = field(repr=False)
+    out: Path
+
+    def to_json(self) -> str:
+        return _to_json(self.report)
+
+    def save(self, dest: str | Path, force: bool = False) -> Path:
+        return _save(self.out, dest, force)
