@@ -74,6 +74,24 @@ def test_build_example_meets_budget_and_keeps_accuracy(cap_build: tuple[int, dic
     assert all(w["after"] <= w["before"] for w in r["widths"].values())
 
 
+def test_build_model_onnx_passes_the_parity_check_of_prune(cap_build: tuple[int, dict, str],
+                                                           env: dict[str, Path]) -> None:
+    """The released model.onnx computes what pruned.pt does: the gate, as `prune` checks it (rel < 1e-4 on the example
+    input), and ONNX Runtime against torch on held-out digits."""
+    from edgeprune.data import load_data
+    from edgeprune.recipe import load_recipe
+
+    _, r, _ = cap_build
+    assert r["parity"]["rel_error"] < 1e-4 and r["quality_gates"]["onnx_parity"]["passed"]
+    module, _ = load_pruned(env["root"] / "cap" / "pruned.pt")
+    x = load_data(load_recipe("digits"), (1, 1, 32, 32)).heldout_x[:1]
+    sess = ort.InferenceSession(str(env["root"] / "cap" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_build_artifacts_are_consistent(cap_build: tuple[int, dict, str], env: dict[str, Path]) -> None:
     out = env["root"] / "cap"
     assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == \

@@ -1,0 +1,186 @@
+"""The Python API on a model class of this file, data in a DataLoader and a metric of our own: the same plan as the
+command line on the same data saved as an .npy recipe; release of a fine-tuned pruned model; typed results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import edgeprune
+from edgeprune.cli import main
+from edgeprune.errors import EdgePruneError
+
+TARGET = """name = "cpu-test"
+runtime = "onnxruntime"
+precision = "fp32"
+channel_multiple = 8
+threads = 1
+[measure]
+warmup = 2
+iterations = 5
+repeats = 2
+final_repeats = 2
+"""
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(32, 48, 3, stride=2, padding=1), nn.BatchNorm2d(48), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(48, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+def make_net() -> SmallCNN:
+    torch.manual_seed(0)
+    net = SmallCNN()
+    for m in net.modules():  # statistics that make the batch norms do something
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def dataset() -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random images (correlated pixels, as in real data) and the unpruned net's own top-1 as labels."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(480, 1, 16, 16)).astype(np.float32)
+    x = (x + np.roll(x, 1, 2) + np.roll(x, 1, 3) + np.roll(x, (1, 1), (2, 3))) / 2
+    with torch.no_grad():
+        y = make_net()(torch.from_numpy(x)).argmax(1).numpy().astype(np.int64)
+    return x, y
+
+
+X, Y = dataset()
+
+
+def top1(module: nn.Module) -> float:
+    """Our own metric: top-1 on the last 120 samples."""
+    with torch.no_grad():
+        return float((module(torch.from_numpy(X[-120:])).argmax(1).numpy() == Y[-120:]).mean())
+
+
+def fake_latency(path, target, cache=None, repeats=None, progress=None, calibration=None):  # noqa: ANN001, ANN201
+    """A deterministic latency: proportional to the weights in the ONNX file. The API's equivalence with the CLI is
+    what these tests check, and on this machine two measurements of one model rarely agree to the digit."""
+    from edgeprune.runtimes.stats import stats_from_repeats
+
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    return stats_from_repeats([[weights * 1e-5]] * (repeats or 2), target=target.name, runtime=target.runtime,
+                              runtime_version="fake", precision=target.precision, source="measured")
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    import edgeprune.runtimes as rt
+
+    monkeypatch.setattr(rt, "measure", fake_latency)
+    (tmp_path / "cpu-test.toml").write_text(TARGET)
+    return {"root": tmp_path, "target": tmp_path / "cpu-test.toml"}
+
+
+def test_api_build_from_a_dataloader_gives_the_cli_plan_on_the_same_npy_data(env: dict[str, Path],
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)), batch_size=40, shuffle=False)
+    result = edgeprune.build(net, calibration=loader, device=str(env["target"]), latency="0.5x", evaluate=top1,
+                             out=env["root"] / "api")
+    assert result.met and result.exit_code == 0 and result.final.median <= result.budget_ms
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the caller's module is untouched
+    assert result.metric == {"before": top1(make_net()), "after": top1(result.module),
+                             "drop": top1(make_net()) - top1(result.module)}
+    assert json.loads(result.to_json())["metric"] == result.metric
+    assert result.report["quality_gates"]["onnx_parity"]["passed"]
+
+    np.save(env["root"] / "x.npy", X)
+    np.save(env["root"] / "y.npy", Y)
+    (env["root"] / "recipe.toml").write_text('kind = "npy"\npath = "x.npy"\nlabels = "y.npy"\n')
+    code = main(["build", "--model", f"{__file__}:make_net", "--input-shape", "1,1,16,16", "--calibration",
+                 str(env["root"] / "recipe.toml"), "--device", str(env["target"]), "--latency", "0.5x",
+                 "--out", str(env["root"] / "cli"), "--json"])
+    assert code == 0, capsys.readouterr().err
+    api_plan = json.loads((env["root"] / "api" / "plan.json").read_text())
+    cli_plan = json.loads((env["root"] / "cli" / "plan.json").read_text())
+    # the same plan, but for the names of the model and the data, which say where each came from
+    assert api_plan["meta"].pop("calibration") == "python"
+    assert cli_plan["meta"].pop("calibration") == str(env["root"] / "recipe.toml")
+    assert api_plan.pop("model").startswith("python:") and cli_plan.pop("model").endswith(":make_net")
+    assert api_plan == cli_plan
+    assert any(len(k) < api_plan["channels"][g] for g, k in api_plan["kept"].items())  # it did prune
+
+    saved = result.save(env["root"] / "copy")
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in result.out.iterdir())
+
+
+def test_api_calibration_forms_split_alike_and_bad_forms_say_what_to_give() -> None:
+    from edgeprune.batches import as_arrays
+
+    x, y = as_arrays(DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)), batch_size=64))
+    assert np.array_equal(x, X) and np.array_equal(y, Y)
+    x2, y2 = as_arrays([torch.from_numpy(s) for s in X[:10]], sample_ndim=3)  # one sample at a time, no labels
+    assert np.array_equal(x2, X[:10]) and y2 is None
+    x3, y3 = as_arrays((X, Y))
+    assert np.array_equal(x3, X) and np.array_equal(y3, Y)
+    with pytest.raises(EdgePruneError, match="floats already normalised"):
+        as_arrays(np.zeros((8, 1, 4, 4), dtype=np.uint8))
+    with pytest.raises(EdgePruneError, match="different sample shapes"):
+        as_arrays([torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 5, 5)])
+    with pytest.raises(EdgePruneError, match="unknown option"):
+        edgeprune.build(make_net(), calibration=X, frobnicate=1)
+
+
+def test_release_of_a_finetuned_pruned_model_reports_its_own_fidelity_and_gates(env: dict[str, Path],
+                                                                                capsys: pytest.CaptureFixture) -> None:
+    from edgeprune.artifacts import load_pruned
+    from edgeprune.data import load_data
+    from edgeprune.fidelity import fidelity
+    from edgeprune.models import load_model
+    from edgeprune.recipe import load_recipe
+
+    root = env["root"]
+    assert main(["prune", "--ratio", "0.5", "--out", str(root / "p"), "--json"]) == 0
+    capsys.readouterr()
+    module, plan = load_pruned(root / "p" / "pruned.pt")
+    data = load_data(load_recipe("digits"), (1, 1, 32, 32))
+    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    module.train()
+    for i in range(5):  # a few steps of fine-tuning on the calibration part
+        xb, yb = torch.from_numpy(data.calib_x[i * 32:(i + 1) * 32]), torch.from_numpy(data.calib_y[i * 32:(i + 1) * 32])
+        opt.zero_grad()
+        nn.functional.cross_entropy(module(xb), yb).backward()
+        opt.step()
+    module.eval()
+    torch.save(module.state_dict(), root / "ft.pt")
+
+    code = main(["release", "--model", str(root / "p" / "pruned.pt"), "--weights", str(root / "ft.pt"),
+                 "--device", str(env["target"]), "--latency", "0.9x", "--min-agreement", "0.5", "--out",
+                 str(root / "r"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    r = json.loads(out.out)
+    expect = fidelity(load_model("example").module, module, data)
+    assert r["fidelity"]["output_rel_error"] == pytest.approx(expect.output_rel_error, rel=1e-5)
+    pruned_report = json.loads((root / "p" / "report.json").read_text())
+    assert r["fidelity"]["output_rel_error"] != pytest.approx(pruned_report["fidelity"]["output_rel_error"])
+    assert r["final"]["latency_source"] == "measured" and r["met"] and r["command"] == "release"
+    assert set(r["quality_gates"]) == {"finite_outputs", "onnx_parity", "top1_agreement"}
+    assert all(g["passed"] for g in r["quality_gates"].values())
+    assert "ft.pt" in json.loads((root / "r" / "plan.json").read_text())["meta"]["widths_from"]
+
+    code = main(["release", "--model", str(root / "p" / "pruned.pt"), "--input-shape", "1,3,32,32",
+                 "--device", str(env["target"]), "--out", str(root / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("edgeprune: error:") and "input shape" in err and "Traceback" not in err
+    assert not (root / "bad").exists()
