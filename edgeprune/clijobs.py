@@ -80,6 +80,10 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
     p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
+    p.add_argument("--noise-margin", type=float, default=2.0, metavar="K",
+                   help="a candidate counts as within budget when latency x (1 + K x its relative standard error) "
+                        "<= budget (default 2; lower on a quiet device: releases land nearer the budget, the "
+                        "verification catches a miss)")
     p.add_argument("--proxy", choices=("auto", "loss", "fidelity"), default="auto",
                    help="what decides per-group widths at a given strength: the masked network's output error on "
                         "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
@@ -139,7 +143,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
                          tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
                          use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
-                         allocation=args.allocation, **gate_options(args))
+                         allocation=args.allocation, margin_k=args.noise_margin, **gate_options(args))
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")

@@ -88,7 +88,8 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
 
     t: dict[str, float] = {}
     example = original.example_input
-    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages, t)
+    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages, t,
+                        calibration=data.calib_x)
     plan = dataclasses.replace(pruned.plan, target=target.name,
                                meta={**pruned.plan.meta, "widths_from": pruned.source, "budget": config.budget.text})
     with tempfile.TemporaryDirectory(prefix="edgeprune-release-") as work:

@@ -37,9 +37,12 @@ def run_metric(config: BuildConfig, module: nn.Module, what: str) -> float | Non
     if config.evaluate is None:
         return None
     name = getattr(config.evaluate, "__qualname__", repr(config.evaluate))
+    import torch
+
     module.eval()
     try:
-        value = config.evaluate(module)
+        with torch.no_grad():
+            value = config.evaluate(module)
     except EdgePruneError:
         raise
     except Exception as e:  # the user's code: any failure is theirs to see in one line

@@ -97,12 +97,14 @@ def verify_release(result: Any, budget_ms: float, verify_one: Callable[[Any], Ve
 class Measurer:
     """`runtimes.measure` on one target for one job: its cache, its progress lines, its timings, and a count of the
     figures that were real device measurements (not served from the cache). `measure_fn` replaces the runtimes'
-    function (tests: figures they control)."""
+    function (tests: figures they control). `calibration` (the recipe's calibration samples) reaches an INT8
+    target's calibrator (TensorRT), so that its engines are calibrated on the user's data, not random inputs."""
 
     def __init__(self, target: Any, cache: Any, stages: Stages, timings: dict[str, float],
-                 measure_fn: Callable[..., LatencyStats] | None = None) -> None:
+                 measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None) -> None:
         self.target, self.cache, self.stages, self.timings = target, cache, stages, timings
         self.measure_fn = measure_fn
+        self.extra = {"calibration": calibration} if calibration is not None and target.precision == "int8" else {}
         self.device_runs = 0
 
     def __call__(self, path: Path, what: str, cached: bool = True, repeats: int | None = None,
@@ -112,7 +114,7 @@ class Measurer:
         fn = self.measure_fn or runtimes.measure
         with timed(self.timings, stage):
             stats = fn(path, self.target, cache=self.cache if cached else None, repeats=repeats,
-                       progress=self.stages(f"{what} on {self.target.name}", None))
+                       progress=self.stages(f"{what} on {self.target.name}", None), **self.extra)
         self.device_runs += stats.source == "measured"
         return stats
 

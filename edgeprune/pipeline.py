@@ -166,7 +166,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
     check_gates_apply(config, session)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")
     measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages,
-                        session.timings_s, measure_fn)
+                        session.timings_s, measure_fn, calibration=session.data.calib_x)
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
         oracle: LatencyOracle = TableOracle(session, table, target, config.lut or "") if table is not None \
@@ -224,7 +224,7 @@ def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, in
         full = {g.name: g.channels for g in session.graph.groups}
         known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
         return search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step,
-                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of)
+                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of, margin_k=config.margin_k)
 
 
 def check_table(config: BuildConfig, oracle: TableOracle, inner: InnerLevel, verify: Verification, result: Any,
@@ -261,7 +261,8 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
     known.update({d: Probe(v.median, "verified", v.spread) for d, v in verified.items()})
     with timed(session.timings_s, "search"):
         more = search(inner.widths_for, oracle, budget_ms, config.tolerance, len(known) + config.max_steps - used,
-                      on_step=None, known=known, remeasure=oracle.remeasure, error_of=inner.error_of)
+                      on_step=None, known=known, remeasure=oracle.remeasure, error_of=inner.error_of,
+                      margin_k=config.margin_k)
     seen = {c.widths_digest for c in res.trace}
     new = [c for c in more.trace if c.widths_digest not in seen]
     trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]

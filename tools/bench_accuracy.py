@@ -17,7 +17,7 @@ as `--seed S` and as the recipe's seed (a recipe copy per seed): for these train
 nothing, the recipe seed changes the calibration / held-out split.
 
     python tools/bench_accuracy.py [--models example,fashion] [--budgets 0.5x,0.3x,0.2x] [--seeds 0,1,2]
-                                   [--out bench/accuracy.json] [--repo PATH] [--skip-l1]
+                                   [--out bench/accuracy.json] [--repo PATH] [--skip-l1] [--cap-flags FLAGS]
 
 `--repo` runs another edgeprune checkout (e.g. an older commit in a `git worktree`): every build, export and data
 load runs `python -m edgeprune` / `import edgeprune` with PYTHONPATH set to it; the models, recipes, latency and
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -312,6 +313,8 @@ def main() -> None:
     ap.add_argument("--repo", default=str(HERE.parent),
                     help="edgeprune checkout to run (default: this one), e.g. a `git worktree` of an older commit")
     ap.add_argument("--skip-l1", action="store_true", help="build only the defaults (CaP + compensation)")
+    ap.add_argument("--cap-flags", default="", metavar="FLAGS",
+                    help="extra build flags for the CaP variant, e.g. '--allocation step' (an A/B of one option)")
     ap.add_argument("--passes", type=int, default=5,
                     help="interleaved latency passes over the released models (default 5)")
     ap.add_argument("--keep", default=None, metavar="DIR", help="keep build outputs and logs here (default: a "
@@ -323,6 +326,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     variants = ["cap"] + ([] if args.skip_l1 else ["l1"])
+    VARIANTS["cap"] = shlex.split(args.cap_flags)
     repo = Path(args.repo).resolve()
     if not (repo / "edgeprune" / "__init__.py").is_file():
         ap.error(f"--repo {repo} is not an edgeprune checkout (no edgeprune/__init__.py)")
