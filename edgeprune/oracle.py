@@ -104,8 +104,14 @@ class Measurer:
                  measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None) -> None:
         self.target, self.cache, self.stages, self.timings = target, cache, stages, timings
         self.measure_fn = measure_fn
-        self.extra = {"calibration": calibration} if calibration is not None and target.precision == "int8" else {}
         self.device_runs = 0
+        self.start(timings, calibration)
+
+    def start(self, timings: dict[str, float], calibration: Any = None) -> None:
+        """Time into `timings` from now on, and pass `calibration` (when the target is INT8)."""
+        self.timings = timings
+        self.extra = {"calibration": calibration} if calibration is not None and self.target.precision == "int8" \
+            else {}
 
     def __call__(self, path: Path, what: str, cached: bool = True, repeats: int | None = None,
                  stage: str = "measure") -> LatencyStats:

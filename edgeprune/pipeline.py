@@ -131,12 +131,13 @@ class BuildOutcome:
 
 def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
           on_step: Callable[[Any], None] | None = None, force: bool = False, inputs: Inputs | None = None,
-          measure_fn: Callable[..., Any] | None = None) -> BuildOutcome:
+          measure_fn: Callable[..., Any] | None = None, measurer: type[Measurer] = Measurer) -> BuildOutcome:
     """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget.
 
     A build that misses its budget (exit 3) or a quality gate (exit 4) writes its artifacts to `OUT.failed/` and
     leaves `out` as it was: the last good release is never replaced by a failed one (`atomic.OutputDir`). `inputs`
-    (the Python API) hands over a live model and calibration samples; `measure_fn` replaces `runtimes.measure`."""
+    (the Python API) hands over a live model and calibration samples; `measure_fn` replaces `runtimes.measure`, and
+    `measurer` the class that measures for the job (tests: a subclass whose figures for one stage they control)."""
     from edgeprune.runtimes import runtime_for
     from edgeprune.targets import load_target
 
@@ -150,23 +151,27 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
             table = load_lut(config.lut)
             check_table_for(table, target, force=config.force_lut, path=config.lut)
         with OutputDir(out, force) as outdir:
-            return _build_into(config, outdir, stages, on_step, target, table, inputs, measure_fn)
+            return _build_into(config, outdir, stages, on_step, target, table, inputs,
+                               measurer(target, _cache(config), stages, {}, measure_fn))
+
+
+def _cache(config: BuildConfig) -> Any:
+    from edgeprune.runtimes import MeasurementCache
+
+    return MeasurementCache.under(config.cache_dir) if config.use_cache else None
 
 
 def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step: Callable[[Any], None] | None,
-                target: Any, table: Any, inputs: Inputs | None, measure_fn: Callable[..., Any] | None) -> BuildOutcome:
+                target: Any, table: Any, inputs: Inputs | None, measurer: Measurer) -> BuildOutcome:
     """The stages: prepare, baseline, inner level, search (and the table's device check), verification, release."""
     import tempfile
-
-    from edgeprune.runtimes import MeasurementCache
 
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
     session = prepare(pc, stages, inputs=inputs)
     check_gates_apply(config, session)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")
-    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages,
-                        session.timings_s, measure_fn, calibration=session.data.calib_x)
+    measurer.start(session.timings_s, calibration=session.data.calib_x)
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
         oracle: LatencyOracle = TableOracle(session, table, target, config.lut or "") if table is not None \

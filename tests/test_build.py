@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from edgeprune.cli import main
 from edgeprune.artifacts import load_pruned
+from edgeprune.oracle import Measurer
 
 FAST_CPU = """name = "cpu-test"
 description = "cpu with fewer timed runs: tests check behaviour, benchmarks check speed"
@@ -138,59 +140,65 @@ def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.Ca
     assert "unreachable" in line and f"{r['final']['latency_ms']['median']:.3f} ms" in line
 
 
-def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path], capsys: pytest.CaptureFixture,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def build_with(env: dict[str, Path], name: str, measurer: type, **config: object):  # -> BuildOutcome
+    """pipeline.build on the example with the given Measurer class (figures a test controls for one stage)."""
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.pipeline import build as run
+
+    prune = PruneConfig(criterion="l1", compensation=False, channel_multiple=0, exporter="torchscript")
+    return run(BuildConfig(prune=prune, device=str(env["target"]), cache_dir=str(env["cache"]), **config),
+               env["root"] / name, measurer=measurer)
+
+
+class VerifyTenfold(Measurer):
+    """The verification's figures (real measurements) raised tenfold: every candidate misses on verification."""
+
+    def __call__(self, path, what, cached=True, repeats=None, stage="measure"):  # noqa: ANN001, ANN204
+        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage)
+        return dataclasses.replace(stats, median=stats.median * 10) if stage == "verify" else stats
+
+
+def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path]) -> None:
     """When the search found models under budget but the final verification measures them over it (noise), the exit
-    is 3 and the message says so instead of calling the budget unreachable. The verification figures are the real
-    measurements raised tenfold, so that the faster fallback candidates miss as well."""
-    import dataclasses
-
-    import edgeprune.runtimes as rt
-
-    real = rt.measure
-
-    def noisy(path, target, cache=None, repeats=None, progress=None):  # noqa: ANN001, ANN202
-        stats = real(path, target, cache=None, repeats=repeats, progress=progress)
-        # the build verifies the released model as final.onnx: only those figures are raised
-        return dataclasses.replace(stats, median=stats.median * 10) if Path(path).name == "final.onnx" else stats
-
-    monkeypatch.setattr(rt, "measure", noisy)
-    code, r, err = build(env, capsys, "noisy", "--latency", "0.6x", "--criterion", "l1", "--no-compensation")
-    assert code == 3 and r["met"] is False
-    line = [ln for ln in err.splitlines() if ln.startswith("edgeprune: error:")][0]
-    assert "not met on verification" in line and "unreachable" not in line and "--tolerance" in line
+    is 3 and the message says so instead of calling the budget unreachable."""
+    outcome = build_with(env, "noisy", VerifyTenfold, latency="0.6x")
+    assert outcome.exit_code == 3 and outcome.report["met"] is False
+    assert "not met on verification" in outcome.message and "unreachable" not in outcome.message
+    assert "--tolerance" in outcome.message
 
 
-def test_build_verification_miss_is_measured_again_before_falling_back(env: dict[str, Path],
-                                                                       capsys: pytest.CaptureFixture,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+class VerifyTenfoldOnce(Measurer):
+    """The first verification figure raised tenfold, the others real: records what each verification asked for."""
+
+    def __call__(self, path, what, cached=True, repeats=None, stage="measure"):  # noqa: ANN001, ANN204
+        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage)
+        if stage != "verify":
+            return stats
+        self.calls = getattr(self, "calls", []) + [(repeats, stats.median)]
+        return dataclasses.replace(stats, median=stats.median * 10) if len(self.calls) == 1 else stats
+
+
+def test_build_verification_miss_is_measured_again_before_falling_back(env: dict[str, Path]) -> None:
     """One verification over budget (the first one, raised tenfold) is followed by a second one over twice the
     sessions, which decides: the model the search chose ships, not a more pruned fallback."""
-    import dataclasses
-
-    import edgeprune.runtimes as rt
     from edgeprune.allocate import widths_digest
 
-    real = rt.measure
-    calls: list[int | None] = []
-    seen: list[float] = []
+    seen: list[VerifyTenfoldOnce] = []
 
-    def noisy_once(path, target, cache=None, repeats=None, progress=None):  # noqa: ANN001, ANN202
-        stats = real(path, target, cache=None, repeats=repeats, progress=progress)
-        if Path(path).name != "final.onnx":
-            return stats
-        calls.append(repeats)
-        seen.append(stats.median)
-        return dataclasses.replace(stats, median=stats.median * 10) if len(calls) == 1 else stats
+    class Recording(VerifyTenfoldOnce):
+        def __init__(self, *a, **kw) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*a, **kw)
+            seen.append(self)
 
-    monkeypatch.setattr(rt, "measure", noisy_once)
-    code, r, _ = build(env, capsys, "noisy-once", "--latency", "0.6x", "--criterion", "l1", "--no-compensation")
-    assert code == 0 and r["met"] is True
-    assert calls[:2] == [3, 6]  # final_repeats, then twice as many sessions
+    outcome = build_with(env, "noisy-once", Recording, latency="0.6x")
+    r = outcome.report
+    assert outcome.exit_code == 0 and r["met"] is True
+    calls = seen[0].calls
+    assert [c[0] for c in calls[:2]] == [3, 6]  # final_repeats, then twice as many sessions
     best = min((c for c in r["search"]["trace"] if c["latency_ms"] <= r["budget_ms"]), key=lambda c: c["strength"])
     shipped = widths_digest({g: w["after"] for g, w in r["widths"].items()})
     # the second verification is a real measurement of a ~0.5 ms model: it decides, whichever way it goes
-    assert (shipped == best["widths_digest"]) == (seen[1] <= r["budget_ms"])
+    assert (shipped == best["widths_digest"]) == (calls[1][1] <= r["budget_ms"])
 
 
 def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
