@@ -80,7 +80,13 @@ def _torchvision(name: str) -> nn.Module:
         close = difflib.get_close_matches(name, names, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise EdgePruneError(f"torchvision has no model {name!r}{hint}")
-    return torchvision.models.get_model(name, weights=None)
+    import inspect
+
+    # segmentation and detection builders fetch an ImageNet backbone by default (weights_backbone): nothing is ever
+    # downloaded unless --weights asks for it
+    params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
+    extra = {"weights_backbone": None} if "weights_backbone" in params else {}
+    return torchvision.models.get_model(name, weights=None, **extra)
 
 
 def _timm(name: str) -> nn.Module:

@@ -62,3 +62,18 @@ def test_parse_shape() -> None:
     assert parse_shape("1,3,224,224") == (1, 3, 224, 224) == parse_shape("1x3x224x224")
     with pytest.raises(EdgePruneError):
         parse_shape("1,-3")
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "ssdlite320_mobilenet_v3_large"])
+def test_torchvision_specs_never_download_a_backbone(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's segmentation and detection builders fetch ImageNet backbone weights by default
+    (`weights_backbone`); a spec must build offline unless --weights asks for weights."""
+    import torch.hub
+
+    from edgeprune.models import _torchvision
+
+    def no_network(*a: object, **kw: object) -> None:
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    assert isinstance(_torchvision(name), torch.nn.Module)
