@@ -69,6 +69,7 @@ def test_torchvision_specs_never_download_a_backbone(name: str, monkeypatch: pyt
     """torchvision's segmentation and detection builders fetch ImageNet backbone weights by default
     (`weights_backbone`); a spec must build offline unless --weights asks for weights."""
     import torch.hub
+    import torchvision.models._api as tv_api
 
     from edgeprune.models import _torchvision
 
@@ -76,4 +77,5 @@ def test_torchvision_specs_never_download_a_backbone(name: str, monkeypatch: pyt
         raise AssertionError("tried to download weights")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_network)  # torchvision's own reference to it
     assert isinstance(_torchvision(name), torch.nn.Module)
