@@ -51,7 +51,8 @@ def run_prune(args: argparse.Namespace) -> int:
           f"-> {result['out']}/: model.onnx, pruned.pt, plan.json, report.json")
     print(f"  MACs {b['macs'] / 1e6:.1f}M -> {p['macs'] / 1e6:.1f}M, params {b['params'] / 1e6:.2f}M -> "
           f"{p['params'] / 1e6:.2f}M over {len(result['widths'])} groups")
-    line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {100 * f['top1_agreement']:.1f}%, " \
+    agree = f"{100 * f['top1_agreement']:.1f}%" if f["top1_agreement"] is not None else "n/a (no class logits)"
+    line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {agree}, " \
            f"output relative error {f['output_rel_error']:.3f}"
     if f["accuracy"]:
         a = f["accuracy"]
@@ -166,7 +167,9 @@ def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
         print(f"{r['model']} on {r['target']['name']}: {f['median']:.3f} ms against a budget of {r['budget_ms']:.3f} ms "
               f"({r['budget']}): {'met' if r['met'] else 'NOT met'}; unpruned {b['median']:.3f} ms, "
               f"{r['speedup']:.2f}x faster")
-        line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {100 * fid['top1_agreement']:.1f}%"
+        agree = "n/a (no class logits)" if fid["top1_agreement"] is None else f"{100 * fid['top1_agreement']:.1f}%"
+        line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {agree}, output error " \
+               f"{fid['output_rel_error']:.3f}"
         if fid.get("accuracy"):
             a = fid["accuracy"]
             line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"

@@ -15,7 +15,7 @@ import io
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,13 @@ DEFAULT_OPSET = 18
 
 @dataclass(frozen=True)
 class Parity:
-    """Largest difference between torch and ONNX Runtime outputs on one input."""
+    """Largest difference between torch and ONNX Runtime outputs on one input; with several outputs, the worst
+    output's relative error (each against its own scale), and every output's in `per_output`."""
 
     max_abs: float
     scale: float  # largest |output| of torch: the yardstick for the relative error
-    rel_error: float  # max_abs / scale
+    rel_error: float  # max_abs / scale; several outputs: the largest of their own
+    per_output: dict[str, float] = field(default_factory=dict)  # several outputs: name -> relative error
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -113,9 +115,13 @@ def export_onnx(
 
     if exporter not in EXPORTERS:
         raise EdgePruneError(f"unknown exporter {exporter!r}; choose one of: {', '.join(EXPORTERS)}")
+    from edgeprune.outputs import flatten_outputs
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
+    with torch.no_grad():
+        names = [n for n, _ in flatten_outputs(model(example_input))]  # every output named, as parity reports them
     try:
         # The dynamo exporter prints its progress to stdout; keep stdout clean for --json.
         with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \
@@ -123,10 +129,10 @@ def export_onnx(
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 torch.onnx.export(model, (example_input,), str(tmp), dynamo=True, opset_version=opset,
-                                  external_data=False, input_names=["input"], output_names=["output"], verbose=False)
+                                  external_data=False, input_names=["input"], output_names=names, verbose=False)
             else:
                 torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["output"], do_constant_folding=True)
+                                  input_names=["input"], output_names=names, do_constant_folding=True)
             check_onnx(tmp)
     except EdgePruneError:
         raise
@@ -166,23 +172,29 @@ def simplify_onnx(src: str | Path, dst: str | Path | None = None) -> Path:
 
 
 def parity(model: torch.nn.Module, example_input: torch.Tensor, onnx_path: str | Path) -> Parity:
-    """Compare ONNX Runtime (1 thread, all optimisations) with torch on `example_input`."""
+    """Compare ONNX Runtime (1 thread, all optimisations) with torch on `example_input`, output by output."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
+    from edgeprune.outputs import flatten_outputs
+
     model.eval()
     with torch.no_grad():
-        ref = model(example_input)
-    refs = [t.detach().cpu().numpy() for t in (ref if isinstance(ref, (tuple, list)) else (ref,))]
+        refs = [(n, t.detach().cpu().numpy()) for n, t in flatten_outputs(model(example_input))]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     outs = sess.run(None, {sess.get_inputs()[0].name: example_input.detach().cpu().numpy()})
-    max_abs = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(outs, refs))
-    scale = max(float(np.abs(b).max()) for b in refs) or 1.0
-    return Parity(max_abs=max_abs, scale=scale, rel_error=max_abs / scale)
+    if len(outs) != len(refs):
+        raise EdgePruneError(f"{onnx_path} has {len(outs)} outputs where the torch model returns {len(refs)}")
+    diffs = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0 for a, (_, b) in zip(outs, refs)]
+    scales = [float(np.abs(b).max()) if b.size else 0.0 for _, b in refs]
+    per = {n: d / (s or 1.0) for (n, _), d, s in zip(refs, diffs, scales)}
+    worst = max(range(len(refs)), key=lambda i: per[refs[i][0]])
+    return Parity(max_abs=max(diffs), scale=max(scales) or 1.0, rel_error=per[refs[worst][0]],
+                  per_output=per if len(refs) > 1 else {})
 
 
 def export(

@@ -2,27 +2,35 @@
 
     f = fidelity(base, pruned, data)     # top1_agreement, output_rel_error, accuracy before/after when labelled
     proxy = MaskedProxy(model, graph, stats, x)   # the search's inner-level proxy: proxy.error(plan)
+
+Models with several outputs (`outputs.flatten_outputs`): the relative error is taken per output and averaged with
+equal weights (one output: its error); top-1 agreement and accuracy come from the first output that is class logits
+(N x C), and are None when none is (a segmenter, a detector's raw heads).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from edgeprune.data import CalibrationData
+from edgeprune.outputs import flatten_outputs, is_class_logits
+
+Named = dict[str, torch.Tensor]  # output name -> held-out outputs, N x ... (float64)
 
 
 @dataclass(frozen=True)
 class Fidelity:
-    top1_agreement: float  # share of held-out samples where both models predict the same class
-    output_rel_error: float  # ||y_pruned - y_base|| / ||y_base|| over all held-out outputs
+    top1_agreement: float | None  # share of held-out samples where both predict the same class; None: no logits
+    output_rel_error: float  # ||y_pruned - y_base|| / ||y_base||, averaged over outputs
     accuracy_before: float | None  # when the calibration recipe is labelled
     accuracy_after: float | None
     samples: int
     nonfinite: int = 0  # held-out samples where the pruned model's output holds NaN or infinity (never "agreeing")
+    per_output: dict[str, dict[str, float | None]] = field(default_factory=dict)  # several outputs: each one's
 
     @property
     def accuracy_drop_pp(self) -> float | None:
@@ -38,24 +46,35 @@ class Fidelity:
         return d
 
 
-def outputs(model: nn.Module, data: CalibrationData) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits of `model` on the held-out part, and the labels if any."""
-    ys, labels = [], []
+def outputs(model: nn.Module, data: CalibrationData) -> tuple[Named, torch.Tensor | None]:
+    """Every output of `model` on the held-out part, by name, and the labels if any."""
+    ys: dict[str, list[torch.Tensor]] = {}
+    labels = []
     model.eval()
     with torch.no_grad():
         for x, y in data.heldout_batches():
-            out = model(x)
-            ys.append((out[0] if isinstance(out, (tuple, list)) else out).reshape(x.shape[0], -1).double())
+            for name, t in flatten_outputs(model(x)):
+                ys.setdefault(name, []).append(t.double())
             if y is not None:
                 labels.append(y)
-    return torch.cat(ys), (torch.cat(labels) if labels else None)
+    return {n: torch.cat(v) for n, v in ys.items()}, (torch.cat(labels) if labels else None)
 
 
-def check_finite_baseline(model: nn.Module, data: CalibrationData, yb: torch.Tensor, spec: str) -> None:
+def joined(named: Named) -> torch.Tensor:
+    """All outputs of each sample side by side, N x D."""
+    return torch.cat([t.reshape(t.shape[0], -1) for t in named.values()], 1)
+
+
+def relative_errors(yp: Named, yb: Named) -> dict[str, float]:
+    return {n: float(torch.linalg.norm(yp[n] - yb[n]) / torch.linalg.norm(yb[n]).clamp_min(1e-30)) for n in yb}
+
+
+def check_finite_baseline(model: nn.Module, data: CalibrationData, named: Named, spec: str) -> None:
     """Refuse an unpruned model whose held-out outputs hold NaN or infinity, naming the first non-finite parameter
     (or buffer), else the first layer whose output is not finite: no fidelity figure means anything for it."""
     from edgeprune.errors import EdgePruneError
 
+    yb = joined(named)
     bad = ~torch.isfinite(yb).all(1)
     if not bool(bad.any()):
         return
@@ -92,16 +111,20 @@ def fidelity(base: nn.Module, pruned: nn.Module, data: CalibrationData,
     """Compare `pruned` with `base` on held-out data (pass `base_outputs` to reuse the base model's logits)."""
     yb, labels = base_outputs if base_outputs is not None else outputs(base, data)
     yp, _ = outputs(pruned, data)
-    finite = torch.isfinite(yp).all(1) & torch.isfinite(yb).all(1)  # the argmax of NaN "agrees" with NaN's
-    agree = float(((yb.argmax(1) == yp.argmax(1)) & finite).double().mean())
+    finite = torch.isfinite(joined(yp)).all(1) & torch.isfinite(joined(yb)).all(1)  # NaN's argmax "agrees" with NaN's
     # non-finite outputs give an infinite or NaN error, which reports write as null (report.clean)
-    rel = float(torch.linalg.norm(yp - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
+    rels = relative_errors(yp, yb)
+    agreements = {n: float(((yb[n].argmax(1) == yp[n].argmax(1)) & finite).double().mean())
+                  for n in yb if is_class_logits(yb[n])}
+    logits = next(iter(agreements), None)
     acc_b = acc_a = None
-    if labels is not None:
-        acc_b = float((yb.argmax(1) == labels).double().mean())
-        acc_a = float(((yp.argmax(1) == labels) & finite).double().mean())
-    return Fidelity(top1_agreement=agree, output_rel_error=rel, accuracy_before=acc_b, accuracy_after=acc_a,
-                    samples=int(yb.shape[0]), nonfinite=int((~finite).sum()))
+    if labels is not None and logits is not None:
+        acc_b = float((yb[logits].argmax(1) == labels).double().mean())
+        acc_a = float(((yp[logits].argmax(1) == labels) & finite).double().mean())
+    per = {n: {"rel_error": rels[n], "top1_agreement": agreements.get(n)} for n in yb} if len(yb) > 1 else {}
+    return Fidelity(top1_agreement=agreements.get(logits) if logits else None,
+                    output_rel_error=sum(rels.values()) / len(rels), accuracy_before=acc_b, accuracy_after=acc_a,
+                    samples=int(finite.shape[0]), nonfinite=int((~finite).sum()), per_output=per)
 
 
 class MaskedProxy:
@@ -129,13 +152,12 @@ class MaskedProxy:
                           for n, m in self.modules.items()}
         self.base = self._forward()
 
-    def _forward(self) -> torch.Tensor:
+    def _forward(self) -> Named:
         with torch.no_grad():
-            out = self.model(self.x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).reshape(self.x.shape[0], -1).double()
+            return {n: t.double() for n, t in flatten_outputs(self.model(self.x))}
 
     def error(self, plan: Any) -> float:
-        """||y_plan - y|| / ||y|| over the samples."""
+        """||y_plan - y|| / ||y|| over the samples, averaged over outputs."""
         from edgeprune.surgery import compensate_consumers
 
         with torch.no_grad():
@@ -148,5 +170,5 @@ class MaskedProxy:
                     m.bias.copy_(b)
         compensate_consumers(self.model, self.graph, plan, self.stats, self.orders, self.solvers, memo=self.memo,
                              repair=self.repair)
-        y = self._forward()
-        return float(torch.linalg.norm(y - self.base) / torch.linalg.norm(self.base).clamp_min(1e-30))
+        rels = relative_errors(self._forward(), self.base)
+        return sum(rels.values()) / len(rels)

@@ -26,7 +26,7 @@ from edgeprune.config import BuildConfig, Stages, no_progress
 from edgeprune.data import load_data
 from edgeprune.errors import EdgePruneError, ExitCode
 from edgeprune.fidelity import fidelity
-from edgeprune.gates import metric_report, quality_gates, run_metric
+from edgeprune.gates import failed_gates, metric_report, quality_gates, run_metric
 from edgeprune.models import LoadedModel, load_model, load_weights
 from edgeprune.oracle import Measurer, Verified, export_candidate
 from edgeprune.parallel import compute_threads, retained_memory, timed
@@ -133,8 +133,7 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
                 f"the released model measures {final.median:.3f} ms on {target.name}, over the budget of "
                 f"{budget_ms:.3f} ms ({config.budget.text}); prune it further (edgeprune build) or raise the budget")
         elif not all(g["passed"] for g in gates.values()):
-            failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" for k, v in gates.items() if not v["passed"]]
-            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {'; '.join(failed)}"
+            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {failed_gates(gates)}"
         report["exit_code"] = code
         report["out"] = str(outdir.failed_out if code else outdir.out)
         release = Verified(None, final, pruned.module, plan, path)

@@ -75,7 +75,10 @@ def quality_gates(fid: Fidelity, config: BuildConfig, parity: Parity | None = No
     if parity is not None:
         gates["onnx_parity"] = {"value": parity.rel_error, "limit": PARITY_LIMIT,
                                 "passed": parity.rel_error <= PARITY_LIMIT}
-    if config.min_agreement is not None:
+    if config.min_agreement is not None and fid.top1_agreement is None:
+        gates["top1_agreement"] = {"value": None, "limit": config.min_agreement, "passed": False,
+                                   "why": "no output is class logits (N x C): use --max-metric-drop with --evaluate"}
+    elif config.min_agreement is not None:
         gates["top1_agreement"] = {"value": fid.top1_agreement, "limit": config.min_agreement,
                                    "passed": fid.top1_agreement >= config.min_agreement}
     if config.max_accuracy_drop is not None and fid.accuracy_drop_pp is not None:
@@ -85,3 +88,15 @@ def quality_gates(fid: Fidelity, config: BuildConfig, parity: Parity | None = No
         gates["metric_drop"] = {"value": metric["drop"], "limit": config.max_metric_drop,
                                 "passed": metric["drop"] <= config.max_metric_drop}
     return gates
+
+
+def failed_gates(gates: dict[str, dict[str, Any]]) -> str:
+    """The failed gates in words, for the one-line error of exit code 4."""
+    def line(k: str, v: dict[str, Any]) -> str:
+        if k == "finite_outputs":
+            return f"the pruned model's outputs are not finite on {v['value']} held-out samples"
+        if v["value"] is None:
+            return f"{k}: {v.get('why', 'no value')}"
+        return f"{k} {v['value']:.4g} (limit {v['limit']:.4g})"
+
+    return "; ".join(line(k, v) for k, v in gates.items() if not v["passed"])

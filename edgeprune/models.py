@@ -59,17 +59,10 @@ def check_seed(seed: int, what: str = "--seed") -> None:
 
 
 def check_output(out: object, spec: str) -> None:
-    """One tensor, or a tuple/list whose first element is the prediction: what fidelity and export compare."""
-    if isinstance(out, torch.Tensor) or (isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)):
-        return
-    if isinstance(out, dict):
-        found = f"a dict (keys {', '.join(repr(k) for k in list(out)[:4])})"
-    elif isinstance(out, (tuple, list)):
-        found = f"a {type(out).__name__} whose first element is {type(out[0]).__name__ if out else 'missing'}"
-    else:
-        found = type(out).__name__
-    raise EdgePruneError(f"model {spec} returns {found}; edgeprune prunes models whose forward() returns one tensor "
-                         f"(or a tuple whose first element is the prediction): wrap the model to return that tensor")
+    """A tensor, or a (nested) tuple, list or dict of tensors: what export, parity and fidelity compare."""
+    from edgeprune.outputs import check_outputs
+
+    check_outputs(out, spec)
 
 
 def _torchvision(name: str) -> nn.Module:

@@ -24,7 +24,7 @@ from edgeprune.errors import EdgePruneError, ExitCode, QualityGateFailed
 from edgeprune.fidelity import Fidelity
 from edgeprune.graph import check_patterns, trace
 from edgeprune.models import load_model
-from edgeprune.gates import check_gates_apply, metric_report, quality_gates, run_metric
+from edgeprune.gates import check_gates_apply, failed_gates, metric_report, quality_gates, run_metric
 from edgeprune.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer, TableOracle, Verification, Verified,
                               export_candidate, verify_release)
 from edgeprune.parallel import compute_threads, retained_memory, timed
@@ -364,10 +364,7 @@ def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, b
             f"raise the budget, lower --channel-multiple, or allow narrower groups")
     gates = report["quality_gates"]
     if not all(g["passed"] for g in gates.values()):
-        failed = [f"{k} {v['value']:.4g} (limit {v['limit']:.4g})" if k != "finite_outputs" else
-                  f"the pruned model's outputs are not finite on {v['value']} held-out samples"
-                  for k, v in gates.items() if not v["passed"]]
-        return int(ExitCode.QUALITY_GATE), (f"quality gate failed: {'; '.join(failed)}; budget met at "
+        return int(ExitCode.QUALITY_GATE), (f"quality gate failed: {failed_gates(gates)}; budget met at "
                                             f"{final.median:.3f} ms; relax the budget or the gate")
     return int(ExitCode.OK), None
 

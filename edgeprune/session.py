@@ -50,7 +50,7 @@ class Prepared:
     graph: Graph
     stats: dict[str, LayerStats]
     rankings: dict[str, Ranking]
-    base_outputs: tuple[torch.Tensor, torch.Tensor | None]
+    base_outputs: tuple[dict[str, torch.Tensor], torch.Tensor | None]
     timings_s: dict[str, float] = field(default_factory=dict)
     solvers: dict = field(default_factory=dict)  # per-consumer PrefixSolver, shared by every candidate
 

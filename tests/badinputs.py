@@ -98,15 +98,17 @@ def batch1_only():
     return Batch1Only()
 
 
-class DictOut(Tiny):
+class NonTensorOut(Tiny):
+    """A dict output is fine (several outputs); a leaf that is not a tensor is not."""
+
     def forward(self, x):
         y = super().forward(x)
-        return {"out": y, "aux": y}
+        return {"out": y, "label": "cat"}
 
 
-def dict_out():
+def non_tensor_out():
     torch.manual_seed(0)
-    return DictOut()
+    return NonTensorOut()
 
 
 class Slow(Tiny):

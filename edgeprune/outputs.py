@@ -1,0 +1,53 @@
+"""A model's outputs as named tensors: one tensor, or a (nested) tuple, list or dict of them (detectors and
+segmenters return several: torchvision's segmentation models a dict with `out` and `aux`).
+
+    named = flatten_outputs(model(x))      # [("output", t)] or [("out", t), ("aux", t)] or [("0", t), ("1.boxes", t)]
+    check_outputs(out, spec)               # every leaf a tensor, or a one-line error naming what was found
+
+Names are what the ONNX export names its outputs, what parity and fidelity report per output. A single tensor is
+"output"; elements of a tuple or list are numbered from 0, dict entries keep their keys, nested levels join with ".".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgeprune.errors import EdgePruneError
+
+SINGLE = "output"
+
+
+def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(name, leaf) pairs in forward order (the order torch.onnx.export flattens them in)."""
+    if isinstance(out, dict):
+        items = [(str(k), v) for k, v in out.items()]
+    elif isinstance(out, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(out)]
+    else:
+        return [(prefix or SINGLE, out)]
+    flat: list[tuple[str, Any]] = []
+    for k, v in items:
+        flat += flatten_outputs(v, f"{prefix}.{k}" if prefix else k)
+    return flat
+
+
+def check_outputs(out: Any, spec: str) -> list[tuple[str, torch.Tensor]]:
+    """The named output tensors of `out`, or an error naming the first leaf that is not a tensor."""
+    flat = flatten_outputs(out)
+    if not flat:
+        raise EdgePruneError(f"model {spec} returns an empty {type(out).__name__}; its forward() must return a tensor "
+                             "or a (nested) tuple, list or dict of tensors")
+    for name, leaf in flat:
+        if not isinstance(leaf, torch.Tensor):
+            where = "" if name == SINGLE else f" at {name!r}"
+            raise EdgePruneError(f"model {spec} returns {type(leaf).__name__}{where}; edgeprune prunes models whose "
+                                 "forward() returns a tensor or a (nested) tuple, list or dict of tensors: wrap the "
+                                 "model so that it returns those (post-processing stays outside)")
+    return flat  # type: ignore[return-value]
+
+
+def is_class_logits(t: torch.Tensor) -> bool:
+    """N x C scores with several classes: where top-1 agreement and accuracy mean something."""
+    return t.ndim == 2 and t.shape[1] > 1
