@@ -32,7 +32,14 @@ def _cholesky_solve(a: np.ndarray, b: np.ndarray, ridge: float, scale: float, pr
             return scipy.linalg.cho_solve(c, b + (r * scale) * prior, check_finite=False)
         except np.linalg.LinAlgError:
             log.debug("Cholesky failed with ridge %g, retrying with a larger one", r)
-    raise np.linalg.LinAlgError("covariance not positive definite even with ridge 1.0")
+    # still indefinite at ridge 1: float32 statistics of inputs whose mean dwarfs their spread lose E[xx] - mu mu^T
+    # to cancellation (random-weight detectors' heads did). Project onto the positive semi-definite matrices (negative
+    # eigenvalues to zero), then solve with ridge 1 as above
+    if not np.isfinite(a).all():
+        raise np.linalg.LinAlgError("covariance holds NaN or infinity")
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    w = np.maximum(w, 0.0) + scale
+    return v @ ((v.T @ (b + scale * prior)) / w[:, None])
 
 
 RESCALE_MIN_R2 = 0.25  # below this explained variance the rescale is worse than the mean-only repair (audit F8)

@@ -65,6 +65,12 @@ def check_output(out: object, spec: str) -> None:
     check_outputs(out, spec)
 
 
+def _one_stage() -> tuple[str, ...]:
+    from edgeprune.detection import ONE_STAGE
+
+    return ONE_STAGE
+
+
 def _torchvision(name: str) -> nn.Module:
     import torchvision
 
@@ -214,6 +220,10 @@ def load_model(
         from edgeprune.example import INPUT_SHAPE
 
         model, default_shape = _example(), INPUT_SHAPE
+    elif spec.split(":", 1)[1:] and spec.startswith("torchvision:") and spec.split(":", 1)[1] in _one_stage():
+        from edgeprune.detection import build as raw_detector
+
+        model, default_shape = raw_detector(spec.split(":", 1)[1])  # the network; decoding and NMS stay on the host
     elif spec.startswith("torchvision:"):
         model, default_shape = _torchvision(spec.split(":", 1)[1]), (1, 3, 224, 224)
     elif spec.startswith("timm:"):

@@ -442,3 +442,17 @@ def test_shrinkage_keeps_variances_and_vanishes_with_many_samples() -> None:
             assert np.linalg.eigvalsh(cov).min() < 1e-9 < np.linalg.eigvalsh(s.cov).min()
     assert alphas[0] >= alphas[1] > alphas[2], alphas
     assert alphas[2] < 0.05, alphas
+
+
+def test_cholesky_solve_projects_an_indefinite_covariance_instead_of_failing() -> None:
+    """Statistics that cancellation made indefinite beyond any ridge (a random-weight detector's head did): the solve
+    projects onto the PSD matrices and returns the ridge solution of the projection, finite."""
+    from edgeprune.compensate import _cholesky_solve
+
+    rng = np.random.default_rng(0)
+    v = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    a = v @ np.diag([5.0, 2.0, 1.0, 0.5, -3.0, -4.0]) @ v.T  # negative beyond ridge 1 x scale 1
+    b, prior = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    x = _cholesky_solve(a, b, 1e-6, 1.0, prior)
+    psd = v @ np.diag([5.0, 2.0, 1.0, 0.5, 0.0, 0.0]) @ v.T
+    np.testing.assert_allclose((psd + np.eye(6)) @ x, b + prior, atol=1e-10)
