@@ -178,11 +178,12 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
     the Plan or plan.json it was pruned by) or a `pruned.pt` (which names both)."""
     from edgeprune.finetuned import release_job, release_inputs
 
-    _, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "weights"})
-    seed, weights = build_opts.pop("seed", 0), build_opts.pop("weights", None)
-    fields, inputs = _inputs(original if isinstance(model, nn.Module) else None, None, input_shape, calibration,
-                             data_opts, seed)
-    config = BuildConfig(prune=PruneConfig(seed=seed, **fields),
+    prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "weights", "exporter"})
+    seed, weights = prune_opts.pop("seed", 0), prune_opts.pop("weights", None)
+    module_given = isinstance(model, nn.Module)
+    fields, inputs = _inputs(original if module_given else None, example_input if module_given else None,
+                             input_shape, calibration, data_opts, seed)
+    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"), **fields),
                          device=device, latency=latency, evaluate=evaluate, **build_opts)
     pruned = release_inputs(model, original, plan, example_input, inputs, weights, seed)
     return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)

@@ -93,8 +93,8 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--allocation", choices=("auto", "step", "latency"), default="auto",
                    help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
-                        "error goes to the groups whose channels cost most), or auto (default): latency with the "
-                        "fidelity proxy and compensation, else step")
+                        "error goes to the groups whose channels cost most), or auto (default): latency with --lut (and "
+                        "the fidelity proxy, compensation), else step")
     add_gate_args(p)
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
