@@ -106,11 +106,19 @@ REDUCING = ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward", "MaxB
             "TopkBackward", "NormalizeBackward")
 
 
+# Splits along channels (YOLO's C2f/C3k2 `chunk(2)` and `split`): the pieces are sized by position, so each piece
+# would have to lose its own share of channels; the group model here cannot say that yet, so such groups are excluded
+SPLITTING = ("SplitBackward", "SplitWithSizesBackward", "UnsafeSplitBackward", "UnsafeSplitWithSizesBackward",
+             "ChunkBackward", "UnbindBackward", "NarrowBackward")
+
+
 def _mixing_op(node: Any) -> str | None:
     fn = getattr(node, "grad_fn", None)
     name = type(fn).__name__ if fn is not None else ""
     if any(name.startswith(m) for m in CHANNEL_MIXING):
         return name
+    if any(name.startswith(m) for m in SPLITTING):
+        return f"{name} (a split along channels into pieces sized by position)"
     if any(name.startswith(m) for m in REDUCING) and _reduces_channels(fn):
         return f"{name} (a reduction over channels)"
     return None
@@ -270,7 +278,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
             for node in (item.dep.source, item.dep.target):
                 op = _mixing_op(node)
                 if op is not None and reason is None:
-                    reason = f"its channels pass through {op}, which moves values across channels"
+                    reason = f"its channels pass through {op}" + ("" if "split" in op else ", which moves values "
+                                                                  "across channels")
             module = item.dep.target.module
             mname = names.get(module)
             if mname is None or not any(True for _ in module.parameters(recurse=False)):

@@ -88,6 +88,36 @@ def _torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **extra)
 
 
+def _ultralytics(name: str) -> nn.Module:
+    """An Ultralytics YOLO built from its config (`yolov8n.yaml`, `yolo11n-seg.yaml`: nothing downloaded; trained
+    weights come with --weights as a state dict), its head in export mode: forward returns the decoded predictions
+    (N x (4 + classes) x anchors, and the mask coefficients and prototypes for -seg), as Ultralytics' ONNX export
+    does; NMS stays on the host (`ultralytics.utils.nms.non_max_suppression`)."""
+    if not name.endswith((".yaml", ".yml")):
+        raise EdgePruneError(f"model spec ultralytics:{name} must name a model config such as yolov8n.yaml or "
+                             "yolo11n.yaml (built without a download); give trained weights with --weights")
+    try:
+        from ultralytics.nn import tasks
+    except ImportError:
+        raise EdgePruneError(f"model spec ultralytics:{name} needs ultralytics, which is not installed "
+                             "(pip install ultralytics)") from None
+    classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
+               "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}
+    import contextlib
+
+    try:
+        # Ultralytics logs to stdout, which --json keeps for the report
+        with contextlib.redirect_stdout(sys.stderr):
+            cfg = tasks.yaml_model_load(name)
+            model = classes[tasks.guess_model_task(cfg)](cfg, verbose=False)
+    except (FileNotFoundError, KeyError, AssertionError) as e:
+        raise EdgePruneError(f"ultralytics cannot build {name!r}: {type(e).__name__}: {first_line(e)}") from None
+    for m in model.modules():
+        if hasattr(m, "export") and hasattr(m, "format"):  # Detect and its subclasses
+            m.export, m.format = True, "onnx"
+    return model.eval()
+
+
 def _timm(name: str) -> nn.Module:
     try:
         import timm
@@ -226,6 +256,8 @@ def load_model(
         model, default_shape = raw_detector(spec.split(":", 1)[1])  # the network; decoding and NMS stay on the host
     elif spec.startswith("torchvision:"):
         model, default_shape = _torchvision(spec.split(":", 1)[1]), (1, 3, 224, 224)
+    elif spec.startswith("ultralytics:"):
+        model, default_shape = _ultralytics(spec.split(":", 1)[1]), (1, 3, 640, 640)
     elif spec.startswith("timm:"):
         model, default_shape = _timm(spec.split(":", 1)[1]), (1, 3, 224, 224)
     elif ":" in spec:
