@@ -22,15 +22,13 @@ from edgeprune.fidelity import Fidelity
 from edgeprune.plan import Plan
 from edgeprune.runtimes.stats import LatencyStats
 
-ARTIFACTS = ("model.onnx", "pruned.pt", "plan.json", "report.json", "report.md")
-
-
 def _save(src: Path, dest: str | Path, force: bool) -> Path:
-    """Copy the artifacts of `src` into `dest`, written as a whole (`atomic.OutputDir` rules)."""
+    """Copy the artifacts of `src` (model.onnx, pruned.pt, plan.json, report.json, report.md and the plots) into
+    `dest`, written as a whole (`atomic.OutputDir` rules)."""
     with OutputDir(dest, force) as out:
-        for name in ARTIFACTS:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, out.tmp / name)
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, out.tmp / f.name)
         return out.commit()
 
 
