@@ -256,17 +256,57 @@ def _consumer(name: str, module: nn.Module, idxs: list[int], root_idxs: list[int
     return Consumer(module=name, coords=coords, compensable=is_dense(module), bn_follows=_bn_follows(dg, module))
 
 
+TRACE_SECONDS = 300.0  # the longest the grouping may take (EDGEPRUNE_TRACE_SECONDS): fcn_resnet50 takes 7 s
+
+
+class _TraceTimeout(BaseException):
+    """Raised by the alarm inside torch-pruning; a BaseException, so that no `except Exception` there swallows it."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Stop the block after `seconds` with a one-line error (main thread on Unix: SIGALRM; elsewhere no limit). A
+    release pipeline must not hang on a model torch-pruning cannot group in reasonable time (yolo11n: minutes in its
+    index mapping)."""
+    import signal
+    import threading
+
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise _TraceTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _TraceTimeout:
+        raise EdgePruneError(f"torch-pruning's channel grouping of {what} did not finish in {seconds:g} s; edgeprune "
+                             "cannot prune this architecture in reasonable time (raise EDGEPRUNE_TRACE_SECONDS to "
+                             "wait longer, or --ignore the block it is stuck in)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...] = (), dg: Any = None) -> Graph:
     """Coupled channel groups of `model`, excluding output layers and modules matching `ignore` patterns."""
+    import os
+
     import torch_pruning as tp
 
-    dg = dg if dg is not None else build_dependency_graph(model, example_input)
-    names = {m: n for n, m in model.named_modules()}
-    outputs = _output_layers(dg, names)
-    ignored = outputs + [m for n, m in model.named_modules() if n and ignore and matches(n, ignore)]
+    limit = float(os.environ.get("EDGEPRUNE_TRACE_SECONDS", TRACE_SECONDS))
+    with time_limit(limit, type(model).__name__):
+        dg = dg if dg is not None else build_dependency_graph(model, example_input)
+        names = {m: n for n, m in model.named_modules()}
+        outputs = _output_layers(dg, names)
+        ignored = outputs + [m for n, m in model.named_modules() if n and ignore and matches(n, ignore)]
+        tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
     groups: list[Group] = []
     excluded: dict[str, str] = {}
-    for tp_group in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+    for tp_group in tp_groups:
         root_item = tp_group[0]
         root = root_item.dep.target.module
         channels = len(root_item.idxs)

@@ -181,8 +181,6 @@ class VerifyTenfoldOnce(Measurer):
 def test_build_verification_miss_is_measured_again_before_falling_back(env: dict[str, Path]) -> None:
     """One verification over budget (the first one, raised tenfold) is followed by a second one over twice the
     sessions, which decides: the model the search chose ships, not a more pruned fallback."""
-    from edgeprune.allocate import widths_digest
-
     seen: list[VerifyTenfoldOnce] = []
 
     class Recording(VerifyTenfoldOnce):
@@ -195,10 +193,10 @@ def test_build_verification_miss_is_measured_again_before_falling_back(env: dict
     assert outcome.exit_code == 0 and r["met"] is True
     calls = seen[0].calls
     assert [c[0] for c in calls[:2]] == [3, 6]  # final_repeats, then twice as many sessions
-    best = min((c for c in r["search"]["trace"] if c["latency_ms"] <= r["budget_ms"]), key=lambda c: c["strength"])
-    shipped = widths_digest({g: w["after"] for g, w in r["widths"].items()})
-    # the second verification is a real measurement of a ~0.5 ms model: it decides, whichever way it goes
-    assert (shipped == best["widths_digest"]) == (calls[1][1] <= r["budget_ms"])
+    # the second verification is a real measurement of a ~0.5 ms model: it decides, whichever way it goes. Within
+    # budget, the model the search chose ships and nothing else is verified; over it, another candidate is
+    assert (len(calls) == 2) == (calls[1][1] <= r["budget_ms"])
+    assert r["final"]["latency_ms"]["median"] == pytest.approx(calls[-1][1])
 
 
 def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:

@@ -263,3 +263,19 @@ def test_trace_error_names_the_op_torch_pruning_cannot_handle() -> None:
         trace(loaded.module, loaded.example_input)
     assert "reshape" in str(info.value) or "view" in str(info.value), str(info.value)
     assert "--ignore" not in str(info.value)
+
+
+def test_time_limit_stops_a_stuck_grouping_with_one_line() -> None:
+    """A model torch-pruning cannot group in reasonable time is an error, not a hang (yolo11n ran for minutes)."""
+    import time
+
+    from edgeprune.graph import time_limit
+
+    t0 = time.perf_counter()
+    with pytest.raises(EdgePruneError, match="did not finish in 0.2 s.*EDGEPRUNE_TRACE_SECONDS"):
+        with time_limit(0.2, "Stuck"):
+            time.sleep(5)
+    assert time.perf_counter() - t0 < 2
+    with time_limit(5, "Quick"):  # and the alarm is gone afterwards
+        pass
+    time.sleep(0.3)

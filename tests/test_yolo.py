@@ -47,3 +47,16 @@ def test_yolov8n_prunes_outside_its_splits_and_keeps_ultralytics_boxes(tmp_path:
     iou = box_iou(best[:, :4], got[:, :4])
     assert float(iou.max(1).values.min()) > 0.99
     np.testing.assert_allclose(got[iou.argmax(1), 4].numpy(), best[:, 4].numpy(), rtol=1e-3)
+
+
+def test_a_yolo_that_torch_pruning_cannot_group_in_time_exits_2_with_nothing_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeprune.cli import main
+
+    monkeypatch.setenv("EDGEPRUNE_TRACE_SECONDS", "5")
+    out = tmp_path / "y11"
+    code = main(["prune", "--model", "ultralytics:yolo11n.yaml", "--input-shape", "1,3,320,320", "--calibration",
+                 "random", "--ratio", "0.3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "did not finish in 5 s" in err and err.strip().splitlines()[-1].startswith("edgeprune: error:")
+    assert not out.exists()
