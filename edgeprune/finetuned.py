@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from edgeprune.artifacts import load_pruned_with_original, model_size
+from edgeprune.artifacts import load_pruned_with_original
 from edgeprune.atomic import OutputDir
 from edgeprune.config import BuildConfig, Stages, no_progress
 from edgeprune.data import load_data
@@ -30,7 +30,7 @@ from edgeprune.gates import failed_gates, metric_report, quality_gates, run_metr
 from edgeprune.models import LoadedModel, load_model, load_weights
 from edgeprune.oracle import Measurer, Verified, export_candidate
 from edgeprune.parallel import compute_threads, retained_memory, timed
-from edgeprune.pipeline import BuildOutcome, write_release
+from edgeprune.pipeline import BuildOutcome, latency_entry, measurement_cache, write_release
 from edgeprune.plan import Plan
 from edgeprune.recipe import load_recipe
 from edgeprune.session import Inputs
@@ -84,12 +84,9 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
 def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Any, original: LoadedModel,
                   data: Any, pruned: Pruned) -> BuildOutcome:
     from edgeprune.export import parity
-    from edgeprune.runtimes import MeasurementCache
-
     t: dict[str, float] = {}
     example = original.example_input
-    measurer = Measurer(target, MeasurementCache.under(config.cache_dir) if config.use_cache else None, stages, t,
-                        calibration=data.calib_x)
+    measurer = Measurer(target, measurement_cache(config), stages, t, calibration=data.calib_x)
     plan = dataclasses.replace(pruned.plan, target=target.name,
                                meta={**pruned.plan.meta, "widths_from": pruned.source, "budget": config.budget.text})
     with tempfile.TemporaryDirectory(prefix="edgeprune-release-") as work:
@@ -114,10 +111,8 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
             "calibration": data.recipe.name or data.recipe.kind, "widths_from": pruned.source,
             "target": {"name": target.name, "profile": target.to_dict()},
             "budget": config.budget.text, "budget_ms": budget_ms, "met": met,
-            "base": {"latency_ms": base.summary(), "latency_source": base.source,
-                     **model_size(original.module, example)},
-            "final": {"latency_ms": final.summary(), "latency_source": final.source,
-                      **model_size(pruned.module, example)},
+            "base": latency_entry(base, original.module, example),
+            "final": latency_entry(final, pruned.module, example),
             "speedup": base.median / final.median,
             "widths": {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
             "fidelity": fid.to_dict(), "quality_gates": gates, "parity": par.to_dict(), "metric": metric,

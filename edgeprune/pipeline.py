@@ -152,10 +152,11 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
             check_table_for(table, target, force=config.force_lut, path=config.lut)
         with OutputDir(out, force) as outdir:
             return _build_into(config, outdir, stages, on_step, target, table, inputs,
-                               measurer(target, _cache(config), stages, {}, measure_fn))
+                               measurer(target, measurement_cache(config), stages, {}, measure_fn))
 
 
-def _cache(config: BuildConfig) -> Any:
+def measurement_cache(config: BuildConfig) -> Any:
+    """The on-disk measurement cache a build or release uses (None with --no-cache)."""
     from edgeprune.runtimes import MeasurementCache
 
     return MeasurementCache.under(config.cache_dir) if config.use_cache else None
@@ -322,9 +323,8 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
         "calibration": session.data.recipe.name or session.data.recipe.kind,
         "target": {"name": target.name, "profile": target.to_dict()},
         "budget": config.budget.text, "budget_ms": budget_ms, "met": met,
-        "base": {"latency_ms": base.summary(), "latency_source": base.source,
-                 **model_size(session.loaded.module, example)},
-        "final": {"latency_ms": final.summary(), "latency_source": final.source, **model_size(release.pruned, example)},
+        "base": latency_entry(base, session.loaded.module, example),
+        "final": latency_entry(final, release.pruned, example),
         "speedup": base.median / final.median,
         "widths": {g.name: {"before": g.channels, "after": release.candidate.widths[g.name]}
                    for g in session.graph.groups},
@@ -341,6 +341,11 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
         "excluded_groups": session.graph.excluded, "exporter": pc.exporter,
         "timings_s": session.timings_s, "versions": versions(target.runtime),
     }
+
+
+def latency_entry(stats: Any, module: Any, example: Any) -> dict[str, Any]:
+    """A model's row of the report: its latency on the target, where the figure came from, MACs and parameters."""
+    return {"latency_ms": stats.summary(), "latency_source": stats.source, **model_size(module, example)}
 
 
 def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, budget_ms: float, budget: str,
