@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.outputs import check_outputs
 from edgeprune.resources import asset
 
 DEFAULT_SPEC = "example"
@@ -56,13 +57,6 @@ MAX_SEED = 2**63 - 1  # torch, NumPy and Python's generators all take it
 def check_seed(seed: int, what: str = "--seed") -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise EdgePruneError(f"{what} must be an integer in 0..2**63-1, found {seed!r}")
-
-
-def check_output(out: object, spec: str) -> None:
-    """A tensor, or a (nested) tuple, list or dict of tensors: what export, parity and fidelity compare."""
-    from edgeprune.outputs import check_outputs
-
-    check_outputs(out, spec)
 
 
 def _one_stage() -> tuple[str, ...]:
@@ -281,7 +275,7 @@ def load_model(
             f"model {spec} does not run on an input of shape {list(shape)}: {first_line(e)}; "
             f"pass --input-shape"
         ) from None
-    check_output(out, spec)
+    check_outputs(out, spec)
     return LoadedModel(module=model, example_input=example, spec=spec, weights=str(weights) if weights else None)
 
 
@@ -309,5 +303,5 @@ def from_module(module: nn.Module, example_input: torch.Tensor | None = None,
     except Exception as e:
         raise EdgePruneError(f"model {spec} does not run on its example input of shape {list(example.shape)}: "
                              f"{first_line(e)}; pass example_input= of the shape it expects") from None
-    check_output(out, spec)
+    check_outputs(out, spec)
     return LoadedModel(module=model, example_input=example, spec=spec, weights=None)
