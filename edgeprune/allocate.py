@@ -20,7 +20,7 @@ from collections.abc import Callable
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph
 from edgeprune.importance import Ranking
-from edgeprune.plan import round_width
+from edgeprune.plan import round_width, width_step
 
 
 def widths_digest(widths: dict[str, int]) -> str:
@@ -28,7 +28,12 @@ def widths_digest(widths: dict[str, int]) -> str:
 
 
 def min_widths(graph: Graph, multiple: int, min_width: int | None = None) -> dict[str, int]:
-    return {g.name: min(g.channels, max(multiple, min_width or multiple)) for g in graph.groups}
+    """Each group's narrowest width: one step (see `plan.width_step`), or `min_width` rounded up to steps."""
+    out = {}
+    for g in graph.groups:
+        step = width_step(g, multiple)
+        out[g.name] = min(g.channels, max(step, -(-(min_width or step) // step) * step))
+    return out
 
 
 def allowed_widths(channels: int, multiple: int, lo: int) -> list[int]:
@@ -46,7 +51,7 @@ def step_constrained_widths(graph: Graph, rankings: dict[str, Ranking], strength
     widths = {}
     for i, g in enumerate(graph.groups):
         loss = rankings[g.name].loss
-        options = allowed_widths(g.channels, multiple, lows[g.name])
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
         if loss is None:
             widths[g.name] = g.channels
             continue
@@ -63,7 +68,7 @@ def step_constrained_widths(graph: Graph, rankings: dict[str, Ranking], strength
 def uniform_strength_widths(graph: Graph, strength: float, multiple: int, min_width: int | None = None) -> dict[str, int]:
     """Fallback for criteria without a loss curve: remove the same fraction `strength` of every group."""
     lows = min_widths(graph, multiple, min_width)
-    return {g.name: round_width(g.channels * (1 - strength), g.channels, multiple, lows[g.name]) for g in graph.groups}
+    return {g.name: round_width(g.channels * (1 - strength), g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups}
 
 
 def strength_scale(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None) -> float:
@@ -86,7 +91,7 @@ def fidelity_widths(graph: Graph, strength: float, multiple: int, error: Callabl
     widths = {g.name: g.channels for g in graph.groups}
     n = len(graph.groups)
     for i, g in enumerate(graph.groups):
-        options = allowed_widths(g.channels, multiple, lows[g.name])
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
         limit = strength * (i + 1) / n
         lo, hi = 0, len(options) - 1  # the whole width always fits: it adds no error to what is already spent
         while lo < hi:
@@ -113,7 +118,7 @@ def latency_aware_widths(graph: Graph, lam: float, multiple: int, penalty: Calla
     lows = min_widths(graph, multiple, min_width)
     widths = {g.name: g.channels for g in graph.groups}
     for g in graph.groups:
-        options = allowed_widths(g.channels, multiple, lows[g.name])
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
 
         def objective(j: int, name: str = g.name, options: list[int] = options) -> float:
             w = {**widths, name: options[j]}

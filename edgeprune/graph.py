@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgePruneError, first_line
+from edgeprune.groupconv import is_dense, is_depthwise, merge_grouped
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ class Group:
     # per producer (aligned with `producers`), the group channel each of its output channels is: all of them, or
     # for the branches of a concat a part; empty when unknown
     produces: tuple[tuple[int, ...], ...] = ()
+    # channels removed only together: each group of a grouped conv the channels pass through (its input channels
+    # and the output channels they make); empty when every channel stands alone
+    units: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def unit(self) -> int:
+        """Channels per unit: a width must be a whole number of units."""
+        return len(self.units[0]) if self.units else 1
 
     @property
     def branches(self) -> tuple[tuple[int, ...], ...]:
@@ -63,8 +72,9 @@ class Group:
         return tuple(sorted({tuple(sorted(p)) for p in self.produces if 0 < len(p) < self.channels}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "channels": self.channels, "producers": list(self.producers),
-                "consumers": [c.module for c in self.consumers], "members": list(self.members)}
+        d = {"name": self.name, "channels": self.channels, "producers": list(self.producers),
+             "consumers": [c.module for c in self.consumers], "members": list(self.members)}
+        return {**d, "unit": self.unit} if self.units else d
 
 
 @dataclass
@@ -148,14 +158,6 @@ def _norm_mixing(m: nn.Module) -> str | None:
     if isinstance(m, nn.LocalResponseNorm):
         return "LocalResponseNorm across channels"
     return None
-
-
-def is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
-def is_dense(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
 
 def check_patterns(patterns: tuple[str, ...]) -> None:
@@ -306,6 +308,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
     groups: list[Group] = []
     excluded: dict[str, str] = {}
+    fed: dict[str, list[tuple[str, dict[int, int]]]] = {}  # group -> the grouped convs reading it
     for tp_group in tp_groups:
         root_item = tp_group[0]
         root = root_item.dep.target.module
@@ -313,6 +316,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         gname = names.get(root, f"<{type(root).__name__}>")
         producers, members, consumers = [], [], []
         made: dict[str, dict[int, int]] = {}  # producer -> {its output channel: the group channel it is}
+        feeds: list[tuple[str, dict[int, int]]] = []  # grouped convs reading the group: {their input: group channel}
         reason = None
         for item in tp_group:
             for node in (item.dep.source, item.dep.target):
@@ -325,14 +329,15 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
             if mname is None or not any(True for _ in module.parameters(recurse=False)):
                 continue  # functional ops (add, concat, flatten, activations) carry channels without weights
             handler = item.dep.handler.__name__
+            pairs = dict(zip((int(i) for i in item.idxs), (int(i) for i in item.root_idxs)))
             if isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module):
-                if not is_dense(module):
-                    reason = f"{mname} is a grouped conv (groups={module.groups}), whose channels are coupled within groups"
-                elif "out_channels" in handler:
+                if "out_channels" in handler:
                     producers.append(mname)
-                    made.setdefault(mname, {}).update(zip((int(i) for i in item.idxs), (int(i) for i in item.root_idxs)))
-                elif "in_channels" in handler:
+                    made.setdefault(mname, {}).update(pairs)
+                elif "in_channels" in handler and is_dense(module):
                     consumers.append(_consumer(mname, module, list(item.idxs), list(item.root_idxs), channels, dg))
+                elif "in_channels" in handler:
+                    feeds.append((mname, pairs))
             elif mname not in members:
                 members.append(mname)
                 mixing = _norm_mixing(module)
@@ -350,6 +355,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         produces = tuple(tuple(made[p][o] for o in sorted(made[p])) for p in producers)
         groups.append(Group(name=gname, channels=channels, producers=tuple(producers), consumers=tuple(consumers),
                             members=tuple(members), produces=produces))
+        if feeds:
+            fed[gname] = feeds
+    groups = merge_grouped(groups, fed, dict(model.named_modules()), excluded)
     order = execution_order(model, example_input)
     groups.sort(key=lambda g: min((order.get(p, 1 << 30) for p in g.producers), default=1 << 30))
     log.info("traced %d prunable groups (%d excluded)", len(groups), len(excluded))

@@ -10,6 +10,7 @@ It also yields the group's loss curve, loss[k] = residual left when the first k 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -374,7 +375,28 @@ def rank(criterion: str, model: nn.Module, group: Group, stats: dict[str, LayerS
          block: int | None = None) -> Ranking:
     if criterion not in CRITERIA:
         raise EdgePruneError(f"unknown criterion {criterion!r}; available: {', '.join(CRITERIA)}")
+    if group.units:
+        return _rank_units(CRITERIA[criterion], dict(model.named_modules()), group, stats, seed, block)
     return CRITERIA[criterion](dict(model.named_modules()), group, stats, seed, block)
+
+
+def _rank_units(criterion: Criterion, modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
+                seed: int, block: int | None) -> Ranking:
+    """A group pruned in units (groupconv.py), ranked as a group whose channels are its units: a unit's
+    coordinates in each consumer are its channels' together, its filters its channels' (scores summed); the order
+    comes back in channels, unit after unit, and the loss curve exact at whole units (interpolated between)."""
+    unit_of = {ch: u for u, chans in enumerate(group.units) for ch in chans}
+    consumers = tuple(dataclasses.replace(c, coords=tuple(tuple(sorted(x for ch in chans for x in c.coords[ch]))
+                                                          for chans in group.units)) for c in group.consumers)
+    made = group.produces or (tuple(range(group.channels)),) * len(group.producers)
+    view = dataclasses.replace(group, channels=len(group.units), consumers=consumers, units=(),
+                               produces=tuple(tuple(unit_of[ch] for ch in p) for p in made))
+    r = criterion(modules, view, stats, seed, block)
+    order = tuple(ch for u in r.order for ch in group.units[u])
+    if r.loss is None:
+        return Ranking(order=order)
+    at = np.arange(len(r.loss)) * group.unit
+    return Ranking(order=order, loss=tuple(float(v) for v in np.interp(np.arange(group.channels + 1), at, r.loss)))
 
 
 def rank_all(criterion: str, model: nn.Module, groups: list[Group], stats: dict[str, LayerStats], seed: int = 0,

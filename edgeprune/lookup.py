@@ -29,7 +29,8 @@ from torch import nn
 
 from edgeprune.atomic import atomic_write_text
 from edgeprune.errors import EdgePruneError
-from edgeprune.graph import Graph, is_depthwise
+from edgeprune.graph import Graph
+from edgeprune.groupconv import is_depthwise, is_grouped
 from edgeprune.targets import Target
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Layer:
     cout: int
     in_groups: tuple[tuple[str, int], ...]  # (group, input channels per group channel) read by this layer
     out_group: str | None  # the group its output channels belong to
-    depthwise: bool
+    depthwise: bool  # input and output widths are both its group's: a depthwise conv, or a grouped conv (in units)
     spec: dict[str, Any]  # what build_layer_onnx needs
 
     def widths(self, w: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
@@ -85,7 +86,7 @@ class LayerModel:
             for p in g.producers:
                 out_group[p] = g.name
             for mem in g.members:
-                if is_depthwise(modules[mem]):
+                if is_depthwise(modules[mem]) or is_grouped(modules[mem]):
                     out_group[mem] = g.name
             for c in g.consumers:
                 per = len(c.coords[0]) // (modules[c.module].kernel_size[0] * modules[c.module].kernel_size[1]) \
@@ -100,13 +101,12 @@ class LayerModel:
             shape = shapes[n]
             if isinstance(m, nn.Conv2d):
                 dw = is_depthwise(m)
-                if m.groups > 1 and not dw:
-                    kind = f"gconv{m.groups}"
-                else:
-                    kind = "dwconv" if dw else "conv"
+                kind = "gconv" if is_grouped(m) else "dwconv" if dw else "conv"
                 lspec = {"kind": kind, "k": list(m.kernel_size), "s": list(m.stride), "p": list(m.padding)
                         if not isinstance(m.padding, str) else [0, 0], "d": list(m.dilation), "hw": list(shape[2:]),
-                        "groups": m.groups, "act": act}
+                        "act": act}
+                if kind == "gconv":  # pruned in whole groups: the group width stays, the number of groups follows
+                    lspec["group_width"] = m.in_channels // m.groups
                 cin, cout = m.in_channels, m.out_channels
             else:
                 kind = "linear"
@@ -114,7 +114,7 @@ class LayerModel:
                 cin, cout = m.in_features, m.out_features
             sig = json.dumps(lspec, sort_keys=True, separators=(",", ":"))
             layers.append(Layer(name=n, signature=sig, cin=cin, cout=cout, in_groups=tuple(in_groups.get(n, ())),
-                                out_group=out_group.get(n), depthwise=lspec["kind"] == "dwconv", spec=lspec))
+                                out_group=out_group.get(n), depthwise=lspec["kind"] in ("dwconv", "gconv"), spec=lspec))
         return cls(model=spec, layers=layers, channels={g.name: g.channels for g in graph.groups})
 
     def full(self) -> dict[str, int]:

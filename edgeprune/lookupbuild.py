@@ -40,8 +40,8 @@ def build_layer_onnx(spec: dict[str, Any], cin: int, cout: int, path: Path) -> P
         nodes.append(helper.make_node("Gemm", ["x", "W", "B"], ["y0"], transB=1))
         y_shape = [spec["rows"], cout]
     else:
-        groups = cin if spec["kind"] == "dwconv" else int(spec.get("groups", 1))
-        if spec["kind"] == "dwconv":
+        groups = cin if spec["kind"] == "dwconv" else cin // spec["group_width"] if spec["kind"] == "gconv" else 1
+        if spec["kind"] in ("dwconv", "gconv"):
             cout = cin
         kh, kw = spec["k"]
         w = rng.standard_normal((cout, cin // groups, kh, kw)).astype(np.float32) * 0.05
@@ -113,7 +113,8 @@ def stair_widths(layer: Layer, multiple: int) -> list[int]:
 
 def _layer_points(layer: Layer, multiple: int) -> tuple[list[int], list[int]]:
     if layer.depthwise:
-        ws = grid_widths(layer.cin, multiple)
+        per = layer.spec.get("group_width", 1)  # a grouped conv's widths are whole groups
+        ws = [w for w in grid_widths(layer.cin, math.lcm(multiple, per)) if w % per == 0]
         return ws, [ws[-1]]
     cins = grid_widths(layer.cin, multiple) if layer.in_groups else [layer.cin]
     couts = grid_widths(layer.cout, multiple) if layer.out_group else [layer.cout]

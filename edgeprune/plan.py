@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,17 +109,28 @@ def round_width(width: float, channels: int, multiple: int, min_width: int | Non
     return min(options, key=lambda w: (abs(w - width), -w))
 
 
+def width_step(group: Group, multiple: int) -> int:
+    """The step a group's width moves by: `multiple` (the channel alignment), in whole units of a group pruned in
+    units (the groups of a grouped conv, see groupconv.py)."""
+    return math.lcm(multiple, group.unit)
+
+
 def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, int]:
-    """Remove `ratio` of each group's channels, rounded to `multiple`."""
+    """Remove `ratio` of each group's channels, rounded to `multiple` (and to whole units)."""
     if not 0.0 <= ratio < 1.0:
         raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
-    return {g.name: round_width(g.channels * (1 - ratio), g.channels, multiple) for g in graph.groups}
+    return {g.name: round_width(g.channels * (1 - ratio), g.channels, width_step(g, multiple)) for g in graph.groups}
 
 
 def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tuple[int, ...]:
     """The first `width` channels of `order`, except that every branch of a concat keeps at least one: a branch
     left empty would leave its conv with no output channel (a crash at pruning). The branch's best channel then
-    replaces the worst kept one whose branch keeps another."""
+    replaces the worst kept one whose branch keeps another. A group pruned in units keeps whole units, in the order
+    their first channel comes, enough of them for `width`."""
+    if group.units:
+        unit_of = {ch: u for u, chans in enumerate(group.units) for ch in chans}
+        units = list(dict.fromkeys(unit_of[c] for c in order))[: -(-width // group.unit)]
+        return tuple(sorted(ch for u in units for ch in group.units[u]))
     kept = list(order[:width])
     for branch in group.branches:
         if set(branch) & set(kept):

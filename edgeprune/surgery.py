@@ -18,6 +18,7 @@ from torch import nn
 from edgeprune.compensate import PrefixSolver, compensate_layer
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, build_dependency_graph, trace
+from edgeprune.groupconv import is_grouped
 from edgeprune.parallel import thread_map
 from edgeprune.plan import Plan
 from edgeprune.statistics import LayerStats
@@ -34,6 +35,11 @@ def check_plan(graph: Graph, plan: Plan) -> None:
                                  f"model? groups here: {', '.join(list(names)[:8])}...")
         if names[g].channels != c:
             raise EdgePruneError(f"plan says group {g!r} has {c} channels, the model has {names[g].channels}")
+        kept = set(plan.kept.get(g, ()))
+        for unit in names[g].units:
+            if g in plan.kept and 0 < len(kept & set(unit)) < len(unit):
+                raise EdgePruneError(f"plan keeps part of a unit of group {g!r} (channels {unit[0]}..{unit[-1]}): the "
+                                     f"channels of one group of a grouped conv go together; keep all {len(unit)} or none")
         for branch in names[g].branches:
             if g in plan.kept and not set(branch) & set(plan.kept[g]):
                 raise EdgePruneError(f"plan keeps no channel of group {g!r}'s concat branch {branch[0]}..{branch[-1]}: "
@@ -173,8 +179,31 @@ def prune(
         root = modules[g.name]
         fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         group = dg.get_pruning_group(root, fn, idxs=idxs)
+        grouped = [it for it in group if is_grouped(it.dep.target.module) and "in_channels" in it.dep.handler.__name__]
+        group._group = [it for it in group.items if all(it is not g for g in grouped)]  # see _remove_conv_groups
         group.prune()
+        for it in grouped:
+            _remove_conv_groups(dg, it.dep.target.module, sorted(int(i) for i in it.idxs))
     return model
+
+
+def _remove_conv_groups(dg: object, conv: nn.Conv2d, removed: list[int]) -> None:
+    """Remove whole groups of a grouped conv whose input channels `removed` the group before it just lost: its
+    kernels for them, its output channels for them and what follows those (torch-pruning, rooted at the conv), and
+    `groups` itself. torch-pruning would slice a grouped conv's input within every group instead (keeping `groups`,
+    and failing on whole groups), so the caller takes the conv's input side out of torch-pruning's group."""
+    import torch_pruning as tp
+
+    per = conv.out_channels // conv.groups
+    weight, bias = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
+    keep = [o for o in range(conv.out_channels) if o not in set(removed)]
+    dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=removed).prune()
+    with torch.no_grad():
+        conv.weight = nn.Parameter(weight[keep])  # (out, in/groups, kh, kw): the kept groups' kernels, unsliced
+        if bias is not None:
+            conv.bias = nn.Parameter(bias[keep])
+    conv.in_channels = conv.out_channels = len(keep)
+    conv.groups = len(keep) // per
 
 
 def structural_copy(model: nn.Module, example_input: torch.Tensor, plan: Plan, biased: list[str],

@@ -155,7 +155,8 @@ class FlattenHead(nn.Module):
 
 
 class GroupedConv(nn.Module):
-    """A grouped conv (groups=2, not depthwise): its channels are coupled within groups, so it is left alone."""
+    """A grouped conv (groups=2, not depthwise): the group it reads and the group it makes are pruned as one, in whole
+    conv groups of 4 channels (edgeprune/groupconv.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -280,9 +281,10 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in [
         "fc1": _g(16, "fc1", ("fc2",)),
     }, output_layers=("fc2",)),
     ZooEntry("grouped", GroupedConv, {
+        "conv1.0": _g(8, "conv1.0", ("conv3.0",), ("conv1.1", "gconv.0", "gconv.1")),  # in units of 4
         "conv3.0": _g(16, "conv3.0", ("fc",), ("conv3.1",)),
-    }, output_layers=("fc",), excluded={"conv1.0": "grouped conv (groups=2)", "gconv.0": "grouped conv (groups=2)"}),
+    }, output_layers=("fc",)),
 ]}
 
-# Models whose every group is prunable (the grouped-conv model keeps two groups unpruned by design).
+# Models whose every group is prunable.
 PRUNABLE = tuple(ZOO)

@@ -155,15 +155,6 @@ def test_trace_ignore_fnmatch_leaves_other_groups_identical() -> None:
         assert g == full.group(g.name)
 
 
-def test_trace_grouped_conv_group_is_excluded_with_reason() -> None:
-    _, graph = traced(ZOO["grouped"])
-    assert set(graph.excluded) == {"conv1.0", "gconv.0"}
-    for reason in graph.excluded.values():
-        assert "gconv.0 is a grouped conv (groups=2)" in reason
-    assert [g.name for g in graph.groups] == ["conv3.0"]
-    assert "gconv.0" not in graph.consumer_modules()
-
-
 def test_graph_group_unknown_name_lists_groups() -> None:
     _, graph = traced(ZOO["chain"])
     with pytest.raises(EdgePruneError, match="no prunable group 'nope'; groups: conv1.0, conv2.0, conv3.0"):

@@ -1,0 +1,112 @@
+"""Grouped convolutions, pruned in whole groups.
+
+A grouped conv X (groups=G, neither dense nor depthwise) couples its input channels with its output channels group by
+group: removing one input channel of a group would leave the group's kernels a different width from the others, which
+a conv cannot express. torch-pruning sees two separate channel groups around X, the one X reads (rooted at the conv
+before it) and the one X makes (rooted at X), and slices X's input within every group at once. edgeprune instead
+merges the two into one group whose *units* are X's groups: a unit is removed whole (its input channels, X's kernels
+for it, its output channels and whatever follows them), X keeps G' < G groups of the same width, and the consumers
+after X are compensated for the output channels lost, exactly as for any other group (CAP.md §3). X itself is a
+member: nothing upstream of it changes for the units kept, so it needs no repair.
+
+This is what ResNeXt's 32x4d bottleneck and RegNetX's grouped 3x3 are: 1x1 conv -> BN -> grouped 3x3 -> BN -> 1x1
+conv. Cases outside that shape (a grouped conv whose output is added to another branch, one reading several groups,
+input and output widths that differ) stay excluded, each with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_dense(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
+def is_grouped(m: nn.Module) -> bool:
+    """A conv with groups that is neither dense nor depthwise."""
+    return isinstance(m, nn.Conv2d) and not is_dense(m) and not is_depthwise(m)
+
+
+Feeds = list[tuple[str, dict[int, int]]]  # (grouped conv, {its input channel: the group channel it is})
+
+
+def merge_grouped(groups: list[Any], fed: dict[str, Feeds], modules: dict[str, nn.Module],
+                  excluded: dict[str, str]) -> list[Any]:
+    """`groups` with each group that feeds a grouped conv merged with the group that conv makes (units: its groups);
+    the groups that cannot be merged go to `excluded` with their reason."""
+    by_name = {g.name: g for g in groups}
+    readers: dict[str, list[str]] = {}
+    for name, feeds in fed.items():
+        for conv, _ in feeds:
+            readers.setdefault(conv, []).append(name)
+    merged: dict[str, Any] = {}
+    for name, feeds in fed.items():
+        why = _why_not(by_name[name], feeds, by_name, readers, fed, modules, excluded)
+        if why is not None:
+            excluded[name] = why
+            continue
+        conv, pairs = feeds[0]
+        merged[name] = _merge(by_name[name], by_name[conv], pairs, modules[conv])
+    absorbed = {feeds[0][0] for name, feeds in fed.items() if name in merged}
+    out = []
+    for g in groups:
+        grouped = [p for p in g.producers if is_grouped(modules[p])]
+        if g.name in absorbed or g.name in excluded:
+            continue
+        if grouped and g.name not in merged:
+            excluded[g.name] = (f"{grouped[0]} is a grouped conv (groups={modules[grouped[0]].groups}) whose input "
+                                "channels cannot be removed with these output channels, group by group")
+            continue
+        out.append(merged.get(g.name, g))
+    return out
+
+
+def _why_not(a: Any, feeds: Feeds, by_name: dict[str, Any], readers: dict[str, list[str]], fed: dict[str, Feeds],
+             modules: dict[str, nn.Module], excluded: dict[str, str]) -> str | None:
+    """Why group `a` cannot be pruned in whole groups of the grouped conv it feeds; None when it can."""
+    conv = feeds[0][0]
+    m = modules[conv]
+    lead = f"it feeds the grouped conv {conv} (groups={m.groups})"
+    if len(feeds) > 1:
+        return f"it feeds {len(feeds)} grouped convs ({', '.join(c for c, _ in feeds)}), whose groups need not align"
+    if any(is_grouped(modules[p]) for p in a.producers):
+        return f"{lead} and is itself made by a grouped conv: chained grouped convs are not pruned"
+    if len(readers[conv]) > 1:
+        return f"{lead}, which also reads the groups {', '.join(r for r in readers[conv] if r != a.name)}"
+    if m.in_channels != m.out_channels:
+        return f"{lead}, whose input and output widths differ ({m.in_channels} -> {m.out_channels})"
+    if a.channels != m.in_channels or sorted(feeds[0][1]) != list(range(m.in_channels)):
+        return f"{lead}, which reads only part of these channels"
+    b = by_name.get(conv)
+    if b is None:
+        return f"{lead}, whose output channels cannot be pruned: {excluded.get(conv, 'they are not a group')}"
+    if b.producers != (conv,):
+        return f"{lead}, whose output channels are coupled with {', '.join(p for p in b.producers if p != conv)}"
+    if conv in fed:
+        return f"{lead}, whose output feeds another grouped conv: chained grouped convs are not pruned"
+    return None
+
+
+def _merge(a: Any, b: Any, pairs: dict[int, int], conv: nn.Conv2d) -> Any:
+    """Group `a` (read by `conv`) and group `b` (made by `conv`) as one group of `a`'s channels, in units of `conv`'s
+    groups. Channel r of `a` is `conv`'s input i = pairs^-1(r); the output channel i of the same conv group stands for it
+    in `b`'s consumers (within a unit, which one stands for which does not matter: a unit goes whole)."""
+    per = conv.in_channels // conv.groups
+    out_channel = {o: ch for o, ch in enumerate(b.produces[0])} if b.produces else {o: o for o in range(b.channels)}
+    consumers = []
+    for c in b.consumers:
+        coords = [()] * a.channels
+        for i, r in pairs.items():
+            coords[r] = c.coords[out_channel[i]]
+        consumers.append(dataclasses.replace(c, coords=tuple(coords)))
+    units = tuple(tuple(sorted(pairs[i] for i in range(k * per, (k + 1) * per))) for k in range(conv.groups))
+    members = tuple(dict.fromkeys((*a.members, b.name, *b.members)))  # b is named after its root, the conv
+    return dataclasses.replace(a, consumers=(*a.consumers, *consumers), members=members, units=units)
