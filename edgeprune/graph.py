@@ -185,6 +185,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
     """torch-pruning's DependencyGraph, with a clear error when the model cannot be traced."""
     import torch_pruning as tp
 
+    _guard_reshape_mapping()
     model.eval()
     try:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
@@ -201,6 +202,57 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
             f"torch-pruning cannot trace {type(model).__name__}: it fails at {hint} ({type(e).__name__}: "
             f"{first} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
+
+
+def _guard_reshape_mapping() -> None:
+    """torch-pruning maps channels through a reshape by the channel counts either side, and divides by zero when one
+    side has none it can infer: a channel shuffle's 5-D view (shufflenet_v2: view(n, 2, c/2, h, w), transpose, view
+    back) stops the whole trace. Guarded here, the failing reshape keeps torch-pruning's default (identity) mapping,
+    which is wrong for a shuffle; but a shuffle also transposes, and every group through a transpose is excluded
+    (CHANNEL_MIXING), so no group's channels are mapped through it. Installed once, idempotent; other reshapes map as
+    before."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+    if getattr(original, "edgeprune_guarded", False):
+        return
+
+    def guarded(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            log.debug("torch-pruning cannot map channels through %s; groups through it stay identity-mapped", node)
+
+    guarded.edgeprune_guarded = True  # type: ignore[attr-defined]
+    index_mapping.update_reshape_index_mapping = guarded
+
+
+def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], excluded: dict[str, str]) -> list[Any]:
+    """torch-pruning's groups rooted at each conv and linear (as `DependencyGraph.get_all_groups`), except that a root
+    whose channels torch-pruning cannot follow is excluded with its reason instead of stopping the whole trace (after
+    a channel shuffle, its split mapping indexes past its offsets), and membership is tested by identity in sets, not
+    by scanning lists (quadratic in the layers)."""
+    skip = {id(m) for m in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
+    visited: set[int] = set()
+    out = []
+    for m in list(dg.module2node):
+        if id(m) in skip or id(m) in visited or not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except (IndexError, ValueError, KeyError, ZeroDivisionError) as e:
+            visited.add(id(m))
+            excluded[names.get(m, f"<{type(m).__name__}>")] = (f"torch-pruning cannot follow its channels "
+                                                              f"({type(e).__name__}: {first_line(e, 80)})")
+            continue
+        outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
+        visited.update(id(o) for o in outs)
+        if not any(id(o) in skip for o in outs):
+            out.append(group)
+    return out
 
 
 def _output_layers(dg: Any, names: dict[nn.Module, str]) -> list[nn.Module]:
@@ -305,9 +357,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         names = {m: n for n, m in model.named_modules()}
         outputs = _output_layers(dg, names)
         ignored = outputs + [m for n, m in model.named_modules() if n and ignore and matches(n, ignore)]
-        tp_groups = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]))
+        excluded: dict[str, str] = {}
+        tp_groups = all_groups(dg, ignored, names, excluded)
     groups: list[Group] = []
-    excluded: dict[str, str] = {}
     fed: dict[str, list[tuple[str, dict[int, int]]]] = {}  # group -> the grouped convs reading it
     for tp_group in tp_groups:
         root_item = tp_group[0]
