@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgeprune.errors import EdgePruneError
 from edgeprune.cliutil import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
                                add_repair_arg, emit_json, prune_config)
 
@@ -95,6 +96,9 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
                         "error goes to the groups whose channels cost most), or auto (default): latency with --lut (and "
                         "the fidelity proxy, compensation), else step")
+    p.add_argument("--output-weight", action="append", default=[], metavar="NAME=W",
+                   help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
+                        "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")
     add_gate_args(p)
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
                    help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
@@ -136,6 +140,20 @@ def gate_options(args: argparse.Namespace) -> dict:
             "evaluate": load_callable(args.evaluate, "--evaluate") if args.evaluate else None}
 
 
+def parse_output_weights(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """`--output-weight NAME=W` flags as (name, weight) pairs; a malformed one is refused."""
+    out = []
+    for item in items:
+        name, eq, value = item.rpartition("=")
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            name = ""
+        if not eq or not name:
+            raise EdgePruneError(f"--output-weight must be NAME=WEIGHT (e.g. boxes=2), found {item!r}")
+    return tuple(out)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from edgeprune.api import run_build as typed
     from edgeprune.config import BuildConfig
@@ -144,7 +162,8 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
                          tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
                          use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
-                         allocation=args.allocation, margin_k=args.noise_margin, **gate_options(args))
+                         allocation=args.allocation, margin_k=args.noise_margin,
+                         output_weights=parse_output_weights(args.output_weight), **gate_options(args))
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:
             progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")

@@ -124,6 +124,9 @@ class BuildConfig:
     # the user's own metric (higher is better) of a torch module, before and after; gated by max_metric_drop
     evaluate: Callable[[Any], float] | None = field(default=None, compare=False)
     max_metric_drop: float | None = None  # in the metric's own units
+    # weight of each named output in the fidelity proxy's error (a weighted mean of per-output relative errors);
+    # outputs not named weigh 1
+    output_weights: tuple[tuple[str, float], ...] = ()
 
     @property
     def budget(self) -> Budget:
@@ -137,6 +140,11 @@ class BuildConfig:
             raise EdgePruneError("--max-metric-drop gates on the user's metric: give --evaluate pkg.module:function "
                                  "(or evaluate= in Python)")
 
+        if isinstance(self.output_weights, dict):  # Python: output_weights={"boxes": 2.0}
+            object.__setattr__(self, "output_weights", tuple(self.output_weights.items()))
+        for name, w in self.output_weights:
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise EdgePruneError(f"--output-weight {name}={w!r}: a weight must be a finite number >= 0")
         if self.proxy not in PROXIES + ("auto",):
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
         if self.allocation not in ALLOCATIONS + ("auto",):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from edgeprune.data import CalibrationData
+from edgeprune.errors import EdgePruneError
 from edgeprune.outputs import flatten_outputs, is_class_logits
 
 Named = dict[str, torch.Tensor]  # output name -> held-out outputs, N x ... (float64)
@@ -138,7 +139,8 @@ class MaskedProxy:
     """
 
     def __init__(self, model: nn.Module, graph: Any, stats: dict, x: torch.Tensor, repair: bool = True,
-                 orders: dict[str, tuple[int, ...]] | None = None, solvers: dict | None = None) -> None:
+                 orders: dict[str, tuple[int, ...]] | None = None, solvers: dict | None = None,
+                 weights: dict[str, float] | None = None) -> None:
         import copy
 
         self.model = copy.deepcopy(model).eval()
@@ -151,13 +153,14 @@ class MaskedProxy:
         self.originals = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                           for n, m in self.modules.items()}
         self.base = self._forward()
+        self.weights = output_weights(list(self.base), weights or {})
 
     def _forward(self) -> Named:
         with torch.no_grad():
             return {n: t.double() for n, t in flatten_outputs(self.model(self.x))}
 
     def error(self, plan: Any) -> float:
-        """||y_plan - y|| / ||y|| over the samples, averaged over outputs."""
+        """||y_plan - y|| / ||y|| over the samples, a weighted mean over outputs (each weighing 1 unless given)."""
         from edgeprune.surgery import compensate_consumers
 
         with torch.no_grad():
@@ -171,4 +174,18 @@ class MaskedProxy:
         compensate_consumers(self.model, self.graph, plan, self.stats, self.orders, self.solvers, memo=self.memo,
                              repair=self.repair)
         rels = relative_errors(self._forward(), self.base)
-        return sum(rels.values()) / len(rels)
+        return sum(self.weights[n] * r for n, r in rels.items()) / sum(self.weights.values())
+
+
+def output_weights(names: list[str], given: dict[str, float]) -> dict[str, float]:
+    """Each output's weight in the proxy: `given`, else 1. Names the model does not have, or weights that leave every
+    output at 0, are refused before the search starts."""
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise EdgePruneError(f"--output-weight names {', '.join(map(repr, unknown))}, which the model does not output; "
+                             f"its outputs are {', '.join(names)}")
+    weights = {n: float(given.get(n, 1.0)) for n in names}
+    if not any(w > 0 for w in weights.values()):
+        raise EdgePruneError(f"--output-weight gives every output weight 0 ({', '.join(names)}); the search needs one "
+                             "output that counts")
+    return weights

@@ -211,7 +211,11 @@ def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLeve
         log.warning("--proxy loss on real calibration data: the CaP loss curves do not compare across layers and "
                     "allocated worse than uniform widths on the bundled example (output error 0.241 against 0.195 "
                     "at about 0.25x MACs); --proxy fidelity (the default here) measures the network's output")
-    error_of = fidelity_error(session, session.timings_s) if proxy == "fidelity" else None
+    if config.output_weights and proxy != "fidelity":
+        log.warning("--output-weight weighs outputs in the fidelity proxy; this build's proxy is %s, which ignores "
+                    "them (--proxy fidelity uses them)", proxy)
+    error_of = fidelity_error(session, session.timings_s, dict(config.output_weights)) if proxy == "fidelity" \
+        else None
     allocation = config.allocation_for(proxy)
     cost = allocation_cost(session, table) if allocation == "latency" else None
     widths_for = make_widths_fn(session.graph, session.rankings, session.config.channel_multiple, error=error_of,

@@ -180,16 +180,18 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
 PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224
 
 
-def fidelity_error(prep: Prepared, timings: dict[str, float]) -> Callable[[dict[str, int]], float]:
-    """The `fidelity` proxy: output error of the masked, compensated network on calibration samples, memoised by
-    widths (the inner level and the search's choice among feasible candidates ask for the same widths)."""
+def fidelity_error(prep: Prepared, timings: dict[str, float],
+                   weights: dict[str, float] | None = None) -> Callable[[dict[str, int]], float]:
+    """The `fidelity` proxy: output error of the masked, compensated network on calibration samples (a weighted mean
+    over outputs, `weights` by output name), memoised by widths (the inner level and the search's choice among
+    feasible candidates ask for the same widths)."""
     from edgeprune.fidelity import MaskedProxy
     from edgeprune.allocate import widths_digest
 
     n = max(8, min(256, PROXY_VALUES // int(np.prod(prep.data.sample_shape))))
     x = torch.from_numpy(prep.data.calib_x[:n].copy())
     proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
-                        orders=prep.orders(), solvers=prep.solvers)
+                        orders=prep.orders(), solvers=prep.solvers, weights=weights)
     memo: dict[str, float] = {}
 
     def error(widths: dict[str, int]) -> float:

@@ -68,3 +68,54 @@ def test_prune_of_a_model_with_several_outputs_names_and_checks_each(tmp_path: P
     got = sess.run(None, {sess.get_inputs()[0].name: x})
     assert [g.shape for g in got] == [w.shape for w in want]
     assert any(w["after"] < w["before"] for w in r["widths"].values())
+
+
+def test_fidelity_proxy_weighs_each_output_as_told() -> None:
+    """The search's proxy is a weighted mean of per-output relative errors: with `aux` at weight 0 it is the mean of
+    the other two outputs' errors of the same masked network, with `out` at 3 that output counts three times."""
+    from edgeprune.fidelity import MaskedProxy, relative_errors
+    from edgeprune.graph import trace
+    from edgeprune.plan import Plan
+    from edgeprune.statistics import collect_statistics
+
+    model = make_two_heads()
+    x = torch.randn(16, 3, 16, 16)
+    graph = trace(model, x[:1])
+    stats = collect_statistics(model, graph.consumer_modules(), [x[:8], x[8:]])
+    plan = Plan(kept={g.name: tuple(range(g.channels // 2)) for g in graph.groups},
+                channels={g.name: g.channels for g in graph.groups})
+    plain = MaskedProxy(model, graph, stats, x)
+    base = plain.base
+    plain.error(plan)
+    rels = relative_errors(plain._forward(), base)
+    assert plain.error(plan) == pytest.approx(np.mean(list(rels.values())))
+    assert len(set(round(v, 6) for v in rels.values())) == 3  # the weights below change the figure
+    no_aux = MaskedProxy(model, graph, stats, x, weights={"aux": 0.0})
+    assert no_aux.error(plan) == pytest.approx((rels["out"] + rels["extra.0"]) / 2)
+    heavy = MaskedProxy(model, graph, stats, x, weights={"out": 3.0})
+    assert heavy.error(plan) == pytest.approx((3 * rels["out"] + rels["aux"] + rels["extra.0"]) / 5)
+
+
+@pytest.mark.parametrize("weights, words", [({"boxes": 1.0}, "names 'boxes', which the model does not output; its "
+                                             "outputs are out, aux, extra.0"),
+                                            ({"out": 0, "aux": 0, "extra.0": 0}, "every output weight 0")])
+def test_output_weights_naming_no_output_or_silencing_all_are_refused(weights: dict, words: str) -> None:
+    from edgeprune.fidelity import output_weights
+
+    with pytest.raises(EdgePruneError, match=words):
+        output_weights(["out", "aux", "extra.0"], weights)
+
+
+@pytest.mark.parametrize("flag, words", [("out", "must be NAME=WEIGHT"), ("out=-1", "finite number >= 0"),
+                                         ("boxes=2", "does not output")])
+def test_build_refuses_a_bad_output_weight_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, flag: str,
+                                                       words: str) -> None:
+    from edgeprune.cli import main
+
+    out = tmp_path / "b"
+    code = main(["build", "--model", f"{__file__}:make_two_heads", "--input-shape", "1,3,16,16", "--calibration",
+                 "random", "--proxy", "fidelity", "--latency", "0.7x", "--output-weight", flag, "--out", str(out),
+                 "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("edgeprune: error:") and words in err[0], err
+    assert not out.exists()
