@@ -28,8 +28,8 @@ def layer_macs(layer: Layer, cin: int, cout: int) -> int:
     for size, k, st, p, d in zip(s["hw"], s["k"], s["s"], s["p"], s["d"]):
         out *= max(1, (size + 2 * p - d * (k - 1) - 1) // st + 1)
     kk = s["k"][0] * s["k"][1]
-    if layer.depthwise:
-        return cout * kk * out
+    if layer.depthwise:  # depthwise: one input channel per output; a grouped conv: its group width
+        return cout * int(s.get("group_width", 1)) * kk * out
     return cin * cout * kk * out // max(1, int(s["groups"]))
 
 

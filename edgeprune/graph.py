@@ -207,7 +207,8 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
 def _guard_reshape_mapping() -> None:
     """torch-pruning maps channels through a reshape by the channel counts either side, and divides by zero when one
     side has none it can infer: a channel shuffle's 5-D view (shufflenet_v2: view(n, 2, c/2, h, w), transpose, view
-    back) stops the whole trace. Guarded here, the failing reshape keeps torch-pruning's default (identity) mapping,
+    back) stops the whole trace, or maps it as a flatten whose indices multiply into millions (28 s to group
+    shufflenet_v2_x0_5). Guarded here, a reshape feeding a transpose, or one that fails, keeps the default (identity) mapping,
     which is wrong for a shuffle; but a shuffle also transposes, and every group through a transpose is excluded
     (CHANNEL_MIXING), so no group's channels are mapped through it. Installed once, idempotent; other reshapes map as
     before."""
@@ -218,6 +219,9 @@ def _guard_reshape_mapping() -> None:
         return
 
     def guarded(graph: Any, node: Any) -> None:
+        if any(type(getattr(o, "grad_fn", None)).__name__.startswith(("TransposeBackward", "PermuteBackward"))
+               for o in node.outputs):
+            return  # a shuffle's view: any mapping is wrong, and torch-pruning's flatten mapping explodes the indices
         try:
             original(graph, node)
         except ZeroDivisionError:
@@ -250,8 +254,12 @@ def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], e
             continue
         outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
         visited.update(id(o) for o in outs)
-        if not any(id(o) in skip for o in outs):
+        held = [names.get(o, type(o).__name__) for o in outs if id(o) in skip]
+        if not held:
             out.append(group)
+        elif names.get(m) not in held:  # coupled with a layer left whole: say so (torch-pruning drops it silently)
+            excluded[names.get(m, f"<{type(m).__name__}>")] = (f"its channels are coupled with {held[0]}, an output "
+                                                              "layer or one --ignore names, which keeps its channels")
     return out
 
 

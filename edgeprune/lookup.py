@@ -107,6 +107,8 @@ class LayerModel:
                         "act": act}
                 if kind == "gconv":  # pruned in whole groups: the group width stays, the number of groups follows
                     lspec["group_width"] = m.in_channels // m.groups
+                else:
+                    lspec["groups"] = m.groups
                 cin, cout = m.in_channels, m.out_channels
             else:
                 kind = "linear"

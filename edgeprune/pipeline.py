@@ -330,8 +330,8 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
         "base": latency_entry(base, session.loaded.module, example),
         "final": latency_entry(final, release.pruned, example),
         "speedup": base.median / final.median,
-        "widths": {g.name: {"before": g.channels, "after": release.candidate.widths[g.name]}
-                   for g in session.graph.groups},
+        "widths": {g.name: {"before": g.channels, "after": release.candidate.widths[g.name],
+                            **({"unit": g.unit} if g.units else {})} for g in session.graph.groups},
         "fidelity": fid.to_dict(), "quality_gates": gates,
         "lut": config.lut,
         "device_measurements": measurer.device_runs,

@@ -156,3 +156,26 @@ def test_resnext_prunes_every_bottleneck_in_whole_groups() -> None:
     assert pruned.layer1[0].conv2.groups == 16 and pruned.layer1[0].conv2.in_channels == 64
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape and np.isfinite(pruned(x).numpy()).all()
+
+
+def test_latency_model_follows_a_grouped_conv_by_its_group_width(tmp_path) -> None:
+    """Latency tables and the MACs cost see the grouped conv at the group's width, with as many conv groups as
+    whole units remain, and its one-layer ONNX model at that width runs."""
+    import onnxruntime as ort
+
+    from edgeprune.cost import layer_macs
+    from edgeprune.lookup import LayerModel
+    from edgeprune.lookupbuild import build_layer_onnx
+
+    model, x = grouped()
+    graph = trace(model, x)
+    layers = {layer.name: layer for layer in LayerModel.from_model(model, x, graph).layers}
+    g = layers["gconv.0"]
+    assert g.spec["kind"] == "gconv" and g.spec["group_width"] == 4 and g.depthwise and g.out_group == "conv1.0"
+    assert "groups" in layers["conv3.0"].spec  # dense convs keep their signature
+    assert g.widths({"conv1.0": 4}, {"conv1.0": 8, "conv3.0": 16}) == (4, 4)
+    assert layer_macs(g, 4, 4) == 4 * 4 * 9 * 16 * 16 and layer_macs(g, 8, 8) == 2 * layer_macs(g, 4, 4)
+    path = build_layer_onnx(g.spec, 4, 4, tmp_path / "g.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": np.zeros((1, 4, 16, 16), np.float32)})[0]
+    assert y.shape == (1, 4, 16, 16)
