@@ -76,9 +76,12 @@ def _torchvision(name: str) -> nn.Module:
     import inspect
 
     # segmentation and detection builders fetch an ImageNet backbone by default (weights_backbone): nothing is ever
-    # downloaded unless --weights asks for it
+    # downloaded unless --weights asks for it. Segmenters with an auxiliary head (fcn, deeplabv3) are built with it,
+    # as torchvision's trained weights are: their outputs are `out` and `aux`
     params = inspect.signature(torchvision.models.get_model_builder(name)).parameters
     extra = {"weights_backbone": None} if "weights_backbone" in params else {}
+    if "aux_loss" in params:
+        extra["aux_loss"] = True
     return torchvision.models.get_model(name, weights=None, **extra)
 
 

@@ -79,3 +79,17 @@ def test_torchvision_specs_never_download_a_backbone(name: str, monkeypatch: pyt
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_network)  # torchvision's own reference to it
     assert isinstance(_torchvision(name), torch.nn.Module)
+
+
+def test_segmenters_with_an_auxiliary_head_are_built_with_it() -> None:
+    """fcn and deeplabv3 come with their auxiliary classifier, as torchvision's trained weights have it: two named
+    outputs, `out` and `aux`, both at the input's resolution; lraspp has one."""
+    from edgeprune.outputs import flatten_outputs
+
+    loaded = load_model("torchvision:deeplabv3_mobilenet_v3_large", input_shape=(1, 3, 64, 64))
+    with torch.no_grad():
+        outs = dict(flatten_outputs(loaded.module(loaded.example_input)))
+    assert list(outs) == ["out", "aux"] and all(t.shape == (1, 21, 64, 64) for t in outs.values())
+    lraspp = load_model("torchvision:lraspp_mobilenet_v3_large", input_shape=(1, 3, 64, 64))
+    with torch.no_grad():
+        assert [n for n, _ in flatten_outputs(lraspp.module(lraspp.example_input))] == ["out"]
