@@ -10,8 +10,9 @@ after X are compensated for the output channels lost, exactly as for any other g
 member: nothing upstream of it changes for the units kept, so it needs no repair.
 
 This is what ResNeXt's 32x4d bottleneck and RegNetX's grouped 3x3 are: 1x1 conv -> BN -> grouped 3x3 -> BN -> 1x1
-conv. Cases outside that shape (a grouped conv whose output is added to another branch, one reading several groups,
-input and output widths that differ) stay excluded, each with its reason.
+conv, and RegNetY's, whose grouped conv's output is also gated by a squeeze-excite (the gate's last layer is then a
+producer of the merged group). Cases outside that shape (a grouped conv whose output is added to another branch, one
+reading several groups, input and output widths that differ) stay excluded, each with its reason.
 """
 
 from __future__ import annotations
@@ -43,19 +44,20 @@ def merge_grouped(groups: list[Any], fed: dict[str, Feeds], modules: dict[str, n
     """`groups` with each group that feeds a grouped conv merged with the group that conv makes (units: its groups);
     the groups that cannot be merged go to `excluded` with their reason."""
     by_name = {g.name: g for g in groups}
+    made_by = {p: g for g in groups for p in g.producers}  # the group a conv's output channels are in
     readers: dict[str, list[str]] = {}
     for name, feeds in fed.items():
         for conv, _ in feeds:
             readers.setdefault(conv, []).append(name)
     merged: dict[str, Any] = {}
     for name, feeds in fed.items():
-        why = _why_not(by_name[name], feeds, by_name, readers, fed, modules, excluded)
+        conv, pairs = feeds[0]
+        why = _why_not(by_name[name], feeds, made_by.get(conv), readers, fed, modules, excluded)
         if why is not None:
             excluded[name] = why
             continue
-        conv, pairs = feeds[0]
-        merged[name] = _merge(by_name[name], by_name[conv], pairs, modules[conv])
-    absorbed = {feeds[0][0] for name, feeds in fed.items() if name in merged}
+        merged[name] = _merge(by_name[name], made_by[conv], conv, pairs, modules[conv])
+    absorbed = {made_by[feeds[0][0]].name for name, feeds in fed.items() if name in merged}
     out = []
     for g in groups:
         grouped = [p for p in g.producers if is_grouped(modules[p])]
@@ -69,7 +71,7 @@ def merge_grouped(groups: list[Any], fed: dict[str, Feeds], modules: dict[str, n
     return out
 
 
-def _why_not(a: Any, feeds: Feeds, by_name: dict[str, Any], readers: dict[str, list[str]], fed: dict[str, Feeds],
+def _why_not(a: Any, feeds: Feeds, b: Any, readers: dict[str, list[str]], fed: dict[str, Feeds],
              modules: dict[str, nn.Module], excluded: dict[str, str]) -> str | None:
     """Why group `a` cannot be pruned in whole groups of the grouped conv it feeds; None when it can."""
     conv = feeds[0][0]
@@ -85,22 +87,26 @@ def _why_not(a: Any, feeds: Feeds, by_name: dict[str, Any], readers: dict[str, l
         return f"{lead}, whose input and output widths differ ({m.in_channels} -> {m.out_channels})"
     if a.channels != m.in_channels or sorted(feeds[0][1]) != list(range(m.in_channels)):
         return f"{lead}, which reads only part of these channels"
-    b = by_name.get(conv)
     if b is None:
         return f"{lead}, whose output channels cannot be pruned: {excluded.get(conv, 'they are not a group')}"
-    if b.producers != (conv,):
-        return f"{lead}, whose output channels are coupled with {', '.join(p for p in b.producers if p != conv)}"
-    if conv in fed:
+    others = [p for p in b.producers if p != conv]
+    circular = set(a.producers) & {c.module for c in b.consumers}  # a residual stream feeding back into `a`
+    if circular or any(is_grouped(modules[p]) for p in others) or \
+            (others and (not b.produces or any(len(set(made)) != b.channels for made in b.produces))):
+        return f"{lead}, whose output channels are coupled with {', '.join(others)}"
+    if b.name in fed:
         return f"{lead}, whose output feeds another grouped conv: chained grouped convs are not pruned"
     return None
 
 
-def _merge(a: Any, b: Any, pairs: dict[int, int], conv: nn.Conv2d) -> Any:
+def _merge(a: Any, b: Any, name: str, pairs: dict[int, int], conv: nn.Conv2d) -> Any:
     """Group `a` (read by `conv`) and group `b` (made by `conv`) as one group of `a`'s channels, in units of `conv`'s
     groups. Channel r of `a` is `conv`'s input i = pairs^-1(r); the output channel i of the same conv group stands for it
     in `b`'s consumers (within a unit, which one stands for which does not matter: a unit goes whole)."""
     per = conv.in_channels // conv.groups
-    out_channel = {o: ch for o, ch in enumerate(b.produces[0])} if b.produces else {o: o for o in range(b.channels)}
+    made = dict(zip(b.producers, b.produces)) if b.produces else {name: tuple(range(b.channels))}
+    out_channel = dict(enumerate(made[name]))
+    a_channel = {ch: pairs[o] for o, ch in out_channel.items()}  # b's channel -> a's channel
     consumers = []
     for c in b.consumers:
         coords = [()] * a.channels
@@ -108,5 +114,9 @@ def _merge(a: Any, b: Any, pairs: dict[int, int], conv: nn.Conv2d) -> Any:
             coords[r] = c.coords[out_channel[i]]
         consumers.append(dataclasses.replace(c, coords=tuple(coords)))
     units = tuple(tuple(sorted(pairs[i] for i in range(k * per, (k + 1) * per))) for k in range(conv.groups))
-    members = tuple(dict.fromkeys((*a.members, b.name, *b.members)))  # b is named after its root, the conv
-    return dataclasses.replace(a, consumers=(*a.consumers, *consumers), members=members, units=units)
+    members = tuple(dict.fromkeys((*a.members, name, *b.members)))
+    # producers of b's channels besides the conv (a squeeze-excite gate's last layer, RegNetY) make a's channels
+    others = [(p, tuple(a_channel[ch] for ch in m)) for p, m in made.items() if p != name]
+    produces = (a.produces or (tuple(range(a.channels)),) * len(a.producers)) + tuple(m for _, m in others)
+    return dataclasses.replace(a, consumers=(*a.consumers, *consumers), members=members, units=units,
+                               producers=(*a.producers, *(p for p, _ in others)), produces=produces)

@@ -179,3 +179,40 @@ def test_latency_model_follows_a_grouped_conv_by_its_group_width(tmp_path) -> No
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": np.zeros((1, 4, 16, 16), np.float32)})[0]
     assert y.shape == (1, 4, 16, 16)
+
+
+class GatedGrouped(nn.Module):
+    """RegNetY's shape: 1x1 -> grouped 3x3 -> squeeze-excite gate -> 1x1; the gate's last conv makes the grouped
+    conv's channels too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = conv_bn(3, 8, k=1)
+        self.gconv = conv_bn(8, 8, groups=2)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.conv3 = nn.Conv2d(8, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gconv(self.conv1(x))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.conv3(y * gate)
+
+
+def test_a_squeeze_excite_gated_grouped_conv_prunes_its_gate_with_it() -> None:
+    torch.manual_seed(0)
+    model = settle(GatedGrouped())
+    x = torch.randn(1, 3, 16, 16) + 0.3
+    graph = trace(model, x)
+    g = graph.group("conv1.0")
+    assert g.producers == ("conv1.0", "fc2") and g.unit == 4 and {c.module for c in g.consumers} == {"fc1", "conv3"}
+    stats = collect_statistics(model, graph.consumer_modules(), [torch.randn(16, 3, 16, 16) + 0.3 for _ in range(4)])
+    kept = tuple(sorted(rank("cap", model, g, stats).order[:4]))
+    held = torch.randn(32, 3, 16, 16) + 0.3
+    errs = {}
+    for comp in (False, True):
+        plan = Plan(kept={"conv1.0": kept}, channels={q.name: q.channels for q in graph.groups}, compensation=comp)
+        pruned = prune(model, x, plan, stats, graph=graph)
+        assert pruned.fc2.out_channels == 4 and pruned.gconv[0].groups == 1 and pruned.fc1.in_channels == 4
+        with torch.no_grad():
+            errs[comp] = float((pruned(held) - model(held)).norm() / model(held).norm())
+    assert errs[True] < errs[False], errs
