@@ -26,6 +26,7 @@ from torch import nn
 
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.groupconv import is_dense, is_depthwise, merge_grouped
+from edgeprune.reshapes import cut_unmapped, guard_mapping, unmapped_reason
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ SPLITTING = ("SplitBackward", "SplitWithSizesBackward", "UnsafeSplitBackward", "
 
 
 def _mixing_op(node: Any) -> str | None:
+    unmapped = unmapped_reason(node)
+    if unmapped is not None:
+        return unmapped
     fn = getattr(node, "grad_fn", None)
     name = type(fn).__name__ if fn is not None else ""
     if any(name.startswith(m) for m in CHANNEL_MIXING):
@@ -182,14 +186,15 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any:
-    """torch-pruning's DependencyGraph, with a clear error when the model cannot be traced."""
+    """torch-pruning's DependencyGraph, with a clear error when the model cannot be traced, and cut at the reshapes it
+    cannot map (`reshapes.cut_unmapped`: attention's head splits, where its grouping would never end)."""
     import torch_pruning as tp
 
-    _guard_reshape_mapping()
+    guard_mapping()
     model.eval()
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    except Exception as e:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as e:  # noqa: BLE001 - torch-pruning fails with any type; one line names the step
         import traceback
 
         first = first_line(e, 200)
@@ -202,33 +207,10 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
             f"torch-pruning cannot trace {type(model).__name__}: it fails at {hint} ({type(e).__name__}: "
             f"{first} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
-
-
-def _guard_reshape_mapping() -> None:
-    """torch-pruning maps channels through a reshape by the channel counts either side, and divides by zero when one
-    side has none it can infer: a channel shuffle's 5-D view (shufflenet_v2: view(n, 2, c/2, h, w), transpose, view
-    back) stops the whole trace, or maps it as a flatten whose indices multiply into millions (28 s to group
-    shufflenet_v2_x0_5). Guarded here, a reshape feeding a transpose, or one that fails, keeps the default (identity) mapping,
-    which is wrong for a shuffle; but a shuffle also transposes, and every group through a transpose is excluded
-    (CHANNEL_MIXING), so no group's channels are mapped through it. Installed once, idempotent; other reshapes map as
-    before."""
-    from torch_pruning.dependency import index_mapping
-
-    original = index_mapping.update_reshape_index_mapping
-    if getattr(original, "edgeprune_guarded", False):
-        return
-
-    def guarded(graph: Any, node: Any) -> None:
-        if any(type(getattr(o, "grad_fn", None)).__name__.startswith(("TransposeBackward", "PermuteBackward"))
-               for o in node.outputs):
-            return  # a shuffle's view: any mapping is wrong, and torch-pruning's flatten mapping explodes the indices
-        try:
-            original(graph, node)
-        except ZeroDivisionError:
-            log.debug("torch-pruning cannot map channels through %s; groups through it stay identity-mapped", node)
-
-    guarded.edgeprune_guarded = True  # type: ignore[attr-defined]
-    index_mapping.update_reshape_index_mapping = guarded
+    cut = cut_unmapped(dg)
+    if cut:
+        log.info("cut the dependency graph at %d reshapes torch-pruning cannot map", cut)
+    return dg
 
 
 def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], excluded: dict[str, str]) -> list[Any]:
@@ -328,8 +310,8 @@ class _TraceTimeout(BaseException):
 @contextmanager
 def time_limit(seconds: float, what: str) -> Iterator[None]:
     """Stop the block after `seconds` with a one-line error (main thread on Unix: SIGALRM; elsewhere no limit). A
-    release pipeline must not hang on a model torch-pruning cannot group in reasonable time (yolo11n: minutes in its
-    index mapping)."""
+    release pipeline must not hang on a model torch-pruning cannot group in reasonable time (as yolo11n did, for
+    minutes, until `reshapes.cut_unmapped` cut its attention's reshapes)."""
     import signal
     import threading
 
@@ -356,8 +338,6 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
 def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...] = (), dg: Any = None) -> Graph:
     """Coupled channel groups of `model`, excluding output layers and modules matching `ignore` patterns."""
     import os
-
-    import torch_pruning as tp
 
     limit = float(os.environ.get("EDGEPRUNE_TRACE_SECONDS", TRACE_SECONDS))
     with time_limit(limit, type(model).__name__):

@@ -140,8 +140,10 @@ class _Prober:
         else:
             p = self.oracle(widths)
             self.last_spread = p.spread
-        # a second figure only where max_steps has room for it besides this one
-        if self.remeasure is not None and self.band.ambiguous(p) and self.spent() + 2 <= self.max_steps:
+        # a second figure only where max_steps has room for it besides this one, and never of a known figure: the
+        # build's baseline was measured in this run, and the oracle has no candidate file of it to measure again
+        if (self.remeasure is not None and digest not in self.known and self.band.ambiguous(p)
+                and self.spent() + 2 <= self.max_steps):
             p = _combine(p, self.remeasure(widths))
             self.remeasured += 1
         error = self.error_of(widths) if self.error_of is not None else None

@@ -100,6 +100,20 @@ def test_search_takes_known_baseline_without_calling_the_oracle() -> None:
     assert res.best is not None and 0.95 * 0.5 * base <= res.best.latency_ms <= 0.5 * base
 
 
+def test_search_does_not_remeasure_a_known_baseline_when_its_figure_straddles_the_budget() -> None:
+    """A noisy baseline (spread 30%) straddles a 0.7x budget: it is still not measured again (the measured oracle has
+    no candidate file of the unpruned model; asking for one stopped a yolo11n build with exit 2)."""
+    g = toy_graph([64, 128, 256, 256])
+    ranks = {gr.name: curve(gr.channels, 1.5) for gr in g.groups}
+    oracle = latency_of(g)
+    full = {gr.name: gr.channels for gr in g.groups}
+    base = oracle(full).latency_ms
+    again = []
+    res = search(make_widths_fn(g, ranks, 8), oracle, 0.7 * base, known={widths_digest(full): Probe(base, "baseline",
+                 0.3)}, remeasure=lambda w: (again.append(w), oracle(w))[1])
+    assert full not in again and res.trace[0].source == "baseline" and res.best is not None
+
+
 def test_search_unreachable_budget_reports_fastest() -> None:
     g = toy_graph([64, 64])
     ranks = {gr.name: curve(gr.channels, 1.0) for gr in g.groups}
