@@ -199,7 +199,8 @@ def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
         if r.get("metric"):
             m = r["metric"]
             print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
-        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx, "
+        fp32 = " (int8), model.fp32.onnx" if r.get("quantization") else ""
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
               f"pruned.pt, plan.json, report.json, report.md")
     if result.message:
         sys.stderr.write(f"edgeprune: error: {result.message}\n")
