@@ -99,7 +99,8 @@ def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tup
     """Prune `model` until its latency measured on `device` meets `latency` ("10ms", "800us", "0.5x").
 
     `evaluate(module) -> float` (higher is better) is your metric, run on the unpruned and the pruned torch module
-    (eval mode, CPU); it is in the report and gated by `max_metric_drop=`. Artifacts go to `out` (default: a new
+    (eval mode, CPU; on an int8 target the pruned model is the quantised ONNX file run in ONNX Runtime, a
+    `quantize.OnnxModule`); it is in the report and gated by `max_metric_drop=`. Artifacts go to `out` (default: a new
     temporary folder, `result.out`). Returns a `BuildResult`; `result.exit_code` 3 or 4 when the budget or a gate
     was missed."""
     from edgeprune.pipeline import build as run

@@ -28,7 +28,8 @@ from pathlib import Path
 from edgeprune.errors import EdgePruneError
 
 # Every file a `prune` or `build` output folder can hold.
-ARTIFACTS = frozenset({"model.onnx", "pruned.pt", "plan.json", "report.json", "report.md", "search.png", "widths.png"})
+ARTIFACTS = frozenset({"model.onnx", "model.fp32.onnx", "pruned.pt", "plan.json", "report.json", "report.md",
+                       "search.png", "widths.png"})
 FAILED_SUFFIX = ".failed"
 
 

@@ -62,8 +62,36 @@ def add_export(sub: argparse._SubParsersAction) -> Handler:
                    help="torch.onnx exporter (default dynamo; torchscript is several times faster)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="overwrite -o even if it is not an .onnx file")
+    p.add_argument("--int8", action="store_true",
+                   help="write an INT8 model: ONNX Runtime's static quantisation (Q/DQ, per-channel weights), "
+                        "activations calibrated on --calibration's calibration part, top-1 agreement and accuracy "
+                        "against torch on its held-out part")
+    p.add_argument("--calibration", default=None, metavar="RECIPE",
+                   help="with --int8 (required there): calibration recipe, digits, random, imagefolder, npy or a TOML "
+                        "file")
+    p.add_argument("--device", default=None,
+                   help="with --int8: the int8 target whose [quantization] settings apply (default cpu-int8)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return run_export
+
+
+def check_int8_args(args: argparse.Namespace):  # -> the int8 target
+    """`export --int8`: a calibration recipe and an int8 target, checked before the model loads."""
+    from edgeprune.targets import load_target
+
+    if not args.int8:
+        if args.calibration is not None or args.device is not None:
+            raise EdgePruneError("--calibration and --device of export go with --int8 (a float export calibrates "
+                                 "nothing)")
+        return None
+    if args.calibration is None:
+        raise EdgePruneError("--int8 needs --calibration RECIPE: the activation ranges are calibrated on its "
+                             "calibration part (digits for the example, imagefolder or npy for your data)")
+    target = load_target(args.device or "cpu-int8")
+    if target.precision != "int8":
+        raise EdgePruneError(f"--device {args.device} is a {target.precision} target; --int8 takes the quantisation "
+                             f"settings of an int8 one (cpu-int8, rpi5-int8, jetson-orin-nano-int8)")
+    return target
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -74,10 +102,17 @@ def run_export(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else None
     if args.opset < 17:
         raise EdgePruneError(f"--opset must be 17 or newer, found {args.opset}")
+    int8 = check_int8_args(args)
     check_output_file(args.out, (".onnx",), force=args.force)
+    if int8 is not None:
+        from edgeprune.recipe import load_recipe
+
+        recipe = load_recipe(args.calibration)
     with Progress(enabled=not args.json) as progress:
         progress.stage("loading model")
         loaded = load_model(args.model, args.weights, shape, seed=args.seed)
+        if int8 is not None:
+            return run_export_int8(args, loaded, recipe, int8, progress)
         progress.stage(f"exporting {loaded.spec} with the {args.exporter} exporter")
         result = export(loaded.module, loaded.example_input, args.out, simplify=not args.no_simplify,
                         exporter=args.exporter, opset=args.opset)
@@ -88,6 +123,30 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {result.path} ({loaded.spec}, input {list(loaded.input_shape)}, {result.exporter}, opset "
               f"{result.opset}{', simplified' if result.simplified else ''}) in {result.export_s + result.simplify_s:.1f}s; "
               f"parity vs torch: max abs {par.max_abs:.2e}, relative {par.rel_error:.2e}")
+    return 0
+
+
+def run_export_int8(args: argparse.Namespace, loaded, recipe, target, progress: Progress) -> int:
+    from edgeprune.data import load_data
+    from edgeprune.quantize import export_quantized, warn_random_calibration
+
+    data = load_data(recipe, loaded.input_shape)
+    warn_random_calibration(recipe.kind)
+    progress.stage(f"exporting {loaded.spec} and quantising it to int8 ({target.quantization.method} calibration)")
+    result = export_quantized(loaded, args.out, target.quantization, data, exporter=args.exporter, opset=args.opset,
+                              simplify=not args.no_simplify)
+    if args.json:
+        emit_json({"model": loaded.spec, "input_shape": list(loaded.input_shape), **result})
+        return 0
+    q, par = result["int8"], result["parity"]
+    fid = q["fidelity"]
+    agree = "n/a (no class logits)" if fid["top1_agreement"] is None else f"{100 * fid['top1_agreement']:.1f}%"
+    acc = f", accuracy {100 * fid['accuracy']['before']:.1f}% -> {100 * fid['accuracy']['after']:.1f}%" \
+        if fid.get("accuracy") else ""
+    print(f"wrote {args.out} ({loaded.spec}, int8 Q/DQ for {target.name}: {q['settings']['method']} calibration on "
+          f"{q['calibration_samples']} samples of {q['calibration']}); against torch on {fid['samples']} held-out "
+          f"samples: top-1 agreement {agree}, output error {fid['output_rel_error']:.4f}{acc}; float export parity "
+          f"{par['rel_error']:.2e}")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.cliutil import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
@@ -193,14 +194,31 @@ def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
             a = fid["accuracy"]
             line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
         print(line)
+        if r.get("quantization"):
+            print(int8_summary(r))
         if r.get("metric"):
             m = r["metric"]
             print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
-        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx, "
+        fp32 = " (int8), model.fp32.onnx" if r.get("quantization") else ""
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
               f"pruned.pt, plan.json, report.json, report.md")
     if result.message:
         sys.stderr.write(f"edgeprune: error: {result.message}\n")
     return result.exit_code
+
+
+def int8_summary(r: dict[str, Any]) -> str:
+    """The summary's int8 line: the figures above are the quantised model's; the float pruned model's, the cost of
+    quantisation alone and the speed-up over the unpruned float model."""
+    fl, qa = r["quantization"]["float"], r["quantization"]["against_float"]
+    line = "  int8 (fidelity above: the quantised model in ONNX Runtime); float pruned model"
+    if fl.get("accuracy"):
+        line += f" {100 * fl['accuracy']['after']:.1f}%, quantisation alone costs {qa['accuracy_drop_pp']:.2f} points"
+    if qa["top1_agreement"] is not None:
+        line += f", agrees on {100 * qa['top1_agreement']:.1f}% of samples"
+    if r.get("speedup_over_float") is not None:
+        line += f"; {r['speedup_over_float']:.2f}x faster than the unpruned float model"
+    return line
 
 
 def add_release(sub: argparse._SubParsersAction) -> Handler:

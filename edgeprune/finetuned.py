@@ -6,6 +6,8 @@
 Export, simplification, ONNX parity, the measured latency on the target against the budget (a relative one against
 the unpruned model measured in the same run), held-out fidelity to the unpruned model, the user's metric and every
 gate, then the artifacts and report a build writes. The plan records where the widths came from (`meta.widths_from`).
+On an int8 target both models are measured quantised and the figures that count are the quantised model's, as in a
+build (`gates.assess`).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ from edgeprune.atomic import OutputDir
 from edgeprune.config import BuildConfig, Stages, no_progress
 from edgeprune.data import load_data
 from edgeprune.errors import EdgePruneError, ExitCode
-from edgeprune.fidelity import fidelity
-from edgeprune.gates import failed_gates, metric_report, quality_gates, run_metric
+from edgeprune.gates import assess, failed_gates, run_metric
 from edgeprune.models import LoadedModel, load_model, load_weights
 from edgeprune.oracle import Measurer, Verified, export_candidate
 from edgeprune.parallel import compute_threads, retained_memory, timed
-from edgeprune.pipeline import BuildOutcome, latency_entry, measurement_cache, write_release
+from edgeprune.pipeline import BuildOutcome, measurement_cache, write_release
 from edgeprune.plan import Plan
 from edgeprune.recipe import load_recipe
+from edgeprune.report import int8_entries, latency_entry
 from edgeprune.session import Inputs
 from edgeprune.versions import versions
 
@@ -83,28 +85,28 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
 
 def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Any, original: LoadedModel,
                   data: Any, pruned: Pruned) -> BuildOutcome:
-    from edgeprune.export import parity
     t: dict[str, float] = {}
     example = original.example_input
-    measurer = Measurer(target, measurement_cache(config), stages, t, calibration=data.calib_x)
+    measurer = Measurer(target, measurement_cache(config), stages, t)
+    measurer.start(t, data.calib_x, data.recipe.kind)
     plan = dataclasses.replace(pruned.plan, target=target.name,
                                meta={**pruned.plan.meta, "widths_from": pruned.source, "budget": config.budget.text})
     with tempfile.TemporaryDirectory(prefix="edgeprune-release-") as work:
-        base_path, path = Path(work) / "base.onnx", Path(work) / "final.onnx"
+        base_path, float_path = Path(work) / "base.onnx", Path(work) / "final.onnx"
+        q = measurer.quantizer  # int8: both measured quantised, the release calibrated on all its samples
         with timed(t, "export"):
-            export_candidate(original.module, example, base_path, config.prune.exporter)
-            export_candidate(pruned.module, example, path, config.prune.exporter)
-        base = measurer(base_path, "measuring unpruned model", cached=not config.budget.relative)
+            base_measured = export_candidate(original.module, example, base_path, config.prune.exporter, q, True)
+            path = export_candidate(pruned.module, example, float_path, config.prune.exporter, q)
+        base = measurer(base_measured, "measuring unpruned model", cached=not config.budget.relative)
+        base_float = measurer.float_figure(base_path, "measuring unpruned float model") if q is not None else None
         final = measurer(path, "measuring the released model", cached=False,
                          repeats=target.measure.final_repeats, stage="verify")
         budget_ms = config.budget.ms(base.median)
         with timed(t, "fidelity"):
-            fid = fidelity(original.module, pruned.module, data)
-            par = parity(pruned.module, example, path)
-        metric = metric_report(run_metric(config, original.module, "the unpruned model"),
-                               run_metric(config, pruned.module, "the released model"))
-        gates = quality_gates(fid, config, par, metric)
-        met = final.median <= budget_ms
+            a = assess(config, original.module, pruned.module, example, data, None,
+                       run_metric(config, original.module, "the unpruned model"), float_path,
+                       path if q is not None else None)
+        fid, gates, met = a.fidelity, a.gates, final.median <= budget_ms
         report = {
             "edgeprune": versions()["edgeprune"], "command": "release", "model": original.spec,
             "weights": original.weights, "input_shape": list(original.input_shape),
@@ -115,12 +117,13 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
             "final": latency_entry(final, pruned.module, example),
             "speedup": base.median / final.median,
             "widths": {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
-            "fidelity": fid.to_dict(), "quality_gates": gates, "parity": par.to_dict(), "metric": metric,
+            "fidelity": fid.to_dict(), "quality_gates": gates, "parity": a.parity.to_dict(), "metric": a.metric,
             "device_measurements": measurer.device_runs,
             "search": {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
                        "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
                        "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []},
             "timings_s": t, "versions": versions(target.runtime),
+            **int8_entries(target, a.quantization, base_float, final, original),
         }
         code, message = int(ExitCode.OK), None
         if not met:
@@ -131,7 +134,7 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
             code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {failed_gates(gates)}"
         report["exit_code"] = code
         report["out"] = str(outdir.failed_out if code else outdir.out)
-        release = Verified(None, final, pruned.module, plan, path)
+        release = Verified(None, final, pruned.module, plan, path, float_path if q is not None else None)
         write_release(outdir.tmp, release, original, config.prune.ignore, report)
     dest = outdir.commit(failed=bool(code))
     if code:

@@ -3,20 +3,30 @@
 
     gates = quality_gates(fidelity, config, parity, metric_report(before, after))
     all(g["passed"] for g in gates.values())
+    a = assess(config, base, pruned, example, data, base_outputs, before, "final.onnx", "final.int8.onnx")
+
+`assess` takes every figure of a release at once. For an int8 target, fidelity, accuracy and the user's `evaluate`
+run on the quantised ONNX model in ONNX Runtime (`quantize.OnnxModule`), the gates judge those, and the float pruned
+model's figures and what quantisation alone cost are kept beside them; ONNX parity checks the float export against
+the pruned torch module (a quantised model differs from torch by design).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from edgeprune.config import BuildConfig
+from edgeprune.data import CalibrationData
 from edgeprune.errors import EdgePruneError, first_line
-from edgeprune.export import Parity
-from edgeprune.fidelity import Fidelity
+from edgeprune.export import Parity, parity
+from edgeprune.fidelity import Fidelity, fidelity
+from edgeprune.quantize import OnnxModule, output_template
 
 log = logging.getLogger(__name__)
 
@@ -100,3 +110,37 @@ def failed_gates(gates: dict[str, dict[str, Any]]) -> str:
         return f"{k} {v['value']:.4g} (limit {v['limit']:.4g})"
 
     return "; ".join(line(k, v) for k, v in gates.items() if not v["passed"])
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Every quality figure of a release: what the gates judged and what the report shows."""
+
+    fidelity: Fidelity  # the released model against the unpruned one (int8: the quantised model, in ONNX Runtime)
+    parity: Parity  # the float ONNX export against the pruned torch module
+    metric: dict[str, float] | None
+    gates: dict[str, dict[str, Any]]
+    quantization: dict[str, Any] | None = None  # int8: the float pruned model's figures, the cost of quantisation
+
+
+def assess(config: BuildConfig, base: nn.Module, pruned: nn.Module, example: Any, data: CalibrationData,
+           base_outputs: Any, metric_before: float | None, float_path: Path,
+           quantized_path: Path | None = None) -> Assessment:
+    """Fidelity (held-out), ONNX parity, the user's metric and the gates of a pruned model whose float export is
+    `float_path`; with `quantized_path` (an int8 target) the figures that count are the quantised model's."""
+    par = parity(pruned, example, float_path)
+    fid_float = fidelity(base, pruned, data, base_outputs)
+    after_float = run_metric(config, pruned, "the pruned model")
+    if quantized_path is None:
+        metric = metric_report(metric_before, after_float)
+        return Assessment(fid_float, par, metric, quality_gates(fid_float, config, par, metric))
+    qmodel = OnnxModule(quantized_path, template=output_template(pruned, example))
+    fid = fidelity(base, qmodel, data, base_outputs)
+    alone = fidelity(pruned, qmodel, data)  # the quantised model against the float pruned one: quantisation's part
+    metric = metric_report(metric_before, run_metric(config, qmodel, "the quantised pruned model"))
+    if metric is not None and after_float is not None:
+        metric.update(after_float=after_float, quantization_drop=after_float - metric["after"])
+    quant = {"float": fid_float.to_dict(),
+             "against_float": {"top1_agreement": alone.top1_agreement, "output_rel_error": alone.output_rel_error,
+                               "accuracy_drop_pp": alone.accuracy_drop_pp, "nonfinite": alone.nonfinite}}
+    return Assessment(fid, par, metric, quality_gates(fid, config, par, metric), quant)

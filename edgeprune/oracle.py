@@ -28,6 +28,7 @@ from edgeprune.config import Stages
 from edgeprune.errors import EdgePruneError
 from edgeprune.parallel import timed
 from edgeprune.plan import Plan
+from edgeprune.quantize import Quantizer, warn_random_calibration
 from edgeprune.runtimes.stats import LatencyStats
 from edgeprune.search import Probe
 from edgeprune.session import Prepared
@@ -35,12 +36,15 @@ from edgeprune.session import Prepared
 log = logging.getLogger(__name__)
 
 
-def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, exporter: str) -> Path:
+def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, exporter: str,
+                     quantizer: Quantizer | None = None, search: bool = False) -> Path:
+    """The file to measure: `model` exported to `path` and simplified, then, for an int8 target (`quantizer`),
+    quantised beside it (`NAME.int8.onnx`; `search`: a candidate, only timed, calibrated on a few samples)."""
     from edgeprune.export import export_onnx, simplify_onnx
 
     export_onnx(model, example, path, exporter=exporter)
     simplify_onnx(path)
-    return path
+    return quantizer(path, search=search) if quantizer is not None else path
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class Verified:
     stats: Any  # LatencyStats
     pruned: nn.Module
     plan: Plan
-    path: Path
+    path: Path  # the file measured and released (int8 targets: the quantised model)
+    float_path: Path | None = None  # int8 targets: the pruned model's float export, before quantisation
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.candidate, self.stats, self.pruned, self.plan, self.path))
@@ -97,8 +102,9 @@ def verify_release(result: Any, budget_ms: float, verify_one: Callable[[Any], Ve
 class Measurer:
     """`runtimes.measure` on one target for one job: its cache, its progress lines, its timings, and a count of the
     figures that were real device measurements (not served from the cache). `measure_fn` replaces the runtimes'
-    function (tests: figures they control). `calibration` (the recipe's calibration samples) reaches an INT8
-    target's calibrator (TensorRT), so that its engines are calibrated on the user's data, not random inputs."""
+    function (tests: figures they control). `calibration` (the recipe's calibration samples) calibrates an int8
+    target's quantisation (`quantizer`: the job's models are quantised on it before they are measured) and reaches
+    the runtime (TensorRT's calibrator, for a float model), so nothing int8 is calibrated on random inputs."""
 
     def __init__(self, target: Any, cache: Any, stages: Stages, timings: dict[str, float],
                  measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None) -> None:
@@ -107,11 +113,14 @@ class Measurer:
         self.device_runs = 0
         self.start(timings, calibration)
 
-    def start(self, timings: dict[str, float], calibration: Any = None) -> None:
-        """Time into `timings` from now on, and pass `calibration` (when the target is INT8)."""
+    def start(self, timings: dict[str, float], calibration: Any = None, kind: str | None = None) -> None:
+        """Time into `timings` from now on, and pass `calibration` (when the target is INT8; `kind`: its recipe's)."""
         self.timings = timings
-        self.extra = {"calibration": calibration} if calibration is not None and self.target.precision == "int8" \
-            else {}
+        int8 = calibration is not None and self.target.precision == "int8"
+        self.extra = {"calibration": calibration} if int8 else {}
+        self.quantizer = Quantizer(self.target.quantization, calibration) if int8 else None
+        if self.quantizer is not None and kind is not None:
+            warn_random_calibration(kind)
 
     def __call__(self, path: Path, what: str, cached: bool = True, repeats: int | None = None,
                  stage: str = "measure") -> LatencyStats:
@@ -122,6 +131,16 @@ class Measurer:
             stats = fn(path, self.target, cache=self.cache if cached else None, repeats=repeats,
                        progress=self.stages(f"{what} on {self.target.name}", None), **self.extra)
         self.device_runs += stats.source == "measured"
+        return stats
+
+    def float_figure(self, path: Path, what: str) -> LatencyStats:
+        """`path`, a float model, on the target's float variant (`targets.float_target`): what an int8 model's
+        speed-up over the float model is taken against."""
+        from edgeprune.targets import float_target
+
+        other = Measurer(float_target(self.target), self.cache, self.stages, self.timings, self.measure_fn)
+        stats = other(path, what)
+        self.device_runs += other.device_runs
         return stats
 
 
@@ -144,7 +163,12 @@ class MeasuredOracle:
         self.remeasure: Callable[[dict[str, int]], Probe] | None = self._remeasure
 
     def _path(self, widths: dict[str, int]) -> Path:
+        """The candidate's exported file; the measured one is its quantised twin on an int8 target."""
         return self.work_dir / f"cand-{widths_digest(widths)}.onnx"
+
+    def _measured(self, widths: dict[str, int]) -> Path:
+        path = self._path(widths)
+        return path.with_name(f"{path.stem}.int8.onnx") if self.measurer.quantizer is not None else path
 
     def baseline(self, relative: bool) -> LatencyStats:
         """The unpruned model. A relative budget rests on a figure measured in this run, under this run's load: a
@@ -152,7 +176,8 @@ class MeasuredOracle:
         path = self.work_dir / "base.onnx"
         t = self.session.timings_s
         with timed(t, "export"):
-            export_candidate(self.session.loaded.module, self.session.loaded.example_input, path, self.exporter)
+            path = export_candidate(self.session.loaded.module, self.session.loaded.example_input, path,
+                                    self.exporter, self.measurer.quantizer, search=True)
         return self.measurer(path, "measuring unpruned model", cached=not relative)
 
     def __call__(self, widths: dict[str, int]) -> Probe:
@@ -160,13 +185,14 @@ class MeasuredOracle:
         with timed(t, "prune"):
             pruned = self.session.prune(self.session.plan(widths), probe=True)
         with timed(t, "export"):
-            export_candidate(pruned, self.session.loaded.example_input, self._path(widths), self.exporter)
-        return self._probe(self.measurer(self._path(widths), "measuring candidate"))
+            path = export_candidate(pruned, self.session.loaded.example_input, self._path(widths), self.exporter,
+                                    self.measurer.quantizer, search=True)
+        return self._probe(self.measurer(path, "measuring candidate"))
 
     def _remeasure(self, widths: dict[str, int]) -> Probe:
         """A second, fresh measurement of a candidate too close to the budget to tell (the cache would only repeat
         the first figure)."""
-        return self._probe(self.measurer(self._path(widths), "measuring candidate again", cached=False))
+        return self._probe(self.measurer(self._measured(widths), "measuring candidate again", cached=False))
 
     @staticmethod
     def _probe(stats: LatencyStats) -> Probe:
@@ -226,12 +252,13 @@ class Verification:
         t = self.session.timings_s
         with timed(t, "prune"):
             pruned = self.session.prune(plan)
-        path = self.work_dir / "final.onnx"
+        float_path = self.work_dir / "final.onnx"
         with timed(t, "export"):
-            export_candidate(pruned, self.session.loaded.example_input, path, self.exporter)
+            path = export_candidate(pruned, self.session.loaded.example_input, float_path, self.exporter,
+                                    self.measurer.quantizer)
         repeats = self.measurer.target.measure.final_repeats
         stats = self.measurer(path, "verifying the final model", cached=self.cached, repeats=repeats, stage="verify")
         if stats.median > self.budget_ms and cand.source != "lut" and cand.latency_ms <= self.budget_ms:
             stats = self.measurer(path, "verifying the final model again", cached=False, repeats=2 * repeats,
                                   stage="verify")
-        return Verified(cand, stats, pruned, plan, path)
+        return Verified(cand, stats, pruned, plan, path, float_path)

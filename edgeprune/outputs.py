@@ -2,6 +2,7 @@
 segmenters return several: torchvision's segmentation models a dict with `out` and `aux`).
 
     named = flatten_outputs(model(x))      # [("output", t)] or [("out", t), ("aux", t)] or [("0", t), ("1.boxes", t)]
+    same = unflatten_outputs(model(x), [t for _, t in named])   # the structure back, from the leaves in order
     check_outputs(out, spec)               # every leaf a tensor, or a one-line error naming what was found
 
 Names are what the ONNX export names its outputs, what parity and fidelity report per output. A single tensor is
@@ -31,6 +32,26 @@ def flatten_outputs(out: Any, prefix: str = "") -> list[tuple[str, Any]]:
     for k, v in items:
         flat += flatten_outputs(v, f"{prefix}.{k}" if prefix else k)
     return flat
+
+
+def unflatten_outputs(template: Any, leaves: list[Any]) -> Any:
+    """`template`'s structure (tuples, lists, dicts, nested) with its leaves replaced by `leaves`, in
+    `flatten_outputs` order: a model run elsewhere (ONNX Runtime) returns what the torch model returns."""
+    it = iter(leaves)
+
+    def rebuild(out: Any) -> Any:
+        if isinstance(out, dict):
+            return {k: rebuild(v) for k, v in out.items()}
+        if isinstance(out, tuple) and hasattr(out, "_fields"):  # a namedtuple
+            return type(out)(*(rebuild(v) for v in out))
+        if isinstance(out, (tuple, list)):
+            return type(out)(rebuild(v) for v in out)
+        return next(it)
+
+    result = rebuild(template)
+    if next(it, None) is not None:
+        raise EdgePruneError(f"{len(leaves)} outputs given for a model that returns {len(flatten_outputs(template))}")
+    return result
 
 
 def check_outputs(out: Any, spec: str) -> list[tuple[str, torch.Tensor]]:

@@ -24,10 +24,11 @@ from edgeprune.errors import EdgePruneError, ExitCode, QualityGateFailed
 from edgeprune.fidelity import Fidelity
 from edgeprune.graph import check_patterns, trace
 from edgeprune.models import load_model
-from edgeprune.gates import check_gates_apply, failed_gates, metric_report, quality_gates, run_metric
+from edgeprune.gates import assess, check_gates_apply, failed_gates, run_metric
 from edgeprune.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer, TableOracle, Verification, Verified,
                               export_candidate, verify_release)
 from edgeprune.parallel import compute_threads, retained_memory, timed
+from edgeprune.report import int8_entries, latency_entry
 from edgeprune.plan import Plan, keep_first, uniform_widths
 from edgeprune.surgery import prune
 from edgeprune.session import STATISTICS_VERSION, Inputs, Prepared, allocation_cost, fidelity_error, prepare
@@ -172,12 +173,15 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
     session = prepare(pc, stages, inputs=inputs)
     check_gates_apply(config, session)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")
-    measurer.start(session.timings_s, calibration=session.data.calib_x)
+    measurer.start(session.timings_s, calibration=session.data.calib_x, kind=session.data.recipe.kind)
     with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
         work_dir = Path(work)
         oracle: LatencyOracle = TableOracle(session, table, target, config.lut or "") if table is not None \
             else MeasuredOracle(session, measurer, work_dir, pc.exporter)
         base = oracle.baseline(config.budget.relative)
+        # int8: the unpruned float model too, for the speed-up over it (the budget rests on the quantised one)
+        base_float = measurer.float_figure(work_dir / "base.onnx", "measuring unpruned float model") \
+            if measurer.quantizer is not None and table is None else None
         budget_ms = config.budget.ms(base.median)
         inner = inner_level(config, session, table)
         result = run_search(config, session, oracle, inner, budget_ms, base, on_step, stages, target)
@@ -188,8 +192,8 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         release, result = verify_release(result, budget_ms, verify,
                                          functools.partial(resume_search, config, oracle, inner, budget_ms, session,
                                                            table is not None))
-        return finish_build(config, outdir, session, release, result, base, budget_ms, inner, measurer, target,
-                            metric_before)
+        return finish_build(config, outdir, session, release, result, (base, base_float), budget_ms, inner,
+                            measurer, target, metric_before)
 
 
 @dataclass(frozen=True)
@@ -280,19 +284,19 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
 
 
 def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, release: Verified, result: Any,
-                 base: Any, budget_ms: float, inner: InnerLevel, measurer: Measurer, target: Any,
+                 bases: tuple[Any, Any], budget_ms: float, inner: InnerLevel, measurer: Measurer, target: Any,
                  metric_before: float | None) -> BuildOutcome:
-    """The release: fidelity, parity of its ONNX file, the user's metric, the gates, the report, the artifacts."""
-    from edgeprune.export import parity
-
-    t = session.timings_s
-    with timed(t, "fidelity"):
-        fid = session.fidelity(release.pruned)
-        par = parity(release.pruned, session.loaded.example_input, release.path)
-    metric = metric_report(metric_before, run_metric(config, release.pruned, "the pruned model"))
-    gates = quality_gates(fid, config, par, metric)
-    report = build_report(config, session, release, result, base, budget_ms, inner, measurer, target, fid, gates)
-    report.update(parity=par.to_dict(), metric=metric)
+    """The release: fidelity, parity of its ONNX file, the user's metric, the gates, the report, the artifacts
+    (`bases`: the unpruned model's figure, and for an int8 target the unpruned float model's, else None)."""
+    base, base_float = bases
+    with timed(session.timings_s, "fidelity"):
+        a = assess(config, session.loaded.module, release.pruned, session.loaded.example_input, session.data,
+                   session.base_outputs, metric_before, release.float_path or release.path,
+                   release.path if release.float_path else None)
+    fid = a.fidelity
+    report = build_report(config, session, release, result, base, budget_ms, inner, measurer, target, fid, a.gates)
+    report.update(parity=a.parity.to_dict(), metric=a.metric,
+                  **int8_entries(target, a.quantization, base_float, release.stats, session.loaded))
     code, message = verdict(report, release, result, base, budget_ms, config.budget.text, target.name)
     report["exit_code"] = code
     failed = code != int(ExitCode.OK)
@@ -306,10 +310,13 @@ def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, rele
 
 
 def write_release(tmp: Path, release: Verified, loaded: Any, ignore: tuple[str, ...], report: dict[str, Any]) -> None:
-    """model.onnx, pruned.pt, plan.json, report.json and report.md of a release into the output's temporary folder."""
+    """model.onnx, pruned.pt, plan.json, report.json and report.md of a release into the output's temporary folder
+    (int8: model.onnx is the quantised model, model.fp32.onnx its float export)."""
     from edgeprune.report import write_report
 
     shutil.copyfile(release.path, tmp / "model.onnx")
+    if release.float_path is not None:
+        shutil.copyfile(release.float_path, tmp / "model.fp32.onnx")
     save_pruned(tmp / "pruned.pt", release.pruned, release.plan, loaded, ignore)
     release.plan.save(tmp / "plan.json")
     write_report(tmp, report)
@@ -345,11 +352,6 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
         "excluded_groups": session.graph.excluded, "exporter": pc.exporter,
         "timings_s": session.timings_s, "versions": versions(target.runtime),
     }
-
-
-def latency_entry(stats: Any, module: Any, example: Any) -> dict[str, Any]:
-    """A model's row of the report: its latency on the target, where the figure came from, MACs and parameters."""
-    return {"latency_ms": stats.summary(), "latency_source": stats.source, **model_size(module, example)}
 
 
 def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, budget_ms: float, budget: str,

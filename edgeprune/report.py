@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -37,6 +38,28 @@ def clean(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def latency_entry(stats: Any, module: Any, example: Any) -> dict[str, Any]:
+    """A model's row of the report: its latency on the target, where the figure came from, MACs and parameters."""
+    from edgeprune.artifacts import model_size  # imports torch: not at module level, where `clean` is all one needs
+
+    return {"latency_ms": stats.summary(), "latency_source": stats.source, **model_size(module, example)}
+
+
+def int8_entries(target: Any, quantization: dict[str, Any] | None, base_float: Any, final: Any,
+                 loaded: Any) -> dict[str, Any]:
+    """An int8 release's rows (none for a float one): `quantization` (the target's settings, the float pruned
+    model's fidelity, what quantisation alone cost: `gates.Assessment.quantization`), and the unpruned float model's
+    latency on the target's float variant with the speed-up over it (`base_float`; None: not measured)."""
+    if quantization is None:
+        return {}
+    settings = dataclasses.asdict(target.quantization) if target.quantization is not None else None
+    extra: dict[str, Any] = {"quantization": {"settings": settings, **quantization}}
+    if base_float is not None:
+        extra.update(base_float=latency_entry(base_float, loaded.module, loaded.example_input),
+                     speedup_over_float=base_float.median / final.median)
+    return extra
+
+
 def to_json(report: dict[str, Any]) -> str:
     return json.dumps(clean(report), indent=2, allow_nan=False)
 
@@ -61,7 +84,8 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
         "| | latency median | p90 | std | n | MACs | params |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in (("unpruned", b), ("final", f)):
+    rows = (("unpruned", b), ("final", f)) + ((("unpruned float", r["base_float"]),) if r.get("base_float") else ())
+    for name, row in rows:
         lat = row["latency_ms"]
         lines.append(f"| {name} | {_ms(lat['median'])} | {_ms(lat['p90'])} | {_ms(lat['std'])} | {lat['n']} | "
                      f"{row['macs'] / 1e6:.1f} M | {row['params'] / 1e6:.3f} M |")
@@ -82,6 +106,7 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
                      f"(drop {_num(m['drop'], '.4g')})")
     if r.get("widths_from"):
         lines.append(f"- released as given, widths from {r['widths_from']}")
+    lines += int8_markdown(r)
     for k, g in r.get("quality_gates", {}).items():
         lines.append(f"- gate {k}: {_num(g['value'], '.4g')} against {_num(g['limit'], '.4g')}: "
                      f"{'passed' if g['passed'] else 'FAILED'}")
@@ -107,6 +132,28 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def int8_markdown(r: dict[str, Any]) -> list[str]:
+    """The lines an int8 release adds under Fidelity: the figures above are the quantised model's; these are the
+    float pruned model's and what quantisation alone cost."""
+    q = r.get("quantization")
+    if not q:
+        return []
+    s, fl, qa = q.get("settings") or {}, q["float"], q["against_float"]
+    lines = [(f"- int8 ({s.get('method')} calibration on {s.get('samples')} samples, {s.get('activations')} "
+              f"activations): the figures above are the quantised model's, run in ONNX Runtime"),
+             (f"- the float pruned model: top-1 agreement {_num(fl['top1_agreement'], '.2f', 100)}%, output error "
+              f"{_num(fl['output_rel_error'], '.4f')}")]
+    if fl.get("accuracy"):
+        lines[-1] += f", accuracy {_num(fl['accuracy']['after'], '.2f', 100)}%"
+    lines.append(f"- quantisation alone: top-1 agreement with the float pruned model "
+                 f"{_num(qa['top1_agreement'], '.2f', 100)}%, output error {_num(qa['output_rel_error'], '.4f')}, "
+                 f"accuracy cost {_num(qa['accuracy_drop_pp'], '.2f')} points")
+    if r.get("speedup_over_float") is not None:
+        lines.append(f"- {_num(r['speedup_over_float'], '.2f')}x faster than the unpruned float model "
+                     f"({_ms(r['base_float']['latency_ms']['median'])})")
+    return lines
 
 
 def plot(out: Path, r: dict[str, Any]) -> list[str]:

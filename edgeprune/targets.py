@@ -3,6 +3,7 @@
     from edgeprune.targets import load_target
     target = load_target("jetson")          # a name, an alias, or a path to a TOML file
     print(target.runtime, target.precision, target.channel_multiple)
+    load_target("cpu-int8").quantization    # QuantizeConfig: how an int8 target's models are quantised
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ RUNTIME_NAMES = ("onnxruntime", "tensorrt", "trtexec")
 PRECISIONS = ("fp32", "fp16", "int8")
 ARCHES = ("any", "x86_64", "aarch64")
 
-_TOP_KEYS = ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch", "measure", "remote")
+_TOP_KEYS = ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch", "measure",
+             "remote", "quantization")
 _MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats", "max_seconds")
 _REMOTE_KEYS = ("agent", "ssh", "token_env", "timeout_s")
+_QUANT_KEYS = ("method", "percentile", "samples", "activations", "reduce_range", "symmetric")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+ACTIVATION_TYPES = ("uint8", "int8")
+TENSORRT_RUNTIMES = ("tensorrt", "trtexec")
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,42 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    """How an int8 target's models are quantised (`quantize.py`: ONNX Runtime's static quantisation, Q/DQ format,
+    per-channel int8 weights), the `[quantization]` table of its TOML file."""
+
+    method: str = "minmax"  # how activation ranges are calibrated: minmax | entropy | percentile
+    percentile: float = 99.999  # the percentile method's cut, in percent
+    samples: int = 256  # calibration samples (the first of the recipe's calibration part) for a released model
+    activations: str = "uint8"  # uint8 | int8
+    # weights in 7 bits: x86 CPUs without VNNI multiply u8 x s8 pairs with a saturating instruction (VPMADDUBSW)
+    reduce_range: bool = False
+    symmetric: bool = False  # activations centred on zero (zero point 0): what TensorRT's Q/DQ layers need
+
+    MAX_SAMPLES = 100_000
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise EdgePruneError(f"[quantization] method {self.method!r} unknown; allowed: "
+                                 f"{', '.join(CALIBRATION_METHODS)}")
+        if self.activations not in ACTIVATION_TYPES:
+            raise EdgePruneError(f"[quantization] activations {self.activations!r} unknown; allowed: "
+                                 f"{', '.join(ACTIVATION_TYPES)}")
+        if not 50.0 < self.percentile <= 100.0:  # NaN fails this too
+            raise EdgePruneError(f"[quantization] percentile must be in (50, 100], found {self.percentile}")
+        if not 1 <= self.samples <= self.MAX_SAMPLES:
+            raise EdgePruneError(f"[quantization] samples must be in 1..{self.MAX_SAMPLES}, found {self.samples}")
+
+    @classmethod
+    def for_runtime(cls, runtime: str) -> QuantizeConfig:
+        """The defaults: TensorRT builds Q/DQ layers only from symmetric int8 (zero point 0); ONNX Runtime's x86
+        kernels run u8 activations x s8 weights fastest (s8 x s8 measured 6-9x slower on this AVX2 CPU)."""
+        if runtime in TENSORRT_RUNTIMES:
+            return cls(activations="int8", symmetric=True)
+        return cls()
+
+
+@dataclass(frozen=True)
 class Target:
     """A device profile: runtime, precision, channel rounding and measurement settings."""
 
@@ -114,6 +156,7 @@ class Target:
     aliases: tuple[str, ...] = ()
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     remote: RemoteConfig | None = None
+    quantization: QuantizeConfig | None = None  # int8 only; None there means the runtime's defaults
     source: str = ""  # the file it was read from; not part of the profile
 
     def __post_init__(self) -> None:
@@ -121,8 +164,14 @@ class Target:
             raise EdgePruneError(f"target {self.name}: runtime {self.runtime!r} unknown; allowed: {', '.join(RUNTIME_NAMES)}")
         if self.precision not in PRECISIONS:
             raise EdgePruneError(f"target {self.name}: precision {self.precision!r} unknown; allowed: {', '.join(PRECISIONS)}")
-        if self.runtime == "onnxruntime" and self.precision == "int8":
-            raise EdgePruneError(f"target {self.name}: precision int8 needs a TensorRT runtime (tensorrt or trtexec)")
+        if self.precision != "int8":  # quantisation settings mean nothing at float precision (a TOML says so)
+            object.__setattr__(self, "quantization", None)
+        elif self.quantization is None:
+            object.__setattr__(self, "quantization", QuantizeConfig.for_runtime(self.runtime))
+        q = self.quantization
+        if q is not None and self.runtime in TENSORRT_RUNTIMES and (q.activations != "int8" or not q.symmetric):
+            raise EdgePruneError(f"target {self.name}: TensorRT runs Q/DQ layers of symmetric int8 only; set "
+                                 f"activations = \"int8\" and symmetric = true in [quantization]")
         if self.channel_multiple < 1 or self.threads < 1:
             raise EdgePruneError(f"target {self.name}: channel_multiple and threads must be at least 1")
 
@@ -130,8 +179,9 @@ class Target:
         d = dataclasses.asdict(self)
         d["aliases"] = list(self.aliases)
         d.pop("source")
-        if self.remote is None:
-            d.pop("remote")
+        for k in ("remote", "quantization"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
     @classmethod
@@ -167,6 +217,23 @@ class Target:
                 token_env=take(remote, "token_env", str, rw, "EDGEPRUNE_AGENT_TOKEN"),
                 timeout_s=take(remote, "timeout_s", float, rw, 600.0),
             )
+        quant = take(d, "quantization", dict, where, None)
+        qc = None
+        if quant is not None:
+            qw = f"{where} [quantization]"
+            if take(d, "precision", str, where, "fp32", PRECISIONS) != "int8":
+                raise EdgePruneError(f"{qw}: applies to precision = \"int8\" only; remove the table or set the "
+                                     f"precision")
+            check_keys(quant, _QUANT_KEYS, qw)
+            base = QuantizeConfig.for_runtime(take(d, "runtime", str, where, "onnxruntime", RUNTIME_NAMES))
+            qc = QuantizeConfig(
+                method=take(quant, "method", str, qw, base.method, CALIBRATION_METHODS),
+                percentile=take(quant, "percentile", float, qw, base.percentile),
+                samples=take(quant, "samples", int, qw, base.samples),
+                activations=take(quant, "activations", str, qw, base.activations, ACTIVATION_TYPES),
+                reduce_range=take(quant, "reduce_range", bool, qw, base.reduce_range),
+                symmetric=take(quant, "symmetric", bool, qw, base.symmetric),
+            )
         aliases = take(d, "aliases", list, where, [])
         if not all(isinstance(a, str) for a in aliases):
             raise EdgePruneError(f"{where}: key 'aliases' must be a list of strings, found {aliases!r}")
@@ -181,6 +248,7 @@ class Target:
             aliases=tuple(aliases),
             measure=mc,
             remote=rc,
+            quantization=qc,
         )
 
     def fingerprint(self) -> str:
@@ -190,6 +258,15 @@ class Target:
             d.pop(k, None)
         d["measure"].pop("final_repeats", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def float_target(target: Target) -> Target:
+    """The same device at the float precision an int8 target falls back to (fp16 on TensorRT, fp32 on ONNX Runtime):
+    what an int8 model's speed-up is measured against."""
+    if target.precision != "int8":
+        return target
+    precision = "fp16" if target.runtime in TENSORRT_RUNTIMES else "fp32"
+    return dataclasses.replace(target, precision=precision)
 
 
 def load_target_file(path: str | Path) -> Target:

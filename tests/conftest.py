@@ -54,6 +54,27 @@ def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "target": root / "cpu.toml", "table": root / "lut.json"}
 
 
+@pytest.fixture(scope="session")
+def pruned_example(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The bundled example with half of every group's channels removed (compensated) and its float export: what an
+    int8 release quantises (test_quantize.py and test_gates.py share it). The digits recipe cut to 399 samples keeps
+    the default recipe's 199 held-out digits (the same seeded permutation, its first 199) and calibrates on 200: the
+    statistics take a third of the time."""
+    from edgeprune.config import PruneConfig
+    from edgeprune.oracle import export_candidate
+    from edgeprune.plan import uniform_widths
+    from edgeprune.session import prepare
+
+    root = tmp_path_factory.mktemp("pruned-example")
+    (root / "digits-399.toml").write_text('kind = "digits"\ncount = 399\nheldout = 199\n')
+    prep = prepare(PruneConfig(calibration=str(root / "digits-399.toml"), repair="independent"))
+    plan = prep.plan(uniform_widths(prep.graph, 0.5, 8), ratio=0.5)
+    pruned = prep.prune(plan)
+    path = export_candidate(pruned, prep.loaded.example_input, root / "pruned.onnx", "torchscript")
+    return {"prep": prep, "pruned": pruned, "plan": plan, "onnx": path, "root": root,
+            "recipe": root / "digits-399.toml"}
+
+
 @pytest.fixture
 def fast_cpu() -> Target:
     """The `cpu` target with few runs: tests check behaviour, benchmarks check speed."""

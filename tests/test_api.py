@@ -184,3 +184,40 @@ def test_release_of_a_finetuned_pruned_model_reports_its_own_fidelity_and_gates(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("edgeprune: error:") and "input shape" in err and "Traceback" not in err
     assert not (root / "bad").exists()
+
+
+def test_release_on_an_int8_target_measures_and_judges_the_quantised_model(pruned_example: dict,
+                                                                          tmp_path: Path) -> None:
+    """An int8 release: model.onnx is the quantised model (its float export beside it), the latency is the quantised
+    model's, and fidelity and the user's metric are taken on it in ONNX Runtime."""
+    from edgeprune.data import load_data
+    from edgeprune.fidelity import fidelity
+    from edgeprune.quantize import OnnxModule, has_qdq
+    from edgeprune.recipe import load_recipe
+
+    prep = pruned_example["prep"]
+    (tmp_path / "int8.toml").write_text(TARGET.replace('"fp32"', '"int8"') + "[quantization]\nsamples = 64\n"
+                                        "reduce_range = true\n")
+    x, y = torch.from_numpy(prep.data.heldout_x), torch.from_numpy(prep.data.heldout_y)
+    seen: list[str] = []
+
+    def top1(module: nn.Module) -> float:
+        seen.append(type(module).__name__)
+        return float((module(x).argmax(1) == y).double().mean())
+
+    r = edgeprune.release(pruned_example["pruned"], original=prep.loaded.module, plan=pruned_example["plan"],
+                          calibration=str(pruned_example["recipe"]), device=str(tmp_path / "int8.toml"),
+                          example_input=prep.loaded.example_input, latency="0.95x", evaluate=top1,
+                          out=tmp_path / "r")
+    rep = r.report
+    assert has_qdq(onnx.load(str(r.onnx_path))) and not has_qdq(onnx.load(str(r.out / "model.fp32.onnx")))
+    assert seen == ["ExampleNet", "ExampleNet", "OnnxModule"]
+    data = load_data(load_recipe(str(pruned_example["recipe"])), prep.loaded.input_shape)
+    expect = fidelity(prep.loaded.module, OnnxModule(r.onnx_path), data)
+    assert rep["fidelity"]["output_rel_error"] == pytest.approx(expect.output_rel_error, rel=1e-6)
+    assert rep["metric"]["after"] == pytest.approx(expect.accuracy_after)
+    q = rep["quantization"]
+    assert q["settings"]["samples"] == 64 and q["against_float"]["top1_agreement"] >= 0.98
+    assert rep["speedup_over_float"] == pytest.approx(rep["base_float"]["latency_ms"]["median"] /
+                                                      rep["final"]["latency_ms"]["median"])
+    assert rep["final"]["latency_source"] == "measured" and r.final.precision == "int8"

@@ -92,3 +92,68 @@ def test_console_script_runs_without_traceback() -> None:
     out = subprocess.run([sys.executable, "-m", "edgeprune", "profile", "missing.onnx"], capture_output=True, text=True)
     assert out.returncode == 2
     assert_one_line_error(out.stderr, "missing.onnx", "does not exist")
+
+
+def test_export_int8_writes_a_quantised_model_whose_figures_are_its_own(capsys: pytest.CaptureFixture,
+                                                                        tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    import torch
+
+    from edgeprune.data import load_data
+    from edgeprune.example import INPUT_SHAPE
+    from edgeprune.quantize import OnnxModule, has_qdq
+    from edgeprune.recipe import load_recipe
+
+    out = tmp_path / "ex8.onnx"
+    code, stdout, _ = run(capsys, "export", "--int8", "--calibration", "digits", "--exporter", "torchscript", "-o",
+                          str(out), "--json")
+    r = json.loads(stdout)
+    assert code == 0 and has_qdq(onnx.load(str(out)))
+    q, fid = r["int8"], r["int8"]["fidelity"]
+    assert q["settings"]["method"] == "minmax" and q["calibration_samples"] == 256 and r["parity"]["rel_error"] < 1e-4
+    assert fid["samples"] == 199 and fid["top1_agreement"] >= 0.98
+    # the accuracy reported is the written file's, run in ONNX Runtime
+    data = load_data(load_recipe("digits"), INPUT_SHAPE)
+    with torch.no_grad():
+        pred = OnnxModule(out)(torch.from_numpy(data.heldout_x)).argmax(1).numpy()
+    assert fid["accuracy"]["after"] == pytest.approx(float(np.mean(pred == data.heldout_y)))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--int8"], "--int8 needs --calibration RECIPE"),
+    (["--int8", "--calibration", "digits", "--device", "cpu"], "--device cpu is a fp32 target"),
+    (["--calibration", "digits"], "--calibration and --device of export go with --int8"),
+])
+def test_export_int8_bad_arguments_exit_2(capsys: pytest.CaptureFixture, tmp_path: Path, extra: list[str],
+                                          words: str) -> None:
+    code, _, err = run(capsys, "export", "-o", str(tmp_path / "x.onnx"), *extra)
+    assert code == 2
+    assert_one_line_error(err, words)
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_int8_calibration_of_the_wrong_shape_exit_2_nothing_written(capsys: pytest.CaptureFixture,
+                                                                           tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The calibration reader checks every batch against the model's input: 16x16 samples for the 32x32 example stop
+    with one line naming both shapes, not ONNX Runtime's stack trace, and -o is not written."""
+    import dataclasses
+
+    import edgeprune.data
+
+    real = edgeprune.data.load_data
+
+    def cropped(recipe: object, input_shape: tuple[int, ...], arrays: object = None) -> object:
+        d = real(recipe, input_shape, arrays)
+        return dataclasses.replace(d, calib_x=d.calib_x[..., :16, :16].copy(),
+                                   heldout_x=d.heldout_x[..., :16, :16].copy())
+
+    monkeypatch.setattr(edgeprune.data, "load_data", cropped)
+    out = tmp_path / "ex8.onnx"
+    code, _, err = run(capsys, "export", "--int8", "--calibration", "digits", "--exporter", "torchscript", "-o",
+                       str(out))
+    assert code == 2
+    assert_one_line_error(err, "the calibration data yields input input of shape [1, 1, 16, 16] (float32) for batch "
+                               "0; the model takes float32 1x1x32x32")
+    assert not any(tmp_path.iterdir())

@@ -56,3 +56,42 @@ def test_the_metric_gate_fails_a_build_whose_metric_drops_too_far(tmp_path: Path
     assert not gate["passed"] and gate["value"] == pytest.approx(r["metric"]["before"] - r["metric"]["after"])
     assert r["metric"]["after"] < r["metric"]["before"]
     assert not (tmp_path / "b").exists() and (tmp_path / "b.failed" / "model.onnx").is_file()
+
+
+def test_assess_int8_judges_the_quantised_model_and_keeps_the_float_pruned_figures(pruned_example: dict) -> None:
+    """For an int8 target the gates, the fidelity and the user's evaluate see the quantised model in ONNX Runtime
+    (`OnnxModule`); the float pruned model's figures and the cost of quantisation alone are kept beside them."""
+    import torch
+
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.fidelity import fidelity
+    from edgeprune.gates import assess
+    from edgeprune.quantize import OnnxModule, Quantizer
+    from edgeprune.targets import load_target
+
+    prep, pruned = pruned_example["prep"], pruned_example["pruned"]
+    x, y = torch.from_numpy(prep.data.heldout_x), torch.from_numpy(prep.data.heldout_y)
+    seen: list[str] = []
+
+    def top1(module: nn.Module) -> float:
+        seen.append(type(module).__name__)
+        return float((module(x).argmax(1) == y).double().mean())
+
+    config = BuildConfig(prune=PruneConfig(), evaluate=top1, max_accuracy_drop=1.0, min_agreement=0.98)
+    q = Quantizer(load_target("cpu-int8").quantization, prep.data.calib_x)(pruned_example["onnx"])
+    before = top1(prep.loaded.module)
+    a = assess(config, prep.loaded.module, pruned, prep.loaded.example_input, prep.data, prep.base_outputs, before,
+               pruned_example["onnx"], q)
+    assert seen == ["ExampleNet", "ExampleNet", "OnnxModule"]  # before, the float pruned model, the quantised one
+    float_fid = fidelity(prep.loaded.module, pruned, prep.data, prep.base_outputs)
+    assert a.fidelity == fidelity(prep.loaded.module, OnnxModule(q), prep.data, prep.base_outputs)
+    assert a.fidelity.output_rel_error != float_fid.output_rel_error
+    assert a.quantization["float"] == float_fid.to_dict()
+    cost = a.quantization["against_float"]
+    assert cost["top1_agreement"] >= 0.98
+    assert cost["accuracy_drop_pp"] == pytest.approx(100 * (float_fid.accuracy_after - a.fidelity.accuracy_after))
+    assert a.metric["after"] == pytest.approx(a.fidelity.accuracy_after)  # evaluate ran on the quantised model
+    assert a.metric["after_float"] == pytest.approx(float_fid.accuracy_after)
+    assert a.metric["quantization_drop"] == pytest.approx(a.metric["after_float"] - a.metric["after"])
+    assert a.gates["accuracy_drop_pp"]["value"] == pytest.approx(a.fidelity.accuracy_drop_pp)
+    assert a.gates["onnx_parity"]["passed"] and a.parity.rel_error < 1e-4  # the float export against torch

@@ -43,3 +43,17 @@ def test_measurer_counts_device_measurements_not_cached_figures_and_bypasses_the
     cached = Measurer(load_target("cpu"), "CACHE", no_progress, {}, recording([], source="cache"))
     cached(Path("a.onnx"), "measuring")
     assert cached.device_runs == 0
+
+
+def test_measurer_quantises_for_int8_targets_and_measures_float_figures_on_the_float_variant() -> None:
+    calib = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    for name, quantised in (("cpu-int8", True), ("jetson-orin-nano-int8", True), ("cpu", False)):
+        m = Measurer(load_target(name), None, no_progress, {}, recording([]), calibration=calib)
+        assert (m.quantizer is not None) == quantised, name
+        if quantised:
+            assert m.quantizer.config == load_target(name).quantization and m.quantizer.calibration is calib
+    calls: list[dict] = []
+    m = Measurer(load_target("cpu-int8"), "CACHE", no_progress, {}, recording(calls), calibration=calib)
+    stats = m.float_figure(Path("base.onnx"), "measuring unpruned float model")
+    assert stats.precision == "fp32" and "calibration" not in calls[0] and calls[0]["cache"] == "CACHE"
+    assert m.device_runs == 1

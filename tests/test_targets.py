@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.targets import PRECISIONS, RUNTIME_NAMES, Target, bundled_targets, load_target
+from edgeprune.targets import (PRECISIONS, RUNTIME_NAMES, QuantizeConfig, Target, bundled_targets, float_target,
+                               load_target)
 
-SHIPPED = ("cpu", "cpu-2t", "rpi5", "jetson-orin-nano", "jetson-agx-orin", "jetson-orin-nano-int8", "x86-trt")
+SHIPPED = ("cpu", "cpu-2t", "cpu-int8", "rpi5", "rpi5-int8", "jetson-orin-nano", "jetson-agx-orin",
+           "jetson-orin-nano-int8", "x86-trt")
 
 
 def test_bundled_targets_include_design_profiles() -> None:
@@ -86,7 +89,46 @@ def test_load_target_file_remote_needs_one_address(tmp_path: Path) -> None:
         load_target(str(p))
 
 
-def test_int8_needs_tensorrt(tmp_path: Path) -> None:
-    p = write(tmp_path, 'name = "x"\nruntime = "onnxruntime"\nprecision = "int8"\n')
-    with pytest.raises(EdgePruneError, match="int8 needs a TensorRT runtime"):
+def test_int8_targets_carry_their_quantisation_settings_and_fall_back_to_float() -> None:
+    cpu, pi, jetson = load_target("cpu-int8"), load_target("rpi5-int8"), load_target("jetson-orin-nano-int8")
+    assert cpu.runtime == pi.runtime == "onnxruntime" and cpu.precision == pi.precision == "int8"
+    assert cpu.quantization == QuantizeConfig(activations="uint8", reduce_range=True)  # AVX2: u8 x s8, 7-bit weights
+    assert pi.quantization.activations == "int8" and not pi.quantization.reduce_range and pi.threads == 4
+    # TensorRT's Q/DQ layers: symmetric int8 (no [quantization] table in its file: the runtime's defaults)
+    assert jetson.quantization == QuantizeConfig(activations="int8", symmetric=True)
+    assert load_target("cpu").quantization is None
+    assert float_target(cpu).precision == "fp32" and float_target(cpu).quantization is None
+    assert float_target(jetson).precision == "fp16" and float_target(load_target("cpu")) == load_target("cpu")
+
+
+def test_quantisation_settings_change_the_fingerprint(tmp_path: Path) -> None:
+    base = 'name = "x"\nprecision = "int8"\n'
+    plain = load_target(str(write(tmp_path, base)))
+    entropy = load_target(str(write(tmp_path, base + '[quantization]\nmethod = "entropy"\n')))
+    assert plain.quantization.method == "minmax" and entropy.quantization.method == "entropy"
+    assert plain.fingerprint() != entropy.fingerprint()
+    assert Target.from_dict(entropy.to_dict()) == dataclasses.replace(entropy, source="")
+
+
+@pytest.mark.parametrize("table,match", [
+    ('[quantization]\nmethod = "kl"\n', "'method' is 'kl'; allowed values are: minmax, entropy, percentile"),
+    ('[quantization]\nactivation = "int8"\n', "unknown key 'activation'"),
+    ('[quantization]\npercentile = 20.0\n', r"percentile must be in \(50, 100\], found 20.0"),
+    ('[quantization]\nsamples = 0\n', "samples must be in 1..100000, found 0"),
+])
+def test_load_target_file_bad_quantization_table(tmp_path: Path, table: str, match: str) -> None:
+    p = write(tmp_path, 'name = "x"\nprecision = "int8"\n' + table)
+    with pytest.raises(EdgePruneError, match=match):
+        load_target(str(p))
+
+
+def test_quantization_table_on_a_float_target_is_refused(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\nprecision = "fp32"\n[quantization]\nmethod = "entropy"\n')
+    with pytest.raises(EdgePruneError, match=r"\[quantization\]: applies to precision = \"int8\" only"):
+        load_target(str(p))
+
+
+def test_tensorrt_int8_target_needs_symmetric_int8_activations(tmp_path: Path) -> None:
+    p = write(tmp_path, 'name = "x"\nruntime = "tensorrt"\nprecision = "int8"\n[quantization]\nactivations = "uint8"\n')
+    with pytest.raises(EdgePruneError, match="TensorRT runs Q/DQ layers of symmetric int8 only"):
         load_target(str(p))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeprune.errors import EdgePruneError, first_line
-from edgeprune.runtimes.base import Calibration, Progress
+from edgeprune.runtimes.base import Calibration, Progress, calibration_list
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.targets import Target
 
@@ -70,18 +70,50 @@ def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:
         raise EdgePruneError(f"ONNX Runtime cannot run {onnx_path}: {first_line(e, 300)}{hint}") from None
 
 
+def timed_model(onnx_path: Path, target: Target, calibration: Calibration | None) -> bytes:
+    """The bytes of the model to time: `onnx_path`, quantised first when the target is int8 and it is a float model."""
+    import tempfile
+
+    model_bytes = onnx_path.read_bytes()
+    if target.precision != "int8" or target.quantization is None:
+        return model_bytes
+    import dataclasses
+
+    import onnx
+
+    from edgeprune.quantize import SEARCH_SAMPLES, has_qdq, quantize_onnx
+
+    model = onnx.load_from_string(model_bytes)
+    if has_qdq(model):
+        return model_bytes
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    count = SEARCH_SAMPLES * shape[0]  # samples in the model's batches (1 for edgeprune's exports)
+    batches = calibration_list(calibration)
+    if batches and all(isinstance(b, np.ndarray) for b in batches):
+        samples = np.concatenate([np.asarray(b, np.float32) for b in batches])
+    else:
+        samples = np.random.default_rng(0).standard_normal((count, *shape[1:]), np.float32)
+    config = dataclasses.replace(target.quantization, method="minmax")
+    with tempfile.TemporaryDirectory(prefix="edgeprune-int8-") as tmp:
+        return quantize_onnx(onnx_path, Path(tmp) / "model.int8.onnx", samples, config, samples=count).read_bytes()
+
+
 def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress: Progress | None = None,
             calibration: Calibration | None = None) -> LatencyStats:
     """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions.
 
-    `calibration` is not used: ONNX Runtime targets are fp32 or fp16 (int8 needs TensorRT), so nothing is calibrated.
+    An int8 target times a quantised model as it is; a float model is first quantised as a search candidate is
+    (`quantize.Quantizer(search=True)`: MinMax on `calibration`'s first samples, or on seeded random inputs when none
+    are given, which times the same: integer kernels take as long whatever the scales). A build quantises its models
+    itself, so what it measures is what it releases; this serves `edgeprune profile` and latency tables.
 
     `progress(done, total)` is called after every run, warm-up runs included (with the timed count so far): an
     exception it raises stops the measurement (the agent stops a request whose client has gone or whose time is up).
     """
     import onnxruntime as ort
 
-    model_bytes = Path(onnx_path).read_bytes()
+    model_bytes = timed_model(Path(onnx_path), target, calibration)
     cfg = target.measure
     repeats = repeats or cfg.repeats
     total = repeats * cfg.iterations

@@ -82,12 +82,13 @@ def measure(
     """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime.
 
     `calibration` does not travel: the agent's request and `edgeprune profile` carry the model and the target only,
-    so an int8 engine on the device is calibrated on random data (its latency is representative, its accuracy is not);
-    a warning says so when calibration data is passed for an int8 target.
+    so a float model on an int8 device is calibrated there on random data (its latency is representative, its
+    accuracy is not); a warning says so when calibration data is passed for an int8 target with a float model. A
+    build sends Q/DQ models, quantised on the recipe's data before they leave (`quantize.py`): their scales travel.
     """
     if target.remote is None:
         raise EdgePruneError(f"target {target.name} has no [remote] table; the remote runtime needs one")
-    if calibration is not None and target.precision == "int8":
+    if calibration is not None and target.precision == "int8" and not _quantized(Path(onnx_path)):
         log.warning("calibration data does not travel to a remote device: the int8 engine of %s on %s is calibrated "
                     "on random data there (its latency is representative, its accuracy is not)", Path(onnx_path).name,
                     target.remote.agent or target.remote.ssh)
@@ -101,6 +102,14 @@ def measure(
     if progress is not None:
         progress(total, total)
     return stats
+
+
+def _quantized(path: Path) -> bool:
+    import onnx
+
+    from edgeprune.quantize import has_qdq
+
+    return has_qdq(onnx.load(str(path), load_external_data=False))
 
 
 # ---------------------------------------------------------------- agent
@@ -249,6 +258,8 @@ def target_toml(target: Target) -> str:
     lines.append("")
     lines.append("[measure]")
     lines += [f"{key} = {_toml_value(value)}" for key, value in d["measure"].items()]
+    if d.get("quantization"):  # how the device quantises a float model it is sent (a build sends Q/DQ models)
+        lines += ["", "[quantization]"] + [f"{key} = {_toml_value(value)}" for key, value in d["quantization"].items()]
     return "\n".join(lines) + "\n"
 
 

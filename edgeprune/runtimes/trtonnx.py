@@ -48,8 +48,12 @@ def input_shapes(model: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], boo
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:
-    """Whether the model is explicitly quantized (QuantizeLinear/DequantizeLinear pairs carry the INT8 scales)."""
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    """Whether the model is explicitly quantized (QuantizeLinear/DequantizeLinear pairs carry the INT8 scales): a
+    build for an int8 target hands TensorRT such a model, quantised on the recipe's data (`quantize.py`, symmetric
+    int8 as TensorRT's Q/DQ layers need), so its engine needs no calibrator."""
+    from edgeprune.quantize import has_qdq as qdq
+
+    return qdq(model)
 
 
 def _topological_order(graph: Any) -> None:
@@ -121,7 +125,8 @@ def prepare_onnx(onnx_path: str | Path, precision: str, trt_version: TrtVersion,
     if not has_qdq(onnx.load(str(onnx_path), load_external_data=False)):
         raise EdgePruneError(
             f"TensorRT {'.'.join(map(str, trt_version))} removed implicit INT8 calibration: an int8 target needs a "
-            f"model with QuantizeLinear/DequantizeLinear nodes, and {onnx_path.name} has none; quantize it (for "
-            f"example with NVIDIA ModelOpt) or use an fp16 target, or TensorRT 10.x for calibrated INT8"
+            f"model with QuantizeLinear/DequantizeLinear nodes, and {onnx_path.name} has none; quantize it (`edgeprune "
+            f"export --int8 --calibration RECIPE --device jetson-orin-nano-int8`; `edgeprune build` quantises its "
+            f"models itself) or use an fp16 target, or TensorRT 10.x for calibrated INT8"
         )
     return onnx_path

@@ -99,3 +99,22 @@ def test_runs_done_rule(done: int, elapsed: float, expected: bool) -> None:
 def test_negative_max_seconds_is_refused() -> None:
     with pytest.raises(EdgePruneError, match="max_seconds"):
         MeasureConfig(max_seconds=-1.0)
+
+
+def test_int8_target_times_a_float_model_quantised_and_a_quantised_model_as_it_is(tiny_onnx: Path, tmp_path: Path,
+                                                                                   fast_cpu: Target) -> None:
+    from edgeprune.quantize import has_qdq, quantize_onnx
+    from edgeprune.runtimes.onnxruntime import timed_model
+
+    int8 = dataclasses.replace(fast_cpu, precision="int8")
+    assert int8.quantization is not None
+    calib = np.random.default_rng(1).standard_normal((20, 3, 32, 32)).astype(np.float32)
+    timed = onnx.load_from_string(timed_model(tiny_onnx, int8, calib))
+    assert has_qdq(timed)
+    assert timed_model(tiny_onnx, int8, calib) == timed_model(tiny_onnx, int8, calib)  # deterministic
+    assert timed_model(tiny_onnx, int8, None) != timed_model(tiny_onnx, int8, calib)  # random inputs: other scales
+    q = quantize_onnx(tiny_onnx, tmp_path / "q.onnx", calib, int8.quantization)
+    assert timed_model(q, int8, calib) == q.read_bytes() and timed_model(tiny_onnx, fast_cpu, calib) == \
+        tiny_onnx.read_bytes()
+    s = measure(tiny_onnx, int8, calibration=calib)
+    assert s.precision == "int8" and s.n == int8.measure.iterations * int8.measure.repeats and s.median > 0

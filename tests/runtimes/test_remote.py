@@ -130,6 +130,19 @@ def test_target_toml_round_trips_without_remote(tmp_path):
     assert loaded.to_dict() == dataclasses.replace(original, remote=None).to_dict()
 
 
+def test_target_toml_carries_an_int8_targets_quantisation_settings(tmp_path):
+    """The agent quantises a float model it is sent as the build host's target says (its [quantization] table)."""
+    from edgeprune.targets import QuantizeConfig
+
+    original = dataclasses.replace(load_target("cpu-int8"), quantization=QuantizeConfig(method="percentile",
+                                                                                          percentile=99.9, samples=64))
+    path = tmp_path / "t.toml"
+    path.write_text(remote.target_toml(original))
+    loaded = load_target_file(path)
+    assert loaded.quantization == original.quantization and loaded.fingerprint() == original.fingerprint()
+    assert "[quantization]" not in remote.target_toml(load_target("cpu"))
+
+
 def test_stats_from_profile_json_reads_real_profile_output(tiny_onnx, fast_cpu, tmp_path, capsys):
     path = tmp_path / "fast.toml"
     path.write_text(remote.target_toml(fast_cpu))

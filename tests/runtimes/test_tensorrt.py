@@ -80,3 +80,25 @@ def test_measure_int8_calibrates_from_batches(tiny_onnx, tmp_path):
     assert len(list((tmp_path / "engines").glob("*.engine"))) == 2  # other calibration data, other engine
     stacked = np.concatenate(other)  # the recipe's samples as one N x C x H x W array, sliced into batches of 1
     assert trt_backend.measure(tiny_onnx, target, calibration=stacked, cache_dir=tmp_path).n == 60
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"needs TensorRT and a CUDA GPU: {GPU_REASON}")
+def test_int8_engine_builds_from_the_builds_qdq_model_without_a_calibrator(tiny_onnx, tmp_path):
+    """What a build hands an int8 TensorRT target: the model quantised by quantize.py with the target's symmetric
+    int8 settings. TensorRT builds it as explicitly quantized, with no calibrator, on every version (11 included)."""
+    import tensorrt
+
+    from edgeprune.quantize import Quantizer
+    from edgeprune.runtimes.trtengine import _builder_config
+
+    target = gpu_target("int8")
+    calib = np.random.default_rng(0).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    q = Quantizer(load_target("jetson-orin-nano-int8").quantization, calib)(tiny_onnx.parent / "tiny.onnx")
+    s = trt_backend.measure(q, target, cache_dir=tmp_path)
+    assert s.precision == "int8" and s.median > 0
+    logger = tensorrt.Logger(tensorrt.Logger.WARNING)
+    builder = tensorrt.Builder(logger)
+    _, calibrator = _builder_config(tensorrt, builder, trt_backend.cuda_backend(), q, target, calib)
+    assert calibrator is None  # the scales come from the model
