@@ -261,4 +261,4 @@ class Verification:
         if stats.median > self.budget_ms and cand.source != "lut" and cand.latency_ms <= self.budget_ms:
             stats = self.measurer(path, "verifying the final model again", cached=False, repeats=2 * repeats,
                                   stage="verify")
-        return Verified(cand, stats, pruned, plan, path, float_path)
+        return Verified(cand, stats, pruned, plan, path, float_path if path != float_path else None)
