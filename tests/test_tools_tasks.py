@@ -146,3 +146,19 @@ def test_write_calibration_gives_an_npy_recipe_edgeprune_loads(tasks, tmp_path: 
     assert all(x.tobytes() in rows for x in np.concatenate([d.calib_x, d.heldout_x]))
     held_out = {x.tobytes() for x in tasks.eval_samples().images}
     assert not rows & held_out
+
+
+def test_detector_traces_residual_concat_and_depthwise_groups(tasks) -> None:
+    from edgeprune.graph import trace
+
+    graph = trace(tasks.make_detector(), torch.randn(tasks.INPUT_SHAPE))
+    groups = {g.name: g for g in graph.groups}
+    stride8, stride16 = groups["encoder.stages.1.0.0"], groups["encoder.stages.2.0.0"]
+    # the residual add couples the stage's stride-2 conv with its block's last conv, through the depthwise convs
+    assert set(stride8.producers) == {"encoder.stages.1.0.0", "encoder.stages.1.1.conv2.pointwise.0"}
+    assert "encoder.stages.1.1.conv1.depthwise.0" in stride8.members
+    # fuse8 reads cat([upsampled stride 16, stride 8]): its 1x1 conv's input channels split between the two groups
+    fuse16 = next(c for c in stride16.consumers if c.module == "fuse8.0")
+    fuse8 = next(c for c in stride8.consumers if c.module == "fuse8.0")
+    assert fuse16.coords[0] == (0,) and fuse8.coords[0] == (stride16.channels,)
+    assert set(graph.output_layers) == {"heatmap.1", "box.1"} and not graph.excluded

@@ -4,7 +4,9 @@ Deterministic given --seed (two runs give bit-identical weights): fixed seeds, o
 on the thread count), deterministic algorithms. Both nets train on one pool of POOL training images (split `train`,
 drawn once: drawing is ~10 ms an image, too slow to draw afresh every step on one core), each batch seen under a
 random one of the 8 flips and quarter turns of the square (the classes are closed under them). AdamW under a
-one-cycle schedule, no model selection on the held-out set: the weights are those after the last step.
+one-cycle schedule, no model selection on the held-out set: the weights are those after the last step. The
+committed weights (seed 0): detector 600 steps, held-out mAP@0.5 0.941, mAP@0.5:0.95 0.746, in 13 min; segmenter
+400 steps, mIoU 0.821, in 6.5 min, after 52 s drawing the pool (our 2-core machine, other jobs sharing the core).
 
 Losses: the detector's heatmap takes CenterNet's penalty-reduced focal loss (a Gaussian bump per object, 1 at the
 cell holding its centre), its box the GIoU loss of the decoded boxes plus an L1 loss on the log-distances, both
