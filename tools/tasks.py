@@ -12,14 +12,14 @@ ground truth: boxes (xyxy pixels) and labels for the detector, a per-pixel class
                     --calibration bench/tasks/detector.toml --evaluate tools/tasks.py:evaluate_detector
 
 The nets hold what edgeprune's coupled groups must handle: BatchNorm after every conv, residual adds, concats of
-upsampled and skip features, a depthwise conv. The detector (CenterNet-like, anchor-free, stride 4) returns raw
+upsampled and skip features, depthwise convs. The detector (CenterNet-like, anchor-free, stride 4) returns raw
 tensors only (`heatmap` class logits N x 3 x 24 x 24 and `box` log-distances N x 4 x 24 x 24); `decode` turns them
 into boxes on the host (top-k, batched NMS), as a deployment does with the ONNX model's outputs. The segmenter
 (encoder-decoder with a skip concat) returns logits N x 4 x 96 x 96 (0 background, 1 circle, 2 square, 3 triangle).
 
 Splits: every image is drawn from its own generator seeded by (split, seed, index), so `train`, `eval` (the held-out
-set `evaluate_*` scores, never trained on nor used for calibration) and `calib` (edgeprune's calibration data) can
-never share an image, whatever the seeds.
+set `evaluate_*` scores, never trained on nor used for calibration) and `calib` (edgeprune's calibration data) draw
+from disjoint generator seeds, whatever seeds they are given.
 
 This file is loaded by path (`tools/tasks.py:make_detector`), so it imports only torch, numpy, torchvision and
 (in the metric functions) torchmetrics, nothing from tools/ or edgeprune.
@@ -87,8 +87,8 @@ class Samples:
 def synthesize(count: int, seed: int = 0, split: str = "train") -> Samples:
     """`count` images of `split` (train, eval, calib) drawn from `seed`: the same arguments give the same arrays.
 
-    Each image has its own generator seeded by (split, seed, index): the splits never overlap, and a batch of
-    n images is the first n of a batch of m > n."""
+    Each image has its own generator seeded by (split, seed, index): the splits draw from disjoint seeds, and a
+    batch of n images is the first n of a batch of m > n."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     drawn = [render(np.random.default_rng([SPLITS[split], seed, i])) for i in range(count)]
