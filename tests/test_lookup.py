@@ -36,7 +36,10 @@ def test_predict_full_model_close_to_measured_base(table_env: dict) -> None:
     m = load_model("example")
     lm = LayerModel.from_model(m.module, m.example_input, trace(m.module, m.example_input), "example")
     pred, warns = predict(table, lm, lm.full())
-    assert not warns and pred == pytest.approx(table.models["example"]["base_ms"], rel=0.25)
+    # a sanity check of the table's scale (a unit or calibration mistake is off by far more), not of its accuracy,
+    # which tools/bench_lut.py measures: the two figures come from separate timings on a shared machine, and under load
+    # they differed by 37% (rel 0.25 failed three times in a day's test runs)
+    assert not warns and pred == pytest.approx(table.models["example"]["base_ms"], rel=0.5)
 
 
 @pytest.mark.parametrize("xs, ys, proportional", [
