@@ -190,13 +190,16 @@ def test_build_verification_miss_is_measured_again_before_falling_back(env: dict
 
     outcome = build_with(env, "noisy-once", Recording, latency="0.6x")
     r = outcome.report
-    assert outcome.exit_code == 0 and r["met"] is True
     calls = seen[0].calls
     assert [c[0] for c in calls[:2]] == [3, 6]  # final_repeats, then twice as many sessions
     # the second verification is a real measurement of a ~0.5 ms model: it decides, whichever way it goes. Within
-    # budget, the model the search chose ships and nothing else is verified; over it, another candidate is
-    assert (len(calls) == 2) == (calls[1][1] <= r["budget_ms"])
-    assert r["final"]["latency_ms"]["median"] == pytest.approx(calls[-1][1])
+    # budget, the model the search chose ships and nothing else is verified; over it (noise on a shared machine),
+    # another candidate is, and the build's outcome is that candidate's
+    if calls[1][1] <= r["budget_ms"]:
+        assert outcome.exit_code == 0 and r["met"] is True and len(calls) == 2
+        assert r["final"]["latency_ms"]["median"] == pytest.approx(calls[-1][1])
+    else:
+        assert len(calls) > 2 and outcome.exit_code in (0, 3)
 
 
 def test_build_device_without_runtime_exit_5(env: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
