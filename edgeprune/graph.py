@@ -66,6 +66,10 @@ class Group:
         """Channels per unit: a width must be a whole number of units."""
         return len(self.units[0]) if self.units else 1
 
+    def unit_of(self) -> dict[int, int]:
+        """Each channel's unit (empty when the group has no units)."""
+        return {ch: u for u, chans in enumerate(self.units) for ch in chans}
+
     @property
     def branches(self) -> tuple[tuple[int, ...], ...]:
         """Group channels of each producer that makes only part of them (a concat's branches): a plan must keep one

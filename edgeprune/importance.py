@@ -385,7 +385,7 @@ def _rank_units(criterion: Criterion, modules: dict[str, nn.Module], group: Grou
     """A group pruned in units (groupconv.py), ranked as a group whose channels are its units: a unit's
     coordinates in each consumer are its channels' together, its filters its channels' (scores summed); the order
     comes back in channels, unit after unit, and the loss curve exact at whole units (interpolated between)."""
-    unit_of = {ch: u for u, chans in enumerate(group.units) for ch in chans}
+    unit_of = group.unit_of()
     consumers = tuple(dataclasses.replace(c, coords=tuple(tuple(sorted(x for ch in chans for x in c.coords[ch]))
                                                           for chans in group.units)) for c in group.consumers)
     made = group.produces or (tuple(range(group.channels)),) * len(group.producers)

@@ -128,7 +128,7 @@ def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tupl
     replaces the worst kept one whose branch keeps another. A group pruned in units keeps whole units, in the order
     their first channel comes, enough of them for `width`."""
     if group.units:
-        unit_of = {ch: u for u, chans in enumerate(group.units) for ch in chans}
+        unit_of = group.unit_of()
         units = list(dict.fromkeys(unit_of[c] for c in order))[: -(-width // group.unit)]
         return tuple(sorted(ch for u in units for ch in group.units[u]))
     kept = list(order[:width])

@@ -26,14 +26,14 @@ def not_a_number(module: nn.Module) -> float:
     return math.nan
 
 
-def build(tmp_path: Path, evaluate: str, *extra: str) -> tuple[int, dict | None, list[str]]:
+def build(tmp_path: Path, evaluate: str, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / "b"
     code = main(["build", "--latency", "0.6x", "--tolerance", "0.3", "--proxy", "loss", "--repair", "independent",
                  "--max-steps", "4", "--evaluate", f"{__file__}:{evaluate}",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json", *extra])
     report = next((json.loads((d / "report.json").read_text()) for d in (out, Path(f"{out}.failed"))
                    if (d / "report.json").is_file()), None)
-    return code, report, []
+    return code, report
 
 
 @pytest.mark.parametrize("evaluate, words", [("raises", "failed on the unpruned model: RuntimeError: the validation "
@@ -50,7 +50,7 @@ def test_an_evaluate_that_fails_stops_the_build_naming_it(tmp_path: Path, capsys
 
 
 def test_the_metric_gate_fails_a_build_whose_metric_drops_too_far(tmp_path: Path) -> None:
-    code, r, _ = build(tmp_path, "params_k", "--max-metric-drop", "0.001")
+    code, r = build(tmp_path, "params_k", "--max-metric-drop", "0.001")
     assert code == 4 and r is not None
     gate = r["quality_gates"]["metric_drop"]
     assert not gate["passed"] and gate["value"] == pytest.approx(r["metric"]["before"] - r["metric"]["after"])
