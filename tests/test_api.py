@@ -150,14 +150,15 @@ def test_release_of_a_finetuned_pruned_model_reports_its_own_fidelity_and_gates(
     from edgeprune.recipe import load_recipe
 
     root = env["root"]
-    assert main(["prune", "--ratio", "0.5", "--out", str(root / "p"), "--json"]) == 0
+    assert main(["prune", "--ratio", "0.5", "--exporter", "torchscript", "--out", str(root / "p"), "--json"]) == 0
     capsys.readouterr()
     module, plan = load_pruned(root / "p" / "pruned.pt")
     data = load_data(load_recipe("digits"), (1, 1, 32, 32))
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
     module.train()
     for i in range(5):  # a few steps of fine-tuning on the calibration part
-        xb, yb = torch.from_numpy(data.calib_x[i * 32:(i + 1) * 32]), torch.from_numpy(data.calib_y[i * 32:(i + 1) * 32])
+        part = slice(i * 32, (i + 1) * 32)
+        xb, yb = torch.from_numpy(data.calib_x[part]), torch.from_numpy(data.calib_y[part])
         opt.zero_grad()
         nn.functional.cross_entropy(module(xb), yb).backward()
         opt.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,3 +81,24 @@ def stats_from_repeats(repeats_ms: list[list[float]], **meta: Any) -> LatencySta
         repeat_medians=medians,
         **meta,
     )
+
+
+def steadier(a: LatencyStats, b: LatencyStats, k: float = 2.0) -> LatencyStats:
+    """One figure from two of the same model taken one after the other (fresh sessions each).
+
+    Load on a shared machine only ever slows a run down, so when the two medians differ by more than `k` combined
+    standard errors the lower figure is the one that shows the model (the other caught a busier moment: a build's
+    unpruned model once measured 43 ms and 34 ms when measured again). When they agree, their repeats are pooled:
+    the median of every repeat median, `n`-weighted mean and exact pooled `std`, `min`/`max` over both; `p90` is the
+    `n`-weighted mean of the two (the raw runs are not kept).
+    """
+    lo, hi = sorted((a, b), key=lambda s: s.median)
+    if hi.median - lo.median > k * math.hypot(lo.spread * lo.median, hi.spread * hi.median):
+        return lo
+    n = lo.n + hi.n
+    mean = (lo.n * lo.mean + hi.n * hi.mean) / n
+    second = (lo.n * (lo.std ** 2 + lo.mean ** 2) + hi.n * (hi.std ** 2 + hi.mean ** 2)) / n
+    medians = lo.repeat_medians + hi.repeat_medians
+    return dataclasses.replace(lo, median=float(np.median(medians)), p90=(lo.n * lo.p90 + hi.n * hi.p90) / n,
+                               std=math.sqrt(max(second - mean ** 2, 0.0)), min=min(lo.min, hi.min),
+                               max=max(lo.max, hi.max), mean=mean, n=n, repeat_medians=medians)
