@@ -11,7 +11,7 @@ importing the package is cheap on purpose, and torch, onnxsim and tensorrt load 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-API = ("build", "prune", "profile", "lut", "load_target", "release")
+API = ("build", "prune", "profile", "lut", "load_target", "release", "matrix")
 __all__ = ["__version__", *API]
 
 
