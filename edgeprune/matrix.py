@@ -29,7 +29,6 @@ The manifest:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -300,9 +299,7 @@ def run_entry(entry: Entry, out: Path, measure_fn: Callable[..., Any], cache_dir
     try:
         outcome = build(entry.config(cache_dir), entry.folder(out), measure_fn=measure_fn)
         rec = entry_record(entry, out, outcome)
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one entry's failure is a row, not the matrix's end
-        if isinstance(e, KeyboardInterrupt):
-            raise
+    except Exception as e:  # noqa: BLE001 - one entry's failure is a row of the index, not the matrix's end
         rec = entry_record(entry, out, error=e)
     rec["wall_s"] = round(time.perf_counter() - t0, 2)
     return rec
@@ -408,10 +405,11 @@ def write_index(out: Path, manifest: Manifest, records: dict[str, dict[str, Any]
 
 
 def index_markdown(index: dict[str, Any]) -> str:
-    lines = [f"# Release matrix: {index['met']} of {len(index['entries'])} entries met their budget and gates "
-             f"(exit {index['exit_code']})", "",
-             "| model | target | budget | met | latency ms | speed-up | top-1 agreement | output error | metric | exit "
-             "| boards | report |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    title = (f"# Release matrix: {index['met']} of {len(index['entries'])} entries met their budget and gates "
+             f"(exit {index['exit_code']})")
+    header = ("| model | target | budget | met | latency ms | speed-up | top-1 agreement | output error | metric | exit "
+              "| boards | report |")
+    lines = [title, "", header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in index["entries"]:
         fid = r.get("fidelity") or {}
         agree = fid.get("top1_agreement")

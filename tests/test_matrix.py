@@ -11,7 +11,13 @@ import pytest
 
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
-from edgeprune.matrix import digest, entry_inputs, load_manifest, matrix_exit_code, run_matrix
+from edgeprune.matrix import (
+    digest,
+    entry_inputs,
+    load_manifest,
+    matrix_exit_code,
+    run_matrix,
+)
 from edgeprune.pool import load_pool
 from tests.agents import devices_toml, start_agents
 
