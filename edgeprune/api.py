@@ -196,7 +196,7 @@ def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: s
     `out/MODEL/TARGET/BUDGET/`, measured on the boards of `devices`; `ray`: None (embedded), "auto" or a cluster's
     address. Returns the index (also out/index.json); its `exit_code` is 0 only when every entry met its budget and
     gates."""
-    from edgeprune.matrix import load_manifest, run_matrix
+    from edgeprune.matrixjob import load_manifest, run_matrix
     from edgeprune.pool import load_pool
 
     return run_matrix(load_manifest(manifest), load_pool(devices), out, ray=ray, cache_dir=cache_dir)

@@ -1,5 +1,5 @@
 """The `matrix` command: a release manifest of models x targets x budgets built on a pool of devices, embedded or on
-Ray (`matrix.py`, `matrixray.py`)."""
+Ray (`matrixjob.py`, `matrixray.py`)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def add_matrix(sub: argparse._SubParsersAction) -> Handler:
 
 
 def run_matrix_command(args: argparse.Namespace) -> int:
-    from edgeprune.matrix import load_manifest, run_matrix
+    from edgeprune.matrixjob import load_manifest, run_matrix
     from edgeprune.pool import load_pool
 
     manifest = load_manifest(args.manifest)

@@ -11,7 +11,7 @@ import pytest
 
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
-from edgeprune.matrix import (
+from edgeprune.matrixjob import (
     digest,
     entry_inputs,
     load_manifest,
@@ -236,3 +236,11 @@ def test_ray_matrix_survives_a_board_dying(tmp_path, agents, ray_cluster):
     assert index["exit_code"] == 0 and len(index["entries"]) == 4 and all(e["met"] for e in index["entries"])
     assert index["down"] == ["d"]
     assert {m["board"] for e in index["entries"] for m in e["measurements"]} <= {"a", "d"}
+
+
+def test_matrix_is_the_api_function_after_its_modules_load():
+    import edgeprune
+    import edgeprune.matrixjob
+    import edgeprune.matrixray
+
+    assert callable(edgeprune.matrix) and edgeprune.matrix.__module__ == "edgeprune.api"
