@@ -3,6 +3,7 @@ down), and measurements routed to real agents on loopback, failing over when one
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -130,20 +131,23 @@ def test_a_failing_board_is_marked_down_and_the_measurement_retried(tmp_path, mo
     assert e.value.code == 5
 
 
-def test_measurements_fail_over_between_real_agents(tmp_path, tiny_onnx, monkeypatch):
+@pytest.fixture(scope="module")
+def agents():
+    running = start_agents(good=None, other=None, dying=1)
+    yield running
+    for agent in running.values():
+        agent.stop()
+
+
+def test_measurements_fail_over_between_real_agents(tmp_path, tiny_onnx, monkeypatch, agents):
     """Two agent processes on loopback; one dies on its second measurement, with the request in flight: every
     measurement still gets its figure (the model's, from the other board), and the dead board is down."""
     monkeypatch.setattr("edgeprune.runtimes.remote.RETRY_DELAYS_S", (0.1, 0.2))
-    agents = start_agents(good=None, dying=1)
-    try:
-        pool = load_pool(devices_toml(tmp_path / "devices.toml", agents))
-        state = BoardState(pool)
-        log: list[dict] = []
-        fn = pooled_measure(state, "cpu", log)
-        figures = [fn(tiny_onnx, load_target("cpu")).median for _ in range(4)]
-    finally:
-        for a in agents.values():
-            a.stop()
+    pool = load_pool(devices_toml(tmp_path / "devices.toml", {n: agents[n] for n in ("good", "dying")}))
+    state = BoardState(pool)
+    log: list[dict] = []
+    fn = pooled_measure(state, "cpu", log)
+    figures = [fn(tiny_onnx, load_target("cpu")).median for _ in range(4)]
     from tests.matrixagent import model_ms
 
     assert figures == [pytest.approx(model_ms(tiny_onnx))] * 4
@@ -152,3 +156,24 @@ def test_measurements_fail_over_between_real_agents(tmp_path, tiny_onnx, monkeyp
     summary = state.summary()
     assert summary["dying"]["state"] == "down" and summary["good"]["state"] == "free"
     assert summary["good"]["measurements"] == 3 and summary["dying"]["measurements"] == 1
+    assert not agents["dying"].alive
+
+
+def test_a_table_split_over_two_boards_equals_one_boards(tmp_path, agents, capsys):
+    """`edgeprune lut --devices`: the entries of a latency table measured on two boards at once (a layer signature
+    per board) are the entries one board measures, and both boards took a share."""
+    from edgeprune.cli import main
+
+    tables = {}
+    for names in (("good",), ("good", "other")):
+        devices = devices_toml(tmp_path / f"devices-{len(names)}.toml", {n: agents[n] for n in names})
+        out = tmp_path / f"lut-{len(names)}.json"
+        assert main(["lut", "--model", "tests.models:Residual", "--input-shape", "1,3,16,16", "--device", "cpu",
+                     "--out", str(out), "--devices", str(devices), "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        tables[len(names)] = json.loads(out.read_text())
+        counts = {n: b["measurements"] for n, b in summary["boards"].items()}
+        assert all(c > 0 for c in counts.values()), counts
+    one, two = tables[1], tables[2]
+    assert len(one["entries"]) >= 3 and one["entries"] == two["entries"]
+    assert one["models"]["tests.models:Residual"]["calibration"] == two["models"]["tests.models:Residual"]["calibration"]
