@@ -363,9 +363,17 @@ def run_matrix(manifest: Manifest, pool: Pool, out: str | Path, ray: str | None 
 
     for key, rec in records.items():
         echo(progress_line(list(records).index(key) + 1, total, rec, None))
+
+    def on_counts(c: dict[str, int], only_down: bool = False) -> None:
+        """The live count of boards: every change under Ray (polled), a board going down when embedded."""
+        before = counts["now"] or {"down": 0}
+        if c["down"] != before["down"] or (not only_down and c != counts["now"]):
+            echo(f"edgeprune: boards: {c['busy']} busy, {c['free']} free, {c['down']} down")
+        counts["now"] = c
+
     try:
         if ray is None:
-            state = BoardState(pool, on_change=lambda c: counts.update(now=c))
+            state = BoardState(pool, on_change=lambda c: on_counts(c, only_down=True))
             for e in todo:
                 log: list[dict[str, Any]] = []
                 rec = run_entry(e, out, pooled_measure(state, kinds[e.key], log), cache_dir)
@@ -373,11 +381,6 @@ def run_matrix(manifest: Manifest, pool: Pool, out: str | Path, ray: str | None 
             boards = state.summary()
         else:
             from edgeprune.matrixray import run_on_ray
-
-            def on_counts(c: dict[str, int]) -> None:
-                if c != counts["now"]:
-                    echo(f"edgeprune: boards: {c['busy']} busy, {c['free']} free, {c['down']} down")
-                counts["now"] = c
 
             boards = run_on_ray(todo, kinds, out, pool, run_entry, cache_dir, finish, on_counts)
     finally:

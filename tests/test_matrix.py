@@ -183,7 +183,10 @@ def test_embedded_matrix_survives_a_board_dying(tmp_path, agents, fast_retries):
     """Board d dies on its third measurement, a request in flight: every entry completes on board a, none is lost,
     and the index names d as down."""
     manifest, out = manifest_toml(tmp_path / "m.toml"), tmp_path / "release"
-    index = run_matrix(load_manifest(manifest), load_pool(pair(tmp_path, agents, ("a", "d"))), out, echo=print)
+    lines: list[str] = []
+    index = run_matrix(load_manifest(manifest), load_pool(pair(tmp_path, agents, ("a", "d"))), out,
+                       echo=lines.append)
+    assert "edgeprune: boards: 0 busy, 1 free, 1 down" in lines  # the live count, as the board went down
     assert index["exit_code"] == 0 and len(index["entries"]) == 2 and all(e["met"] for e in index["entries"])
     assert index["down"] == ["d"] and "cannot reach" in index["boards"]["d"]["down_reason"]
     assert index["boards"]["d"]["measurements"] == 2 and not agents["d"].alive
