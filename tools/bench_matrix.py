@@ -1,7 +1,7 @@
 """Benchmark a release matrix: wall time of a 4-entry manifest on 1 and on 2 boards, embedded and on Ray.
 
     python tools/bench_matrix.py [--model example] [--budgets 0.5x,0.6x,0.7x,0.8x] [--modes embedded,ray]
-                                 [--boards 1,2] [--max-steps 6] [--out bench/matrix.json]
+                                 [--boards 1,2] [--max-steps 6] [--proxy auto] [--out bench/matrix.json]
 
 Each board is a real `edgeprune agent` process on loopback measuring with ONNX Runtime (the `cpu` profile), started
 fresh for each run; the manifest builds `--model` at each budget on `cpu` without the measurement cache, so every
@@ -45,9 +45,9 @@ def start_agents(n: int) -> list[tuple[subprocess.Popen, str]]:
     return out
 
 
-def manifest(path: Path, model: str, budgets: list[str], max_steps: int) -> Path:
+def manifest(path: Path, model: str, budgets: list[str], max_steps: int, proxy: str) -> Path:
     path.write_text(f'targets = ["cpu"]\nbudgets = {json.dumps(budgets)}\n[build]\nmax_steps = {max_steps}\n'
-                    f'cache = false\n[[models]]\nname = "m"\nmodel = "{model}"\n')
+                    f'proxy = "{proxy}"\ncache = false\n[[models]]\nname = "m"\nmodel = "{model}"\n')
     return path
 
 
@@ -71,7 +71,7 @@ def run_once(mode: str, boards: int, args: argparse.Namespace, work: Path) -> di
             ray_start_s = time.perf_counter() - t0
             started = True
         t0 = time.perf_counter()
-        index = edgeprune.matrix(manifest(work / "m.toml", args.model, args.budgets, args.max_steps), devices,
+        index = edgeprune.matrix(manifest(work / "m.toml", args.model, args.budgets, args.max_steps, args.proxy), devices,
                                  work / f"release-{mode}-{boards}", ray="auto" if mode == "ray" else None)
         wall = time.perf_counter() - t0
     finally:
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--boards", default="1,2")
     p.add_argument("--cpus", type=int, default=2, help="Ray workers for the builds (default 2)")
     p.add_argument("--max-steps", type=int, default=6)
+    p.add_argument("--proxy", default="auto", help="the builds' --proxy (loss: cheap, for a smoke run)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     args = p.parse_args()
     args.budgets = args.budgets.split(",")
@@ -108,7 +109,8 @@ def main() -> None:
             for boards in (int(b) for b in args.boards.split(",")):
                 runs.append(run_once(mode, boards, args, Path(tmp)))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    result = {"model": args.model, "budgets": args.budgets, "max_steps": args.max_steps, "cpus": os.cpu_count(),
+    result = {"model": args.model, "budgets": args.budgets, "max_steps": args.max_steps, "proxy": args.proxy,
+              "cpus": os.cpu_count(),
               "affinity": len(os.sched_getaffinity(0)), "runs": runs,
               "note": "both boards share this machine's CPUs with the builds: a second board adds concurrency, not "
                       "measuring capacity"}
