@@ -188,3 +188,15 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
                          device=device, latency=latency, evaluate=evaluate, **build_opts)
     pruned = release_inputs(model, original, plan, example_input, inputs, weights, seed)
     return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)
+
+
+def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: str | None = None,
+           cache_dir: str | None = None) -> dict[str, Any]:
+    """A release matrix (`edgeprune matrix`): every entry of `manifest` (models x targets x budgets) built into
+    `out/MODEL/TARGET/BUDGET/`, measured on the boards of `devices`; `ray`: None (embedded), "auto" or a cluster's
+    address. Returns the index (also out/index.json); its `exit_code` is 0 only when every entry met its budget and
+    gates."""
+    from edgeprune.matrixjob import load_manifest, run_matrix
+    from edgeprune.pool import load_pool
+
+    return run_matrix(load_manifest(manifest), load_pool(devices), out, ray=ray, cache_dir=cache_dir)

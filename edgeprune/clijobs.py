@@ -276,6 +276,9 @@ def add_lut(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
     p.add_argument("--report", action="store_true",
                    help="also plot latency against output width per layer signature (lut.png, needs matplotlib)")
+    p.add_argument("--devices", default=None, metavar="devices.toml",
+                   help="measure on the boards of the target's kind in this device pool, the table's entries split "
+                        "across them (one layer signature per board at a time; see `edgeprune matrix`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     return run_lut
 
@@ -284,10 +287,21 @@ def run_lut(args: argparse.Namespace) -> int:
     from edgeprune.models import parse_shape
     from edgeprune.pipeline import lut_job
 
+    pooled: dict[str, Any] = {}
+    if args.devices:
+        from edgeprune.pool import BoardState, load_pool, pooled_measure
+        from edgeprune.targets import load_target
+
+        pool = load_pool(args.devices)
+        kind = pool.kind_for(load_target(args.device))
+        boards = BoardState(pool)
+        pooled = {"measure_fn": pooled_measure(boards, kind, []), "workers": len(pool.of_kind(kind))}
     with Progress(enabled=not args.json) as progress:
         summary = lut_job(args.model, args.device, args.out, args.weights,
                           parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
-                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore))
+                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore), **pooled)
+    if args.devices:
+        summary["boards"] = boards.summary()
     if args.report:
         from edgeprune.lookup import load_lut
         from edgeprune.lookupbuild import plot_lut

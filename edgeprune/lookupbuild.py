@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from edgeprune.atomic import check_output_file
 from edgeprune.errors import EdgePruneError
 from edgeprune.lookup import (LUT_FORMAT, LatencyTable, Layer, LayerModel, check_table_for, entry_latency,
                            fit_calibration, load_lut, table_meta)
+from edgeprune.parallel import thread_map
 from edgeprune.plan import round_width
 from edgeprune.runtimes import measure
 from edgeprune.targets import Target
@@ -147,14 +149,18 @@ ENTRY_SESSIONS = 3
 
 def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths: Callable[[dict[str, int]], float],
               resume: bool = True, progress: Callable[[int, int], None] | None = None,
-              repeats: int = ENTRY_SESSIONS) -> LatencyTable:
+              repeats: int = ENTRY_SESSIONS, measure_fn: Callable[..., Any] | None = None,
+              workers: int = 1) -> LatencyTable:
     """Measure every layer signature of `model` on `target` and calibrate the model; merges into `out`.
 
     `measure_widths(widths) -> ms` measures the whole model pruned to `widths` on the target (8 calls). Layers
     measured alone carry per-run costs (session overhead, input and output copies) that do not shrink with width, so
     the model's latency is fitted as a + b·Σ entries by least squares on those plans. Interrupted runs resume:
-    the table is saved after each signature, and measured signatures are skipped.
+    the table is saved after each signature, and measured signatures are skipped. `measure_fn` replaces
+    `runtimes.measure`; `workers` signatures are measured at once (`edgeprune lut --devices`: one per board of the
+    kind, each measurement on a free board, so that the table's entries are split across the boards).
     """
+    measure_fn = measure_fn or measure
     out = Path(out)
     meta = table_meta(target)
     if resume and out.exists():
@@ -171,26 +177,24 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
             if old is None or (layer.cin, layer.cout) > (old.cin, old.cout):
                 todo[layer.signature] = layer
     total = sum(len(a) * len(b) for a, b in (_layer_points(layer, target.channel_multiple) for layer in todo.values()))
-    done = 0
+    done = [0]
+    lock = threading.Lock()
+
+    def tick() -> None:
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
-        for sig, layer in todo.items():
-            cins, couts = _layer_points(layer, target.channel_multiple)
-            grid = np.zeros((len(cins), len(couts)))
-            for i, ci in enumerate(cins):
-                for j, co in enumerate(couts):
-                    path = build_layer_onnx(layer.spec, ci, co, Path(tmp) / "layer.onnx")
-                    grid[i, j] = measure(path, quick, cache=None, repeats=repeats).median
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-            entry = {"cin": cins, "cout": couts, "ms": grid.tolist(), "example": layer.name}
-            stairs = stair_widths(layer, target.channel_multiple)
-            if stairs:  # unaligned output widths around a multiple, at full input width: the staircase
-                entry["stairs"] = {"cout": stairs, "ms": [
-                    measure(build_layer_onnx(layer.spec, cins[-1], w, Path(tmp) / "layer.onnx"), quick, cache=None,
-                            repeats=repeats).median for w in stairs]}
-            table.entries[sig] = entry
-            table.save(out)  # resumable
+        def one(item: tuple[int, tuple[str, Layer]]) -> None:
+            i, (sig, layer) = item
+            entry = _measure_entry(layer, quick, Path(tmp) / f"layer{i}.onnx", measure_fn, repeats, tick)
+            with lock:
+                table.entries[sig] = entry
+                table.save(out)  # resumable
+
+        thread_map(one, list(enumerate(todo.items())), workers)
         xs, ys = [], []
         for widths in calibration_widths(model, target.channel_multiple):
             xs.append(sum(entry_latency(table.entries[ly.signature], *ly.widths(widths, model.channels))[0]
@@ -203,6 +207,25 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
         table.meta = meta
         table.save(out)
     return table
+
+
+def _measure_entry(layer: Layer, target: Target, path: Path, measure_fn: Callable[..., Any], repeats: int,
+                   tick: Callable[[], None]) -> dict[str, Any]:
+    """A layer signature's table entry: its grid of widths measured on `target`, and the staircase sweep."""
+    cins, couts = _layer_points(layer, target.channel_multiple)
+    grid = np.zeros((len(cins), len(couts)))
+    for i, ci in enumerate(cins):
+        for j, co in enumerate(couts):
+            grid[i, j] = measure_fn(build_layer_onnx(layer.spec, ci, co, path), target, cache=None,
+                                    repeats=repeats).median
+            tick()
+    entry = {"cin": cins, "cout": couts, "ms": grid.tolist(), "example": layer.name}
+    stairs = stair_widths(layer, target.channel_multiple)
+    if stairs:  # unaligned output widths around a multiple, at full input width: the staircase
+        entry["stairs"] = {"cout": stairs, "ms": [
+            measure_fn(build_layer_onnx(layer.spec, cins[-1], w, path), target, cache=None, repeats=repeats).median
+            for w in stairs]}
+    return entry
 
 
 def best_channel_multiple(table: LatencyTable, candidates: tuple[int, ...] = (4, 8, 16, 32)) -> dict[str, Any]:

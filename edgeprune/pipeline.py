@@ -385,14 +385,17 @@ def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, b
 
 def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None = None,
             input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
-            ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it."""
+            ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None,
+            workers: int = 1) -> dict[str, Any]:
+    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it
+    (`measure_fn`, `workers`: see `lookupbuild.build_lut`; `lut --devices` splits the entries over boards)."""
     with compute_threads(), retained_memory():
-        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore)
+        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore, measure_fn, workers)
 
 
 def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None, input_shape: tuple[int, ...] | None,
-             resume: bool, stages: Stages, ignore: tuple[str, ...]) -> dict[str, Any]:
+             resume: bool, stages: Stages, ignore: tuple[str, ...], measure_fn: Callable[..., Any] | None,
+             workers: int) -> dict[str, Any]:
     import tempfile
 
     from edgeprune.lookup import LayerModel
@@ -403,7 +406,9 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
     check_patterns(ignore)
     check_lut_out(Path(out), resume)
     target = load_target(device)
-    runtime_for(target)
+    if measure_fn is None:
+        runtime_for(target)
+    measure_fn = measure_fn or measure
     t0 = time.perf_counter()
     loaded = load_model(spec, weights, input_shape)
     graph = trace(loaded.module, loaded.example_input, ignore)
@@ -418,9 +423,9 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
             path = Path(tmp) / "calibrate.onnx"
             export_candidate(pruned, loaded.example_input, path, "torchscript")
             # a calibration plan's figure scales every prediction: time it over as many sessions as a verification
-            return measure(path, target, cache=None, repeats=target.measure.final_repeats).median
+            return measure_fn(path, target, cache=None, repeats=target.measure.final_repeats).median
 
-        table = build_lut(model, target, out, measure_widths, resume=resume,
+        table = build_lut(model, target, out, measure_widths, resume=resume, measure_fn=measure_fn, workers=workers,
                           progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))
     cal = table.models[loaded.spec]
     return {"table": str(out), "model": loaded.spec, "target": target.name, "signatures": len(table.entries),
