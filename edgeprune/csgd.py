@@ -172,16 +172,16 @@ def centripetal_train(model: nn.Module, graph: Graph, clusters: Clusters, x: np.
 
 
 def spread(model: nn.Module, graph: Graph, clusters: Clusters) -> float:
-    """The largest distance of a filter from its cluster's mean, relative to the mean filter's norm, over every
-    clustered group's parameters: 0 when the clusters have converged (what C-SGD drives towards)."""
+    """The largest distance of a filter from its cluster's mean, relative to the RMS norm of the filters of that
+    parameter, over every clustered group's parameters: 0 when the clusters have converged (what C-SGD drives
+    towards)."""
     worst = 0.0
     with torch.no_grad():
         for s in _slots(model, graph, clusters).values():
             for p in s.params:
                 f = _flat(p.detach()).double()
-                mean = s.a.double() @ f
-                rel = (f - mean).norm(dim=1) / mean.norm(dim=1).clamp_min(1e-12)
-                worst = max(worst, float(rel.max()))
+                scale = f.norm(dim=1).pow(2).mean().sqrt().clamp_min(1e-12)
+                worst = max(worst, float((f - s.a.double() @ f).norm(dim=1).max() / scale))
     return worst
 
 
