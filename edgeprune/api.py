@@ -202,7 +202,7 @@ def finetune(source: str | Path, *, calibration: Any = None, stage: str = "disti
     recipe the source was made with), then released as `release` does into `out` (never `source`), against the
     source build's `device` and `latency` unless given. Returns a `BuildResult` (`report["finetune"]`: the training);
     raises `EdgePruneError` (exit 4) when the training diverges."""
-    from edgeprune.finetune import finetune_job, read_source
+    from edgeprune.finetunejob import finetune_job, read_source
     from edgeprune.recovery import FinetuneConfig
 
     train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal") if k in options}

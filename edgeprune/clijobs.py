@@ -327,8 +327,8 @@ def add_finetune(sub: argparse._SubParsersAction) -> Handler:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=None, help="training steps (default: 3 epochs)")
     length.add_argument("--minutes", type=float, default=None, help="train for this long instead")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 Adam for distill, "
-                                                          "1e-2 momentum SGD for csgd)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 Adam, cosine-annealed, for "
+                                                          "distill; 1e-2 momentum SGD, constant, for csgd)")
     p.add_argument("--device", default=None, help="target (default: the source build's, else cpu)")
     p.add_argument("--latency", default=None, help="budget (default: the source build's, else 0.5x)")
     add_gate_args(p)
@@ -343,7 +343,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> Handler:
 def run_finetune(args: argparse.Namespace) -> int:
     from edgeprune.api import run_build as typed
     from edgeprune.config import BuildConfig, PruneConfig
-    from edgeprune.finetune import finetune_job, read_source
+    from edgeprune.finetunejob import finetune_job, read_source
     from edgeprune.recovery import FinetuneConfig
 
     recovery = FinetuneConfig(stage=args.stage, steps=args.steps, minutes=args.minutes, orthoreg=args.orthoreg,

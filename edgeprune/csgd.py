@@ -20,7 +20,8 @@ Departures, and why:
   pull then does not grow with the cluster, and one ε (default 3, with SGD's learning rate 0.01 and momentum 0.9:
   differences shrink about 5% a step) is stable for clusters of any size, where the paper's form diverges with
   momentum SGD once lr·ε·|H| passes 2(1 + momentum).
-- No weight decay (the paper's η): a recovery stage of minutes has no use for it, and it would not change the
+- A constant learning rate (the centripetal pull is lr·ε a step: annealing lr would stall the convergence), and no
+  weight decay (the paper's η): a recovery stage of minutes has no use for it, and it would not change the
   centripetal dynamics (it is linear, the same for every member).
 - Before merging, each cluster is set to its mean (parameters and batch-norm running statistics): after training the
   members differ by what the centripetal term has not yet removed (`spread`, in the report), and the merge is exact
@@ -168,7 +169,7 @@ def centripetal_train(model: nn.Module, graph: Graph, clusters: Clusters, x: np.
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, momentum=0.9)
     return train(model, teacher, x, labels, config, optimizer=opt, after_backward=after_backward,
-                 penalty_weights=cluster_means, stages=stages)
+                 penalty_weights=cluster_means, stages=stages, anneal=False)
 
 
 def spread(model: nn.Module, graph: Graph, clusters: Clusters) -> float:

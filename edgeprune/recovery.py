@@ -35,7 +35,7 @@ from edgeprune.graph import Graph
 from edgeprune.outputs import flatten_outputs, is_class_logits
 
 STAGES = ("distill", "csgd")
-DEFAULT_LR = {"distill": 1e-3, "csgd": 1e-2}  # Adam for distillation, momentum SGD for C-SGD (see csgd.py)
+DEFAULT_LR = {"distill": 5e-3, "csgd": 1e-2}  # Adam for distillation, momentum SGD for C-SGD (see csgd.py)
 TEACHER_CACHE_BYTES = 1 << 30  # the unpruned model's outputs are kept for the whole run below this size
 
 
@@ -161,13 +161,16 @@ class _Teacher:
 
 def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: np.ndarray | None,
           config: FinetuneConfig, layers: list[str] = (), *, optimizer: torch.optim.Optimizer | None = None,
-          after_backward: Callable[[], None] | None = None,
+          after_backward: Callable[[], None] | None = None, anneal: bool = True,
           penalty_weights: Callable[[], list[torch.Tensor]] | None = None,
           stages: Stages = no_progress) -> TrainLog:
     """Train `student` in place (train mode; left in eval mode) on the samples `x`: distillation from `teacher`, or
     cross-entropy on `labels` when given. `layers` get the OrthoReg penalty (`penalty_weights` overrides which
     tensors it sees: C-SGD's cluster means). `after_backward` may rewrite gradients (C-SGD's centripetal update).
+    `anneal`: the learning rate follows a cosine from its value to 0 over the run (steps, or minutes elapsed).
     Raises `QualityGateFailed` (exit 4) when the loss stops being finite."""
+    if config.orthoreg and not layers and penalty_weights is None:
+        raise ValueError("orthoreg needs the layers it acts on (recovery.producers of the model's groups)")
     gen = torch.Generator().manual_seed(config.seed)
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = None if labels is None else torch.from_numpy(labels)
@@ -201,6 +204,10 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
             loss.backward()
             if after_backward is not None:
                 after_backward()
+            if anneal:
+                progress = done / steps if steps is not None else (time.monotonic() - start) / (config.minutes * 60)
+                for group in opt.param_groups:
+                    group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             opt.step()
             done += 1
             elapsed = time.monotonic() - start

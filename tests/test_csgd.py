@@ -112,3 +112,47 @@ def test_groups_that_cannot_be_merged_are_sliced_to_the_plan_and_say_why() -> No
     assert all(merged.kept[g] == plan.kept[g] for g in unit_groups)
     with torch.no_grad():
         assert pruned(entry.example_input(batch=4)).shape == (4, 10)
+
+
+def residual_net() -> torch.nn.Module:
+    """The zoo's residual model as a model spec (`tests/test_csgd.py:residual_net`), BN momentum as trained models."""
+    model = ZOO["residual"].build()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.1
+    return model
+
+
+@pytest.mark.slow  # a prune, 150 training steps and a release: about 20 s of CPU
+def test_finetune_csgd_releases_the_merged_model_at_the_plans_widths(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    """`edgeprune finetune --stage csgd` end to end on a prune output: trained, merged to the source's widths, its
+    clusters converged (report: csgd.spread), released with the budget re-checked."""
+    import json
+
+    import edgeprune.runtimes as rt
+    from edgeprune.cli import main
+    from edgeprune.pipeline import prune_job
+    from tests.test_api import TARGET, fake_latency
+
+    monkeypatch.setattr(rt, "measure", fake_latency)
+    (tmp_path / "cpu-test.toml").write_text(TARGET)
+    (tmp_path / "random.toml").write_text('kind = "random"\ncount = 160\nheldout = 32\n')
+    from edgeprune.config import PruneConfig
+
+    prune_job(PruneConfig(model=f"{__file__}:residual_net", input_shape=INPUT_SHAPE, criterion="l1",
+                          calibration=str(tmp_path / "random.toml"), compensation=False, channel_multiple=1,
+                          exporter="torchscript"), tmp_path / "p", ratio=0.5)
+    code = main(["finetune", str(tmp_path / "p"), "--stage", "csgd", "--steps", "150", "--orthoreg", "0.1",
+                 "--calibration", str(tmp_path / "random.toml"),
+                 "--device", str(tmp_path / "cpu-test.toml"), "--latency", "0.9x", "--out", str(tmp_path / "c"),
+                 "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    r = json.loads(out.out)
+    source_plan = json.loads((tmp_path / "p" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "c" / "plan.json").read_text())
+    assert {g: len(k) for g, k in plan["kept"].items()} == {g: len(k) for g, k in source_plan["kept"].items()}
+    assert plan["meta"]["recovery"] == "csgd" and r["met"] and r["finetune"]["loss"] == "distillation"
+    assert r["finetune"]["csgd"]["spread"] < 2e-3 and not r["finetune"]["csgd"]["sliced"]
+    # C-SGD keeps the unpruned model's function through the merge far better than cutting channels did
+    assert r["fidelity"]["output_rel_error"] < 0.5 * r["finetune"]["input_fidelity"]["output_rel_error"], r["fidelity"]

@@ -1,4 +1,4 @@
-"""`edgeprune finetune`: a recovery stage on a build or prune output, released again (budget and gates re-checked).
+"""`edgeprune finetune` (`edgeprune.finetune` in Python): a recovery stage on a build or prune output, released again (budget and gates re-checked).
 
     source = read_source("out/")                       # pruned.pt, plan.json, report.json of a build or prune
     outcome = finetune_job(config, "tuned/", source=source, recovery=FinetuneConfig(stage="distill", minutes=1))
@@ -101,7 +101,7 @@ def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recove
     inputs = inputs or Inputs()
     original = source.original
     spec = config.prune.calibration if config.prune.calibration not in (None, "python") else \
-        source.plan.meta.get("calibration") or config.prune.recipe_spec()
+        source.plan.meta.get("calibration") or dataclasses.replace(config.prune, model=original.spec).recipe_spec()
     recipe = inputs.recipe or load_recipe(spec)
     data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
     with compute_threads():
