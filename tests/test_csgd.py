@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from edgeprune.csgd import averaging, centripetal_train, cluster_filters, merge, spread
-from edgeprune.graph import trace
+from edgeprune.graph import Graph, trace
 from edgeprune.plan import Plan
 from edgeprune.recovery import FinetuneConfig
 from tests.models import INPUT_SHAPE, ZOO
 
 
-def half_plan(graph) -> Plan:  # noqa: ANN001
+def half_plan(graph: Graph) -> Plan:
     """Half of every group's channels (first ones): C-SGD only takes the widths from it."""
     return Plan(kept={g.name: tuple(range(g.channels // 2)) for g in graph.groups},
                 channels={g.name: g.channels for g in graph.groups})
@@ -124,7 +125,8 @@ def residual_net() -> torch.nn.Module:
 
 
 @pytest.mark.slow  # a prune, 150 training steps and a release: about 20 s of CPU
-def test_finetune_csgd_releases_the_merged_model_at_the_plans_widths(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+def test_finetune_csgd_releases_the_merged_model_at_the_plans_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
     """`edgeprune finetune --stage csgd` end to end on a prune output: trained, merged to the source's widths, its
     clusters converged (report: csgd.spread), released with the budget re-checked."""
     import json
