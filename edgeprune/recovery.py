@@ -179,6 +179,7 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
     steps = config.steps if config.steps is not None else None if config.minutes is not None else config.epochs * per_epoch
     targets = _Teacher(teacher if yt is None else None, xt, batch)
     modules = dict(student.named_modules())
+    penalty = penalty_weights or (lambda: [modules[n].weight for n in layers])
     params = [p for p in student.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.Adam(params, lr=config.learning_rate)
     what = f"{config.stage} ({'cross-entropy on labels' if yt is not None else 'distillation'})"
@@ -187,12 +188,8 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
     student.train()
     while True:
         for idx in torch.randperm(len(xt), generator=gen)[: per_epoch * batch].view(per_epoch, batch):
-            out = student(xt[idx])
-            loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yt[idx]) if yt is not None \
-                else distill_loss(out, targets(idx), config.temperature)
-            if config.orthoreg:
-                weights = penalty_weights() if penalty_weights is not None else [modules[n].weight for n in layers]
-                loss = loss + config.orthoreg * orthogonality(weights)
+            loss = _loss(student, xt[idx], None if yt is None else yt[idx], targets(idx) if yt is None else None,
+                         config, penalty)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise QualityGateFailed(
@@ -221,6 +218,15 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
                 tail = losses[-min(len(losses), max(per_epoch, 20)):]
                 return TrainLog(done, time.monotonic() - start, first, float(np.mean(tail)),
                                 "cross-entropy" if yt is not None else "distillation")
+
+
+def _loss(student: nn.Module, xb: torch.Tensor, yb: torch.Tensor | None, teacher: list[torch.Tensor] | None,
+          config: FinetuneConfig, penalty: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
+    """One batch's loss: cross-entropy on labels, or distillation to the teacher's outputs; plus OrthoReg."""
+    out = student(xb)
+    loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yb) if yb is not None \
+        else distill_loss(out, teacher, config.temperature)
+    return loss + config.orthoreg * orthogonality(penalty()) if config.orthoreg else loss
 
 
 def _check_finite(module: nn.Module, config: FinetuneConfig) -> None:

@@ -124,7 +124,6 @@ def residual_net() -> torch.nn.Module:
     return model
 
 
-@pytest.mark.slow  # a prune, 150 training steps and a release: about 20 s of CPU
 def test_finetune_csgd_releases_the_merged_model_at_the_plans_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture) -> None:
     """`edgeprune finetune --stage csgd` end to end on a prune output: trained, merged to the source's widths, its
