@@ -212,10 +212,10 @@ def finetune(source: str | Path, *, calibration: Any = None, stage: str = "disti
                               **train_opts)
     src = read_source(source)
     fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data_opts, seed)
-    given_device, given_latency = src.release_settings()
+    device, latency = src.release_settings(device, latency)
     config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"),
                                            calibration=fields["calibration"]),
-                         device=device or given_device, latency=latency or given_latency, evaluate=evaluate,
+                         device=device, latency=latency, evaluate=evaluate,
                          **build_opts)
     return run_build(config, _out(out, "finetune"), force=force, inputs=inputs, run=finetune_job, source=src,
                      recovery=recovery)

@@ -349,9 +349,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     recovery = FinetuneConfig(stage=args.stage, steps=args.steps, minutes=args.minutes, orthoreg=args.orthoreg,
                               lr=args.lr, seed=args.seed)
     source = read_source(args.source)
-    device, latency = source.release_settings()
+    device, latency = source.release_settings(args.device, args.latency)
     config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter="torchscript", seed=args.seed),
-                         device=args.device or device, latency=args.latency or latency, cache_dir=args.cache_dir,
+                         device=device, latency=latency, cache_dir=args.cache_dir,
                          use_cache=not args.no_cache, **gate_options(args))
     with Progress(enabled=not args.json) as progress:
         result = typed(config, args.out, run=finetune_job, source=source, recovery=recovery,

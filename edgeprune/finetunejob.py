@@ -50,11 +50,20 @@ class Source:
     report: dict[str, Any]
     ignore: tuple[str, ...]
 
-    def release_settings(self) -> tuple[str, str]:
-        """The target and budget the source was built for (a prune output has neither: cpu and 0.5x)."""
+    def release_settings(self, device: str | None, latency: str | None) -> tuple[str, str]:
+        """The target and budget to release against: those given, else the ones the source was built for (a prune
+        output has neither: cpu and 0.5x)."""
+        from edgeprune.targets import load_target
+
         target = self.report.get("target")
         name = target.get("name") if isinstance(target, dict) else None
-        return name or "cpu", self.report.get("budget") or "0.5x"
+        if device is None and name is not None:
+            try:
+                load_target(name)
+            except EdgePruneError:
+                raise EdgePruneError(f"{self.folder} was built for target {name!r}, which is not a bundled profile; "
+                                     "pass --device with the profile file it was built with") from None
+        return device or name or "cpu", latency or self.report.get("budget") or "0.5x"
 
 
 def read_source(folder: str | Path, input_shape: tuple[int, ...] | None = None) -> Source:

@@ -124,6 +124,20 @@ def test_finetune_refuses_what_is_not_a_build_or_prune_output(source: dict, tmp_
         FinetuneConfig(steps=3, minutes=1.0)
 
 
+def test_the_release_defaults_to_the_source_builds_target_and_budget(source: dict) -> None:
+    import dataclasses
+
+    src = source["src"]
+    assert src.release_settings(None, None) == ("cpu", "0.5x")  # a prune output: no target, no budget
+    built = dataclasses.replace(src, report={**src.report, "target": {"name": "rpi5"}, "budget": "0.6x"})
+    assert built.release_settings(None, None) == ("rpi5", "0.6x")
+    assert built.release_settings("cpu", "10ms") == ("cpu", "10ms")
+    custom = dataclasses.replace(src, report={**src.report, "target": {"name": "my-board"}, "budget": "0.6x"})
+    with pytest.raises(EdgePruneError, match="not a bundled profile; pass --device"):
+        custom.release_settings(None, None)
+    assert custom.release_settings(str(source["target"]), None) == (str(source["target"]), "0.6x")
+
+
 def test_a_diverging_stage_exits_4_and_writes_nothing(source: dict, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     before = digest(source["dir"])
