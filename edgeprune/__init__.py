@@ -4,14 +4,15 @@
     result = edgeprune.build(model, calibration=loader, device="cpu", latency="0.5x", evaluate=my_metric)
     stats = edgeprune.profile("model.onnx", "cpu")
 
-The API (`build`, `prune`, `profile`, `lut`, `load_target`, `release`, `matrix`; see `edgeprune.api`) loads on first use:
-importing the package is cheap on purpose, and torch, onnxsim and tensorrt load only in the stage that needs them.
+The API (`build`, `prune`, `profile`, `lut`, `load_target`, `release`, `finetune`, `matrix`; see `edgeprune.api`)
+loads on first use: importing the package is cheap on purpose, and torch, onnxsim and tensorrt load only in the stage
+that needs them.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-API = ("build", "prune", "profile", "lut", "load_target", "release", "matrix")
+API = ("build", "prune", "profile", "lut", "load_target", "release", "finetune", "matrix")
 __all__ = ["__version__", *API]
 
 

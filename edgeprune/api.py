@@ -5,6 +5,7 @@
     result.met, result.final.median, result.metric, result.module
     stats = edgeprune.profile("model.onnx", "rpi5")
     again = edgeprune.release(finetuned, original=model, plan=result.plan, calibration=loader, latency="0.5x")
+    tuned = edgeprune.finetune(result.out, calibration=loader, stage="distill", minutes=1, out="tuned/")
 
 `model` is an `nn.Module` (deep-copied: yours is never changed) or a spec string as on the command line;
 `calibration` a recipe name or file, a `DataLoader`, any iterable of batches or (input, label) pairs, a tensor or an
@@ -200,3 +201,33 @@ def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: s
     from edgeprune.pool import load_pool
 
     return run_matrix(load_manifest(manifest), load_pool(devices), out, ray=ray, cache_dir=cache_dir)
+
+
+def finetune(source: str | Path, *, calibration: Any = None, stage: str = "distill", orthoreg: float = 0.0,
+             steps: int | None = None, minutes: float | None = None, lr: float | None = None,
+             device: str | None = None, latency: str | None = None,
+             evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None,
+             force: bool = False, **options: Any) -> BuildResult:
+    """A recovery stage on the output folder of a build or prune (`stage` "distill": distillation from the unpruned
+    model; "csgd": C-SGD on the unpruned model, merged to the same widths; `orthoreg` > 0 adds OrthoReg), trained for
+    `steps`, `minutes` or 3 epochs on `calibration` (a recipe, a DataLoader, batches: as for `build`; default the
+    recipe the source was made with), then released as `release` does into `out` (never `source`), against the
+    source build's `device` and `latency` unless given. Returns a `BuildResult` (`report["finetune"]`: the training);
+    raises `EdgePruneError` (exit 4) when the training diverges."""
+    from edgeprune.finetunejob import finetune_job, read_source
+    from edgeprune.recovery import FinetuneConfig
+
+    train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal") if k in options}
+    prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "exporter"})
+    seed = prune_opts.pop("seed", 0)
+    recovery = FinetuneConfig(stage=stage, steps=steps, minutes=minutes, orthoreg=orthoreg, lr=lr, seed=seed,
+                              **train_opts)
+    src = read_source(source)
+    fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data_opts, seed)
+    device, latency = src.release_settings(device, latency)
+    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"),
+                                           calibration=fields["calibration"]),
+                         device=device, latency=latency, evaluate=evaluate,
+                         **build_opts)
+    return run_build(config, _out(out, "finetune"), force=force, inputs=inputs, run=finetune_job, source=src,
+                     recovery=recovery)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from edgeprune import __version__
-from edgeprune.clijobs import add_build, add_lut, add_prune, add_release
+from edgeprune.clijobs import add_build, add_finetune, add_lut, add_prune, add_release
 from edgeprune.climatrix import add_matrix
 from edgeprune.cliutil import Handler, Progress, add_cache_args, add_model_args, emit_json, make_cache
 from edgeprune.errors import EdgePruneError, ExitCode, Terminated, first_line
@@ -235,7 +235,8 @@ def run_agent(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- entry point
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [add_build, add_release, add_prune, add_lut, add_targets,
-                                                                   add_export, add_profile, add_agent, add_matrix]
+                                                                   add_export, add_profile, add_agent, add_finetune,
+                                                                   add_matrix]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -320,3 +320,58 @@ def run_lut(args: argparse.Namespace) -> int:
     if summary.get("plot"):
         print(f"  plot: {summary['plot']}")
     return 0
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("finetune", help="a recovery stage (distillation or C-SGD) on a build or prune output, "
+                                        "released again",
+                       description="Train the model of a build or prune output folder for a few epochs, --steps or "
+                                   "--minutes on the calibration part of the recipe (distill: the pruned model to the "
+                                   "unpruned model's outputs, labels unused; csgd: centripetal SGD on the unpruned "
+                                   "model, then each cluster of filters merged to the same widths), then release it "
+                                   "as `edgeprune release` does: budget and gates re-checked, artifacts in --out.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input (not a build or prune output), "
+                              "3 over budget, 4 quality gate failed or the training diverged, 5 device unreachable")
+    p.add_argument("source", metavar="OUTDIR", help="the --out folder of edgeprune build or prune")
+    add_calibration_arg(p)
+    p.add_argument("--stage", choices=("distill", "csgd"), default="distill",
+                   help="distill (default): distillation from the unpruned model; csgd: C-SGD (arXiv:1904.03837)")
+    p.add_argument("--orthoreg", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of the OrthoReg filter-orthogonality penalty (arXiv:2009.05014); default 0: off")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="training steps (default: 3 epochs)")
+    length.add_argument("--minutes", type=float, default=None, help="train for this long instead")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 Adam, cosine-annealed, for "
+                                                          "distill; 1e-2 momentum SGD, constant, for csgd)")
+    p.add_argument("--device", default=None, help="target (default: the source build's, else cpu)")
+    p.add_argument("--latency", default=None, help="budget (default: the source build's, else 0.5x)")
+    add_gate_args(p)
+    add_cache_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and the clustering (default 0)")
+    p.add_argument("--out", required=True, metavar="NEWDIR", help="output folder, as for build; never OUTDIR")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_finetune
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.finetunejob import finetune_job, read_source
+    from edgeprune.recovery import FinetuneConfig
+
+    recovery = FinetuneConfig(stage=args.stage, steps=args.steps, minutes=args.minutes, orthoreg=args.orthoreg,
+                              lr=args.lr, seed=args.seed)
+    source = read_source(args.source)
+    device, latency = source.release_settings(args.device, args.latency)
+    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter="torchscript", seed=args.seed),
+                         device=device, latency=latency, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache, **gate_options(args))
+    with Progress(enabled=not args.json) as progress:
+        result = typed(config, args.out, run=finetune_job, source=source, recovery=recovery,
+                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+    ft = result.report["finetune"]
+    if not args.json:
+        print(f"finetune {ft['stage']} of {ft['from']}: {ft['steps']} steps in {ft['seconds']:.0f} s, {ft['loss']} "
+              f"loss {ft['first_loss']:.4g} -> {ft['last_loss']:.4g}")
+    return render_release(result, args.json)

@@ -45,6 +45,7 @@ class Pruned:
     plan: Plan
     original: LoadedModel | None  # known when the model came as a pruned.pt
     source: str  # where the widths came from, for the plan
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # added to report.json (finetune: its stage)
 
 
 def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inputs: Inputs,
@@ -123,7 +124,7 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
                        "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
                        "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []},
             "timings_s": t, "versions": versions(target.runtime),
-            **int8_entries(target, a.quantization, base_float, final, original),
+            **int8_entries(target, a.quantization, base_float, final, original), **pruned.notes,
         }
         code, message = int(ExitCode.OK), None
         if not met:

@@ -1,0 +1,237 @@
+"""Recovery training: the loop `edgeprune finetune` runs, its losses and the OrthoReg regulariser.
+
+    config = FinetuneConfig(stage="distill", steps=200, orthoreg=1e-3)
+    log = train(pruned, teacher, data.calib_x, None, config, layers=producers(graph))   # a TrainLog
+
+`train` runs SGD-style steps over the calibration part of a recipe (never the held-out part: the release measures
+fidelity there), for a number of steps or of minutes, and stops with `QualityGateFailed` (exit 4) the moment the
+loss is not finite. Its loss is distillation from the unpruned model (`distill_loss`: every output; KL divergence
+on class logits, relative MSE otherwise) or, given labels, cross-entropy; plus `orthoreg` x `orthogonality`.
+
+OrthoReg (Lubana et al., arXiv:2009.05014) enforces orthonormality of each layer's filters, ||W Wᵀ - I||², so that
+filters are decorrelated and importance estimates of groups of filters add up. Departures: (1) the filters are
+normalised to unit length first, so the penalty is the off-diagonal of their cosine Gram matrix only: a pretrained
+network's filter norms carry its learnt scales (a layer without a batch norm after it would change its function if
+they were pulled to 1), and decorrelation is what the paper's argument needs; (2) it is applied to the producers of
+the prunable channel groups (the filters pruning chooses among), during the recovery stage, not from the start of a
+training run; (3) the penalty of a layer is the mean over its filter pairs, so that wide and narrow layers weigh
+alike and one weight suits models of any width.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.config import Stages, no_progress
+from edgeprune.errors import EdgePruneError, QualityGateFailed
+from edgeprune.graph import Graph
+from edgeprune.outputs import flatten_outputs, is_class_logits
+
+STAGES = ("distill", "csgd")
+DEFAULT_LR = {"distill": 5e-3, "csgd": 1e-2}  # Adam for distillation, momentum SGD for C-SGD (see csgd.py)
+TEACHER_CACHE_BYTES = 1 << 30  # the unpruned model's outputs are kept for the whole run below this size
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What a recovery stage is asked to do. Length: `steps`, or `minutes` of training, or else `epochs` passes over
+    the calibration part."""
+
+    stage: str = "distill"
+    steps: int | None = None
+    minutes: float | None = None
+    epochs: int = 3
+    orthoreg: float = 0.0  # weight of the OrthoReg penalty; 0: off
+    lr: float | None = None  # default DEFAULT_LR[stage]
+    batch: int = 32  # samples per step
+    temperature: float = 1.0  # of the distillation's softmax on class logits
+    centripetal: float = 3.0  # C-SGD's centripetal strength (csgd.py)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise EdgePruneError(f"recovery stage {self.stage!r} unknown; choose one of {', '.join(STAGES)}")
+        if self.steps is not None and self.minutes is not None:
+            raise EdgePruneError("give --steps or --minutes, not both")
+        checks = [("--steps", self.steps, self.steps is None or self.steps >= 1),
+                  ("--minutes", self.minutes, self.minutes is None or (math.isfinite(self.minutes) and self.minutes > 0)),
+                  ("epochs", self.epochs, self.epochs >= 1),
+                  ("--orthoreg", self.orthoreg, math.isfinite(self.orthoreg) and self.orthoreg >= 0),
+                  ("--lr", self.lr, self.lr is None or (math.isfinite(self.lr) and self.lr > 0)),
+                  ("batch", self.batch, self.batch >= 1),
+                  ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature > 0),
+                  ("centripetal", self.centripetal, math.isfinite(self.centripetal) and self.centripetal >= 0)]
+        for flag, value, ok in checks:
+            if not ok:
+                raise EdgePruneError(f"{flag} must be a positive number (0 allowed for --orthoreg), found {value}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    steps: int
+    seconds: float
+    first_loss: float
+    last_loss: float  # mean of the last epoch's (or last 20 steps') losses
+    loss: str  # "distillation" or "cross-entropy"
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"steps": self.steps, "seconds": self.seconds, "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "loss": self.loss}
+
+
+def distill_loss(student: object, teacher: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Sum over outputs: KL(teacher || student) of softmax(·/T) × T² on class logits (Hinton et al.), and the MSE
+    relative to the teacher output's mean square elsewhere (boxes, masks, features: scale-free, so outputs weigh
+    alike)."""
+    total = torch.zeros(())
+    for (_, s), t in zip(flatten_outputs(student), teacher):
+        if is_class_logits(t):
+            log_p = torch.log_softmax(s / temperature, 1)
+            log_q = torch.log_softmax(t / temperature, 1)
+            total = total + nn.functional.kl_div(log_p, log_q, log_target=True, reduction="batchmean") * temperature ** 2
+        else:
+            total = total + nn.functional.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+    return total
+
+
+def producers(graph: Graph) -> list[str]:
+    """The filter layers OrthoReg acts on: every producer of a prunable group, once."""
+    return list(dict.fromkeys(p for g in graph.groups for p in g.producers))
+
+
+def _offdiag(w: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal of the cosine Gram matrix of a layer's filters (rows of `w`, flattened)."""
+    w = w.reshape(w.shape[0], -1)
+    u = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    gram = u @ u.T
+    return gram - torch.diag_embed(torch.diagonal(gram))
+
+
+def orthogonality(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Σ over layers of the mean squared off-diagonal entry of the filters' cosine Gram matrix (rows: filters)."""
+    total = torch.zeros(())
+    for w in weights:
+        if w.shape[0] > 1:
+            total = total + _offdiag(w).pow(2).sum() / (w.shape[0] * (w.shape[0] - 1))
+    return total
+
+
+def gram_offdiag(module: nn.Module, layers: list[str]) -> float:
+    """The Frobenius norm of the off-diagonal of each layer's cosine Gram matrix, summed over `layers`: what OrthoReg
+    lowers (a report figure, and its test)."""
+    modules = dict(module.named_modules())
+    with torch.no_grad():
+        return float(sum(float(_offdiag(modules[n].weight).norm()) for n in layers))
+
+
+class _Teacher:
+    """The unpruned model's outputs on the calibration samples: computed once when they fit in memory (they are the
+    same every epoch), else per batch."""
+
+    def __init__(self, teacher: nn.Module | None, x: torch.Tensor, batch: int) -> None:
+        self.teacher, self.x, self.cache = teacher, x, None
+        if teacher is None:
+            return
+        teacher.eval()
+        with torch.no_grad():
+            first = [t.detach() for _, t in flatten_outputs(teacher(x[:batch]))]
+            per_sample = sum(t[0].numel() * t.element_size() for t in first)
+            if per_sample * len(x) <= TEACHER_CACHE_BYTES:
+                parts = [first] + [[t.detach() for _, t in flatten_outputs(teacher(x[i:i + batch]))]
+                                   for i in range(batch, len(x), batch)]
+                self.cache = [torch.cat(ts) for ts in zip(*parts)]
+
+    def __call__(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        if self.cache is not None:
+            return [t[idx] for t in self.cache]
+        with torch.no_grad():
+            return [t.detach() for _, t in flatten_outputs(self.teacher(self.x[idx]))]
+
+
+def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: np.ndarray | None,
+          config: FinetuneConfig, layers: list[str] = (), *, optimizer: torch.optim.Optimizer | None = None,
+          after_backward: Callable[[], None] | None = None, anneal: bool = True,
+          penalty_weights: Callable[[], list[torch.Tensor]] | None = None,
+          stages: Stages = no_progress) -> TrainLog:
+    """Train `student` in place (train mode; left in eval mode) on the samples `x`: distillation from `teacher`, or
+    cross-entropy on `labels` when given. `layers` get the OrthoReg penalty (`penalty_weights` overrides which
+    tensors it sees: C-SGD's cluster means). `after_backward` may rewrite gradients (C-SGD's centripetal update).
+    `anneal`: the learning rate follows a cosine from its value to 0 over the run (steps, or minutes elapsed).
+    Raises `QualityGateFailed` (exit 4) when the loss stops being finite."""
+    if config.orthoreg and not layers and penalty_weights is None:
+        raise ValueError("orthoreg needs the layers it acts on (recovery.producers of the model's groups)")
+    gen = torch.Generator().manual_seed(config.seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    yt = None if labels is None else torch.from_numpy(labels)
+    batch = min(config.batch, len(xt))
+    per_epoch = max(1, len(xt) // batch)
+    steps = config.steps if config.steps is not None else None if config.minutes is not None else config.epochs * per_epoch
+    targets = _Teacher(teacher if yt is None else None, xt, batch)
+    modules = dict(student.named_modules())
+    penalty = penalty_weights or (lambda: [modules[n].weight for n in layers])
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = optimizer or torch.optim.Adam(params, lr=config.learning_rate)
+    what = f"{config.stage} ({'cross-entropy on labels' if yt is not None else 'distillation'})"
+    tick = stages(f"fine-tuning: {what}", steps if steps is not None else int(config.minutes * 60))
+    start, done, losses, first = time.monotonic(), 0, [], float("nan")
+    student.train()
+    while True:
+        for idx in torch.randperm(len(xt), generator=gen)[: per_epoch * batch].view(per_epoch, batch):
+            loss = _loss(student, xt[idx], None if yt is None else yt[idx], targets(idx) if yt is None else None,
+                         config, penalty)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise QualityGateFailed(
+                    f"the {config.stage} recovery stage diverged: its loss is {value} at step {done + 1} (learning "
+                    f"rate {config.learning_rate:g}); lower --lr, nothing was written")
+            first = value if done == 0 else first
+            losses.append(value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            if anneal:
+                progress = done / steps if steps is not None else (time.monotonic() - start) / (config.minutes * 60)
+                for group in opt.param_groups:
+                    group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            opt.step()
+            done += 1
+            elapsed = time.monotonic() - start
+            if steps is not None:
+                tick(done, steps)
+            else:
+                tick(min(int(elapsed), int(config.minutes * 60)), int(config.minutes * 60))
+            if (steps is not None and done >= steps) or (steps is None and elapsed >= config.minutes * 60):
+                student.eval()
+                _check_finite(student, config)
+                tail = losses[-min(len(losses), max(per_epoch, 20)):]
+                return TrainLog(done, time.monotonic() - start, first, float(np.mean(tail)),
+                                "cross-entropy" if yt is not None else "distillation")
+
+
+def _loss(student: nn.Module, xb: torch.Tensor, yb: torch.Tensor | None, teacher: list[torch.Tensor] | None,
+          config: FinetuneConfig, penalty: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
+    """One batch's loss: cross-entropy on labels, or distillation to the teacher's outputs; plus OrthoReg."""
+    out = student(xb)
+    loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yb) if yb is not None \
+        else distill_loss(out, teacher, config.temperature)
+    return loss + config.orthoreg * orthogonality(penalty()) if config.orthoreg else loss
+
+
+def _check_finite(module: nn.Module, config: FinetuneConfig) -> None:
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise QualityGateFailed(f"the {config.stage} recovery stage diverged: {name} holds NaN or infinity after "
+                                    f"training (learning rate {config.learning_rate:g}); lower --lr, nothing was "
+                                    "written")

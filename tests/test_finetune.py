@@ -1,0 +1,150 @@
+"""`edgeprune finetune` and its distillation stage, on a no-compensation prune of the bundled example (three quarters
+of every group removed, so there is error to recover): distillation lowers the held-out output error within seconds,
+OrthoReg lowers the filters' Gram off-diagonal, the release re-checks the budget, and bad input or a diverging stage
+exits 2 or 4 with one line and writes nothing."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgeprune
+from edgeprune.cli import main
+from edgeprune.config import PruneConfig
+from edgeprune.data import load_data
+from edgeprune.errors import EdgePruneError
+from edgeprune.fidelity import fidelity
+from edgeprune.finetunejob import read_source
+from edgeprune.graph import trace
+from edgeprune.recipe import load_recipe
+from edgeprune.recovery import FinetuneConfig, gram_offdiag, producers, train
+from tests.test_api import TARGET, fake_latency
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The bundled example pruned to a quarter of its channels by l1 without compensation (no statistics: fast), on
+    the digits cut to 399 samples (200 to train on, the default's 199 held out)."""
+    from edgeprune.pipeline import prune_job
+
+    root = tmp_path_factory.mktemp("finetune")
+    (root / "digits-399.toml").write_text('kind = "digits"\ncount = 399\nheldout = 199\n')
+    (root / "cpu-test.toml").write_text(TARGET)
+    config = PruneConfig(calibration=str(root / "digits-399.toml"), criterion="l1", compensation=False,
+                         channel_multiple=1, exporter="torchscript")
+    prune_job(config, root / "p", ratio=0.75)
+    src = read_source(root / "p")
+    data = load_data(load_recipe(str(root / "digits-399.toml")), src.original.input_shape)
+    return {"root": root, "dir": root / "p", "src": src, "data": data, "target": root / "cpu-test.toml"}
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_distillation_lowers_the_held_out_output_error_within_seconds(source: dict) -> None:
+    src, data = source["src"], source["data"]
+    teacher = src.original.module
+    before = fidelity(teacher, src.module, data)
+    student = copy.deepcopy(src.module)
+    log = train(student, teacher, data.calib_x, None, FinetuneConfig(steps=24, batch=32))
+    after = fidelity(teacher, student, data)
+    assert log.steps == 24 and log.seconds < 30 and log.loss == "distillation"
+    assert log.last_loss < 0.7 * log.first_loss, log
+    assert before.output_rel_error > 0.5  # the prune left error to recover
+    assert after.output_rel_error < 0.9 * before.output_rel_error, (before.output_rel_error, after.output_rel_error)
+    assert after.top1_agreement > before.top1_agreement + 0.1
+    assert all(torch.equal(a, b) for a, b in zip(src.module.state_dict().values(),  # the source model is untouched
+                                                 read_source(source["dir"]).module.state_dict().values()))
+
+
+def test_orthoreg_lowers_the_filters_gram_off_diagonal(source: dict) -> None:
+    src, data = source["src"], source["data"]
+    layers = producers(trace(src.module, src.original.example_input))
+    start = gram_offdiag(src.module, layers)
+    ends = {}
+    for weight in (0.0, 10.0):
+        student = copy.deepcopy(src.module)
+        train(student, src.original.module, data.calib_x, None, FinetuneConfig(steps=12, orthoreg=weight),
+              layers)
+        ends[weight] = gram_offdiag(student, layers)
+    assert ends[10.0] < 0.8 * start and ends[10.0] < 0.8 * ends[0.0], (start, ends)
+
+
+def test_finetune_command_releases_into_a_new_folder_with_the_budget_rechecked(
+        source: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import edgeprune.runtimes as rt
+
+    monkeypatch.setattr(rt, "measure", fake_latency)
+    before = digest(source["dir"])
+    out = tmp_path / "tuned"
+    code = main(["finetune", str(source["dir"]), "--steps", "8", "--device", str(source["target"]),
+                 "--latency", "0.9x", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    r = json.loads((out / "report.json").read_text())
+    assert json.loads(captured.out) == r
+    assert r["command"] == "finetune" and r["met"] and r["budget"] == "0.9x" and r["final"]["latency_ms"]["median"] \
+        <= r["budget_ms"]
+    assert r["finetune"]["steps"] == 8 and r["finetune"]["stage"] == "distill"
+    assert r["finetune"]["input_fidelity"]["output_rel_error"] > r["fidelity"]["output_rel_error"]  # recovered
+    assert {"model.onnx", "pruned.pt", "plan.json", "report.md"} <= {p.name for p in out.iterdir()}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kept"] == json.loads((source["dir"] / "plan.json").read_text())["kept"]
+    assert plan["meta"]["recovery"] == "distill"
+    assert digest(source["dir"]) == before  # nothing written over the input
+
+    result = edgeprune.finetune(source["dir"], calibration=source["data"].calib_x, heldout=0.5, steps=2,
+                                device=str(source["target"]), latency="0.9x", out=tmp_path / "api")
+    assert result.exit_code == 0 and result.report["finetune"]["steps"] == 2
+    assert result.report["calibration"] == "python" and (tmp_path / "api" / "report.json").is_file()
+
+
+def test_finetune_refuses_what_is_not_a_build_or_prune_output(source: dict, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "plan.json").write_text((source["dir"] / "plan.json").read_text())
+    before = digest(source["dir"])
+    for folder, words in [(tmp_path / "missing", "not a folder"), (tmp_path / "half", "lacks pruned.pt"),
+                          (source["dir"] / "plan.json", "not a folder")]:
+        code = main(["finetune", str(folder), "--out", str(tmp_path / "new")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("edgeprune: error:") and words in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    code = main(["finetune", str(source["dir"]), "--out", str(source["dir"]), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "never writes over its input" in err
+    assert not (tmp_path / "new").exists() and digest(source["dir"]) == before
+    with pytest.raises(EdgePruneError, match="not both"):
+        FinetuneConfig(steps=3, minutes=1.0)
+
+
+def test_the_release_defaults_to_the_source_builds_target_and_budget(source: dict) -> None:
+    import dataclasses
+
+    src = source["src"]
+    assert src.release_settings(None, None) == ("cpu", "0.5x")  # a prune output: no target, no budget
+    built = dataclasses.replace(src, report={**src.report, "target": {"name": "rpi5"}, "budget": "0.6x"})
+    assert built.release_settings(None, None) == ("rpi5", "0.6x")
+    assert built.release_settings("cpu", "10ms") == ("cpu", "10ms")
+    custom = dataclasses.replace(src, report={**src.report, "target": {"name": "my-board"}, "budget": "0.6x"})
+    with pytest.raises(EdgePruneError, match="not a bundled profile; pass --device"):
+        custom.release_settings(None, None)
+    assert custom.release_settings(str(source["target"]), None) == (str(source["target"]), "0.6x")
+
+
+def test_a_diverging_stage_exits_4_and_writes_nothing(source: dict, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    before = digest(source["dir"])
+    code = main(["finetune", str(source["dir"]), "--steps", "6", "--lr", "1e30", "--out", str(tmp_path / "new")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("edgeprune: error:")]
+    assert code == 4 and len(errors) == 1 and "diverged" in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.failed").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # not even the temporary folder
+    assert digest(source["dir"]) == before
