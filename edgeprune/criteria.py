@@ -41,9 +41,9 @@ from edgeprune.statistics import LayerStats
 
 log = logging.getLogger(__name__)
 
-# affinity propagation's preference = β · the median similarity, β on this ladder (β → 0: every filter its own
-# exemplar; the paper's default is β = 1)
-BETAS = tuple(2.0 ** k for k in range(-4, 13))
+# affinity propagation's preference = β · the median similarity, β on this ladder, quarter octaves from 1/8 to 32
+# (β → 0: every filter its own exemplar; the paper's default is β = 1)
+BETAS = tuple(2.0 ** (k / 4) for k in range(-12, 21))
 
 
 @dataclass(frozen=True)
@@ -87,24 +87,52 @@ def _filters(modules: dict[str, nn.Module], group: Group) -> np.ndarray:
 # ---------------------------------------------------------------- EPruner
 
 
-def affinity_exemplars(x: np.ndarray, beta: float, seed: int = 0) -> np.ndarray | None:
+def similarities(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Affinity propagation's similarities of rows `x` (negative squared distances) and their off-diagonal median."""
+    sq = np.square(x).sum(1)
+    sim = -np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0.0)
+    off = sim[~np.eye(len(x), dtype=bool)]
+    return sim, float(np.median(off)) if off.size else 0.0
+
+
+def affinity_exemplars(x: np.ndarray, beta: float, seed: int = 0,
+                       sim: tuple[np.ndarray, float] | None = None) -> np.ndarray | None:
     """Exemplar rows of `x` by scikit-learn's affinity propagation (similarity: negative squared distance) with
-    preference β · median similarity; None when it does not converge."""
+    preference β · median similarity; None when it does not converge. `sim`: `similarities(x)`, if known."""
+    s, median = sim if sim is not None else similarities(x)
+    return _propagate(s, beta * median, seed) if median != 0.0 else np.zeros(1, dtype=np.int64)
+
+
+def _propagate(s: np.ndarray, preference: float, seed: int) -> np.ndarray | None:
     from sklearn.cluster import AffinityPropagation
     from sklearn.exceptions import ConvergenceWarning
 
-    sim = -np.square(x[:, None, :] - x[None, :, :]).sum(-1)
-    off = sim[~np.eye(len(x), dtype=bool)]
-    median = float(np.median(off)) if off.size else 0.0
-    if median == 0.0:  # identical filters: one exemplar stands for all
+    if len(s) == 1:
         return np.zeros(1, dtype=np.int64)
-    ap = AffinityPropagation(affinity="precomputed", preference=beta * median, damping=0.7, max_iter=500,
+    ap = AffinityPropagation(affinity="precomputed", preference=preference, damping=0.7, max_iter=500,
                              random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        ap.fit(sim)
+        warnings.filterwarnings("ignore", "All samples have mutually equal similarities")
+        ap.fit(s)
     centers = np.asarray(ap.cluster_centers_indices_, dtype=np.int64)
     return centers if centers.size and (ap.labels_ >= 0).all() else None
+
+
+def exemplar_ladder(x: np.ndarray, seed: int = 0) -> list[np.ndarray | None]:
+    """The exemplars of rows `x` at each β of `BETAS`, nested: the loosest β runs affinity propagation on every row,
+    each stricter β on the exemplars of the one before (None: no convergence there, the set carries on)."""
+    s, median = similarities(x)
+    if median == 0.0:  # identical filters: one exemplar stands for all
+        return [np.zeros(1, dtype=np.int64)] * len(BETAS)
+    alive = np.arange(len(x))
+    out: list[np.ndarray | None] = []
+    for beta in BETAS:
+        centers = _propagate(s[np.ix_(alive, alive)], beta * median, seed)
+        if centers is not None:
+            alive = alive[centers]
+        out.append(None if centers is None else alive.copy())
+    return out
 
 
 def rank_epruner(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], signals: Signals | None,
@@ -112,17 +140,19 @@ def rank_epruner(modules: dict[str, nn.Module], group: Group, stats: dict[str, L
     """EPruner: affinity propagation on the group's filters, exemplars first.
 
     The paper runs affinity propagation once per layer, at a preference β times the median similarity, keeps the
-    exemplars and fine-tunes. Here it runs at every β of `BETAS`: a channel ranks by the largest β at which it is
-    still an exemplar (then by filter norm), so that the first n channels of the order are the exemplars at the β
-    that gives n of them, and the search can move β (`--allocation epruner`). Departures: a group coupled by a
-    residual add clusters the filters of all its producers side by side (the paper's layers have one); no
-    fine-tuning (edgeprune compensates instead); a β at which affinity propagation does not converge is skipped.
+    exemplars and fine-tunes. Here it runs at every β of `BETAS` (`exemplar_ladder`), each stricter β among the
+    exemplars of the looser one before it, so that the exemplar sets are nested: a channel ranks by the largest β at
+    which it is still an exemplar (then by filter norm), and the first n channels of the order are exactly the
+    exemplars of the β that gives n of them, which lets the search move β (`--allocation epruner`). Departures: above
+    the loosest β the exemplars are those of the exemplars (flat affinity propagation at each β need not nest, and a
+    prefix order could not follow it); a group coupled by a residual add clusters the filters of all its producers
+    side by side (the paper's layers have one); no fine-tuning (edgeprune compensates instead); a β at which affinity
+    propagation does not converge is skipped, and widths between two β of the ladder interpolate their counts.
     """
     x = _filters(modules, group)
     level = np.full(group.channels, -1)
     counts = []
-    for i, beta in enumerate(BETAS):
-        centers = affinity_exemplars(x, beta, seed)
+    for i, centers in enumerate(exemplar_ladder(x, seed)):
         counts.append(-1 if centers is None else int(centers.size))
         if centers is not None:
             level[centers] = i
@@ -254,7 +284,8 @@ def functionality_order(pattern: np.ndarray) -> tuple[int, ...]:
     order = []
     while left:
         value = strength[left] * (1.0 - redundancy[left])
-        pick = left[int(np.lexsort((np.asarray(left), -value))[0])]
+        # ties (a function repeated exactly, or no function at all): the stronger first
+        pick = left[int(np.lexsort((np.asarray(left), -strength[left], -value))[0])]
         order.append(pick)
         left.remove(pick)
         redundancy = np.maximum(redundancy, np.clip(corr[pick], 0.0, 1.0))
