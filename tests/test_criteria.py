@@ -338,3 +338,63 @@ def test_a_method_allocation_needs_its_criterion(capsys: pytest.CaptureFixture, 
     code = main(["build", "--allocation", "nap", "--criterion", "cap", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--criterion nap" in err and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- builds
+
+
+TARGET = """name = "cpu-test"
+runtime = "onnxruntime"
+precision = "fp32"
+channel_multiple = 4
+threads = 1
+[measure]
+warmup = 2
+iterations = 5
+repeats = 2
+final_repeats = 2
+"""
+
+
+def fake_latency(path, target, cache=None, repeats=None, progress=None, calibration=None):
+    """A deterministic latency proportional to the weights in the ONNX file: these builds check the methods' width
+    rules against a budget, not this machine's timing."""
+    import onnx
+
+    from edgeprune.runtimes.stats import stats_from_repeats
+
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    return stats_from_repeats([[weights * 1e-5]] * (repeats or 2), target=target.name, runtime=target.runtime,
+                              runtime_version="fake", precision=target.precision, source="measured")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion, allocation", [("epruner", "epruner"), ("nap", "nap"), ("similarity", "auto"),
+                                                   ("functionality", "auto")])
+def test_a_build_meets_its_budget_with_each_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, criterion: str,
+                                                   allocation: str) -> None:
+    import edgeprune.runtimes as rt
+
+    monkeypatch.setattr(rt, "measure", fake_latency)
+    (tmp_path / "cpu-test.toml").write_text(TARGET)
+    r = edgeprune.build(make_net(), example_input=torch.from_numpy(X[:1]), calibration=(X, Y),
+                        device=str(tmp_path / "cpu-test.toml"), latency="0.6x", tolerance=0.2, allocation=allocation,
+                        criterion=criterion, exporter="torchscript", out=tmp_path / "b")
+    assert r.met and r.final.median <= r.budget_ms and r.plan.criterion == criterion
+    assert r.report["search"]["allocation"] == (allocation if allocation != "auto" else "step")
+    again = api_prune(tmp_path / "replay", plan=r.out / "plan.json")
+    a, b = again.module.state_dict(), r.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion, allocation", [("nap", "nap"), ("epruner", "epruner"), ("similarity", "step"),
+                                                   ("functionality", "step")])
+def test_a_build_on_a_latency_table_with_each_method(table_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     criterion: str, allocation: str) -> None:
+    code = main(["build", "--lut", str(table_env["table"]), "--device", str(table_env["target"]), "--latency", "0.5x",
+                 "--tolerance", "0.2", "--criterion", criterion, "--allocation", allocation,
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "b"), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["met"] and r["search"]["criterion"] == criterion
+    assert "lut" in [c["source"] for c in r["search"]["trace"]]
