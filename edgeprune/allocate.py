@@ -150,7 +150,7 @@ def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) 
 
 
 PROXIES = ("loss", "fidelity")
-ALLOCATIONS = ("step", "latency")
+ALLOCATIONS = ("step", "latency", "epruner", "nap")
 
 
 def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
@@ -168,6 +168,12 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
 
     if allocation not in ALLOCATIONS:
         raise EdgePruneError(f"allocation must be {' or '.join(ALLOCATIONS)}, found {allocation!r}")
+    if allocation in ("epruner", "nap"):  # the method's own width rule (criteria.method_widths_fn)
+        from edgeprune.criteria import method_widths_fn
+
+        lows = min_widths(graph, multiple, min_width)
+        return method_widths_fn(allocation, graph, rankings, {g.name: allowed_widths(
+            g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups})
     has_curves = all(g.name in rankings and rankings[g.name].loss is not None for g in graph.groups)
     if allocation == "latency" and cost is not None and (error is not None or has_curves):
         return _latency_widths_fn(graph, rankings, multiple, min_width, error, cost)

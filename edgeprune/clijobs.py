@@ -13,6 +13,11 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.cliutil import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
                                add_repair_arg, emit_json, prune_config)
 
+CRITERION_HELP = ("channel ranking: cap (default), l1, l2, fpgm, random, or a method from its paper: epruner "
+                  "(affinity-propagation exemplars), similarity (feature-map clustering, channels merged), "
+                  "functionality (class-wise activations; labels), nap (K-FAC Hessian; labels)")
+
+
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
                        description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
@@ -22,7 +27,10 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
     how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
-    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
+                        "the calibration data as labels (for unlabelled recipes)")
     p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
     add_repair_arg(p)
     p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
@@ -75,7 +83,10 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
     p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
                                                      "(default 0.5x)")
-    p.add_argument("--criterion", default="cap", help="channel ranking: cap (default), l1, l2, fpgm, random")
+    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
+                        "the calibration data as labels (for unlabelled recipes)")
     p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
     add_repair_arg(p)
     p.add_argument("--channel-multiple", type=int, default=0,
@@ -92,11 +103,12 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
                         "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
                         "loss on random data")
-    p.add_argument("--allocation", choices=("auto", "step", "latency"), default="auto",
+    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap"), default="auto",
                    help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
                         "error goes to the groups whose channels cost most), or auto (default): latency with --lut (and "
-                        "the fidelity proxy, compensation), else step")
+                        "the fidelity proxy, compensation), else step; epruner and nap: that method's own width rule "
+                        "(exemplar counts, one global importance threshold), with its --criterion")
     p.add_argument("--output-weight", action="append", default=[], metavar="NAME=W",
                    help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
                         "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")

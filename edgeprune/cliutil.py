@@ -126,4 +126,5 @@ def prune_config(args: argparse.Namespace):  # -> PruneConfig
                        input_shape=parse_shape(args.input_shape) if args.input_shape else None,
                        calibration=args.calibration, criterion=args.criterion,
                        compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
-                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter, repair=args.repair)
+                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter, repair=args.repair,
+                       pseudo_labels=getattr(args, "pseudo_labels", False))

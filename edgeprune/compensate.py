@@ -63,6 +63,7 @@ def compensate_layer(
     keep: np.ndarray,
     rescale: bool = False,
     ridge: float = 1e-6,
+    prior: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares repair of a consumer that loses the input coordinates not in `keep` (CAP.md §3).
 
@@ -75,6 +76,7 @@ def compensate_layer(
         weight: (N, D) float64, the consumer's weight with D in unfold order.
         keep: indices of the kept coordinates S.
         rescale: keep each output's pre-BN variance (when a BatchNorm reads the output), see `rescale_rows`.
+        prior: (N, |S|) weights the ridge pulls towards instead of W_S (merged channels: `criteria.fold`).
 
     Returns:
         W' (N, |S|) and b' (N,) such that W' x_S + b' approximates W x + b.
@@ -89,7 +91,8 @@ def compensate_layer(
     ws = weight @ sigma if rescale else None
     rhs = ws[:, keep].T if ws is not None else sigma[keep, :] @ weight.T
     # ridge relative to the whole input's mean variance, as PrefixSolver does: both paths solve the same system
-    w_new = _cholesky_solve(s_ss, rhs, ridge, float(np.mean(np.diag(sigma))), weight[:, keep].T).T
+    w_new = _cholesky_solve(s_ss, rhs, ridge, float(np.mean(np.diag(sigma))),
+                            (weight[:, keep] if prior is None else prior).T).T
     if rescale:
         w_new = rescale_rows(w_new, np.sum(ws * weight, axis=1), np.sum((w_new @ s_ss) * w_new, axis=1))
     b_new = b + weight @ mu - w_new @ mu[keep]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import check_patterns
-from edgeprune.importance import CRITERIA
+from edgeprune.criteria import CRITERIA
 from edgeprune.models import check_seed
 from edgeprune.plan import REPAIRS
 
@@ -46,6 +46,9 @@ class PruneConfig:
     # how the released model's consumers are fitted: sequential (on the pruned network's own inputs) for real
     # calibration data, independent (each on the unpruned network's inputs) on random data, where nothing is learnt
     repair: str = "auto"
+    # criteria that need labels (functionality, nap): the unpruned model's predictions on the calibration data as
+    # labels, for unlabelled recipes
+    pseudo_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.repair not in ("auto",) + REPAIRS:
@@ -149,6 +152,10 @@ class BuildConfig:
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
         if self.allocation not in ALLOCATIONS + ("auto",):
             raise EdgePruneError(f"--allocation must be auto, {' or '.join(ALLOCATIONS)}, found {self.allocation!r}")
+        if self.allocation in ("epruner", "nap") and self.prune.criterion != self.allocation:
+            raise EdgePruneError(f"--allocation {self.allocation} is {self.allocation}'s width rule and reads its "
+                                 f"rankings; give --criterion {self.allocation} with it (found "
+                                 f"--criterion {self.prune.criterion})")
         if not 0 <= self.margin_k <= 10:
             raise EdgePruneError(f"--noise-margin is a number of standard errors in [0, 10], found {self.margin_k}")
         if not 0 < self.tolerance < 1:

@@ -49,8 +49,8 @@ class _Paired:
     """Running statistics of one consumer's kept inputs x~_S (covariance, through `_Accumulator`) and of their cross
     products with the original outputs y = W x on the same patches."""
 
-    def __init__(self, weight: np.ndarray, keep: np.ndarray) -> None:
-        self.weight, self.keep = weight, keep
+    def __init__(self, weight: np.ndarray, keep: np.ndarray, prior: np.ndarray | None = None) -> None:
+        self.weight, self.keep, self.prior = weight, keep, prior
         self.acc = _Accumulator(keep.size)
         self.cross = np.zeros((keep.size, weight.shape[0]))  # Σ (x~ - shift)ᵀ y, float64
         self.y_sum = np.zeros(weight.shape[0])
@@ -69,7 +69,8 @@ class _Paired:
         mu_y = self.y_sum / n
         # (x~ - shift)ᵀ y / n - (μ~ - shift) μ_yᵀ = C(x~, y)
         c_ty = self.cross / n - np.outer(stats.mean - self.acc.shift, mu_y)
-        prior = self.weight[:, self.keep].T  # the ridge pulls towards the original kept weights, not towards zero
+        # the ridge pulls towards the original kept weights (or the merged ones, `criteria.fold`), not towards zero
+        prior = (self.weight[:, self.keep] if self.prior is None else self.prior[:, self.keep]).T
         w_new = _cholesky_solve(stats.cov, c_ty, ridge, float(np.mean(np.diag(stats.cov))), prior).T
         b = np.zeros(self.weight.shape[0]) if bias is None else bias
         return w_new, b + mu_y - w_new @ stats.mean
@@ -81,7 +82,7 @@ def _weight2d(m: nn.Module) -> np.ndarray:
 
 def sequential_repair(model: nn.Module, graph: Graph, plan: Plan, batches: list[torch.Tensor],
                       removed: dict[str, set[int]], max_positions: int = MAX_POSITIONS, seed: int = 0,
-                      ridge: float = 1e-6) -> dict[str, Repair]:
+                      ridge: float = 1e-6, priors: dict[str, np.ndarray] | None = None) -> dict[str, Repair]:
     """The repair of every consumer in `removed` (name -> removed input coordinates), fitted in forward order on the
     pruned network's own inputs (see the module docstring). `model` is not modified."""
     todo = {name: r for name, r in removed.items() if r}
@@ -90,6 +91,7 @@ def sequential_repair(model: nn.Module, graph: Graph, plan: Plan, batches: list[
     orig = copy.deepcopy(model).eval()
     work = copy.deepcopy(model).eval()
     fits = _Fits(orig, work, todo, max_positions, seed, ridge)
+    fits.priors = priors or {}
     try:
         import torch.fx
 
@@ -157,13 +159,14 @@ class _Fits:
         self.om, self.wm = dict(orig.named_modules()), dict(work.named_modules())
         self.todo, self.max_positions, self.seed, self.ridge = todo, max_positions, seed, ridge
         self.repairs: dict[str, Repair] = {}
+        self.priors: dict[str, np.ndarray] = {}  # merged weights the ridge pulls towards (2-D, unfold order)
 
     def fit(self, name: str, pairs: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fit `name` on (original input, work input) pairs of every batch, and set the repair on `work`."""
         m = self.om[name]
         w = _weight2d(m)
         keep = np.setdiff1d(np.arange(w.shape[1]), np.fromiter(self.todo[name], dtype=np.int64))
-        paired = _Paired(w, keep)
+        paired = _Paired(w, keep, self.priors.get(name))
         rng_x, rng_t = layer_rng(self.seed, name), layer_rng(self.seed, name)  # the same patches in both networks
         with torch.no_grad():
             for x, x_tilde in pairs:

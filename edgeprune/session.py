@@ -25,7 +25,8 @@ from edgeprune.data import CalibrationData, load_data
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
 from edgeprune.graph import CallRecorder, Graph, trace
-from edgeprune.importance import NEEDS_STATS, Ranking, rank_all
+from edgeprune.criteria import NEEDS_STATS, check_labels, criterion_signals, rank_all, with_merges
+from edgeprune.importance import Ranking
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
 from edgeprune.plan import Plan, plan_from_rankings
@@ -59,10 +60,11 @@ class Prepared:
         if c.compensation:  # compensated weights follow from the calibration data: `prune --plan` checks it
             meta = {"calibration": c.recipe_spec(), "calibration_digest": self.calib_digest,
                     "statistics": STATISTICS_VERSION, **meta}
-        return plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
+        plan = plan_from_rankings(self.graph, self.rankings, widths, criterion=c.criterion,
                                   compensation=c.compensation, channel_multiple=c.channel_multiple,
                                   model=self.loaded.spec, seed=c.seed, meta=meta,
                                   repair=c.repair_for(self.data.recipe.kind))
+        return with_merges(plan, self.graph, self.rankings)  # similarity: merged channels, replayed by the plan
 
     @functools.cached_property
     def calib_digest(self) -> str:
@@ -145,6 +147,8 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
         loaded = inputs.loaded or load_model(config.model, config.weights, config.input_shape, seed=config.seed)
         recipe = inputs.recipe or load_recipe(config.recipe_spec())
         data = load_data(recipe, loaded.input_shape, arrays=inputs.arrays)
+        if rank_groups:  # before any work: a criterion that needs labels on unlabelled data
+            check_labels(config.criterion, data.labelled, config.pseudo_labels, recipe.name or recipe.kind)
     with timed(t, "trace"):
         stages("tracing channel groups", None)
         graph = trace(loaded.module, loaded.example_input, config.ignore)
@@ -171,8 +175,11 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
         check_traced(graph, recorder, "the calibration data")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
+        with timed(t, "signals"), model_runs(loaded, "the calibration data", bs):
+            signals = criterion_signals(config.criterion, loaded.module, graph, data, config.seed,
+                                        config.pseudo_labels)
         with timed(t, "rank"), group_workers(data) as workers:
-            rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, config.seed, workers,
+            rankings = rank_all(config.criterion, loaded.module, graph.groups, stats, signals, config.seed, workers,
                                 stages(f"ranking channels ({config.criterion})", len(graph.groups)))
     return Prepared(config, loaded, data, graph, stats, rankings, base_outputs, t)
 

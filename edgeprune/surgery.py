@@ -63,7 +63,8 @@ def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
 def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict[str, LayerStats] | None,
                          orders: dict[str, tuple[int, ...]] | None = None,
                          solvers: dict[str, PrefixSolver | None] | None = None,
-                         memo: dict[tuple, tuple] | None = None, repair: bool = True, workers: int = 1) -> None:
+                         memo: dict[tuple, tuple] | None = None, repair: bool = True, workers: int = 1,
+                         priors: dict[str, np.ndarray] | None = None) -> None:
     """Replace each affected consumer's weight (removed columns zeroed) and bias by the least-squares repair.
 
     Args:
@@ -74,6 +75,7 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
         repair: False only zeroes the removed columns (pruning without compensation, as masking).
         workers: consumers repaired at once, in threads (independent solves; the caller sets BLAS to one thread per
             worker, see `importance.rank_all`). The weights do not depend on it.
+        priors: merged 2-D weights of consumers (`criteria.fold`): the repair's ridge pulls towards them.
     """
     modules = dict(model.named_modules())
     bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
@@ -94,6 +96,9 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
             raise EdgePruneError(f"no calibration statistics for layer {name}; collect statistics before pruning")
         bias = None if m.bias is None else m.bias.detach().double().cpu().numpy()
         rescale = bn_follows.get(name, False)
+        if priors and name in priors:
+            w_new, b_new = compensate_layer(w2, bias, stats[name], keep, rescale=rescale, prior=priors[name][:, keep])
+            return keep, w_new, b_new
         if orders is not None and solvers is not None and reads[name] == 1:
             g, c = single[name]
             order = orders.get(g.name)
@@ -153,9 +158,17 @@ def prune(
     """
     import torch_pruning as tp
 
+    from edgeprune.criteria import fold
+
     model = copy.deepcopy(model).eval()
     graph = graph if graph is not None else trace(model, example_input, ignore)
     check_plan(graph, plan)
+    merged = fold(model, graph, plan.meta["merge"]) if plan.meta.get("merge") else {}
+    if merged and not plan.compensation:  # similarity: merged channels' weights in their representatives
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, w in merged.items():
+                modules[name].weight.copy_(torch.from_numpy(w).reshape(modules[name].weight.shape))
     if plan.compensation and plan.repair == "sequential":
         from edgeprune.repair import sequential_repair
 
@@ -163,12 +176,13 @@ def prune(
             raise EdgePruneError("the sequential repair needs the calibration batches; pass a calibration recipe")
         modules = dict(model.named_modules())
         for name, (keep, w_new, b_new) in sequential_repair(model, graph, plan, batches,
-                                                            removed_coords(graph, plan), seed=plan.seed).items():
+                                                            removed_coords(graph, plan), seed=plan.seed,
+                                                            priors=merged).items():
             set_weights(modules[name], keep, w_new, b_new)
     elif plan.compensation:
         if stats is None:
             raise EdgePruneError("compensation needs calibration statistics; pass a calibration recipe")
-        compensate_consumers(model, graph, plan, stats, orders, solvers, workers=workers)
+        compensate_consumers(model, graph, plan, stats, orders, solvers, workers=workers, priors=merged)
     # Rebuild the dependency graph: compensation may have added biases, which torch-pruning must see to slice them.
     dg = build_dependency_graph(model, example_input)
     modules = dict(model.named_modules())
