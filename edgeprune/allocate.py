@@ -150,7 +150,7 @@ def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) 
 
 
 PROXIES = ("loss", "fidelity")
-ALLOCATIONS = ("step", "latency")
+ALLOCATIONS = ("step", "latency", "itpruner")  # itpruner: itpruner.py (needs the job's feature maps)
 
 
 def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
@@ -168,6 +168,8 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
 
     if allocation not in ALLOCATIONS:
         raise EdgePruneError(f"allocation must be {' or '.join(ALLOCATIONS)}, found {allocation!r}")
+    if allocation == "itpruner":
+        raise EdgePruneError("the itpruner allocation needs layer importances: itpruner.itpruner_widths_fn")
     has_curves = all(g.name in rankings and rankings[g.name].loss is not None for g in graph.groups)
     if allocation == "latency" and cost is not None and (error is not None or has_curves):
         return _latency_widths_fn(graph, rankings, multiple, min_width, error, cost)
