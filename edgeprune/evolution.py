@@ -21,7 +21,8 @@ each by the accuracy of its generated weights. Here:
     build verifies the release as after any search;
   - the initial population is drawn uniformly over each group's allowed widths and then narrowed one random step at
     a time until it meets the constraint (uniform draws alone almost never meet a tight one, 0.3x); children that do
-    not meet it are rejected as in the paper, `max_tries` draws per child;
+    not meet it, or that were seen before, are rejected as in the paper's code (its `is_legal`), `max_tries` draws
+    per child;
   - smaller defaults than the paper's (population 50, 20 generations, top-k 10; here 16, 6 and 6): each score is a masked forward
     pass, not an inference of a generated network.
 Everything is drawn from one `numpy` generator seeded by the job's seed: a seed gives the same search.
@@ -112,7 +113,8 @@ def evolve(options: dict[str, list[int]], error: Callable[[dict[str, int]], floa
             for _ in range(settings.population // 2):
                 for _ in range(settings.max_tries):
                     genes = make(rng, [_genes(t.widths, options) for t in top], options, names, settings)
-                    if latency(widths_of(genes)) <= bound:
+                    w = widths_of(genes)
+                    if widths_digest(w) not in seen and latency(w) <= bound:
                         children.append(score(genes, gen))
                         break
         top = _top(top + children, settings.topk, bound)

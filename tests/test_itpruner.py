@@ -1,5 +1,5 @@
 """The `itpruner` allocation (edgeprune/itpruner.py): nHSIC layer importance, widths by a linear program under the
-latency model; and, shared with tests/test_evolution.py, builds of the bundled example with a method on a
+latency model; and, shared with tests/test_evolution.py, builds of a small conv chain with a method on a
 deterministic fake latency (compensation on and off, `--lut`, `prune --plan` replaying the release)."""
 
 from __future__ import annotations
@@ -139,21 +139,49 @@ def fake_latency(path, target, cache=None, repeats=None, progress=None, calibrat
                               runtime_version="fake", precision=target.precision, source="measured")
 
 
+MODEL_PY = """
+import torch
+from torch import nn
+
+
+def block(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(block(3, 32), block(32, 48, 2), block(48, 64), block(64, 64, 2))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def chain():
+    torch.manual_seed(0)
+    return Chain().eval()
+"""
+
+
 @pytest.fixture(scope="module")
-def method_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A fake-latency target, a small digits recipe and a latency table of the bundled example made on the fake
-    latency (`edgeprune lut`)."""
+def method_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A four-conv chain at 16x16, a fake-latency target, a small random recipe, and a latency table of the chain
+    made on the fake latency (`edgeprune lut`)."""
     import edgeprune.runtimes as rt
 
     root = tmp_path_factory.mktemp("methods")
     (root / "cpu-fake.toml").write_text(TARGET)
-    (root / "digits.toml").write_text('kind = "digits"\ncount = 240\nheldout = 80\n')
+    (root / "chain.py").write_text(MODEL_PY)
+    (root / "random.toml").write_text('kind = "random"\ncount = 96\nheldout = 16\nbatch_size = 32\n')
+    model = ["--model", f"{root / 'chain.py'}:chain", "--input-shape", "1,3,16,16"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rt, "measure", fake_latency)
         mp.setenv("EDGEPRUNE_CACHE_DIR", str(root / "cache"))
-        assert run(["lut", "--device", str(root / "cpu-fake.toml"), "--out", str(root / "lut.json")])[0] == 0
-    return {"root": root, "target": root / "cpu-fake.toml", "recipe": root / "digits.toml",
-            "table": root / "lut.json"}
+        code, _, err = run(["lut", *model, "--device", str(root / "cpu-fake.toml"), "--out", str(root / "lut.json")])
+        assert code == 0, err
+    return {"root": root, "target": root / "cpu-fake.toml", "model": model,
+            "data": [*model, "--calibration", str(root / "random.toml")], "table": root / "lut.json"}
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:
@@ -163,20 +191,20 @@ def run(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def build_and_replay(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name: str, *flags: str) -> dict:
-    """Build the example with `flags` at 0.6x of the fake latency, then `prune --plan` its plan.json: the replay's
+def build_and_replay(env: dict, monkeypatch: pytest.MonkeyPatch, name: str, *flags: str) -> dict:
+    """Build the chain with `flags` at 0.6x of the fake latency, then `prune --plan` its plan.json: the replay's
     pruned weights must equal the release's exactly. Returns the build's report."""
     import edgeprune.runtimes as rt
 
     monkeypatch.setattr(rt, "measure", fake_latency)
     root = env["root"] / name
-    code, out, err = run(["build", "--device", str(env["target"]), "--calibration", str(env["recipe"]),
+    code, out, err = run(["build", *env["data"], "--device", str(env["target"]),
                           "--latency", "0.6x", "--out", str(root / "build"), "--json", *flags])
     assert code == 0, err
     report = json.loads(out)
     assert report["met"] and report["final"]["latency_ms"]["median"] <= report["budget_ms"]
     assert any(w["after"] < w["before"] for w in report["widths"].values())
-    code, _, err = run(["prune", "--calibration", str(env["recipe"]), "--plan", str(root / "build" / "plan.json"),
+    code, _, err = run(["prune", *env["data"], "--plan", str(root / "build" / "plan.json"),
                         "--exporter", "torchscript", "--out", str(root / "replay"), "--json"])
     assert code == 0, err
     a = torch.load(root / "build" / "pruned.pt", map_location="cpu", weights_only=True)["state_dict"]
@@ -186,14 +214,14 @@ def build_and_replay(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch, name
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-compensation",)], ids=["compensated", "sliced"])
-def test_itpruner_build_meets_budget_and_prune_plan_replays_it(method_env: dict[str, Path],
+def test_itpruner_build_meets_budget_and_prune_plan_replays_it(method_env: dict,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                flags: tuple[str, ...]) -> None:
     r = build_and_replay(method_env, monkeypatch, f"itpruner-{len(flags)}", "--allocation", "itpruner", *flags)
     assert r["search"]["allocation"] == "itpruner" and r["search"]["compensation"] == (not flags)
 
 
-def test_itpruner_build_on_a_latency_table(method_env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_itpruner_build_on_a_latency_table(method_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     r = build_and_replay(method_env, monkeypatch, "itpruner-lut", "--allocation", "itpruner",
                          "--lut", str(method_env["table"]))
     assert r["lut"] == str(method_env["table"]) and r["search"]["allocation"] == "itpruner"
