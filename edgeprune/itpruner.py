@@ -143,23 +143,25 @@ def _hold_to_bound(widths: dict[str, int], options: dict[str, list[int]], import
     lost or gained per unit of cost: the LP's widths held to the real latency model."""
     widths = dict(widths)
 
-    def ratio(n: str, new: int) -> float:
-        delta = abs(cost({**widths, n: new}) - cost(widths))
-        return max(float(importance.get(n, 0.0)), 1e-9) * abs(new - widths[n]) / full[n] / max(delta, 1e-12)
+    def ratio(n: str, new: int, now: float, then: float) -> float:
+        return max(float(importance.get(n, 0.0)), 1e-9) * abs(new - widths[n]) / full[n] / max(abs(then - now), 1e-12)
 
-    while cost(widths) > bound:
+    now = cost(widths)
+    while now > bound:
         steps = {n: o[o.index(widths[n]) - 1] for n, o in options.items() if o.index(widths[n]) > 0}
         if not steps:
             return widths  # every group at its minimum: the bound is out of reach
-        n = min(steps, key=lambda n: (ratio(n, steps[n]), n))
-        widths[n] = steps[n]
+        after = {n: cost({**widths, n: w}) for n, w in steps.items()}
+        n = min(steps, key=lambda n: (ratio(n, steps[n], now, after[n]), n))
+        widths[n], now = steps[n], after[n]
     while True:
         steps = {n: o[o.index(widths[n]) + 1] for n, o in options.items() if o.index(widths[n]) < len(o) - 1}
-        fits = {n: w for n, w in steps.items() if cost({**widths, n: w}) <= bound}
+        after = {n: cost({**widths, n: w}) for n, w in steps.items()}
+        fits = {n: w for n, w in steps.items() if after[n] <= bound}
         if not fits:
             return widths
-        n = max(fits, key=lambda n: (ratio(n, fits[n]), n))
-        widths[n] = fits[n]
+        n = max(fits, key=lambda n: (ratio(n, fits[n], now, after[n]), n))
+        widths[n], now = fits[n], after[n]
 
 
 def itpruner_widths_fn(graph: Graph, importance: dict[str, float], cost: Callable[[dict[str, int]], float],

@@ -92,3 +92,11 @@ def test_evolution_build_on_a_latency_table(method_env: dict, monkeypatch: pytes
     r = build_and_replay(method_env, monkeypatch, "evolution-lut", "--search", "evolution", "--tolerance", "0.2",
                          "--lut", str(method_env["table"]))
     assert r["search"]["outer"] == "evolution" and {c["source"] for c in r["search"]["trace"]} == {"lut"}
+
+
+def test_an_unknown_search_is_refused_before_any_work() -> None:
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.errors import EdgePruneError
+
+    with pytest.raises(EdgePruneError, match="--search must be strength or evolution, found 'annealing'"):
+        BuildConfig(prune=PruneConfig(), search="annealing")
