@@ -4,6 +4,7 @@ seed, the hard constraint, improvement over the initial population; builds of th
 from __future__ import annotations
 
 import itertools
+
 import pytest
 
 from edgeprune.allocate import allowed_widths

@@ -8,7 +8,6 @@ import io
 import itertools
 import json
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -39,8 +39,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_accuracy import (RELEASED_CODES, accuracy, edgeprune_env, export_base, heldout,  # noqa: E402
-                            interleaved, model_table, run_edgeprune, tail)
+from bench_accuracy import (  # noqa: E402
+    RELEASED_CODES,
+    accuracy,
+    edgeprune_env,
+    export_base,
+    heldout,
+    interleaved,
+    model_table,
+    run_edgeprune,
+    tail,
+)
 
 REGISTRIES = """
 import json
