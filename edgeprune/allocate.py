@@ -150,7 +150,8 @@ def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) 
 
 
 PROXIES = ("loss", "fidelity")
-ALLOCATIONS = ("step", "latency", "epruner", "nap")
+ALLOCATIONS = ("step", "latency", "epruner", "nap", "itpruner")  # itpruner: itpruner.py (needs the job's
+# feature maps); epruner, nap: criteria.method_widths_fn
 
 
 def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
@@ -174,6 +175,8 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
         lows = min_widths(graph, multiple, min_width)
         return method_widths_fn(allocation, graph, rankings, {g.name: allowed_widths(
             g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups})
+    if allocation == "itpruner":
+        raise EdgePruneError("the itpruner allocation needs layer importances: itpruner.itpruner_widths_fn")
     has_curves = all(g.name in rankings and rankings[g.name].loss is not None for g in graph.groups)
     if allocation == "latency" and cost is not None and (error is not None or has_curves):
         return _latency_widths_fn(graph, rankings, multiple, min_width, error, cost)

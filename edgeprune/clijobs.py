@@ -103,12 +103,17 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
                         "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
                         "loss on random data")
-    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap"), default="auto",
+    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap", "itpruner"), default="auto",
                    help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
-                        "error goes to the groups whose channels cost most), or auto (default): latency with --lut (and "
-                        "the fidelity proxy, compensation), else step; epruner and nap: that method's own width rule "
-                        "(exemplar counts, one global importance threshold), with its --criterion")
+                        "error goes to the groups whose channels cost most), itpruner (ITPruner: nHSIC layer "
+                        "importance, widths by a linear program under the latency model), or auto (default): latency "
+                        "with --lut (and the fidelity proxy, compensation), else step; epruner and nap: that method's "
+                        "own width rule (exemplar counts, one global importance threshold), with its --criterion")
+    p.add_argument("--search", choices=("strength", "evolution"), default="strength",
+                   help="the outer level: strength (default: one strength searched against measured latency) or "
+                        "evolution (MetaPruning: an evolution over width vectors scored by the fidelity proxy under "
+                        "the latency model of --lut or MACs; only its finalists are measured)")
     p.add_argument("--output-weight", action="append", default=[], metavar="NAME=W",
                    help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
                         "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")
@@ -175,7 +180,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
                          tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
                          use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
-                         allocation=args.allocation, margin_k=args.noise_margin,
+                         allocation=args.allocation, margin_k=args.noise_margin, search=args.search,
                          output_weights=parse_output_weights(args.output_weight), **gate_options(args))
     with Progress(enabled=not args.json) as progress:
         def on_step(c) -> None:

@@ -130,6 +130,9 @@ class BuildConfig:
     # weight of each named output in the fidelity proxy's error (a weighted mean of per-output relative errors);
     # outputs not named weigh 1
     output_weights: tuple[tuple[str, float], ...] = ()
+    # the outer level: the strength u searched against the oracle (search.py), or MetaPruning's evolution over width
+    # vectors under the latency model, its finalists measured (evolution.py)
+    search: str = "strength"
 
     @property
     def budget(self) -> Budget:
@@ -156,6 +159,10 @@ class BuildConfig:
             raise EdgePruneError(f"--allocation {self.allocation} is {self.allocation}'s width rule and reads its "
                                  f"rankings; give --criterion {self.allocation} with it (found "
                                  f"--criterion {self.prune.criterion})")
+        from edgeprune.search import SEARCHES
+
+        if self.search not in SEARCHES:
+            raise EdgePruneError(f"--search must be {' or '.join(SEARCHES)}, found {self.search!r}")
         if not 0 <= self.margin_k <= 10:
             raise EdgePruneError(f"--noise-margin is a number of standard errors in [0, 10], found {self.margin_k}")
         if not 0 < self.tolerance < 1:

@@ -187,7 +187,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         result = run_search(config, session, oracle, inner, budget_ms, base, on_step, stages, target)
         verify = Verification(session, measurer, work_dir, pc.exporter, budget_ms,
                               {"budget_ms": budget_ms, "budget": config.budget.text}, target.name, table is not None)
-        if table is not None:
+        if table is not None and config.search == "strength":
             result = check_table(config, oracle, inner, verify, result, budget_ms)  # type: ignore[arg-type]
         release, result = verify_release(result, budget_ms, verify,
                                          functools.partial(resume_search, config, oracle, inner, budget_ms, session,
@@ -221,7 +221,11 @@ def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLeve
     error_of = fidelity_error(session, session.timings_s, dict(config.output_weights)) if proxy == "fidelity" \
         else None
     allocation = config.allocation_for(proxy)
-    cost = allocation_cost(session, table) if allocation == "latency" else None
+    cost = allocation_cost(session, table) if allocation in ("latency", "itpruner") else None
+    if allocation == "itpruner":  # nHSIC importances once, then a linear program per strength
+        from edgeprune.itpruner import session_widths_fn
+
+        return InnerLevel(proxy, allocation, error_of, session_widths_fn(session, cost))  # type: ignore[arg-type]
     widths_for = make_widths_fn(session.graph, session.rankings, session.config.channel_multiple, error=error_of,
                                 allocation=allocation, cost=cost)
     return InnerLevel(proxy, allocation, error_of, widths_for)
@@ -234,6 +238,10 @@ def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, in
 
     with timed(session.timings_s, "search"):
         stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
+        if config.search == "evolution":  # MetaPruning's evolution under the latency model, finalists measured
+            from edgeprune.evolution import evolution_search
+
+            return evolution_search(config, session, oracle, inner, budget_ms, base, on_step)
         # the unpruned model's widths are the u = 0 bracket: its baseline figure serves, no second measurement
         full = {g.name: g.channels for g in session.graph.groups}
         known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
@@ -269,7 +277,7 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
     from edgeprune.search import Probe, search
 
     used = sum(1 for c in res.trace if c.source.startswith("measured"))
-    if from_table or used >= config.max_steps:
+    if from_table or used >= config.max_steps or config.search != "strength":
         return None
     known = {c.widths_digest: Probe(c.latency_ms, c.source, c.spread) for c in res.trace}
     known.update({d: Probe(v.median, "verified", v.spread) for d, v in verified.items()})
@@ -344,7 +352,7 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
         "device_measurements": measurer.device_runs,
         "search": {"criterion": pc.criterion, "compensation": pc.compensation, "repair": release.plan.repair,
                    "proxy": "fidelity" if inner.proxy == "fidelity" else "cap-loss-curve" if curves else "uniform",
-                   "allocation": inner.allocation, "channel_multiple": pc.channel_multiple,
+                   "allocation": inner.allocation, "outer": config.search, "channel_multiple": pc.channel_multiple,
                    "tolerance": config.tolerance, "converged": result.converged,
                    "far_under_budget": met and final.median < FAR_UNDER * budget_ms,
                    "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),

@@ -23,6 +23,8 @@ from edgeprune.errors import EdgePruneError
 
 log = logging.getLogger(__name__)
 
+SEARCHES = ("strength", "evolution")  # the outer level: this module's, or evolution.py's
+
 
 @dataclass(frozen=True)
 class Probe:

@@ -1,0 +1,296 @@
+"""Benchmark the pruning methods edgeprune is built from at equal measured latency (issue 17): every selection
+criterion, width allocation and search, each with and without compensation.
+
+For each model x budget x seed, one `edgeprune build` on `cpu` per method (`python -m edgeprune build --json`, a
+subprocess each, a fresh measurement cache each; tools/bench_accuracy.py's functions). Every method after the first
+aims at the first one's budget in ms, so one unpruned measurement decides the budget for all. Then, independently of
+the builds' own figures: the released model.onnx files and the unpruned model measured interleaved (fresh ONNX
+Runtime sessions, 1 thread) and run on the recipe's held-out samples (which never fed statistics).
+
+Methods, read from the checkout under test at run time (so that criteria, allocations and searches added later
+appear without editing this file): `criterion=NAME` for each of `importance.CRITERIA` (default allocation and
+search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the default (criterion cap), `search=NAME` for each
+of `search.SEARCHES` but `strength`; each as `+comp` (compensation, the default) and `-comp` (`--no-compensation`).
+
+Recovery stages: when the checkout has `edgeprune finetune`, the `criterion=cap+comp` release of each case is
+trained for each of `--minutes` (default 1 and 5) with each `--stages` stage and released again; its held-out
+accuracy beside the untrained release's.
+
+    python tools/bench_methods.py [--models example,fashion] [--budgets 0.5x,0.3x] [--seeds 0,1,2]
+                                  [--methods criterion=cap+comp,allocation=itpruner-comp,...] [--no-recovery]
+                                  [--minutes 1,5] [--stages distill,csgd] [--out bench/methods.json]
+                                  [--markdown bench/methods.md] [--repo PATH] [--passes 5] [--keep DIR] [--list]
+
+The full run is long (2 models x 2 budgets x 3 seeds x ~20 methods, 20-400 s a build on a 2-core machine) and its
+latencies need a quiet machine: run it alone, on a reserved core (`taskset -c 0`). `--list` prints the methods the
+checkout offers and exits. A build that fails is recorded with its exit code and last error line, and the run goes
+on; the Markdown table (for the README) is printed and written with `--markdown`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_accuracy import (  # noqa: E402
+    RELEASED_CODES,
+    accuracy,
+    edgeprune_env,
+    export_base,
+    heldout,
+    interleaved,
+    model_table,
+    run_edgeprune,
+    tail,
+)
+
+REGISTRIES = """
+import json
+from edgeprune.importance import CRITERIA
+from edgeprune.allocate import ALLOCATIONS
+try:
+    from edgeprune.search import SEARCHES
+except ImportError:
+    SEARCHES = ("strength",)
+print(json.dumps({"criteria": list(CRITERIA), "allocations": list(ALLOCATIONS), "searches": list(SEARCHES)}))
+"""
+DEFAULT_ALLOCATION, DEFAULT_SEARCH = "step", "strength"
+
+
+def registries(repo: Path) -> dict[str, list[str]]:
+    """The criteria, allocations and searches the checkout under test offers."""
+    p = subprocess.run([sys.executable, "-c", REGISTRIES], check=False, capture_output=True, text=True,
+                       env=edgeprune_env(repo))
+    if p.returncode != 0:
+        raise SystemExit(f"reading the registries of {repo} failed: {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout)
+
+
+def all_methods(reg: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Method name -> build flags: each criterion, each non-default allocation and search, with and without
+    compensation."""
+    base: dict[str, list[str]] = {f"criterion={c}": ["--criterion", c] for c in reg["criteria"]}
+    base |= {f"allocation={a}": ["--allocation", a] for a in reg["allocations"] if a != DEFAULT_ALLOCATION}
+    base |= {f"search={s}": ["--search", s] for s in reg["searches"] if s != DEFAULT_SEARCH}
+    out = {}
+    for name, flags in base.items():
+        out[f"{name}+comp"] = flags
+        out[f"{name}-comp"] = [*flags, "--no-compensation"]
+    return out
+
+
+def has_finetune(repo: Path) -> bool:
+    p = subprocess.run([sys.executable, "-m", "edgeprune", "finetune", "--help"], check=False, capture_output=True,
+                       text=True, env=edgeprune_env(repo))
+    return p.returncode == 0
+
+
+def build(repo: Path, model: dict, budget: str, seed: int, recipe: Path, flags: list[str], work: Path) -> dict:
+    """One `edgeprune build` with `flags`: its report's key figures and the path of the model it released."""
+    import shutil
+
+    out = work / "out"
+    args = ["build", "--model", model["spec"], "--input-shape", model["input_shape"], "--device", "cpu",
+            "--latency", budget, "--calibration", str(recipe), "--seed", str(seed), "--out", str(out),
+            "--cache-dir", str(work / "cache"), "--json", *flags]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    code, stdout, wall = run_edgeprune(repo, args, work / "build.log")
+    row: dict = {"flags": flags, "exit_code": code, "build_s": round(wall, 2)}
+    if code not in RELEASED_CODES:
+        return {**row, "error": tail(work / "build.log"), "onnx": None}
+    r = json.loads(stdout)
+    released = Path(r.get("out") or (out if code == 0 else f"{out}.failed"))
+    return {**row, "onnx": str(released / "model.onnx"), "out": str(released), "met": r["met"],
+            "budget_ms": r["budget_ms"], "build_final_ms": r["final"]["latency_ms"]["median"],
+            "measured_candidates": r["search"]["measured_candidates"], "macs": r["final"].get("macs")}
+
+
+def finetune(repo: Path, source: str, recipe: Path, stage: str, minutes: float, seed: int, work: Path) -> dict:
+    """`edgeprune finetune SOURCE --stage STAGE --minutes M`: exit code, wall seconds, the model it released."""
+    out = work / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    code, stdout, wall = run_edgeprune(repo, ["finetune", source, "--calibration", str(recipe), "--stage", stage,
+                                              "--minutes", str(minutes), "--seed", str(seed), "--out", str(out),
+                                              "--cache-dir", str(work / "cache"), "--json"], work / "finetune.log")
+    row: dict = {"stage": stage, "minutes": minutes, "exit_code": code, "wall_s": round(wall, 2)}
+    if code not in RELEASED_CODES:
+        return {**row, "error": tail(work / "finetune.log"), "onnx": None}
+    r = json.loads(stdout)
+    released = Path(r.get("out") or (out if code == 0 else f"{out}.failed"))
+    return {**row, "onnx": str(released / "model.onnx"), "met": r.get("met")}
+
+
+def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, methods: dict[str, list[str]],
+               base_onnx: Path, work: Path, passes: int, recovery: list[tuple[str, float]]) -> dict:
+    """One (model, budget, seed): a build per method, then latency and accuracy measured here; recovery stages."""
+    recipe = model["recipe"](seed, work)
+    x, y, n_calib, edgeprune_file = heldout(repo, model, recipe, work)
+    row: dict = {"model": name, "budget": budget, "seed": seed, "heldout": len(y), "calibration": n_calib,
+                 "edgeprune": edgeprune_file, "methods": {}}
+    first_ms = None
+    for m, flags in methods.items():
+        target = f"{first_ms:.5f}ms" if first_ms else budget
+        b = build(repo, model, target, seed, recipe, flags, work / f"{name}-{budget}-{seed}-{m}")
+        first_ms = first_ms or b.get("budget_ms")
+        print(json.dumps({"model": name, "budget": budget, "seed": seed, "method": m, "exit_code": b["exit_code"],
+                          "build_s": b["build_s"]}), file=sys.stderr, flush=True)
+        row["methods"][m] = b
+    released = {m: b["onnx"] for m, b in row["methods"].items() if b["onnx"]}
+    lat = interleaved({"unpruned": base_onnx, **released}, passes)
+    row["unpruned_accuracy"] = accuracy(base_onnx, x, y)
+    row["unpruned_ms"] = lat["unpruned"]["median_ms"]
+    for m, b in row["methods"].items():
+        if b["onnx"]:
+            b["accuracy"] = accuracy(b["onnx"], x, y)
+            b["latency_ms"] = lat[m]["median_ms"]
+            b["ratio_to_unpruned"] = lat[m]["median_ms"] / lat["unpruned"]["median_ms"]
+    source = row["methods"].get("criterion=cap+comp", {})
+    row["recovery"] = []
+    for stage, minutes in recovery if source.get("onnx") else []:
+        f = finetune(repo, source["out"], recipe, stage, minutes, seed, work / f"{name}-{budget}-{seed}-ft-{stage}-{minutes}")
+        if f["onnx"]:
+            f["accuracy"] = accuracy(f["onnx"], x, y)
+            f["untrained_accuracy"] = source.get("accuracy")
+        row["recovery"].append(f)
+    return row
+
+
+def mean(values: list[float]) -> float | None:
+    return statistics.mean(values) if values else None
+
+
+def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
+    """Per (model, budget, method): means over seeds of accuracy, re-measured latency and build time."""
+    out = []
+    for key in dict.fromkeys((r["model"], r["budget"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["budget"]) == key]
+        unpruned = mean([r["unpruned_accuracy"] for r in group])
+        for m in methods:
+            done = [r["methods"][m] for r in group if r["methods"].get(m, {}).get("accuracy") is not None]
+            out.append({"model": key[0], "budget": key[1], "method": m, "seeds": len(done),
+                        "builds": sum(1 for r in group if m in r["methods"]),
+                        "unpruned_accuracy": unpruned, "accuracy": mean([b["accuracy"] for b in done]),
+                        "accuracy_min": min((b["accuracy"] for b in done), default=None),
+                        "latency_ms": mean([b["latency_ms"] for b in done]),
+                        "ratio_to_unpruned": mean([b["ratio_to_unpruned"] for b in done]),
+                        "met": sum(bool(b.get("met")) for b in done), "build_s": mean([b["build_s"] for b in done])})
+        for stage, minutes in dict.fromkeys((f["stage"], f["minutes"]) for r in group for f in r.get("recovery", [])):
+            done = [f for r in group for f in r["recovery"]
+                    if (f["stage"], f["minutes"]) == (stage, minutes) and f.get("accuracy") is not None]
+            out.append({"model": key[0], "budget": key[1], "method": f"finetune {stage} {minutes:g} min",
+                        "recovery": True, "seeds": len(done), "unpruned_accuracy": unpruned,
+                        "accuracy": mean([f["accuracy"] for f in done]),
+                        "untrained_accuracy": mean([f["untrained_accuracy"] for f in done
+                                                    if f.get("untrained_accuracy") is not None]),
+                        "met": sum(bool(f.get("met")) for f in done), "build_s": mean([f["wall_s"] for f in done])})
+    return out
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def markdown(summary: list[dict]) -> str:
+    """The README table: per model and budget, each method's mean held-out accuracy (and worst seed), re-measured
+    latency against the unpruned model, budgets met and build time; then the recovery stages."""
+    head = ["model", "budget", "method", "seeds", "accuracy % (worst)", "unpruned %", "latency x unpruned",
+            "latency ms", "met", "build s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in (s for s in summary if not s.get("recovery")):
+        lines.append("| " + " | ".join([
+            s["model"], s["budget"], f"`{s['method']}`", f"{s['seeds']}/{s['builds']}",
+            f"{pct(s['accuracy'])} ({pct(s['accuracy_min'])})", pct(s["unpruned_accuracy"]),
+            num(s["ratio_to_unpruned"], ".2f"), num(s["latency_ms"], ".3f"), f"{s['met']}/{s['seeds']}",
+            num(s["build_s"], ".0f")]) + " |")
+    rec = [s for s in summary if s.get("recovery")]
+    if rec:
+        head = ["model", "budget", "recovery", "seeds", "accuracy %", "untrained %", "unpruned %", "met", "wall s"]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for s in rec:
+            lines.append("| " + " | ".join([
+                s["model"], s["budget"], s["method"], str(s["seeds"]), pct(s["accuracy"]),
+                pct(s["untrained_accuracy"]), pct(s["unpruned_accuracy"]), f"{s['met']}/{s['seeds']}",
+                num(s["build_s"], ".0f")]) + " |")
+    return "\n".join(lines)
+
+
+def pick(available: dict[str, list[str]], wanted: str | None, ap: argparse.ArgumentParser) -> dict[str, list[str]]:
+    """`--methods` as given (names, or a prefix such as `criterion=` or `+comp` suffix match), else all."""
+    if not wanted:
+        return available
+    out = {}
+    for w in wanted.split(","):
+        hits = [m for m in available if m == w or m.startswith(w) or (w.startswith(("+", "-")) and m.endswith(w))]
+        if not hits:
+            ap.error(f"--methods {w!r} matches none of: {', '.join(available)}")
+        out |= {m: available[m] for m in hits}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="example,fashion", help="comma-separated: example, fashion (default both)")
+    ap.add_argument("--budgets", default="0.5x,0.3x", help="comma-separated --latency values (default 0.5x,0.3x)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--methods", default=None, help="comma-separated method names or prefixes (criterion=, "
+                                                    "allocation=itpruner, +comp, ...; default all: see --list)")
+    ap.add_argument("--list", action="store_true", help="print the methods of the checkout and exit")
+    ap.add_argument("--no-recovery", action="store_true", help="skip the recovery stages (edgeprune finetune)")
+    ap.add_argument("--minutes", default="1,5", help="finetune lengths in minutes (default 1,5)")
+    ap.add_argument("--stages", default="distill", help="finetune stages (default distill; e.g. distill,csgd)")
+    ap.add_argument("--out", default="bench/methods.json", help="JSON results (default bench/methods.json)")
+    ap.add_argument("--markdown", default=None, metavar="FILE", help="also write the Markdown table here")
+    ap.add_argument("--repo", default=str(HERE.parent), help="edgeprune checkout to run (default: this one)")
+    ap.add_argument("--passes", type=int, default=5, help="interleaved latency passes (default 5)")
+    ap.add_argument("--keep", default=None, metavar="DIR", help="keep build outputs and logs here")
+    args = ap.parse_args()
+    repo = Path(args.repo).resolve()
+    if not (repo / "edgeprune" / "__init__.py").is_file():
+        ap.error(f"--repo {repo} is not an edgeprune checkout (no edgeprune/__init__.py)")
+    methods = pick(all_methods(registries(repo)), args.methods, ap)
+    if args.list:
+        print("\n".join(f"{m}: {' '.join(f)}" for m, f in methods.items()))
+        return
+    table = model_table()
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in table]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    recovery = [] if args.no_recovery or not has_finetune(repo) else \
+        [(s, float(m)) for s in args.stages.split(",") for m in args.minutes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep).resolve() if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for name in models:
+            base = export_base(repo, table[name], work / f"{name}-base")
+            for budget in args.budgets.split(","):
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    rows.append(bench_case(repo, name, table[name], budget, seed, methods, base, work, args.passes,
+                                           recovery))
+    summary = summarise(rows, list(methods))
+    result = {"benchmark": "methods", "repo": str(repo), "methods": methods, "recovery": recovery,
+              "passes": args.passes, "rows": rows, "summary": summary}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    table_md = markdown(summary)
+    if args.markdown:
+        Path(args.markdown).write_text(table_md + "\n")
+    print(table_md)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
