@@ -8,8 +8,9 @@ the builds' own figures: the released model.onnx files and the unpruned model me
 Runtime sessions, 1 thread) and run on the recipe's held-out samples (which never fed statistics).
 
 Methods, read from the checkout under test at run time (so that criteria, allocations and searches added later
-appear without editing this file): `criterion=NAME` for each of `importance.CRITERIA` (default allocation and
-search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the default (criterion cap), `search=NAME` for each
+appear without editing this file): `criterion=NAME` for each of `criteria.CRITERIA` (default allocation and
+search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the default (criterion cap, or the allocation's
+own criterion where it is one: epruner, nap), `search=NAME` for each
 of `search.SEARCHES` but `strength`; each as `+comp` (compensation, the default) and `-comp` (`--no-compensation`).
 
 Recovery stages: when the checkout has `edgeprune finetune`, the `criterion=cap+comp` release of each case is
@@ -53,7 +54,10 @@ from bench_accuracy import (  # noqa: E402
 
 REGISTRIES = """
 import json
-from edgeprune.importance import CRITERIA
+try:
+    from edgeprune.criteria import CRITERIA  # every criterion, the papers' too
+except ImportError:
+    from edgeprune.importance import CRITERIA
 from edgeprune.allocate import ALLOCATIONS
 try:
     from edgeprune.search import SEARCHES
@@ -77,7 +81,9 @@ def all_methods(reg: dict[str, list[str]]) -> dict[str, list[str]]:
     """Method name -> build flags: each criterion, each non-default allocation and search, with and without
     compensation."""
     base: dict[str, list[str]] = {f"criterion={c}": ["--criterion", c] for c in reg["criteria"]}
-    base |= {f"allocation={a}": ["--allocation", a] for a in reg["allocations"] if a != DEFAULT_ALLOCATION}
+    # a method's own width rule (epruner, nap) reads its criterion's rankings: the two go together
+    base |= {f"allocation={a}": ["--allocation", a] + (["--criterion", a] if a in reg["criteria"] else [])
+             for a in reg["allocations"] if a != DEFAULT_ALLOCATION}
     base |= {f"search={s}": ["--search", s] for s in reg["searches"] if s != DEFAULT_SEARCH}
     out = {}
     for name, flags in base.items():
