@@ -29,7 +29,7 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.parallel import timed
 from edgeprune.plan import Plan
 from edgeprune.quantize import Quantizer, warn_random_calibration
-from edgeprune.runtimes.stats import LatencyStats, steadier
+from edgeprune.runtimes.stats import LatencyStats, agree, consensus
 from edgeprune.search import Probe
 from edgeprune.session import Prepared
 
@@ -174,7 +174,8 @@ class MeasuredOracle:
     def baseline(self, relative: bool) -> LatencyStats:
         """The unpruned model. A relative budget rests on a figure measured in this run, under this run's load: a
         cached one may come from a busier or quieter hour (0.2x once aimed at 0.22x of the unpruned latency); and on
-        two of them, one after the other (`steadier`): the first figure of a run scattered by up to 25% here."""
+        two fresh figures, one after the other, pooled when they agree, else a third and the odd one dropped
+        (`runtimes.stats.consensus`): a single figure scattered by 15-25% either way here."""
         path = self.work_dir / "base.onnx"
         t = self.session.timings_s
         with timed(t, "export"):
@@ -182,7 +183,10 @@ class MeasuredOracle:
                                     self.exporter, self.measurer.quantizer, search=True)
         stats = self.measurer(path, "measuring unpruned model", cached=not relative)
         if relative and stats.source == "measured":  # the budget scales with it: a second, fresh figure
-            stats = steadier(stats, self.measurer(path, "measuring unpruned model again", cached=False))
+            figures = [stats, self.measurer(path, "measuring unpruned model again", cached=False)]
+            if not agree(*figures):
+                figures.append(self.measurer(path, "measuring unpruned model a third time", cached=False))
+            stats = consensus(figures)
         return stats
 
     def __call__(self, widths: dict[str, int]) -> Probe:

@@ -83,18 +83,29 @@ def stats_from_repeats(repeats_ms: list[list[float]], **meta: Any) -> LatencySta
     )
 
 
-def steadier(a: LatencyStats, b: LatencyStats, k: float = 2.0) -> LatencyStats:
-    """One figure from two of the same model taken one after the other (fresh sessions each).
+def agree(a: LatencyStats, b: LatencyStats, k: float = 2.0) -> bool:
+    """Two figures of one model within `k` combined standard errors of each other."""
+    return abs(a.median - b.median) <= k * math.hypot(a.spread * a.median, b.spread * b.median)
 
-    Load on a shared machine only ever slows a run down, so when the two medians differ by more than `k` combined
-    standard errors the lower figure is the one that shows the model (the other caught a busier moment: a build's
-    unpruned model once measured 43 ms and 34 ms when measured again). When they agree, their repeats are pooled:
-    the median of every repeat median, `n`-weighted mean and exact pooled `std`, `min`/`max` over both; `p90` is the
-    `n`-weighted mean of the two (the raw runs are not kept).
+
+def consensus(figures: list[LatencyStats], k: float = 2.0) -> LatencyStats:
+    """One figure from two or three of the same model taken one after the other (fresh sessions each): the two that
+    agree best, pooled (`pooled`). The caller adds a third figure when the first two disagree (`agree`): a figure
+    can be off either way, slower under a burst of load or faster than the steady state (a build once measured
+    lraspp's unpruned model at 16.5 ms, which measures 19.4-20.5 ms every time since), so neither the lower nor the
+    higher of two is to be trusted; of three, the odd one out is dropped.
     """
+    if len(figures) == 1:
+        return figures[0]
+    pairs = [(abs(a.median - b.median), i, j) for i, a in enumerate(figures) for j, b in enumerate(figures) if i < j]
+    _, i, j = min(pairs)
+    return pooled(figures[i], figures[j])
+
+
+def pooled(a: LatencyStats, b: LatencyStats) -> LatencyStats:
+    """Two figures of one model as one: the median of every repeat median, `n`-weighted mean and exact pooled `std`,
+    `min`/`max` over both; `p90` is the `n`-weighted mean of the two (the raw runs are not kept)."""
     lo, hi = sorted((a, b), key=lambda s: s.median)
-    if hi.median - lo.median > k * math.hypot(lo.spread * lo.median, hi.spread * hi.median):
-        return lo
     n = lo.n + hi.n
     mean = (lo.n * lo.mean + hi.n * hi.mean) / n
     second = (lo.n * (lo.std ** 2 + lo.mean ** 2) + hi.n * (hi.std ** 2 + hi.mean ** 2)) / n
