@@ -150,8 +150,8 @@ def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) 
 
 
 PROXIES = ("loss", "fidelity")
-ALLOCATIONS = ("step", "latency", "epruner", "nap", "itpruner")  # itpruner: itpruner.py (needs the job's
-# feature maps); epruner, nap: criteria.method_widths_fn
+METHOD_ALLOCATIONS = ("epruner", "nap")  # a criterion's own width rule (criteria.method_widths_fn)
+ALLOCATIONS = ("step", "latency", *METHOD_ALLOCATIONS, "itpruner")  # itpruner: itpruner.py (the job's feature maps)
 
 
 def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
@@ -169,7 +169,7 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
 
     if allocation not in ALLOCATIONS:
         raise EdgePruneError(f"allocation must be {' or '.join(ALLOCATIONS)}, found {allocation!r}")
-    if allocation in ("epruner", "nap"):  # the method's own width rule (criteria.method_widths_fn)
+    if allocation in METHOD_ALLOCATIONS:
         from edgeprune.criteria import method_widths_fn
 
         lows = min_widths(graph, multiple, min_width)

@@ -139,7 +139,7 @@ class BuildConfig:
         return parse_budget(self.latency)
 
     def __post_init__(self) -> None:
-        from edgeprune.allocate import ALLOCATIONS, PROXIES
+        from edgeprune.allocate import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES
 
         parse_budget(self.latency)  # exit 2 before any work
         if self.max_metric_drop is not None and self.evaluate is None:
@@ -155,7 +155,7 @@ class BuildConfig:
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
         if self.allocation not in ALLOCATIONS + ("auto",):
             raise EdgePruneError(f"--allocation must be auto, {' or '.join(ALLOCATIONS)}, found {self.allocation!r}")
-        if self.allocation in ("epruner", "nap") and self.prune.criterion != self.allocation:
+        if self.allocation in METHOD_ALLOCATIONS and self.prune.criterion != self.allocation:
             raise EdgePruneError(f"--allocation {self.allocation} is {self.allocation}'s width rule and reads its "
                                  f"rankings; give --criterion {self.allocation} with it (found "
                                  f"--criterion {self.prune.criterion})")

@@ -88,7 +88,7 @@ def agree(a: LatencyStats, b: LatencyStats, k: float = 2.0) -> bool:
     return abs(a.median - b.median) <= k * math.hypot(a.spread * a.median, b.spread * b.median)
 
 
-def consensus(figures: list[LatencyStats], k: float = 2.0) -> LatencyStats:
+def consensus(figures: list[LatencyStats]) -> LatencyStats:
     """One figure from two or three of the same model taken one after the other (fresh sessions each): the two that
     agree best, pooled (`pooled`). The caller adds a third figure when the first two disagree (`agree`): a figure
     can be off either way, slower under a burst of load or faster than the steady state (a build once measured
