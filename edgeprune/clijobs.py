@@ -108,7 +108,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
                         "error goes to the groups whose channels cost most), itpruner (ITPruner: nHSIC layer "
                         "importance, widths by a linear program under the latency model), or auto (default): latency "
-                        "with --lut (and the fidelity proxy, compensation), else step; epruner and nap: that method's "
+                        "for the fidelity proxy with compensation, else step; epruner and nap: that method's "
                         "own width rule (exemplar counts, one global importance threshold), with its --criterion")
     p.add_argument("--search", choices=("strength", "evolution"), default="strength",
                    help="the outer level: strength (default: one strength searched against measured latency) or "

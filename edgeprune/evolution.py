@@ -168,7 +168,10 @@ def evolution_search(config: Any, session: Any, oracle: Any, inner: Any, budget_
         def latency(w: dict[str, int]) -> float:
             return cost(w) * base.median
     band = _Band(budget_ms, config.tolerance, config.margin_k)
-    bound = budget_ms * (1 - config.tolerance / 2)
+    # aim at the middle of the band under the noise-margined ceiling, as the strength search does: a finalist at the
+    # budget itself is infeasible once its spread is counted (the baseline's spread stands in for the candidates')
+    aim = band.ceiling(base.spread if base.source != "lut" else 0.0) * (1 - config.tolerance / 2)
+    bound = aim
     trace: list[Candidate] = []
     measured: dict[str, Candidate] = {}
     for r in range(settings.rounds):
@@ -192,7 +195,7 @@ def evolution_search(config: Any, session: Any, oracle: Any, inner: Any, budget_
             break
         best = min(trace[-len(fresh):], key=lambda c: c.error if c.error is not None else 0.0)
         # aim the constraint so that the best finalist's latency model would have read its measured figure
-        bound = budget_ms * (1 - config.tolerance / 2) * latency(best.widths) / max(best.latency_ms, 1e-9)
+        bound = aim * latency(best.widths) / max(best.latency_ms, 1e-9)
     fastest = min(trace, key=lambda c: c.latency_ms)
     return SearchResult(best=_pick_best([c for c in trace if band.feasible(c)]), fastest=fastest, trace=tuple(trace),
                         budget_ms=budget_ms, converged=any(band.in_band(c) for c in trace))

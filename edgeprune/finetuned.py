@@ -98,7 +98,7 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
         with timed(t, "export"):
             base_measured = export_candidate(original.module, example, base_path, config.prune.exporter, q, True)
             path = export_candidate(pruned.module, example, float_path, config.prune.exporter, q)
-        base = measurer(base_measured, "measuring unpruned model", cached=not config.budget.relative)
+        base = measurer.baseline(base_measured, config.budget.relative)
         base_float = measurer.float_figure(base_path, "measuring unpruned float model") if q is not None else None
         final = measurer(path, "measuring the released model", cached=False,
                          repeats=target.measure.final_repeats, stage="verify")
@@ -119,7 +119,7 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
             "speedup": base.median / final.median,
             "widths": {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
             "fidelity": fid.to_dict(), "quality_gates": gates, "parity": a.parity.to_dict(), "metric": a.metric,
-            "device_measurements": measurer.device_runs,
+            "device_measurements": measurer.device_runs, "interleaved": measurer.anchor is not None,
             "search": {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
                        "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
                        "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []},

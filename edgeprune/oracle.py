@@ -29,7 +29,7 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.parallel import timed
 from edgeprune.plan import Plan
 from edgeprune.quantize import Quantizer, warn_random_calibration
-from edgeprune.runtimes.stats import LatencyStats, agree, consensus
+from edgeprune.runtimes.stats import LatencyStats, agree, consensus, interleaved
 from edgeprune.search import Probe
 from edgeprune.session import Prepared
 
@@ -105,18 +105,30 @@ class Measurer:
     figures that were real device measurements (not served from the cache). `measure_fn` replaces the runtimes'
     function (tests: figures they control). `calibration` (the recipe's calibration samples) calibrates an int8
     target's quantisation (`quantizer`: the job's models are quantised on it before they are measured) and reaches
-    the runtime (TensorRT's calibrator, for a float model), so nothing int8 is calibrated on random inputs."""
+    the runtime (TensorRT's calibrator, for a float model), so nothing int8 is calibrated on random inputs.
+    `interleave`: whether a relative budget's figures are taken beside the baseline (`anchor_to`); default the
+    target's `[measure] interleave`, and off with a `measure_fn` (a pool of boards would split a pair over two)."""
 
     def __init__(self, target: Any, cache: Any, stages: Stages, timings: dict[str, float],
-                 measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None) -> None:
+                 measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None,
+                 interleave: bool | None = None) -> None:
         self.target, self.cache, self.stages, self.timings = target, cache, stages, timings
         self.measure_fn = measure_fn
+        self.interleave = target.measure.interleave and measure_fn is None if interleave is None else interleave
         self.device_runs = 0
         self.start(timings, calibration)
+
+    def anchor_to(self, path: Path, stats: LatencyStats) -> None:
+        """A relative budget rests on `stats`, the figure of `path` (the unpruned model): when interleaving (the
+        target's `[measure] interleave`), every later figure of another model is taken session by session beside
+        `path` and expressed in the units of `stats` (`runtimes.stats.interleaved`), never from the cache."""
+        if self.interleave and stats.source == "measured":
+            self.anchor = (path, stats)
 
     def start(self, timings: dict[str, float], calibration: Any = None, kind: str | None = None) -> None:
         """Time into `timings` from now on, and pass `calibration` (when the target is INT8; `kind`: its recipe's)."""
         self.timings = timings
+        self.anchor: tuple[Path, LatencyStats] | None = None  # see `anchor_to`
         int8 = calibration is not None and self.target.precision == "int8"
         self.extra = {"calibration": calibration} if int8 else {}
         self.quantizer = Quantizer(self.target.quantization, calibration) if int8 else None
@@ -128,11 +140,41 @@ class Measurer:
         from edgeprune import runtimes
 
         fn = self.measure_fn or runtimes.measure
+        if self.anchor is not None and path != self.anchor[0]:
+            return self._beside_anchor(fn, path, what, repeats or self.target.measure.repeats, stage)
         with timed(self.timings, stage):
             stats = fn(path, self.target, cache=self.cache if cached else None, repeats=repeats,
                        progress=self.stages(f"{what} on {self.target.name}", None), **self.extra)
         self.device_runs += stats.source == "measured"
         return stats
+
+    def baseline(self, path: Path, relative: bool) -> LatencyStats:
+        """The unpruned model's figure (`path`). For a relative budget: two fresh figures, pooled when they agree, else
+        a third and the odd one out dropped (`runtimes.stats.consensus`), and the later figures anchored to it
+        (`anchor_to`); otherwise one figure, from the cache where it has one."""
+        stats = self(path, "measuring unpruned model", cached=not relative)
+        if relative and stats.source == "measured":  # the budget scales with it: a second, fresh figure
+            figures = [stats, self(path, "measuring unpruned model again", cached=False)]
+            if not agree(*figures):
+                figures.append(self(path, "measuring unpruned model a third time", cached=False))
+            stats = consensus(figures)
+            self.anchor_to(path, stats)
+        return stats
+
+    def _beside_anchor(self, fn: Callable[..., LatencyStats], path: Path, what: str, repeats: int,
+                       stage: str) -> LatencyStats:
+        """`repeats` pairs of one fresh session of the anchor's model, then one of `path`'s (`anchor_to`)."""
+        base_path, anchor = self.anchor  # type: ignore[misc]
+        tick = self.stages(f"{what} on {self.target.name}, beside the unpruned model", repeats)
+        figures: list[LatencyStats] = []
+        bases: list[LatencyStats] = []
+        with timed(self.timings, stage):
+            for r in range(repeats):
+                bases.append(fn(base_path, self.target, cache=None, repeats=1, progress=None, **self.extra))
+                figures.append(fn(path, self.target, cache=None, repeats=1, progress=None, **self.extra))
+                tick(r + 1, repeats)
+        self.device_runs += 1
+        return interleaved(figures, bases, anchor.median)
 
     def float_figure(self, path: Path, what: str) -> LatencyStats:
         """`path`, a float model, on the target's float variant (`targets.float_target`): what an int8 model's
@@ -175,19 +217,14 @@ class MeasuredOracle:
         """The unpruned model. A relative budget rests on a figure measured in this run, under this run's load: a
         cached one may come from a busier or quieter hour (0.2x once aimed at 0.22x of the unpruned latency); and on
         two fresh figures, one after the other, pooled when they agree, else a third and the odd one dropped
-        (`runtimes.stats.consensus`): a single figure scattered by 15-25% either way here."""
+        (`runtimes.stats.consensus`): a single figure scattered by 15-25% either way here. On an interleaving target
+        the candidates are then measured beside it (`Measurer.anchor_to`)."""
         path = self.work_dir / "base.onnx"
         t = self.session.timings_s
         with timed(t, "export"):
             path = export_candidate(self.session.loaded.module, self.session.loaded.example_input, path,
                                     self.exporter, self.measurer.quantizer, search=True)
-        stats = self.measurer(path, "measuring unpruned model", cached=not relative)
-        if relative and stats.source == "measured":  # the budget scales with it: a second, fresh figure
-            figures = [stats, self.measurer(path, "measuring unpruned model again", cached=False)]
-            if not agree(*figures):
-                figures.append(self.measurer(path, "measuring unpruned model a third time", cached=False))
-            stats = consensus(figures)
-        return stats
+        return self.measurer.baseline(path, relative)
 
     def __call__(self, widths: dict[str, int]) -> Probe:
         t = self.session.timings_s

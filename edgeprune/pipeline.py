@@ -349,7 +349,7 @@ def build_report(config: BuildConfig, session: Prepared, release: Verified, resu
                             **({"unit": g.unit} if g.units else {})} for g in session.graph.groups},
         "fidelity": fid.to_dict(), "quality_gates": gates,
         "lut": config.lut,
-        "device_measurements": measurer.device_runs,
+        "device_measurements": measurer.device_runs, "interleaved": measurer.anchor is not None,
         "search": {"criterion": pc.criterion, "compensation": pc.compensation, "repair": release.plan.repair,
                    "proxy": "fidelity" if inner.proxy == "fidelity" else "cap-loss-curve" if curves else "uniform",
                    "allocation": inner.allocation, "outer": config.search, "channel_multiple": pc.channel_multiple,

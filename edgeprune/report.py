@@ -79,7 +79,9 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
         "",
         f"**Budget {r['budget']} = {_ms(r['budget_ms'])}: {'met' if r['met'] else 'NOT met'}** "
         f"(exit code {r['exit_code']}). Final latency {_ms(f['latency_ms']['median'])} against "
-        f"{_ms(b['latency_ms']['median'])} unpruned: {_num(r['speedup'], '.2f')}x faster.",
+        f"{_ms(b['latency_ms']['median'])} unpruned: {_num(r['speedup'], '.2f')}x faster."
+        + (" Candidates and the final model were measured session by session beside the unpruned model and are "
+           "given in the units of its figure (the target's `interleave`)." if r.get("interleaved") else ""),
         "",
         "| | latency median | p90 | std | n | MACs | params |",
         "|---|---|---|---|---|---|---|",

@@ -25,7 +25,7 @@ ARCHES = ("any", "x86_64", "aarch64")
 
 _TOP_KEYS = ("name", "aliases", "description", "runtime", "precision", "channel_multiple", "threads", "arch", "measure",
              "remote", "quantization")
-_MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats", "max_seconds")
+_MEASURE_KEYS = ("warmup", "iterations", "repeats", "final_repeats", "max_seconds", "interleave")
 _REMOTE_KEYS = ("agent", "ssh", "token_env", "timeout_s")
 _QUANT_KEYS = ("method", "percentile", "samples", "activations", "reduce_range", "symmetric")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -44,6 +44,11 @@ class MeasureConfig:
     # Wall-clock cap on one repeat's timed runs (0: none): a slow model stops early, after at least
     # MIN_ITERATIONS runs. Keeps a search candidate of resnet50 (~100 ms a run) to a few seconds on a CPU.
     max_seconds: float = 0.0
+    # A relative budget's candidates (and the release's verification) are measured session by session beside the
+    # unpruned model and taken as a fraction of it (`runtimes.stats.interleaved`): on a shared machine whose speed
+    # changes for seconds at a time, a baseline measured once at the start can be 30% off the candidates' conditions.
+    # Costs a second measurement per candidate and bypasses the cache for them; for the local CPU targets.
+    interleave: bool = False
 
     MIN_ITERATIONS = 10
 
@@ -205,6 +210,7 @@ class Target:
             repeats=take(measure, "repeats", int, mw, 3),
             final_repeats=take(measure, "final_repeats", int, mw, 5),
             max_seconds=take(measure, "max_seconds", float, mw, 0.0),
+            interleave=take(measure, "interleave", bool, mw, False),
         )
         remote = take(d, "remote", dict, where, None)
         rc = None
@@ -257,6 +263,7 @@ class Target:
         for k in ("description", "aliases", "remote"):
             d.pop(k, None)
         d["measure"].pop("final_repeats", None)
+        d["measure"].pop("interleave", None)  # how figures are taken beside each other, not what one figure is
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

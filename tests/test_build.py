@@ -26,6 +26,7 @@ warmup = 5
 iterations = 30
 repeats = 3
 final_repeats = 3
+interleave = true
 """
 
 
@@ -66,6 +67,7 @@ def test_build_example_meets_budget_and_keeps_accuracy(cap_build: tuple[int, dic
     acc = r["fidelity"]["accuracy"]
     assert acc["after"] >= 0.95 * acc["before"]
     assert r["search"]["measured_candidates"] <= 12
+    assert r["interleaved"] is True  # the candidates and the release measured beside the unpruned model
     for key in ("target", "budget_ms", "met", "base", "final", "widths", "fidelity", "search", "timings_s", "versions"):
         assert key in r
     for key in ("median", "p90", "std", "n"):

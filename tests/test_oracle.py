@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgeprune.config import no_progress
 from edgeprune.oracle import Measurer
@@ -57,3 +59,54 @@ def test_measurer_quantises_for_int8_targets_and_measures_float_figures_on_the_f
     stats = m.float_figure(Path("base.onnx"), "measuring unpruned float model")
     assert stats.precision == "fp32" and "calibration" not in calls[0] and calls[0]["cache"] == "CACHE"
     assert m.device_runs == 1
+
+
+class Machine:
+    """A fake measuring function on a machine whose speed changes over time: each call times one model (its true
+    latency from `true_ms`) at the machine's current slowness, which follows `spells` call by call."""
+
+    def __init__(self, true_ms: dict[str, float], spells: list[float]) -> None:
+        self.true_ms, self.spells, self.calls = true_ms, spells, []
+
+    def __call__(self, path, target, cache=None, repeats=None, progress=None, **kw):  # noqa: ANN001, ANN204
+        slow = self.spells[min(len(self.calls), len(self.spells) - 1)]
+        self.calls.append((Path(path).name, cache, repeats))
+        ms = self.true_ms[Path(path).name] * slow
+        return stats_from_repeats([[ms, ms * 1.01]] * (repeats or 3), target=target.name, runtime=target.runtime,
+                                  runtime_version="x", precision=target.precision)
+
+
+def test_an_anchored_measurer_takes_candidates_beside_the_baseline_so_a_spell_of_the_machine_cancels() -> None:
+    """The baseline is measured while the machine runs 30% slow (two agreeing figures), the candidate after the spell
+    ended: without interleaving the candidate reads 0.38x of the baseline for a true 0.5x; with it, 0.5x exactly,
+    in the units of the baseline's figure, and never from the cache."""
+    true = {"base.onnx": 2.0, "cand.onnx": 1.0}
+    spells = [1.3, 1.3] + [1.0] * 20
+    ratios = {}
+    for interleave in (False, True):
+        target = load_target("cpu")
+        target = dataclasses.replace(target, measure=dataclasses.replace(target.measure, interleave=interleave))
+        machine = Machine(true, spells)
+        m = Measurer(target, "CACHE", no_progress, {}, machine, interleave=None if not interleave else True)
+        base = m.baseline(Path("base.onnx"), relative=True)
+        assert base.median == pytest.approx(2.6, rel=0.02)
+        cand = m(Path("cand.onnx"), "measuring candidate")
+        ratios[interleave] = cand.median / base.median
+        if interleave:
+            # three pairs of one fresh session each, baseline first, nothing from the cache
+            assert machine.calls[2:] == [("base.onnx", None, 1), ("cand.onnx", None, 1)] * 3
+            assert m.device_runs == 3  # two baseline figures, one candidate figure
+    assert ratios[False] == pytest.approx(1.0 / 2.6, rel=0.02)
+    assert ratios[True] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_before() -> None:
+    """Only the cpu profiles interleave, only for a relative budget, and not through a measure_fn of their own
+    unless asked (a pool of boards would split each pair over two boards)."""
+    assert load_target("cpu").measure.interleave and not load_target("jetson-orin-nano").measure.interleave
+    for name, relative, ask in (("cpu", False, True), ("jetson-orin-nano", True, None), ("cpu", True, None)):
+        machine = Machine({"base.onnx": 2.0, "cand.onnx": 1.0}, [1.0])
+        m = Measurer(load_target(name), "CACHE", no_progress, {}, machine, interleave=ask)
+        m.baseline(Path("base.onnx"), relative=relative)
+        m(Path("cand.onnx"), "measuring candidate")
+        assert m.anchor is None and machine.calls[-1] == ("cand.onnx", "CACHE", None), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -113,3 +114,28 @@ def pooled(a: LatencyStats, b: LatencyStats) -> LatencyStats:
     return dataclasses.replace(lo, median=float(np.median(medians)), p90=(lo.n * lo.p90 + hi.n * hi.p90) / n,
                                std=math.sqrt(max(second - mean ** 2, 0.0)), min=min(lo.min, hi.min),
                                max=max(lo.max, hi.max), mean=mean, n=n, repeat_medians=medians)
+
+
+def scaled(s: LatencyStats, factor: float) -> LatencyStats:
+    """`s` with every time multiplied by `factor`."""
+    return dataclasses.replace(s, median=s.median * factor, p90=s.p90 * factor, std=s.std * factor,
+                               min=s.min * factor, max=s.max * factor, mean=s.mean * factor,
+                               repeat_medians=tuple(m * factor for m in s.repeat_medians))
+
+
+def interleaved(figures: list[LatencyStats], bases: list[LatencyStats], anchor_ms: float) -> LatencyStats:
+    """A model's figure taken session by session beside a reference model's (`figures[i]` right after `bases[i]`,
+    one fresh session each), in the units of the reference's figure `anchor_ms`: each repeat median is
+    anchor_ms * figure_i / base_i, so a slow or fast spell of the machine that lasts a pair of sessions cancels out
+    of the ratio, and the spread is the spread of the ratios. The other statistics are all runs pooled, scaled by
+    anchor_ms / the reference's median in this measurement. What a relative budget needs: the model's latency as a
+    fraction of the unpruned model's, measured under the same conditions (a single figure of a 2 ms model moved by
+    up to 30% between spells of this shared machine, for seconds at a time)."""
+    if not figures or len(figures) != len(bases):
+        raise ValueError("interleaved needs one reference figure per figure")
+    ratios = [f.median / b.median for f, b in zip(figures, bases)]
+    pool_f = functools.reduce(pooled, figures)
+    pool_b = functools.reduce(pooled, bases)
+    out = scaled(pool_f, anchor_ms / pool_b.median)
+    return dataclasses.replace(out, median=anchor_ms * float(np.median(ratios)),
+                               repeat_medians=tuple(anchor_ms * r for r in ratios))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeprune.runtimes.stats import agree, consensus, stats_from_repeats
+from edgeprune.runtimes.stats import LatencyStats, agree, consensus, interleaved, stats_from_repeats
 
 META = {"target": "cpu", "runtime": "onnxruntime", "runtime_version": "1", "precision": "fp32"}
 
@@ -36,3 +36,21 @@ def test_of_three_figures_the_odd_one_out_is_dropped_whichever_way_it_is_off() -
         got = consensus([odd, a, b])
         assert sorted(got.repeat_medians) == sorted(a.repeat_medians + b.repeat_medians)
         assert got.median == pytest.approx(2.0, rel=0.02)
+
+
+def test_interleaved_figures_are_ratios_to_the_reference_in_its_units() -> None:
+    """Each pair's ratio, times the anchor: a machine 40% slower during the second pair changes nothing; the spread is
+    that of the ratios (here they agree, so the floor)."""
+    def fig(ms: float) -> LatencyStats:
+        return stats_from_repeats([[ms, ms]], target="cpu", runtime="onnxruntime", runtime_version="x",
+                                  precision="fp32")
+
+    figures = [fig(1.0), fig(1.4), fig(1.0)]
+    bases = [fig(2.0), fig(2.8), fig(2.0)]
+    out = interleaved(figures, bases, anchor_ms=2.5)
+    assert out.median == pytest.approx(1.25) and out.repeat_medians == pytest.approx((1.25, 1.25, 1.25))
+    assert out.spread == LatencyStats.SPREAD_FLOOR and out.n == 6
+    noisy = interleaved([fig(1.0), fig(1.2), fig(1.1)], [fig(2.0)] * 3, anchor_ms=2.0)
+    assert noisy.median == pytest.approx(1.1) and noisy.spread > 0.03
+    with pytest.raises(ValueError):
+        interleaved(figures, bases[:2], anchor_ms=2.0)
