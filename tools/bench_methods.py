@@ -9,9 +9,10 @@ Runtime sessions, 1 thread) and run on the recipe's held-out samples (which neve
 
 Methods, read from the checkout under test at run time (so that criteria, allocations and searches added later
 appear without editing this file): `criterion=NAME` for each of `criteria.CRITERIA` (default allocation and
-search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the default (criterion cap, or the allocation's
-own criterion where it is one: epruner, nap), `search=NAME` for each
-of `search.SEARCHES` but `strength`; each as `+comp` (compensation, the default) and `-comp` (`--no-compensation`).
+search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the one `--allocation auto` resolves to (latency
+with compensation, step without; criterion cap, or the allocation's own criterion where it is one: epruner, nap),
+`search=NAME` for each of `search.SEARCHES` but `strength`; each as `+comp` (compensation, the default) and `-comp`
+(`--no-compensation`).
 
 Recovery stages: when the checkout has `edgeprune finetune`, the `criterion=cap+comp` release of each case is
 trained for each of `--minutes` (default 1 and 5) with each `--stages` stage and released again; its held-out
@@ -65,7 +66,10 @@ except ImportError:
     SEARCHES = ("strength",)
 print(json.dumps({"criteria": list(CRITERIA), "allocations": list(ALLOCATIONS), "searches": list(SEARCHES)}))
 """
-DEFAULT_ALLOCATION, DEFAULT_SEARCH = "step", "strength"
+# `--allocation auto` (the default) is latency with compensation and step without (BuildConfig.allocation_for):
+# each is listed only where it is not what the criterion rows already ran.
+AUTO_ALLOCATION = {"+comp": "latency", "-comp": "step"}
+DEFAULT_SEARCH = "strength"
 
 
 def registries(repo: Path) -> dict[str, list[str]]:
@@ -78,17 +82,18 @@ def registries(repo: Path) -> dict[str, list[str]]:
 
 
 def all_methods(reg: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Method name -> build flags: each criterion, each non-default allocation and search, with and without
-    compensation."""
+    """Method name -> build flags: each criterion, each allocation but the one `auto` resolves to, each non-default
+    search, with and without compensation."""
     base: dict[str, list[str]] = {f"criterion={c}": ["--criterion", c] for c in reg["criteria"]}
     # a method's own width rule (epruner, nap) reads its criterion's rankings: the two go together
     base |= {f"allocation={a}": ["--allocation", a] + (["--criterion", a] if a in reg["criteria"] else [])
-             for a in reg["allocations"] if a != DEFAULT_ALLOCATION}
+             for a in reg["allocations"]}
     base |= {f"search={s}": ["--search", s] for s in reg["searches"] if s != DEFAULT_SEARCH}
     out = {}
     for name, flags in base.items():
-        out[f"{name}+comp"] = flags
-        out[f"{name}-comp"] = [*flags, "--no-compensation"]
+        for comp, extra in (("+comp", []), ("-comp", ["--no-compensation"])):
+            if name != f"allocation={AUTO_ALLOCATION[comp]}":
+                out[f"{name}{comp}"] = [*flags, *extra]
     return out
 
 
@@ -161,7 +166,8 @@ def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, metho
     source = row["methods"].get("criterion=cap+comp", {})
     row["recovery"] = []
     for stage, minutes in recovery if source.get("onnx") else []:
-        f = finetune(repo, source["out"], recipe, stage, minutes, seed, work / f"{name}-{budget}-{seed}-ft-{stage}-{minutes}")
+        ft_work = work / f"{name}-{budget}-{seed}-ft-{stage}-{minutes}"
+        f = finetune(repo, source["out"], recipe, stage, minutes, seed, ft_work)
         if f["onnx"]:
             f["accuracy"] = accuracy(f["onnx"], x, y)
             f["untrained_accuracy"] = source.get("accuracy")
