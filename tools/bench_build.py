@@ -17,7 +17,6 @@ exporter, the target's channel multiple). Do not run it while tests run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile

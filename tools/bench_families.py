@@ -8,7 +8,8 @@ model.onnx are timed interleaved in fresh ONNX Runtime sessions on one intra-op 
 the released model is checked against its own report: every output's parity, output names and shapes equal to the
 unpruned model's.
 
-    python tools/bench_families.py [--models lraspp,ssdlite,...] [--budget 0.7x] [--passes 3] [--out bench/families.json]
+    python tools/bench_families.py [--models lraspp,ssdlite,...] [--budget 0.7x] [--passes 3]
+                                   [--out bench/families.json]
 
 The figure of merit is `remeasured_ratio`: the released model's re-measured latency over (budget x the re-measured
 unpruned latency); the acceptance band is [0.90, 1.05]. Large models take minutes each (fcn_resnet50: about 7 min

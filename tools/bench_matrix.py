@@ -71,8 +71,9 @@ def run_once(mode: str, boards: int, args: argparse.Namespace, work: Path) -> di
             ray_start_s = time.perf_counter() - t0
             started = True
         t0 = time.perf_counter()
-        index = edgeprune.matrix(manifest(work / "m.toml", args.model, args.budgets, args.max_steps, args.proxy), devices,
-                                 work / f"release-{mode}-{boards}", ray="auto" if mode == "ray" else None)
+        entries = manifest(work / "m.toml", args.model, args.budgets, args.max_steps, args.proxy)
+        index = edgeprune.matrix(entries, devices, work / f"release-{mode}-{boards}",
+                                 ray="auto" if mode == "ray" else None)
         wall = time.perf_counter() - t0
     finally:
         if started:

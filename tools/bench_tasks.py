@@ -38,8 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_accuracy as ba
-import tasks
+import bench_accuracy as ba  # noqa: E402
+import tasks  # noqa: E402
 
 VARIANTS = {"cap": [], "l1": ["--criterion", "l1", "--no-compensation"]}
 METRICS = {"detector": ("map_50", "map"), "segmenter": ("miou",)}
