@@ -26,7 +26,8 @@ accuracy beside the untrained release's.
 The full run is long (2 models x 2 budgets x 3 seeds x ~20 methods, 20-400 s a build on a 2-core machine) and its
 latencies need a quiet machine: run it alone, on a reserved core (`taskset -c 0`). `--list` prints the methods the
 checkout offers and exits. A build that fails is recorded with its exit code and last error line, and the run goes
-on; the Markdown table (for the README) is printed and written with `--markdown`.
+on; the Markdown table (for the README) is printed and written with `--markdown`. The JSON and the table are
+rewritten after each (model, budget, seed), so a run stopped early keeps the cases it finished.
 """
 
 from __future__ import annotations
@@ -251,6 +252,19 @@ def pick(available: dict[str, list[str]], wanted: str | None, ap: argparse.Argum
     return out
 
 
+def write(args: argparse.Namespace, repo: Path, methods: dict[str, list[str]], recovery: list, rows: list[dict]) -> str:
+    """Write the JSON (and the Markdown table with `--markdown`) of the cases done so far; return the table."""
+    summary = summarise(rows, list(methods))
+    result = {"benchmark": "methods", "repo": str(repo), "methods": methods, "recovery": recovery,
+              "passes": args.passes, "rows": rows, "summary": summary}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    table_md = markdown(summary)
+    if args.markdown:
+        Path(args.markdown).write_text(table_md + "\n")
+    return table_md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="example,fashion", help="comma-separated: example, fashion (default both)")
@@ -282,7 +296,8 @@ def main() -> None:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     recovery = [] if args.no_recovery or not has_finetune(repo) else \
         [(s, float(m)) for s in args.stages.split(",") for m in args.minutes.split(",")]
-    rows = []
+    rows: list[dict] = []
+    table_md = ""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep).resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -292,14 +307,7 @@ def main() -> None:
                 for seed in (int(s) for s in args.seeds.split(",")):
                     rows.append(bench_case(repo, name, table[name], budget, seed, methods, base, work, args.passes,
                                            recovery))
-    summary = summarise(rows, list(methods))
-    result = {"benchmark": "methods", "repo": str(repo), "methods": methods, "recovery": recovery,
-              "passes": args.passes, "rows": rows, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    table_md = markdown(summary)
-    if args.markdown:
-        Path(args.markdown).write_text(table_md + "\n")
+                    table_md = write(args, repo, methods, recovery, rows)  # after each case: a stopped run keeps it
     print(table_md)
     print(f"wrote {args.out}", file=sys.stderr)
 
