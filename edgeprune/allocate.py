@@ -42,6 +42,13 @@ def allowed_widths(channels: int, multiple: int, lo: int) -> list[int]:
     return sorted(set(ws + [channels]))
 
 
+def width_options(graph: Graph, multiple: int, min_width: int | None = None) -> dict[str, list[int]]:
+    """Each group's admissible widths (`allowed_widths` in its own step, from its minimum): what the search may try
+    for one group between two width settings."""
+    lows = min_widths(graph, multiple, min_width)
+    return {g.name: allowed_widths(g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups}
+
+
 def step_constrained_widths(graph: Graph, rankings: dict[str, Ranking], strength: float, multiple: int,
                             min_width: int | None = None) -> dict[str, int]:
     """Widths for a total tolerated loss `strength`, under the step constraint (forward order, slack carried)."""

@@ -233,7 +233,7 @@ def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLeve
 
 def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, inner: InnerLevel, budget_ms: float,
                base: Any, on_step: Callable[[Any], None] | None, stages: Stages, target: Any) -> Any:
-    from edgeprune.allocate import widths_digest
+    from edgeprune.allocate import width_options, widths_digest
     from edgeprune.search import Probe, search
 
     with timed(session.timings_s, "search"):
@@ -246,7 +246,8 @@ def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, in
         full = {g.name: g.channels for g in session.graph.groups}
         known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
         return search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step,
-                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of, margin_k=config.margin_k)
+                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of, margin_k=config.margin_k,
+                      options=width_options(session.graph, session.config.channel_multiple).__getitem__)
 
 
 def check_table(config: BuildConfig, oracle: TableOracle, inner: InnerLevel, verify: Verification, result: Any,
@@ -274,6 +275,7 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
                   from_table: bool, res: Any, verified: dict[str, Any]) -> Any:
     """The search again after a verification miss, the verified figures in place of its own (None when it cannot:
     a table search, or no measurements left)."""
+    from edgeprune.allocate import width_options
     from edgeprune.search import Probe, search
 
     used = sum(1 for c in res.trace if c.source.startswith("measured"))
@@ -284,7 +286,8 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
     with timed(session.timings_s, "search"):
         more = search(inner.widths_for, oracle, budget_ms, config.tolerance, len(known) + config.max_steps - used,
                       on_step=None, known=known, remeasure=oracle.remeasure, error_of=inner.error_of,
-                      margin_k=config.margin_k)
+                      margin_k=config.margin_k,
+                      options=width_options(session.graph, session.config.channel_multiple).__getitem__)
     seen = {c.widths_digest for c in res.trace}
     new = [c for c in more.trace if c.widths_digest not in seen]
     trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]

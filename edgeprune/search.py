@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -207,9 +207,11 @@ def _narrow_strength(probe: _Prober, widths_for: Callable[[float], dict[str, int
     return False, u_lo, u_hi
 
 
-def _bisect_groups(probe: _Prober, w_lo: dict[str, int], w_hi: dict[str, int], u_lo: float, u_hi: float) -> bool:
+def _bisect_groups(probe: _Prober, w_lo: dict[str, int], w_hi: dict[str, int], u_lo: float, u_hi: float,
+                   options: Callable[[str], Sequence[int]] | None = None) -> bool:
     """Bisect on how many of the groups that differ between the bracket ends, in forward order, take the slower
-    side's widths; True when a candidate lands in the band.
+    side's widths; True when a candidate lands in the band. When the two settings either side of the budget then
+    differ in one group only, bisect on that group's width (`_bisect_width`, with `options`).
 
     The u-bracket closes on a jump when one step in u changes several groups at once (the step constraint carries
     slack forward, so a narrower early group leaves later ones wider) and no strength lands in the band.
@@ -219,6 +221,34 @@ def _bisect_groups(probe: _Prober, w_lo: dict[str, int], w_hi: dict[str, int], u
     while b - a > 1 and not probe.exhausted():
         k = (a + b) // 2
         c = probe(u_hi - (u_hi - u_lo) * k / len(diff), {**w_hi, **{g: w_lo[g] for g in diff[:k]}})
+        if probe.band.in_band(c):
+            return True
+        if probe.band.feasible(c):
+            a = k
+        else:
+            b = k
+    if b - a != 1 or options is None or probe.exhausted():
+        return False
+    within = {**w_hi, **{g: w_lo[g] for g in diff[:a]}}
+    u_a, u_b = u_hi - (u_hi - u_lo) * a / len(diff), u_hi - (u_hi - u_lo) * b / len(diff)
+    return _bisect_width(probe, within, diff[a], w_lo[diff[a]], options(diff[a]), u_a, u_b)
+
+
+def _bisect_width(probe: _Prober, within: dict[str, int], group: str, slow: int, options: Sequence[int],
+                  u_fast: float, u_slow: float) -> bool:
+    """Bisect on the width of `group` between `within[group]` (those widths are within budget) and `slow` (over
+    it), over the widths it may take (`options`); True when a candidate lands in the band.
+
+    The latency allocation is piecewise constant in its λ and can move one group from wide to narrow at a single λ
+    (FashionNet at 0.3x: 0.159 ms to 0.112 ms for a 0.159 ms budget between u = 0.506 and 0.511, one group): without
+    the widths in between, the release landed at 0.72 of the budget with 4 of 12 measurements unspent.
+    """
+    fast = within[group]
+    between = sorted((w for w in options if min(fast, slow) < w < max(fast, slow)), key=lambda w: abs(w - fast))
+    a, b = -1, len(between)  # a: index known within budget (-1: `fast`), b: known over it (len: `slow`)
+    while b - a > 1 and not probe.exhausted():
+        k = (a + b) // 2
+        c = probe(u_fast + (u_slow - u_fast) * (k + 1) / (len(between) + 1), {**within, group: between[k]})
         if probe.band.in_band(c):
             return True
         if probe.band.feasible(c):
@@ -240,13 +270,15 @@ def search(
     margin_k: float = 2.0,
     remeasure: Callable[[dict[str, int]], Probe] | None = None,
     error_of: Callable[[dict[str, int]], float] | None = None,
+    options: Callable[[str], Sequence[int]] | None = None,
 ) -> SearchResult:
     """Find the most faithful widths whose oracle latency is within budget, noise margin included.
 
     Brackets with u = 0 (the unpruned model) and u = 1 (every group at its minimum), narrows u with an Illinois
     regula falsi on log latency (see `_narrow_strength`), then bisects over the groups that differ between the bracket
-    ends. A figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and the search stops in
-    the band [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread straddles the budget is
+    ends, and, given `options` (a group's admissible widths), over the width of the one group left between them. A
+    figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and the search stops in the band
+    [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread straddles the budget is
     measured once more with `remeasure` (not the cache), when given, and the mean of the two enters the trace;
     remeasurements count towards `max_steps`. `best` is the feasible candidate with the lowest `error_of(widths)`
     when given, else the one with the lowest strength u. Candidates whose widths repeat are not measured again, nor
@@ -271,4 +303,4 @@ def search(
     landed, u_lo, u_hi = _narrow_strength(probe, widths_for, lo, hi)
     if landed:
         return probe.result(True)
-    return probe.result(_bisect_groups(probe, widths_for(u_lo), widths_for(u_hi), u_lo, u_hi))
+    return probe.result(_bisect_groups(probe, widths_for(u_lo), widths_for(u_hi), u_lo, u_hi, options))

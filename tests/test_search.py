@@ -198,6 +198,22 @@ def test_search_bisects_over_groups_when_widths_jump_across_the_band() -> None:
     assert len(r.trace) <= 12 and r.best.strength < 0.5
 
 
+def test_search_bisects_one_groups_width_when_it_alone_jumps_across_the_band() -> None:
+    """One group goes from 128 to 16 channels at a single strength (the latency allocation is piecewise constant in
+    its λ): with the group's admissible widths the search tries the widths in between and lands in the band; without
+    them the best it has is far under the budget (the FashionNet 0.3x release at 0.72 of its budget)."""
+    g = toy_graph([64, 128, 64])
+    wide, narrow = {"g0": 32, "g1": 128, "g2": 32}, {"g0": 32, "g1": 16, "g2": 32}
+    oracle = lambda w: Probe(sum(w.values()) / 100, "measured")  # noqa: E731 - 0.80 ms to 1.92 ms
+    widths_for = lambda u: {gr.name: gr.channels for gr in g.groups} if u == 0 else (wide if u < 0.5 else narrow)  # noqa: E731
+    options = {k: allowed_widths(gr.channels, 16, 16) for k, gr in zip(("g0", "g1", "g2"), g.groups)}
+    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05, options=options.__getitem__)
+    assert r.converged and r.best is not None and 1.425 <= r.best.latency_ms <= 1.5
+    assert r.best.widths["g1"] not in (16, 128) and len(r.trace) <= 12
+    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05)
+    assert not r.converged and r.best is not None and r.best.latency_ms == 0.8
+
+
 def test_fidelity_schedule_in_squared_error_gives_each_group_an_equal_share() -> None:
     """Independent per-group errors add in squares: the schedule in squared error gives identical groups the same
     width, where a schedule linear in the error's norm (emulated by handing fidelity_widths the square root of the
