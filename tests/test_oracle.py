@@ -100,6 +100,32 @@ def test_an_anchored_measurer_takes_candidates_beside_the_baseline_so_a_spell_of
     assert ratios[True] == pytest.approx(0.5, rel=1e-6)
 
 
+def test_an_anchored_measurer_takes_more_pairs_of_a_noisy_model_until_its_ratio_is_resolved() -> None:
+    """Pair ratios that scatter by ~7% (as lraspp's did here) leave a 3-pair figure with a standard error of ~4%, a
+    noise margin of ~8%: the measurer takes more pairs, up to PAIRS_LIMIT x repeats, and the spread falls; a steady
+    machine gets exactly `repeats` pairs."""
+    from edgeprune.oracle import PAIR_SPREAD, PAIRS_LIMIT
+
+    true = {"base.onnx": 2.0, "cand.onnx": 1.2}
+    steady = [1.0] * 4 + [1.0] * 40
+    noisy = [1.0] * 4 + [1.0 if i % 2 == 0 else 1.0 + 0.08 * ((i // 2) % 3 - 1) for i in range(40)]
+    spreads = {}
+    for name, spells in (("steady", steady), ("noisy", noisy)):
+        machine = Machine(true, spells)
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=True)
+        before = len(machine.calls)
+        cand = m(Path("cand.onnx"), "measuring candidate")
+        pairs = (len(machine.calls) - before) // 2
+        spreads[name] = cand.spread
+        if name == "steady":
+            assert pairs == 3 and cand.spread <= PAIR_SPREAD
+        else:
+            assert 3 < pairs <= PAIRS_LIMIT * 3
+            assert cand.spread <= PAIR_SPREAD or pairs == PAIRS_LIMIT * 3
+    assert spreads["noisy"] > spreads["steady"]
+
+
 def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_before() -> None:
     """Only the cpu profiles interleave, only for a relative budget, and not through a measure_fn of their own
     unless asked (a pool of boards would split each pair over two boards)."""
