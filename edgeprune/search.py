@@ -217,18 +217,10 @@ def _bisect_groups(probe: _Prober, w_lo: dict[str, int], w_hi: dict[str, int], u
     slack forward, so a narrower early group leaves later ones wider) and no strength lands in the band.
     """
     diff = [g for g in w_hi if w_lo[g] != w_hi[g]]
-    a, b = 0, len(diff)  # a: widths known within budget, b: known over it
-    while b - a > 1 and not probe.exhausted():
-        k = (a + b) // 2
-        c = probe(u_hi - (u_hi - u_lo) * k / len(diff), {**w_hi, **{g: w_lo[g] for g in diff[:k]}})
-        if probe.band.in_band(c):
-            return True
-        if probe.band.feasible(c):
-            a = k
-        else:
-            b = k
-    if b - a != 1 or options is None or probe.exhausted():
-        return False
+    landed, a, b = _bisect(probe, 0, len(diff), lambda k: (u_hi - (u_hi - u_lo) * k / len(diff),
+                                                          {**w_hi, **{g: w_lo[g] for g in diff[:k]}}))
+    if landed or b - a != 1 or options is None or probe.exhausted():
+        return landed
     within = {**w_hi, **{g: w_lo[g] for g in diff[:a]}}
     u_a, u_b = u_hi - (u_hi - u_lo) * a / len(diff), u_hi - (u_hi - u_lo) * b / len(diff)
     return _bisect_width(probe, within, diff[a], w_lo[diff[a]], options(diff[a]), u_a, u_b)
@@ -245,17 +237,25 @@ def _bisect_width(probe: _Prober, within: dict[str, int], group: str, slow: int,
     """
     fast = within[group]
     between = sorted((w for w in options if min(fast, slow) < w < max(fast, slow)), key=lambda w: abs(w - fast))
-    a, b = -1, len(between)  # a: index known within budget (-1: `fast`), b: known over it (len: `slow`)
+    # index -1 is `fast` (within budget), len(between) is `slow` (over it)
+    return _bisect(probe, -1, len(between), lambda k: (u_fast + (u_slow - u_fast) * (k + 1) / (len(between) + 1),
+                                                       {**within, group: between[k]}))[0]
+
+
+def _bisect(probe: _Prober, a: int, b: int, setting: Callable[[int], tuple[float, dict[str, int]]]
+            ) -> tuple[bool, int, int]:
+    """Bisect an index between `a` (its setting within budget) and `b` (over it); `setting(k)` is the (strength
+    label, widths) of index k. Returns (landed in the band, a, b) when it lands, the indices meet or steps run out."""
     while b - a > 1 and not probe.exhausted():
         k = (a + b) // 2
-        c = probe(u_fast + (u_slow - u_fast) * (k + 1) / (len(between) + 1), {**within, group: between[k]})
+        c = probe(*setting(k))
         if probe.band.in_band(c):
-            return True
+            return True, a, b
         if probe.band.feasible(c):
             a = k
         else:
             b = k
-    return False
+    return False, a, b
 
 
 def search(
