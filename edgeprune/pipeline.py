@@ -204,10 +204,11 @@ class InnerLevel:
     allocation: str  # step | latency
     error_of: Callable[[dict[str, int]], float] | None
     widths_for: Callable[[float], dict[str, int]]
+    options: dict[str, list[int]]  # each group's admissible widths, for the search's bisection of one group's width
 
 
 def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLevel:
-    from edgeprune.allocate import make_widths_fn
+    from edgeprune.allocate import make_widths_fn, width_options
 
     kind = session.data.recipe.kind
     proxy = config.proxy if config.proxy != "auto" else "loss" if kind == "random" else "fidelity"
@@ -222,18 +223,19 @@ def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLeve
         else None
     allocation = config.allocation_for(proxy)
     cost = allocation_cost(session, table) if allocation in ("latency", "itpruner") else None
+    options = width_options(session.graph, session.config.channel_multiple)
     if allocation == "itpruner":  # nHSIC importances once, then a linear program per strength
         from edgeprune.itpruner import session_widths_fn
 
-        return InnerLevel(proxy, allocation, error_of, session_widths_fn(session, cost))  # type: ignore[arg-type]
+        return InnerLevel(proxy, allocation, error_of, session_widths_fn(session, cost), options)  # type: ignore[arg-type]
     widths_for = make_widths_fn(session.graph, session.rankings, session.config.channel_multiple, error=error_of,
                                 allocation=allocation, cost=cost)
-    return InnerLevel(proxy, allocation, error_of, widths_for)
+    return InnerLevel(proxy, allocation, error_of, widths_for, options)
 
 
 def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, inner: InnerLevel, budget_ms: float,
                base: Any, on_step: Callable[[Any], None] | None, stages: Stages, target: Any) -> Any:
-    from edgeprune.allocate import width_options, widths_digest
+    from edgeprune.allocate import widths_digest
     from edgeprune.search import Probe, search
 
     with timed(session.timings_s, "search"):
@@ -247,7 +249,7 @@ def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, in
         known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
         return search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step,
                       known=known, remeasure=oracle.remeasure, error_of=inner.error_of, margin_k=config.margin_k,
-                      options=width_options(session.graph, session.config.channel_multiple).__getitem__)
+                      options=inner.options.__getitem__)
 
 
 def check_table(config: BuildConfig, oracle: TableOracle, inner: InnerLevel, verify: Verification, result: Any,
@@ -275,7 +277,6 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
                   from_table: bool, res: Any, verified: dict[str, Any]) -> Any:
     """The search again after a verification miss, the verified figures in place of its own (None when it cannot:
     a table search, or no measurements left)."""
-    from edgeprune.allocate import width_options
     from edgeprune.search import Probe, search
 
     used = sum(1 for c in res.trace if c.source.startswith("measured"))
@@ -286,8 +287,7 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
     with timed(session.timings_s, "search"):
         more = search(inner.widths_for, oracle, budget_ms, config.tolerance, len(known) + config.max_steps - used,
                       on_step=None, known=known, remeasure=oracle.remeasure, error_of=inner.error_of,
-                      margin_k=config.margin_k,
-                      options=width_options(session.graph, session.config.channel_multiple).__getitem__)
+                      margin_k=config.margin_k, options=inner.options.__getitem__)
     seen = {c.widths_digest for c in res.trace}
     new = [c for c in more.trace if c.widths_digest not in seen]
     trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]

@@ -10,7 +10,7 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.graph import Graph, Group
 from edgeprune.importance import Ranking
 from edgeprune.config import parse_budget
-from edgeprune.allocate import (allowed_widths, fidelity_widths, make_widths_fn, min_widths, step_constrained_widths, uniform_strength_widths, widths_digest)
+from edgeprune.allocate import (allowed_widths, fidelity_widths, make_widths_fn, min_widths, step_constrained_widths, uniform_strength_widths, width_options, widths_digest)
 from edgeprune.search import Candidate, Probe, search
 
 
@@ -206,8 +206,7 @@ def test_search_bisects_one_groups_width_when_it_alone_jumps_across_the_band() -
     wide, narrow = {"g0": 32, "g1": 128, "g2": 32}, {"g0": 32, "g1": 16, "g2": 32}
     oracle = lambda w: Probe(sum(w.values()) / 100, "measured")  # noqa: E731 - 0.80 ms to 1.92 ms
     widths_for = lambda u: {gr.name: gr.channels for gr in g.groups} if u == 0 else (wide if u < 0.5 else narrow)  # noqa: E731
-    options = {k: allowed_widths(gr.channels, 16, 16) for k, gr in zip(("g0", "g1", "g2"), g.groups)}
-    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05, options=options.__getitem__)
+    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05, options=width_options(g, 16).__getitem__)
     assert r.converged and r.best is not None and 1.425 <= r.best.latency_ms <= 1.5
     assert r.best.widths["g1"] not in (16, 128) and len(r.trace) <= 12
     r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05)
