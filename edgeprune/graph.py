@@ -27,6 +27,7 @@ from torch import nn
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.groupconv import is_dense, is_depthwise, merge_grouped
 from edgeprune.reshapes import cut_unmapped, guard_mapping, unmapped_reason
+from edgeprune.timelimit import time_limit
 
 log = logging.getLogger(__name__)
 
@@ -307,44 +308,14 @@ def _consumer(name: str, module: nn.Module, idxs: list[int], root_idxs: list[int
 TRACE_SECONDS = 300.0  # the longest the grouping may take (EDGEPRUNE_TRACE_SECONDS): fcn_resnet50 takes 7 s
 
 
-class _TraceTimeout(BaseException):
-    """Raised by the alarm inside torch-pruning; a BaseException, so that no `except Exception` there swallows it."""
-
-
-@contextmanager
-def time_limit(seconds: float, what: str) -> Iterator[None]:
-    """Stop the block after `seconds` with a one-line error (main thread on Unix: SIGALRM; elsewhere no limit). A
-    release pipeline must not hang on a model torch-pruning cannot group in reasonable time (as yolo11n did, for
-    minutes, until `reshapes.cut_unmapped` cut its attention's reshapes)."""
-    import signal
-    import threading
-
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expired(signum: int, frame: object) -> None:
-        raise _TraceTimeout()
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    except _TraceTimeout:
-        raise EdgePruneError(f"torch-pruning's channel grouping of {what} did not finish in {seconds:g} s; edgeprune "
-                             "cannot prune this architecture in reasonable time (raise EDGEPRUNE_TRACE_SECONDS to "
-                             "wait longer, or --ignore the block it is stuck in)") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...] = (), dg: Any = None) -> Graph:
     """Coupled channel groups of `model`, excluding output layers and modules matching `ignore` patterns."""
     import os
 
     limit = float(os.environ.get("EDGEPRUNE_TRACE_SECONDS", TRACE_SECONDS))
-    with time_limit(limit, type(model).__name__):
+    with time_limit(limit, f"torch-pruning's channel grouping of {type(model).__name__} did not finish in {limit:g} s; "
+                    "edgeprune cannot prune this architecture in reasonable time (raise EDGEPRUNE_TRACE_SECONDS to "
+                    "wait longer, or --ignore the block it is stuck in)"):
         dg = dg if dg is not None else build_dependency_graph(model, example_input)
         names = {m: n for n, m in model.named_modules()}
         outputs = _output_layers(dg, names)
