@@ -213,6 +213,29 @@ def test_search_bisects_one_groups_width_when_it_alone_jumps_across_the_band() -
     assert not r.converged and r.best is not None and r.best.latency_ms == 0.8
 
 
+def test_search_holds_a_group_whose_narrowing_steps_over_the_band_and_narrows_the_others() -> None:
+    """g1 from 32 to 16 channels (multiples of 16: no width between) takes the latency from over the budget to far
+    under it at any setting of the others (FashionNet 0.3x: `down1.0`, 30% of the latency in one step). Holding g1 at
+    32 and narrowing the others along the allocation lands in the band; without the group's widths (no width
+    bisection, no hold) the best is far under the budget."""
+    g = toy_graph([64, 32, 64])
+
+    def widths_for(u: float) -> dict[str, int]:  # g1 narrows first, the others from 48 after it
+        w = 64 if u < 0.3 else 48 if u < 0.7 else 32 if u < 0.9 else 16
+        return {"g0": w, "g1": 32 if u < 0.5 else 16, "g2": w}
+
+    oracle = lambda w: Probe((2 * w["g0"] + 5 * w["g1"] + 2 * w["g2"]) / 100, "measured")  # noqa: E731 - 4.16 to 1.44 ms
+    def error_of(w: dict[str, int]) -> float:  # g1's channels matter three times as much as the others'
+        return (1 - w["g0"] / 64) ** 2 + 3 * (1 - w["g1"] / 32) ** 2 + (1 - w["g2"] / 64) ** 2
+
+    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, error_of=error_of,
+               options=width_options(g, 16).__getitem__)
+    assert r.converged and r.best is not None and 2.85 <= r.best.latency_ms <= 3.0
+    assert r.best.widths == {"g0": 32, "g1": 32, "g2": 32} and len(r.trace) <= 12
+    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, error_of=error_of)
+    assert not r.converged and r.best is not None and r.best.latency_ms == 2.72
+
+
 def test_fidelity_schedule_in_squared_error_gives_each_group_an_equal_share() -> None:
     """Independent per-group errors add in squares: the schedule in squared error gives identical groups the same
     width, where a schedule linear in the error's norm (emulated by handing fidelity_widths the square root of the
