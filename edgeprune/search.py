@@ -308,7 +308,8 @@ def search(
     Brackets with u = 0 (the unpruned model) and u = 1 (every group at its minimum), narrows u with an Illinois
     regula falsi on log latency (see `_narrow_strength`), then bisects over the groups that differ between the bracket
     ends, and, given `options` (a group's admissible widths), over the width of the one group left between them; when
-that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`). A
+that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`,
+    with `error_of` only). A
     figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and the search stops in the band
     [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread straddles the budget is
     measured once more with `remeasure` (not the cache), when given, and the mean of the two enters the trace;
@@ -336,4 +337,6 @@ that group's narrowing steps over the whole band, it holds the group wider and n
     if landed:
         return probe.result(True)
     landed, step = _bisect_groups(probe, widths_for(u_lo), widths_for(u_hi), u_lo, u_hi, options)
-    return probe.result(landed or (step is not None and _hold_step(probe, widths_for, step)))
+    # the held settings lie on another allocation path, so their strength labels do not compare with the others':
+    # without a proxy error to choose by, they could never be released, and would only spend measurements
+    return probe.result(landed or (step is not None and error_of is not None and _hold_step(probe, widths_for, step)))

@@ -232,6 +232,9 @@ def test_search_holds_a_group_whose_narrowing_steps_over_the_band_and_narrows_th
                options=width_options(g, 16).__getitem__)
     assert r.converged and r.best is not None and 2.85 <= r.best.latency_ms <= 3.0
     assert r.best.widths == {"g0": 32, "g1": 32, "g2": 32} and len(r.trace) <= 12
+    # without a proxy error the held settings could not be chosen (their labels u lie on another path): no hold
+    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, options=width_options(g, 16).__getitem__)
+    assert not r.converged and all(c.widths["g1"] == 16 or c.widths["g0"] >= 48 for c in r.trace)
     r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, error_of=error_of)
     assert not r.converged and r.best is not None and r.best.latency_ms == 2.72
 
