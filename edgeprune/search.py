@@ -260,15 +260,19 @@ def _hold_step(probe: _Prober, widths_for: Callable[[float], dict[str, int]], st
     elsewhere, so they only win where the proxy error says they are more faithful (`_pick_best`)."""
     within, group, over_width, u_step = step
     over = probe.seen.get(widths_digest({**within, group: over_width}))
-    if over is None or probe.exhausted():
+    # the held settings lie on another allocation path, so their strength labels do not compare with the others':
+    # without a proxy error to choose by, they could never be released, and would only spend measurements
+    if over is None or probe.error_of is None or probe.exhausted():
         return False
 
     def held(u: float) -> dict[str, int]:
         return {**widths_for(u), group: over_width}
 
     hi = probe(1.0, held(1.0))
-    if probe.band.in_band(hi) or not probe.band.feasible(hi):
-        return probe.band.in_band(hi)
+    if not probe.band.feasible(hi):
+        return False
+    if probe.band.in_band(hi):
+        return True
     landed, u_lo, u_hi = _narrow_strength(probe, held, over, hi, u_step, 1.0)
     return landed or _bisect_groups(probe, held(u_lo), held(u_hi), u_lo, u_hi)[0]
 
@@ -308,7 +312,7 @@ def search(
     Brackets with u = 0 (the unpruned model) and u = 1 (every group at its minimum), narrows u with an Illinois
     regula falsi on log latency (see `_narrow_strength`), then bisects over the groups that differ between the bracket
     ends, and, given `options` (a group's admissible widths), over the width of the one group left between them; when
-that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`,
+    that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`,
     with `error_of` only). A
     figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and the search stops in the band
     [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread straddles the budget is
@@ -337,6 +341,4 @@ that group's narrowing steps over the whole band, it holds the group wider and n
     if landed:
         return probe.result(True)
     landed, step = _bisect_groups(probe, widths_for(u_lo), widths_for(u_hi), u_lo, u_hi, options)
-    # the held settings lie on another allocation path, so their strength labels do not compare with the others':
-    # without a proxy error to choose by, they could never be released, and would only spend measurements
-    return probe.result(landed or (step is not None and error_of is not None and _hold_step(probe, widths_for, step)))
+    return probe.result(landed or (step is not None and _hold_step(probe, widths_for, step)))

@@ -17,8 +17,8 @@ class _TraceTimeout(BaseException):
 @contextmanager
 def time_limit(seconds: float, message: str) -> Iterator[None]:
     """Stop the block after `seconds` with EdgePruneError(`message`) (main thread on Unix: SIGALRM; elsewhere no
-    limit). A release pipeline must not hang on a model torch-pruning cannot group in reasonable time (as yolo11n did, for
-    minutes, until `reshapes.cut_unmapped` cut its attention's reshapes)."""
+    limit). A release pipeline must not hang on a model torch-pruning cannot group in reasonable time (as yolo11n
+    did, for minutes, until `reshapes.cut_unmapped` cut its attention's reshapes)."""
     import signal
     import threading
 
@@ -35,7 +35,8 @@ def time_limit(seconds: float, message: str) -> Iterator[None]:
 
     previous = signal.signal(signal.SIGALRM, expired)
     # the alarm repeats: a handler that runs inside a finaliser or a bare `except:` has its exception swallowed
-    # (CI saw torch-pruning's grouping finish with exit 0 under a 0.01 s limit), so it fires again until it gets through
+    # (CI saw torch-pruning's grouping finish with exit 0 under a 0.01 s limit), so it fires again until it gets
+    # through
     signal.setitimer(signal.ITIMER_REAL, seconds, min(seconds, 0.5))
     try:
         yield
