@@ -5,7 +5,8 @@ For each model x budget x seed, one `edgeprune build` on `cpu` per method (`pyth
 subprocess each, a fresh measurement cache each; tools/bench_accuracy.py's functions). Every method after the first
 aims at the first one's budget in ms, so one unpruned measurement decides the budget for all. Then, independently of
 the builds' own figures: the released model.onnx files and the unpruned model measured interleaved (fresh ONNX
-Runtime sessions, 1 thread) and run on the recipe's held-out samples (which never fed statistics).
+Runtime sessions, 1 thread) and run on the recipe's held-out samples (which never fed statistics); `fashion` also on
+its test set (the 8000 Fashion-MNIST test images no recipe draws; column "test % (unpruned)"), as bench_accuracy.
 
 Methods, read from the checkout under test at run time (so that criteria, allocations and searches added later
 appear without editing this file): `criterion=NAME` for each of `criteria.CRITERIA` (default allocation and
@@ -28,6 +29,8 @@ latencies need a quiet machine: run it alone, on a reserved core (`taskset -c 0`
 checkout offers and exits. A build that fails is recorded with its exit code and last error line, and the run goes
 on; the Markdown table (for the README) is printed and written with `--markdown`. The JSON and the table are
 rewritten after each (model, budget, seed), so a run stopped early keeps the cases it finished.
+`--merge A.json B.json ... --out ALL.json --markdown ALL.md` joins runs split by `--seeds` or `--budgets` into one
+result and table (means over every seed), running nothing.
 """
 
 from __future__ import annotations
@@ -141,8 +144,10 @@ def finetune(repo: Path, source: str, recipe: Path, stage: str, minutes: float, 
 
 
 def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, methods: dict[str, list[str]],
-               base_onnx: Path, work: Path, passes: int, recovery: list[tuple[str, float]]) -> dict:
-    """One (model, budget, seed): a build per method, then latency and accuracy measured here; recovery stages."""
+               base_onnx: Path, work: Path, passes: int, recovery: list[tuple[str, float]],
+               test: tuple | None = None) -> dict:
+    """One (model, budget, seed): a build per method, then latency and accuracy measured here (also on the model's
+    `test` set, when it has one); recovery stages."""
     recipe = model["recipe"](seed, work)
     x, y, n_calib, edgeprune_file = heldout(repo, model, recipe, work)
     row: dict = {"model": name, "budget": budget, "seed": seed, "heldout": len(y), "calibration": n_calib,
@@ -159,9 +164,14 @@ def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, metho
     lat = interleaved({"unpruned": base_onnx, **released}, passes)
     row["unpruned_accuracy"] = accuracy(base_onnx, x, y)
     row["unpruned_ms"] = lat["unpruned"]["median_ms"]
+    if test is not None:
+        row["test"] = len(test[1])
+        row["unpruned_test_accuracy"] = accuracy(base_onnx, *test)
     for m, b in row["methods"].items():
         if b["onnx"]:
             b["accuracy"] = accuracy(b["onnx"], x, y)
+            if test is not None:
+                b["test_accuracy"] = accuracy(b["onnx"], *test)
             b["latency_ms"] = lat[m]["median_ms"]
             b["ratio_to_unpruned"] = lat[m]["median_ms"] / lat["unpruned"]["median_ms"]
     source = row["methods"].get("criterion=cap+comp", {})
@@ -172,6 +182,9 @@ def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, metho
         if f["onnx"]:
             f["accuracy"] = accuracy(f["onnx"], x, y)
             f["untrained_accuracy"] = source.get("accuracy")
+            if test is not None:
+                f["test_accuracy"] = accuracy(f["onnx"], *test)
+                f["untrained_test_accuracy"] = source.get("test_accuracy")
         row["recovery"].append(f)
     return row
 
@@ -180,18 +193,25 @@ def mean(values: list[float]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def mean_of(items: list[dict], key: str) -> float | None:
+    """The mean of `key` over `items` when every item has it (a figure over some seeds only would mislead)."""
+    return mean([i[key] for i in items]) if items and all(i.get(key) is not None for i in items) else None
+
+
 def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
     """Per (model, budget, method): means over seeds of accuracy, re-measured latency and build time."""
     out = []
     for key in dict.fromkeys((r["model"], r["budget"]) for r in rows):
         group = [r for r in rows if (r["model"], r["budget"]) == key]
         unpruned = mean([r["unpruned_accuracy"] for r in group])
+        unpruned_test = mean_of(group, "unpruned_test_accuracy")
         for m in methods:
             done = [r["methods"][m] for r in group if r["methods"].get(m, {}).get("accuracy") is not None]
             out.append({"model": key[0], "budget": key[1], "method": m, "seeds": len(done),
                         "builds": sum(1 for r in group if m in r["methods"]),
                         "unpruned_accuracy": unpruned, "accuracy": mean([b["accuracy"] for b in done]),
                         "accuracy_min": min((b["accuracy"] for b in done), default=None),
+                        "unpruned_test_accuracy": unpruned_test, "test_accuracy": mean_of(done, "test_accuracy"),
                         "latency_ms": mean([b["latency_ms"] for b in done]),
                         "ratio_to_unpruned": mean([b["ratio_to_unpruned"] for b in done]),
                         "met": sum(bool(b.get("met")) for b in done), "build_s": mean([b["build_s"] for b in done])})
@@ -203,6 +223,8 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
                         "accuracy": mean([f["accuracy"] for f in done]),
                         "untrained_accuracy": mean([f["untrained_accuracy"] for f in done
                                                     if f.get("untrained_accuracy") is not None]),
+                        "unpruned_test_accuracy": unpruned_test, "test_accuracy": mean_of(done, "test_accuracy"),
+                        "untrained_test_accuracy": mean_of(done, "untrained_test_accuracy"),
                         "met": sum(bool(f.get("met")) for f in done), "build_s": mean([f["wall_s"] for f in done])})
     return out
 
@@ -217,26 +239,35 @@ def num(v: float | None, fmt: str) -> str:
 
 def markdown(summary: list[dict]) -> str:
     """The README table: per model and budget, each method's mean held-out accuracy (and worst seed), re-measured
-    latency against the unpruned model, budgets met and build time; then the recovery stages."""
-    head = ["model", "budget", "method", "seeds", "accuracy % (worst)", "unpruned %", "latency x unpruned",
-            "latency ms", "met", "build s"]
+    latency against the unpruned model, budgets met and build time; then the recovery stages. Where a model has a
+    test set, a column gives the mean accuracy on it and the unpruned model's in brackets."""
+    test = any(s.get("test_accuracy") is not None for s in summary)
+    head = ["model", "budget", "method", "seeds", "accuracy % (worst)", "unpruned %"] + \
+        (["test % (unpruned)"] if test else []) + ["latency x unpruned", "latency ms", "met", "build s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in (s for s in summary if not s.get("recovery")):
         lines.append("| " + " | ".join([
             s["model"], s["budget"], f"`{s['method']}`", f"{s['seeds']}/{s['builds']}",
-            f"{pct(s['accuracy'])} ({pct(s['accuracy_min'])})", pct(s["unpruned_accuracy"]),
+            f"{pct(s['accuracy'])} ({pct(s['accuracy_min'])})", pct(s["unpruned_accuracy"])] +
+            ([test_cell(s, "test_accuracy", "unpruned_test_accuracy")] if test else []) + [
             num(s["ratio_to_unpruned"], ".2f"), num(s["latency_ms"], ".3f"), f"{s['met']}/{s['seeds']}",
             num(s["build_s"], ".0f")]) + " |")
     rec = [s for s in summary if s.get("recovery")]
     if rec:
-        head = ["model", "budget", "recovery", "seeds", "accuracy %", "untrained %", "unpruned %", "met", "wall s"]
+        head = ["model", "budget", "recovery", "seeds", "accuracy %", "untrained %", "unpruned %"] + \
+            (["test % (untrained)"] if test else []) + ["met", "wall s"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for s in rec:
             lines.append("| " + " | ".join([
                 s["model"], s["budget"], s["method"], str(s["seeds"]), pct(s["accuracy"]),
-                pct(s["untrained_accuracy"]), pct(s["unpruned_accuracy"]), f"{s['met']}/{s['seeds']}",
-                num(s["build_s"], ".0f")]) + " |")
+                pct(s["untrained_accuracy"]), pct(s["unpruned_accuracy"])] +
+                ([test_cell(s, "test_accuracy", "untrained_test_accuracy")] if test else []) + [
+                f"{s['met']}/{s['seeds']}", num(s["build_s"], ".0f")]) + " |")
     return "\n".join(lines)
+
+
+def test_cell(s: dict, key: str, beside: str) -> str:
+    return "-" if s.get(key) is None else f"{pct(s[key])} ({pct(s.get(beside))})"
 
 
 def pick(available: dict[str, list[str]], wanted: str | None, ap: argparse.ArgumentParser) -> dict[str, list[str]]:
@@ -265,6 +296,22 @@ def write(args: argparse.Namespace, repo: Path, methods: dict[str, list[str]], r
     return table_md
 
 
+def merge(args: argparse.Namespace, files: list[Path], ap: argparse.ArgumentParser) -> str:
+    """One result of several runs' JSON: their rows in order (a (model, budget, seed) run twice keeps the last),
+    the methods and recovery stages of the first; each file must have run the same methods."""
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            ap.error(f"--merge {f}: not a bench_methods result ({e})")
+    if any(r.get("benchmark") != "methods" or r["methods"] != results[0]["methods"] for r in results):
+        ap.error("--merge: every file must be a bench_methods result of the same methods")
+    rows = {(r["model"], r["budget"], r["seed"]): r for res in results for r in res["rows"]}
+    args.passes = results[0]["passes"]
+    return write(args, Path(results[0]["repo"]), results[0]["methods"], results[0]["recovery"], list(rows.values()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="example,fashion", help="comma-separated: example, fashion (default both)")
@@ -281,7 +328,13 @@ def main() -> None:
     ap.add_argument("--repo", default=str(HERE.parent), help="edgeprune checkout to run (default: this one)")
     ap.add_argument("--passes", type=int, default=5, help="interleaved latency passes (default 5)")
     ap.add_argument("--keep", default=None, metavar="DIR", help="keep build outputs and logs here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: join the rows of these results (runs split by --seeds or --budgets) and "
+                         "write --out / --markdown from them")
     args = ap.parse_args()
+    if args.merge:
+        print(merge(args, [Path(f) for f in args.merge], ap))
+        return
     repo = Path(args.repo).resolve()
     if not (repo / "edgeprune" / "__init__.py").is_file():
         ap.error(f"--repo {repo} is not an edgeprune checkout (no edgeprune/__init__.py)")
@@ -303,10 +356,11 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for name in models:
             base = export_base(repo, table[name], work / f"{name}-base")
+            test = table[name]["test"]() if "test" in table[name] else None
             for budget in args.budgets.split(","):
                 for seed in (int(s) for s in args.seeds.split(",")):
                     rows.append(bench_case(repo, name, table[name], budget, seed, methods, base, work, args.passes,
-                                           recovery))
+                                           recovery, test))
                     table_md = write(args, repo, methods, recovery, rows)  # after each case: a stopped run keeps it
     print(table_md)
     print(f"wrote {args.out}", file=sys.stderr)
