@@ -117,7 +117,7 @@ class LayerModel:
             sig = json.dumps(lspec, sort_keys=True, separators=(",", ":"))
             layers.append(Layer(name=n, signature=sig, cin=cin, cout=cout, in_groups=tuple(in_groups.get(n, ())),
                                 out_group=out_group.get(n), depthwise=lspec["kind"] in ("dwconv", "gconv"), spec=lspec))
-        return cls(model=spec, layers=layers, channels={g.name: g.channels for g in graph.groups})
+        return cls(model=model_key(spec), layers=layers, channels={g.name: g.channels for g in graph.groups})
 
     def full(self) -> dict[str, int]:
         return dict(self.channels)
@@ -240,6 +240,24 @@ def _check_model(spec: str, m: Any) -> None:
         raise ValueError(f"{where}: calibration must be a list of layers_ms / measured_ms numbers")
 
 
+def model_key(spec: str) -> str:
+    """The name a table files a model's calibration under: a file spec (`path/to/file.py:fn`) with its path made
+    absolute, so that `lut` and `build --lut` agree however the path is spelled; any other spec as it is."""
+    path, sep, fn = spec.rpartition(":")
+    return f"{Path(path).resolve()}:{fn}" if sep and path.endswith(".py") else spec
+
+
+def calibration_key(table: LatencyTable, spec: str) -> str:
+    """The key of `spec`'s calibration in `table` (one filed under another spelling of the same file too: tables
+    made before `model_key`); a clear error when the table has none."""
+    key = model_key(spec)
+    found = key if key in table.models else next((k for k in table.models if model_key(k) == key), None)
+    if found is None:
+        raise EdgePruneError(f"the latency table has no calibration for model {spec!r} (it has: "
+                             f"{', '.join(table.models) or 'none'}); run `edgeprune lut --model {spec}` to add it")
+    return found
+
+
 def check_table_for(table: LatencyTable, target: Target, force: bool = False, path: str = "the table") -> list[str]:
     """Refuse a table made for another target, precision or runtime version (`force` downgrades to warnings)."""
     meta = table_meta(target)
@@ -279,9 +297,7 @@ def entry_latency(entry: dict[str, Any], cin: int, cout: int) -> tuple[float, bo
 
 def predict(table: LatencyTable, model: LayerModel, widths: dict[str, int]) -> tuple[float, list[str]]:
     """Predicted latency of a model at `widths` (ms), and warnings for layers outside the table."""
-    if model.model not in table.models:
-        raise EdgePruneError(f"the latency table has no calibration for model {model.model!r} (it has: "
-                             f"{', '.join(table.models) or 'none'}); run `edgeprune lut --model {model.model}`")
+    key = calibration_key(table, model.model)
     warnings = []
     total = 0.0
     for layer in model.layers:
@@ -293,7 +309,7 @@ def predict(table: LatencyTable, model: LayerModel, widths: dict[str, int]) -> t
         if not inside:
             warnings.append(f"{layer.name} at ({cin}, {cout}) is outside the table's grid")
         total += v
-    cal = table.models[model.model]
+    cal = table.models[key]
     pred = cal["offset_ms"] + cal["scale"] * total
     if pred <= 0 or cal["scale"] <= 0:  # a fit that noise made meaningless here (tables made before fit_calibration)
         pred = _proportional_scale([c["layers_ms"] for c in cal.get("calibration", [])],

@@ -21,7 +21,7 @@ import numpy as np
 from edgeprune.atomic import check_output_file
 from edgeprune.errors import EdgePruneError
 from edgeprune.lookup import (LUT_FORMAT, LatencyTable, Layer, LayerModel, check_table_for, entry_latency,
-                           fit_calibration, load_lut, table_meta)
+                           fit_calibration, load_lut, model_key, table_meta)
 from edgeprune.parallel import thread_map
 from edgeprune.plan import round_width
 from edgeprune.runtimes import measure
@@ -201,6 +201,8 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
                           for ly in model.layers))
             ys.append(measure_widths(widths))
         offset, slope = fit_calibration(xs, ys)
+        for old in [k for k in table.models if k != model.model and model_key(k) == model.model]:
+            del table.models[old]  # the same model filed under another spelling of its file's path
         table.models[model.model] = {"offset_ms": offset, "scale": slope, "base_ms": ys[0],
                                      "calibration": [{"layers_ms": x, "measured_ms": y} for x, y in zip(xs, ys)],
                                      "layers": len(model.layers)}

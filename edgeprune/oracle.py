@@ -260,13 +260,15 @@ class TableOracle:
     remeasure = None
 
     def __init__(self, session: Prepared, table: Any, target: Any, lut_path: str) -> None:
-        from edgeprune.lookup import LayerModel
+        from edgeprune.lookup import LayerModel, calibration_key
 
         spec = session.loaded.spec
-        if spec not in table.models:
+        try:
+            key = calibration_key(table, spec)
+        except EdgePruneError:
             raise EdgePruneError(f"latency table {lut_path} has no calibration for {spec}; run `edgeprune lut --model "
-                                 f"{spec} --device {target.source or target.name} --out {lut_path}`")
-        self.table, self.target, self.spec = table, target, spec
+                                 f"{spec} --device {target.source or target.name} --out {lut_path}`") from None
+        self.table, self.target, self.spec = table, target, key
         self.layers = LayerModel.from_model(session.loaded.module, session.loaded.example_input, session.graph, spec)
         self.correction = 1.0
 

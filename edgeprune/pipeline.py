@@ -438,7 +438,7 @@ def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None
 
         table = build_lut(model, target, out, measure_widths, resume=resume, measure_fn=measure_fn, workers=workers,
                           progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))
-    cal = table.models[loaded.spec]
+    cal = table.models[model.model]
     return {"table": str(out), "model": loaded.spec, "target": target.name, "signatures": len(table.entries),
             "layers": len(model.layers), "calibration": cal, "best_channel_multiple": best_channel_multiple(table),
             "models": list(table.models), "build_s": time.perf_counter() - t0}

@@ -12,7 +12,8 @@ import pytest
 from edgeprune.cli import main
 from edgeprune.errors import EdgePruneError
 from edgeprune.graph import trace
-from edgeprune.lookup import LatencyTable, LayerModel, check_table_for, entry_latency, fit_calibration, load_lut, predict
+from edgeprune.lookup import (LatencyTable, LayerModel, calibration_key, check_table_for, entry_latency,
+                              fit_calibration, load_lut, predict)
 from edgeprune.models import load_model
 from edgeprune.targets import load_target
 
@@ -69,6 +70,32 @@ def test_predict_stays_positive_and_ordered_with_an_old_table_whose_fit_is_negat
     half = {g: max(1, c // 2) for g, c in full.items()}
     p_full, p_half = predict(table, lm, full)[0], predict(table, lm, half)[0]
     assert 0 < p_half < p_full
+
+
+def test_a_file_model_is_found_however_its_path_is_spelled(table_env: dict, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lut --model tools/net.py:make` and `build --lut --model /abs/tools/net.py:make` name one model: the table
+    files it under the absolute path; a table made before that (a relative key) is still found from the same folder;
+    another file is not."""
+    (tmp_path / "tools").mkdir()
+    table = load_lut(table_env["table"])
+    m = load_model("example")
+    graph = trace(m.module, m.example_input)
+    monkeypatch.chdir(tmp_path)
+    made = LayerModel.from_model(m.module, m.example_input, graph, "tools/net.py:make")
+    assert made.model == f"{tmp_path / 'tools' / 'net.py'}:make"
+    base = table.models.pop("example")
+    table.models[made.model] = base
+    for spelling in (f"{tmp_path}/tools/../tools/net.py:make", "./tools/net.py:make"):
+        used = LayerModel.from_model(m.module, m.example_input, graph, spelling)
+        assert calibration_key(table, spelling) == made.model
+        assert predict(table, used, used.full())[0] == predict(table, made, made.full())[0]
+    table.models = {"tools/net.py:make": base}  # a table made before the keys were absolute
+    assert calibration_key(table, str(tmp_path / "tools" / "net.py") + ":make") == "tools/net.py:make"
+    with pytest.raises(EdgePruneError, match="no calibration for model 'tools/other.py:make'"):
+        calibration_key(table, "tools/other.py:make")
+    with pytest.raises(EdgePruneError, match="no calibration"):
+        calibration_key(table, "tools/net.py:other")
 
 
 def test_load_lut_truncated_exit_2(table_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
