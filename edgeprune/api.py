@@ -162,7 +162,7 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
 def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
         input_shape: tuple[int, ...] | None = None, resume: bool = True) -> dict[str, Any]:
     """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`."""
-    from edgeprune.pipeline import lut_job
+    from edgeprune.lutjob import lut_job
 
     if not isinstance(model, str):
         raise EdgePruneError("lut() takes a model spec string: the table is keyed by it, and a build reads it back "

@@ -302,7 +302,7 @@ def add_lut(sub: argparse._SubParsersAction) -> Handler:
 
 def run_lut(args: argparse.Namespace) -> int:
     from edgeprune.models import parse_shape
-    from edgeprune.pipeline import lut_job
+    from edgeprune.lutjob import lut_job
 
     pooled: dict[str, Any] = {}
     if args.devices:

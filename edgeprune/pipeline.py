@@ -1,4 +1,4 @@
-"""The jobs: `prune_job` (one plan), `build` (search widths against a latency budget), `lut_job` (a latency table).
+"""The jobs: `prune_job` (one plan) and `build` (search widths against a latency budget); `lut_job` is in lutjob.py.
 
     result = prune_job(PruneConfig(model="torchvision:resnet18", calibration="random"), "out/r18", ratio=0.5)
 
@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import logging
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,12 @@ from edgeprune.atomic import OutputDir
 from edgeprune.config import BuildConfig, PruneConfig, Stages, no_progress
 from edgeprune.errors import EdgePruneError, ExitCode, QualityGateFailed
 from edgeprune.fidelity import Fidelity
-from edgeprune.graph import check_patterns, trace
-from edgeprune.models import load_model
 from edgeprune.gates import assess, check_gates_apply, failed_gates, run_metric
 from edgeprune.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer, TableOracle, Verification, Verified,
-                              export_candidate, verify_release)
+                              verify_release)
 from edgeprune.parallel import compute_threads, retained_memory, timed
 from edgeprune.report import int8_entries, latency_entry
-from edgeprune.plan import Plan, keep_first, uniform_widths
-from edgeprune.surgery import prune
+from edgeprune.plan import Plan, uniform_widths
 from edgeprune.session import STATISTICS_VERSION, Inputs, Prepared, allocation_cost, fidelity_error, prepare
 from edgeprune.versions import versions
 
@@ -392,53 +388,3 @@ def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, b
 
 
 # ---------------------------------------------------------------- latency tables
-
-
-def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None = None,
-            input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
-            ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None,
-            workers: int = 1) -> dict[str, Any]:
-    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it
-    (`measure_fn`, `workers`: see `lookupbuild.build_lut`; `lut --devices` splits the entries over boards)."""
-    with compute_threads(), retained_memory():
-        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore, measure_fn, workers)
-
-
-def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None, input_shape: tuple[int, ...] | None,
-             resume: bool, stages: Stages, ignore: tuple[str, ...], measure_fn: Callable[..., Any] | None,
-             workers: int) -> dict[str, Any]:
-    import tempfile
-
-    from edgeprune.lookup import LayerModel
-    from edgeprune.lookupbuild import best_channel_multiple, build_lut, check_lut_out
-    from edgeprune.runtimes import measure, runtime_for
-    from edgeprune.targets import load_target
-
-    check_patterns(ignore)
-    check_lut_out(Path(out), resume)
-    target = load_target(device)
-    if measure_fn is None:
-        runtime_for(target)
-    measure_fn = measure_fn or measure
-    t0 = time.perf_counter()
-    loaded = load_model(spec, weights, input_shape)
-    graph = trace(loaded.module, loaded.example_input, ignore)
-    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
-        def measure_widths(widths: dict[str, int]) -> float:
-            groups = {g.name: g for g in graph.groups}
-            plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
-                        channels=model.full(),
-                        compensation=False)
-            pruned = prune(loaded.module, loaded.example_input, plan, None, ignore)
-            path = Path(tmp) / "calibrate.onnx"
-            export_candidate(pruned, loaded.example_input, path, "torchscript")
-            # a calibration plan's figure scales every prediction: time it over as many sessions as a verification
-            return measure_fn(path, target, cache=None, repeats=target.measure.final_repeats).median
-
-        table = build_lut(model, target, out, measure_widths, resume=resume, measure_fn=measure_fn, workers=workers,
-                          progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))
-    cal = table.models[model.model]
-    return {"table": str(out), "model": loaded.spec, "target": target.name, "signatures": len(table.entries),
-            "layers": len(model.layers), "calibration": cal, "best_channel_multiple": best_channel_multiple(table),
-            "models": list(table.models), "build_s": time.perf_counter() - t0}

@@ -28,7 +28,7 @@ from edgeprune.graph import trace
 from edgeprune.lookup import LayerModel, load_lut, predict
 from edgeprune.models import load_model
 from edgeprune.oracle import export_candidate
-from edgeprune.pipeline import lut_job
+from edgeprune.lutjob import lut_job
 from edgeprune.plan import Plan, round_width
 from edgeprune.surgery import prune
 from edgeprune.runtimes import measure
