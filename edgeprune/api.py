@@ -212,12 +212,15 @@ def finetune(source: str | Path, *, calibration: Any = None, stage: str = "disti
     model; "csgd": C-SGD on the unpruned model, merged to the same widths; `orthoreg` > 0 adds OrthoReg), trained for
     `steps`, `minutes` or 3 epochs on `calibration` (a recipe, a DataLoader, batches: as for `build`; default the
     recipe the source was made with), then released as `release` does into `out` (never `source`), against the
-    source build's `device` and `latency` unless given. Returns a `BuildResult` (`report["finetune"]`: the training);
-    raises `EdgePruneError` (exit 4) when the training diverges."""
+    source build's `device` and `latency` unless given. Distillation holds back `validation` (default 0.2) of the
+    calibration samples and keeps the epoch with their lowest loss (the untrained model when none beat it;
+    `report["finetune"]["validation"]`). Other options: `epochs`, `batch`, `temperature`, `centripetal`. Returns a
+    `BuildResult` (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges."""
     from edgeprune.finetunejob import finetune_job, read_source
     from edgeprune.recovery import FinetuneConfig
 
-    train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal") if k in options}
+    train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal", "validation")
+                  if k in options}
     prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "exporter"})
     seed = prune_opts.pop("seed", 0)
     recovery = FinetuneConfig(stage=stage, steps=steps, minutes=minutes, orthoreg=orthoreg, lr=lr, seed=seed,

@@ -360,6 +360,9 @@ def add_finetune(sub: argparse._SubParsersAction) -> Handler:
     length.add_argument("--minutes", type=float, default=None, help="train for this long instead")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 Adam, cosine-annealed, for "
                                                           "distill; 1e-2 momentum SGD, constant, for csgd)")
+    p.add_argument("--validation", type=float, default=0.2, metavar="FRACTION",
+                   help="distill: share of the calibration samples held back; the model is kept at the epoch with "
+                        "their lowest loss, untrained if none beat it (default 0.2; 0: train on all, keep the last)")
     p.add_argument("--device", default=None, help="target (default: the source build's, else cpu)")
     p.add_argument("--latency", default=None, help="budget (default: the source build's, else 0.5x)")
     add_gate_args(p)
@@ -378,7 +381,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from edgeprune.recovery import FinetuneConfig
 
     recovery = FinetuneConfig(stage=args.stage, steps=args.steps, minutes=args.minutes, orthoreg=args.orthoreg,
-                              lr=args.lr, seed=args.seed)
+                              lr=args.lr, validation=args.validation, seed=args.seed)
     source = read_source(args.source)
     device, latency = source.release_settings(args.device, args.latency)
     config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter="torchscript", seed=args.seed),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from edgeprune.recovery import FinetuneConfig, gram_offdiag, producers, train
 from edgeprune.session import Inputs
 
 NEEDED = ("pruned.pt", "plan.json", "report.json")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,13 @@ def _distill(source: Source, data: Any, recovery: FinetuneConfig, stages: Stages
     student = copy.deepcopy(source.module)
     layers = producers(trace(student, source.original.example_input, source.ignore)) if recovery.orthoreg else []
     before = gram_offdiag(student, layers) if layers else None
-    log = train(student, source.original.module, data.calib_x, None, recovery, layers, stages=stages)
+    log = train(student, source.original.module, data.calib_x, None, recovery, layers, stages=stages, keep_best=True)
     notes: dict[str, Any] = log.to_dict()
+    if log.validation is not None and log.validation["best_step"] == 0:
+        logger.warning("distillation did not lower the loss on the %d calibration samples held back (%.4g untrained, "
+                       "%.4g after %d steps): the model is released untrained; more calibration data or a lower "
+                       "--lr may help", log.validation["samples"], log.validation["before"], log.validation["last"],
+                       log.steps)
     if layers:
         notes["gram_offdiag"] = {"before": before, "after": gram_offdiag(student, layers)}
     plan = dataclasses.replace(source.plan, meta={**source.plan.meta, "recovery": recovery.stage})

@@ -31,6 +31,9 @@ from edgeprune.session import STATISTICS_VERSION, Inputs, Prepared, allocation_c
 from edgeprune.versions import versions
 
 log = logging.getLogger(__name__)
+# A release under this fraction of its budget is said on stderr (report.json's far_under_budget, under 0.9, is
+# common where one group's latency step has nothing between: a warning there would be noise).
+WARN_UNDER = 0.5
 
 
 @dataclass
@@ -306,6 +309,12 @@ def finish_build(config: BuildConfig, outdir: OutputDir, session: Prepared, rele
                   **int8_entries(target, a.quantization, base_float, release.stats, session.loaded))
     code, message = verdict(report, release, result, base, budget_ms, config.budget.text, target.name)
     report["exit_code"] = code
+    if report["met"] and release.stats.median < WARN_UNDER * budget_ms:
+        log.warning("released at %.3f ms, %.0f%% of the %.3f ms budget: every candidate measured nearer the budget was "
+                    "over it or had a larger proxy error (report.json search.trace)%s", release.stats.median,
+                    100 * release.stats.median / budget_ms, budget_ms, "" if session.config.compensation else
+                    "; without compensation a sliced group's output error saturates, so the proxy cannot tell "
+                    "narrow models from wide ones")
     failed = code != int(ExitCode.OK)
     report["out"] = str(outdir.failed_out if failed else outdir.out)
     write_release(outdir.tmp, release, session.loaded, session.config.ignore, report)

@@ -53,6 +53,7 @@ class FinetuneConfig:
     batch: int = 32  # samples per step
     temperature: float = 1.0  # of the distillation's softmax on class logits
     centripetal: float = 3.0  # C-SGD's centripetal strength (csgd.py)
+    validation: float = 0.2  # distill: share of the calibration samples held back to keep the best epoch (0: off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -67,10 +68,12 @@ class FinetuneConfig:
                   ("--lr", self.lr, self.lr is None or (math.isfinite(self.lr) and self.lr > 0)),
                   ("batch", self.batch, self.batch >= 1),
                   ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature > 0),
-                  ("centripetal", self.centripetal, math.isfinite(self.centripetal) and self.centripetal >= 0)]
+                  ("centripetal", self.centripetal, math.isfinite(self.centripetal) and self.centripetal >= 0),
+                  ("--validation", self.validation, 0 <= self.validation < 1)]
         for flag, value, ok in checks:
             if not ok:
-                raise EdgePruneError(f"{flag} must be a positive number (0 allowed for --orthoreg), found {value}")
+                raise EdgePruneError(f"{flag} must be a positive number (0 allowed for --orthoreg; --validation a "
+                                     f"fraction in [0, 1)), found {value}")
 
     @property
     def learning_rate(self) -> float:
@@ -84,10 +87,12 @@ class TrainLog:
     first_loss: float
     last_loss: float  # mean of the last epoch's (or last 20 steps') losses
     loss: str  # "distillation" or "cross-entropy"
+    validation: dict | None = None  # samples, loss before training, best and last; best_step (0: kept untrained)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {"steps": self.steps, "seconds": self.seconds, "first_loss": self.first_loss,
-                "last_loss": self.last_loss, "loss": self.loss}
+                "last_loss": self.last_loss, "loss": self.loss,
+                **({"validation": self.validation} if self.validation is not None else {})}
 
 
 def distill_loss(student: object, teacher: list[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -163,19 +168,25 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
           config: FinetuneConfig, layers: list[str] = (), *, optimizer: torch.optim.Optimizer | None = None,
           after_backward: Callable[[], None] | None = None, anneal: bool = True,
           penalty_weights: Callable[[], list[torch.Tensor]] | None = None,
-          stages: Stages = no_progress) -> TrainLog:
+          stages: Stages = no_progress, keep_best: bool = False) -> TrainLog:
     """Train `student` in place (train mode; left in eval mode) on the samples `x`: distillation from `teacher`, or
     cross-entropy on `labels` when given. `layers` get the OrthoReg penalty (`penalty_weights` overrides which
     tensors it sees: C-SGD's cluster means). `after_backward` may rewrite gradients (C-SGD's centripetal update).
     `anneal`: the learning rate follows a cosine from its value to 0 over the run (steps, or minutes elapsed).
+    `keep_best`: hold back `config.validation` of the samples, take their loss (without OrthoReg) before training and
+    after each epoch, and leave `student` at its best (the untrained model when no epoch beat it): on a calibration
+    set of 1000 images, distillation fits the rest within a minute while the error on other images grows (FashionNet
+    at 0.5x: held-out output error 0.12 untrained, 0.33 after 1 min, 0.54 after 5). Not for C-SGD, whose training
+    moves the unpruned model away from its outputs on purpose (its merge is what is judged).
     Raises `QualityGateFailed` (exit 4) when the loss stops being finite."""
     if config.orthoreg and not layers and penalty_weights is None:
         raise ValueError("orthoreg needs the layers it acts on (recovery.producers of the model's groups)")
     gen = torch.Generator().manual_seed(config.seed)
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = None if labels is None else torch.from_numpy(labels)
-    batch = min(config.batch, len(xt))
-    per_epoch = max(1, len(xt) // batch)
+    pool, held = _split(len(xt), config.validation if keep_best else 0.0, gen)
+    batch = min(config.batch, len(pool))
+    per_epoch = max(1, len(pool) // batch)
     steps = config.steps if config.steps is not None else None if config.minutes is not None else config.epochs * per_epoch
     targets = _Teacher(teacher if yt is None else None, xt, batch)
     modules = dict(student.named_modules())
@@ -184,10 +195,12 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
     opt = optimizer or torch.optim.Adam(params, lr=config.learning_rate)
     what = f"{config.stage} ({'cross-entropy on labels' if yt is not None else 'distillation'})"
     tick = stages(f"fine-tuning: {what}", steps if steps is not None else int(config.minutes * 60))
+    best = _Best(student, lambda: _held_loss(student, xt, yt, targets, held, batch, config)) \
+        if held is not None else None
     start, done, losses, first = time.monotonic(), 0, [], float("nan")
     student.train()
     while True:
-        for idx in torch.randperm(len(xt), generator=gen)[: per_epoch * batch].view(per_epoch, batch):
+        for idx in pool[torch.randperm(len(pool), generator=gen)[: per_epoch * batch]].view(per_epoch, batch):
             loss = _loss(student, xt[idx], None if yt is None else yt[idx], targets(idx) if yt is None else None,
                          config, penalty)
             value = float(loss.detach())
@@ -212,12 +225,64 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
                 tick(done, steps)
             else:
                 tick(min(int(elapsed), int(config.minutes * 60)), int(config.minutes * 60))
-            if (steps is not None and done >= steps) or (steps is None and elapsed >= config.minutes * 60):
+            finished = (steps is not None and done >= steps) or (steps is None and elapsed >= config.minutes * 60)
+            if best is not None and (finished or done % per_epoch == 0):
+                best.check(done)
+            if finished:
                 student.eval()
                 _check_finite(student, config)
+                validation = best.restore(len(held)) if best is not None else None
                 tail = losses[-min(len(losses), max(per_epoch, 20)):]
                 return TrainLog(done, time.monotonic() - start, first, float(np.mean(tail)),
-                                "cross-entropy" if yt is not None else "distillation")
+                                "cross-entropy" if yt is not None else "distillation", validation)
+
+
+def _split(n: int, share: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sample indices trained on and those held back (`share` of `n`, at least 1 and leaving at least 1; none
+    when `share` is 0 or there are fewer than 5 samples)."""
+    if share <= 0 or n < 5:
+        return torch.arange(n), None
+    perm = torch.randperm(n, generator=gen)
+    k = min(n - 1, max(1, round(share * n)))
+    return perm[k:], perm[:k]
+
+
+def _held_loss(student: nn.Module, xt: torch.Tensor, yt: torch.Tensor | None, targets: _Teacher, held: torch.Tensor,
+               batch: int, config: FinetuneConfig) -> float:
+    """The training loss without OrthoReg on the held-back samples, in eval mode (as the model ships)."""
+    student.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(held), batch):
+            idx = held[i:i + batch]
+            out = student(xt[idx])
+            loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yt[idx]) if yt is not None \
+                else distill_loss(out, targets(idx), config.temperature)
+            total += float(loss) * len(idx)
+    student.train()
+    return total / len(held)
+
+
+class _Best:
+    """The student's state at its lowest held-back loss so far (the untrained state first)."""
+
+    def __init__(self, student: nn.Module, loss: Callable[[], float]) -> None:
+        self.student, self.loss = student, loss
+        self.before = self.best = self.last = loss()
+        self.step, self.state = 0, self._copy()
+
+    def _copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def check(self, step: int) -> None:
+        self.last = self.loss()
+        if self.last < self.best:
+            self.best, self.step, self.state = self.last, step, self._copy()
+
+    def restore(self, samples: int) -> dict[str, float | int]:
+        self.student.load_state_dict(self.state)
+        return {"samples": samples, "before": self.before, "best": self.best, "last": self.last,
+                "best_step": self.step}
 
 
 def _loss(student: nn.Module, xb: torch.Tensor, yb: torch.Tensor | None, teacher: list[torch.Tensor] | None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,19 @@ def test_build_unreachable_budget_exit_3(env: dict[str, Path], capsys: pytest.Ca
     assert not (env["root"] / "unreachable").exists() and (env["root"] / "unreachable.failed" / "model.onnx").is_file()
     line = [ln for ln in err.splitlines() if ln.startswith("edgeprune: error:")][0]
     assert "unreachable" in line and f"{r['final']['latency_ms']['median']:.3f} ms" in line
+
+
+def test_a_release_under_half_its_budget_is_said_on_stderr(env: dict[str, Path], capsys: pytest.CaptureFixture,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Without the repair, ITPruner's widths near the budget have a larger proxy error than the narrowest model (an
+    output near zero): the search keeps the narrowest, and the build says so instead of releasing it silently."""
+    with caplog.at_level(logging.WARNING, logger="edgeprune.pipeline"):
+        code, r, _ = build(env, capsys, "far-under", "--latency", "0.5x", "--no-compensation", "--allocation",
+                           "itpruner")
+    final = r["final"]["latency_ms"]["median"]
+    assert code == 0 and r["met"] and final < 0.5 * r["budget_ms"] and r["search"]["far_under_budget"]
+    warning = [m for m in caplog.messages if m.startswith("released at")]
+    assert len(warning) == 1 and f"{final:.3f} ms" in warning[0] and "without compensation" in warning[0]
 
 
 def build_with(env: dict[str, Path], name: str, measurer: type, **config: object):  # -> BuildOutcome

@@ -22,7 +22,7 @@ from edgeprune.fidelity import fidelity
 from edgeprune.finetunejob import read_source
 from edgeprune.graph import trace
 from edgeprune.recipe import load_recipe
-from edgeprune.recovery import FinetuneConfig, gram_offdiag, producers, train
+from edgeprune.recovery import FinetuneConfig, _Best, _held_loss, _split, _Teacher, gram_offdiag, producers, train
 from tests.test_api import TARGET, fake_latency
 
 
@@ -61,6 +61,47 @@ def test_distillation_lowers_the_held_out_output_error_within_seconds(source: di
     assert after.top1_agreement > before.top1_agreement + 0.1
     assert all(torch.equal(a, b) for a, b in zip(src.module.state_dict().values(),  # the source model is untouched
                                                  read_source(source["dir"]).module.state_dict().values()))
+
+
+def test_distillation_keeps_the_epoch_with_the_lowest_loss_on_the_samples_held_back(source: dict) -> None:
+    src, data = source["src"], source["data"]
+    teacher, config = src.original.module, FinetuneConfig(steps=30, batch=16, validation=0.25)
+    student = copy.deepcopy(src.module)
+    log = train(student, teacher, data.calib_x, None, config, keep_best=True)
+    v = log.validation
+    assert log.steps == 30 and v["samples"] == 50  # a quarter of the 200 calibration samples
+    assert v["best"] < v["before"] and v["best"] <= v["last"]  # here the training helps: error to recover
+    # the student left is the best checkpoint: the same split (the generator's first draw) gives back its loss
+    xt = torch.from_numpy(data.calib_x)
+    _, held = _split(len(xt), 0.25, torch.Generator().manual_seed(config.seed))
+    again = _held_loss(student, xt, None, _Teacher(teacher, xt, 16), held, 16, config)
+    assert again == pytest.approx(v["best"], rel=1e-5)
+    off = train(copy.deepcopy(src.module), teacher, data.calib_x, None, FinetuneConfig(steps=2, validation=0.0),
+                keep_best=True)
+    assert off.validation is None
+
+
+def test_the_best_checkpoint_is_the_untrained_model_when_no_epoch_beats_it() -> None:
+    net = torch.nn.Linear(2, 1)
+    losses = iter([1.0, 1.5, 0.7, 0.9])
+    best = _Best(net, lambda: next(losses))
+    states = {}
+    for step in (5, 10, 15):
+        net.weight.data += 1
+        best.check(step)
+        states[step] = net.weight.detach().clone()
+    kept = states[10]
+    assert best.restore(7) == {"samples": 7, "before": 1.0, "best": 0.7, "last": 0.9, "best_step": 10}
+    assert torch.equal(net.weight, kept)
+    untrained = net.weight.detach().clone()
+    losses = iter([1.0, 1.2, 1.1])
+    best = _Best(net, lambda: next(losses))
+    for step in (1, 2):
+        net.weight.data += 1
+        best.check(step)
+    assert best.restore(3)["best_step"] == 0 and torch.equal(net.weight, untrained)
+    with pytest.raises(EdgePruneError, match="--validation"):
+        FinetuneConfig(validation=1.0)
 
 
 def test_orthoreg_lowers_the_filters_gram_off_diagonal(source: dict) -> None:
@@ -102,6 +143,8 @@ def test_finetune_command_releases_into_a_new_folder_with_the_budget_rechecked(
     result = edgeprune.finetune(source["dir"], calibration=source["data"].calib_x, heldout=0.5, steps=2,
                                 device=str(source["target"]), latency="0.9x", out=tmp_path / "api")
     assert result.exit_code == 0 and result.report["finetune"]["steps"] == 2
+    # the 200 samples given, half held out for the release's fidelity, a fifth of the rest held back by the training
+    assert result.report["finetune"]["validation"]["samples"] == 20
     assert result.report["calibration"] == "python" and (tmp_path / "api" / "report.json").is_file()
 
 
