@@ -395,5 +395,3 @@ def verdict(report: dict[str, Any], release: Verified, result: Any, base: Any, b
                                             f"{final.median:.3f} ms; relax the budget or the gate")
     return int(ExitCode.OK), None
 
-
-# ---------------------------------------------------------------- latency tables

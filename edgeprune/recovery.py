@@ -68,12 +68,13 @@ class FinetuneConfig:
                   ("--lr", self.lr, self.lr is None or (math.isfinite(self.lr) and self.lr > 0)),
                   ("batch", self.batch, self.batch >= 1),
                   ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature > 0),
-                  ("centripetal", self.centripetal, math.isfinite(self.centripetal) and self.centripetal >= 0),
-                  ("--validation", self.validation, 0 <= self.validation < 1)]
+                  ("centripetal", self.centripetal, math.isfinite(self.centripetal) and self.centripetal >= 0)]
         for flag, value, ok in checks:
             if not ok:
-                raise EdgePruneError(f"{flag} must be a positive number (0 allowed for --orthoreg; --validation a "
-                                     f"fraction in [0, 1)), found {value}")
+                raise EdgePruneError(f"{flag} must be a positive number (0 allowed for --orthoreg), found {value}")
+        if not 0 <= self.validation < 1:
+            raise EdgePruneError(f"--validation must be a fraction in [0, 1) of the calibration samples (0: none held "
+                                 f"back), found {self.validation}")
 
     @property
     def learning_rate(self) -> float:
