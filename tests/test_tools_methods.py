@@ -77,3 +77,13 @@ def test_merge_refuses_results_of_different_methods(tmp_path):
                         str(tmp_path / "all.json")], capture_output=True, text=True, check=False)
     assert p.returncode == 2 and "same methods" in p.stderr
     assert not (tmp_path / "all.json").exists()
+
+
+def test_recovery_rows_compare_with_the_unpruned_model_of_the_seeds_that_ran_recovery(bench):
+    trained, untrained = case(0, 0.80, 0.1, None), case(1, 0.90, 0.2, None)
+    trained["unpruned_accuracy"], untrained["unpruned_accuracy"] = 0.94, 0.90
+    trained["recovery"] = [{"stage": "distill", "minutes": 1.0, "accuracy": 0.85, "untrained_accuracy": 0.80,
+                            "met": True, "wall_s": 60.0}]
+    rec = [s for s in bench.summarise([trained, untrained], list(METHODS)) if s.get("recovery")]
+    assert len(rec) == 1 and rec[0]["seeds"] == 1
+    assert rec[0]["unpruned_accuracy"] == pytest.approx(0.94)  # seed 0's, not the mean over both seeds (0.92)

@@ -215,15 +215,18 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
                         "latency_ms": mean([b["latency_ms"] for b in done]),
                         "ratio_to_unpruned": mean([b["ratio_to_unpruned"] for b in done]),
                         "met": sum(bool(b.get("met")) for b in done), "build_s": mean([b["build_s"] for b in done])})
-        for stage, minutes in dict.fromkeys((f["stage"], f["minutes"]) for r in group for f in r.get("recovery", [])):
-            done = [f for r in group for f in r["recovery"]
+        trained = [r for r in group if r.get("recovery")]  # the seeds that ran recovery (maybe not all)
+        for stage, minutes in dict.fromkeys((f["stage"], f["minutes"]) for r in trained for f in r["recovery"]):
+            done = [f for r in trained for f in r["recovery"]
                     if (f["stage"], f["minutes"]) == (stage, minutes) and f.get("accuracy") is not None]
             out.append({"model": key[0], "budget": key[1], "method": f"finetune {stage} {minutes:g} min",
-                        "recovery": True, "seeds": len(done), "unpruned_accuracy": unpruned,
+                        "recovery": True, "seeds": len(done),
+                        "unpruned_accuracy": mean([r["unpruned_accuracy"] for r in trained]),
                         "accuracy": mean([f["accuracy"] for f in done]),
                         "untrained_accuracy": mean([f["untrained_accuracy"] for f in done
                                                     if f.get("untrained_accuracy") is not None]),
-                        "unpruned_test_accuracy": unpruned_test, "test_accuracy": mean_of(done, "test_accuracy"),
+                        "unpruned_test_accuracy": mean_of(trained, "unpruned_test_accuracy"),
+                        "test_accuracy": mean_of(done, "test_accuracy"),
                         "untrained_test_accuracy": mean_of(done, "untrained_test_accuracy"),
                         "met": sum(bool(f.get("met")) for f in done), "build_s": mean([f["wall_s"] for f in done])})
     return out
