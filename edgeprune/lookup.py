@@ -249,7 +249,10 @@ def model_key(spec: str) -> str:
 
 def calibration_key(table: LatencyTable, spec: str) -> str:
     """The key of `spec`'s calibration in `table` (one filed under another spelling of the same file too: tables
-    made before `model_key`); a clear error when the table has none."""
+    made before `model_key`); a clear error when the table has none. `predict` calls it for every prediction with
+    a key already made by `model_key`: the exact match comes first, so that path resolves nothing on disk."""
+    if spec in table.models:
+        return spec
     key = model_key(spec)
     found = key if key in table.models else next((k for k in table.models if model_key(k) == key), None)
     if found is None:

@@ -256,10 +256,8 @@ def _held_loss(student: nn.Module, xt: torch.Tensor, yt: torch.Tensor | None, ta
     with torch.no_grad():
         for i in range(0, len(held), batch):
             idx = held[i:i + batch]
-            out = student(xt[idx])
-            loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yt[idx]) if yt is not None \
-                else distill_loss(out, targets(idx), config.temperature)
-            total += float(loss) * len(idx)
+            yb, teacher = (yt[idx], None) if yt is not None else (None, targets(idx))
+            total += float(_fit_loss(student(xt[idx]), yb, teacher, config)) * len(idx)
     student.train()
     return total / len(held)
 
@@ -288,11 +286,16 @@ class _Best:
 
 def _loss(student: nn.Module, xb: torch.Tensor, yb: torch.Tensor | None, teacher: list[torch.Tensor] | None,
           config: FinetuneConfig, penalty: Callable[[], list[torch.Tensor]]) -> torch.Tensor:
-    """One batch's loss: cross-entropy on labels, or distillation to the teacher's outputs; plus OrthoReg."""
-    out = student(xb)
-    loss = nn.functional.cross_entropy(flatten_outputs(out)[0][1], yb) if yb is not None \
-        else distill_loss(out, teacher, config.temperature)
+    """One batch's loss: `_fit_loss`, plus OrthoReg."""
+    loss = _fit_loss(student(xb), yb, teacher, config)
     return loss + config.orthoreg * orthogonality(penalty()) if config.orthoreg else loss
+
+
+def _fit_loss(out: object, yb: torch.Tensor | None, teacher: list[torch.Tensor] | None,
+              config: FinetuneConfig) -> torch.Tensor:
+    """Cross-entropy on labels, or distillation to the teacher's outputs (what `_held_loss` judges epochs by)."""
+    return nn.functional.cross_entropy(flatten_outputs(out)[0][1], yb) if yb is not None \
+        else distill_loss(out, teacher, config.temperature)
 
 
 def _check_finite(module: nn.Module, config: FinetuneConfig) -> None:

@@ -313,10 +313,10 @@ def search(
     regula falsi on log latency (see `_narrow_strength`), then bisects over the groups that differ between the bracket
     ends, and, given `options` (a group's admissible widths), over the width of the one group left between them; when
     that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`,
-    with `error_of` only). A
-    figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and the search stops in the band
-    [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread straddles the budget is
-    measured once more with `remeasure` (not the cache), when given, and the mean of the two enters the trace;
+    with `error_of` only). A figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and
+    the search stops in the band [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread
+    straddles the budget is measured once more with `remeasure` (not the cache), when given, and the mean of the two
+    enters the trace;
     remeasurements count towards `max_steps`. `best` is the feasible candidate with the lowest `error_of(widths)`
     when given, else the one with the lowest strength u. Candidates whose widths repeat are not measured again, nor
     those in `known` (widths digest -> probe: the build's baseline measurement of the unpruned model, the u = 0
