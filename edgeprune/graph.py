@@ -197,8 +197,16 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
 
     guard_mapping()
     model.eval()
+    returned: set[Any] = set()
+
+    def note_outputs(out: Any) -> Any:  # the grad_fns of what forward() returns, read in torch-pruning's own trace
+        from edgeprune.outputs import flatten_outputs
+
+        returned.update(t.grad_fn for _, t in flatten_outputs(out) if isinstance(t, torch.Tensor) and t.grad_fn)
+        return out
+
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, output_transform=note_outputs)
     except Exception as e:  # noqa: BLE001 - torch-pruning fails with any type; one line names the step
         import traceback
 
@@ -212,6 +220,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
             f"torch-pruning cannot trace {type(model).__name__}: it fails at {hint} ({type(e).__name__}: "
             f"{first} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
+    dg.edgeprune_returned = returned  # _output_layers: a tensor that forward() returns and also feeds on
     cut = cut_unmapped(dg)
     if cut:
         log.info("cut the dependency graph at %d reshapes torch-pruning cannot map", cut)
@@ -251,15 +260,18 @@ def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], e
 
 
 def _output_layers(dg: Any, names: dict[nn.Module, str]) -> list[nn.Module]:
-    """Convs/linears whose output channels reach the model's output without another conv or linear in between."""
+    """Convs/linears whose output channels reach the model's output without another conv or linear in between: a
+    node with no successor, or one whose tensor forward() returns although later layers read it too (a dict of
+    logits and a feature map: the map's channels are part of what the model returns)."""
     from torch_pruning import ops
 
     stop = (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR)
+    returned = getattr(dg, "edgeprune_returned", set())
     out = []
     for module, node in dg.module2node.items():
         if not isinstance(module, (nn.Conv2d, nn.Linear)) or is_depthwise(module):
             continue
-        stack, seen, reaches = list(node.outputs), set(), not node.outputs
+        stack, seen, reaches = list(node.outputs), set(), not node.outputs or node.grad_fn in returned
         while stack and not reaches:
             n = stack.pop()
             if id(n) in seen:
@@ -267,7 +279,7 @@ def _output_layers(dg: Any, names: dict[nn.Module, str]) -> list[nn.Module]:
             seen.add(id(n))
             if n.type in stop and not is_depthwise(n.module):
                 continue
-            if not n.outputs:
+            if not n.outputs or n.grad_fn in returned:
                 reaches = True
             stack.extend(n.outputs)
         if reaches:

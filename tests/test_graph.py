@@ -253,7 +253,7 @@ def test_trace_error_names_the_model_and_what_torch_pruning_raised(monkeypatch: 
     error is one line naming the model and torch-pruning's exception."""
     import torch_pruning as tp
 
-    def fails(self: object, model: nn.Module, example_inputs: object) -> None:
+    def fails(self: object, model: nn.Module, example_inputs: object, **kw: object) -> None:
         raise ZeroDivisionError("integer division or modulo by zero")
 
     monkeypatch.setattr(tp.DependencyGraph, "build_dependency", fails)
@@ -287,3 +287,34 @@ def test_channel_shuffle_traces_with_the_groups_through_it_excluded() -> None:
     assert pruned.stage2[0].branch2[3].groups == inner[0].channels // 2
     with torch.no_grad():
         assert pruned(x).shape == model(x).shape
+
+
+class _LogitsAndFeatures(nn.Module):
+    """Returns {"logits", "feat"}: the feature map is returned and also read by the head (audit case M21)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.b2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = torch.relu(self.b2(self.c2(torch.relu(self.c1(x)))))
+        return {"logits": self.fc(f.mean((2, 3))), "feat": f}
+
+
+def test_trace_keeps_the_channels_of_a_feature_map_the_model_also_returns(tmp_path) -> None:  # noqa: ANN001
+    import edgeprune
+
+    torch.manual_seed(0)
+    model = _LogitsAndFeatures().eval()
+    graph = trace(model, torch.randn(1, 3, 16, 16))
+    assert set(graph.output_layers) == {"c2", "fc"}  # c2's channels are what "feat" returns
+    assert [g.name for g in graph.groups] == ["c1"]
+    # the whole prune: the pruned model returns a feature map of the same shape (was: RuntimeError 16 vs 32)
+    result = edgeprune.prune(model, ratio=0.5, calibration=torch.randn(64, 3, 16, 16), out=tmp_path / "p")
+    out = result.module(torch.randn(2, 3, 16, 16))
+    assert out["feat"].shape == (2, 32, 16, 16) and out["logits"].shape == (2, 10)
+    assert result.report["widths"] == {"c1": {"before": 32, "after": 16}}
+    assert set(result.fidelity.per_output) == {"logits", "feat"}
