@@ -18,8 +18,10 @@ gate returns (`result.exit_code` 3 or 4), it does not raise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,35 @@ from edgeprune.targets import Target
 _PRUNE_OPTIONS = {f.name for f in dataclasses.fields(PruneConfig)} - {"model", "calibration", "input_shape"}
 _BUILD_OPTIONS = {f.name for f in dataclasses.fields(BuildConfig)} - {"prune", "device", "latency", "evaluate"}
 _DATA_OPTIONS = {"heldout", "batch_size", "count"}  # how calibration data in memory is split (recipe keys)
+
+
+@contextmanager
+def _own_random_state() -> Iterator[None]:
+    """The caller's random state (torch's CPU and initialised CUDA generators, numpy's and Python's global ones) as it
+    was before the job: a job seeds them for reproducible results, and a training loop after `build` must go on from
+    where it was, not from seed 0."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _keeps_random_state(job: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(job)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _own_random_state():
+            return job(*args, **kwargs)
+
+    return wrapped
 
 
 def load_target(spec: str | Path) -> Target:
@@ -93,6 +124,7 @@ def _out(out: str | Path | None, kind: str) -> Path:
     return Path(out) if out is not None else Path(tempfile.mkdtemp(prefix=f"edgeprune-{kind}-")) / "release"
 
 
+@_keeps_random_state
 def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tuple[int, ...] | None = None,
           calibration: Any = None, device: str = "cpu", latency: str = "0.5x",
           evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None, force: bool = False,
@@ -124,6 +156,7 @@ def run_build(config: BuildConfig, out: str | Path, run: Callable[..., Any], **k
                        metric=r.get("metric"), trace=outcome.trace, report=r, out=Path(outcome.out))
 
 
+@_keeps_random_state
 def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Path | None = None,
           example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
           out: str | Path | None = None, force: bool = False, **options: Any) -> PruneResult:
@@ -140,6 +173,7 @@ def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Pat
                        onnx_path=dest / "model.onnx", report=outcome.report, out=dest)
 
 
+@_keeps_random_state
 def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input: Any = None,
             input_shape: tuple[int, ...] | None = None, repeats: int | None = None,
             cache: bool = True) -> LatencyStats:
@@ -159,6 +193,7 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
     return measure(model, target, cache=store, repeats=repeats)
 
 
+@_keeps_random_state
 def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
         input_shape: tuple[int, ...] | None = None, resume: bool = True) -> dict[str, Any]:
     """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`."""
@@ -170,6 +205,7 @@ def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
     return lut_job(model, device, out, weights, input_shape, resume)
 
 
+@_keeps_random_state
 def release(model: nn.Module | str | Path, *, original: nn.Module | str | None = None, plan: Any = None,
             example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
             device: str = "cpu", latency: str = "0.5x", evaluate: Callable[[nn.Module], float] | None = None,
@@ -191,6 +227,7 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
     return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)
 
 
+@_keeps_random_state
 def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: str | None = None,
            cache_dir: str | None = None) -> dict[str, Any]:
     """A release matrix (`edgeprune matrix`): every entry of `manifest` (models x targets x budgets) built into
@@ -203,6 +240,7 @@ def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: s
     return run_matrix(load_manifest(manifest), load_pool(devices), out, ray=ray, cache_dir=cache_dir)
 
 
+@_keeps_random_state
 def finetune(source: str | Path, *, calibration: Any = None, stage: str = "distill", orthoreg: float = 0.0,
              steps: int | None = None, minutes: float | None = None, lr: float | None = None,
              device: str | None = None, latency: str | None = None,

@@ -222,3 +222,24 @@ def test_release_on_an_int8_target_measures_and_judges_the_quantised_model(prune
     assert rep["speedup_over_float"] == pytest.approx(rep["base_float"]["latency_ms"]["median"] /
                                                       rep["final"]["latency_ms"]["median"])
     assert rep["final"]["latency_source"] == "measured" and r.final.precision == "int8"
+
+
+def test_build_leaves_the_callers_random_state_where_it_was(env: dict[str, Path]) -> None:
+    """A training loop after `edgeprune.build` goes on from where it was (the job seeded torch's generator to 0)."""
+    import random
+
+    def draws() -> tuple[torch.Tensor, np.ndarray, float]:
+        return torch.rand(4), np.random.rand(4), random.random()
+
+    net = make_net()  # which seeds torch itself
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    draws()
+    expected = draws()
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    draws()
+    result = edgeprune.build(net, calibration=X[:200], device=str(env["target"]), latency="0.8x",
+                             max_steps=2, out=env["root"] / "b")
+    assert result.exit_code in (0, 3)
+    got = draws()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    assert torch.initial_seed() == 1234
