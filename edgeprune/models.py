@@ -295,7 +295,21 @@ def from_module(module: nn.Module, example_input: torch.Tensor | None = None,
         raise EdgePruneError("an nn.Module needs example_input= (one batch of one sample) or input_shape=, or "
                              "calibration data in memory whose first sample can serve")
     check_seed(seed)
-    model = copy.deepcopy(module).cpu().eval()
+    name = f"{type(module).__module__}.{type(module).__qualname__}"
+    if isinstance(module, torch.jit.ScriptModule):
+        raise EdgePruneError(f"model {name} is a TorchScript module (torch.jit.script or trace): edgeprune prunes "
+                             "the Python nn.Module's layers; pass the module you scripted or traced")
+    try:
+        model = copy.deepcopy(module).cpu().eval()
+    except Exception as e:  # the cause stays chained: the user's module, the user's traceback
+        meta = next((n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta), None)
+        if meta is not None:
+            raise EdgePruneError(f"model {name} holds tensors on the meta device (first: {meta}), which have no "
+                                 "values to prune by; load its weights first (module.to_empty(device='cpu') then "
+                                 "load_state_dict, or load_state_dict(..., assign=True))") from e
+        raise EdgePruneError(f"model {name} cannot be copied to the CPU ({type(e).__name__}: {first_line(e)}); "
+                             "edgeprune works on a copy and never changes yours: pass a module that "
+                             "copy.deepcopy can copy") from e
     if example_input is None:
         example_input = torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     example = example_input.detach().cpu().float()

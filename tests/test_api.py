@@ -243,3 +243,21 @@ def test_build_leaves_the_callers_random_state_where_it_was(env: dict[str, Path]
     got = draws()
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
     assert torch.initial_seed() == 1234
+
+
+@pytest.mark.parametrize("kind", ["meta", "script", "trace"])
+def test_a_meta_or_torchscript_module_is_refused_in_one_line(kind: str) -> None:
+    """Raw NotImplementedError ("Cannot copy out of meta tensor") and RuntimeError (hooks on a ScriptModule) were
+    what these gave; now an EdgePruneError saying what to pass instead (the meta copy's failure chained)."""
+    net = make_net()
+    if kind == "meta":
+        with torch.device("meta"):
+            model = SmallCNN()
+        match = "meta device \\(first: a.0.weight\\).*load its weights first"
+    else:
+        model = torch.jit.script(net) if kind == "script" else torch.jit.trace(net, torch.from_numpy(X[:1]))
+        match = "is a TorchScript module .*pass the module you scripted or traced"
+    with pytest.raises(EdgePruneError, match=match) as e:
+        edgeprune.prune(model, ratio=0.5, calibration=X[:64])
+    assert "\n" not in str(e.value)
+    assert kind != "meta" or isinstance(e.value.__cause__, NotImplementedError)
