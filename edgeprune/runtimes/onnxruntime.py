@@ -55,9 +55,28 @@ def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
         dtype = _DTYPES.get(inp.type)
         if dtype is None:
             raise EdgePruneError(f"model input {inp.name} has type {inp.type}, which edgeprune cannot feed")
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if dtype in (np.float32, np.float16, np.float64) \
-            else np.zeros(shape, dtype)
+        check_input_memory(inp.name, shape, dtype)
+        if dtype in (np.float32, np.float64):
+            feeds[inp.name] = rng.standard_normal(shape, dtype=dtype)  # drawn at its own precision: no float64 copy
+        elif dtype == np.float16:
+            feeds[inp.name] = rng.standard_normal(shape, dtype=np.float32).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype)
     return feeds
+
+
+def check_input_memory(name: str, shape: list[int], dtype: type) -> None:
+    """Refuse, before allocating it, an input that takes more than half the memory available: the model's own
+    tensors need at least as much again (a 94-byte ONNX file can declare a 40 GB input)."""
+    from edgeprune.data import available_memory
+
+    need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    free = available_memory()
+    if free is not None and need > free // 2:
+        raise EdgePruneError(f"model input {name} declares shape {shape}: {need / 2**30:.1f} GiB of "
+                             f"{np.dtype(dtype).name}, and this machine has {free / 2**30:.1f} GiB available (the "
+                             f"model's own tensors need as much again); export the model for a smaller input, or "
+                             f"measure it on a device with more memory")
 
 
 def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:

@@ -222,7 +222,7 @@ def measure_agent(onnx_path: Path, target: Target, repeats: int | None = None) -
     answer = _request(target, "POST", MEASURE_PATH, body=onnx_path, headers=headers)
     try:
         stats = LatencyStats.from_dict(answer)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise EdgePruneError(f"the agent at {target.remote.agent} answered without latency figures ({e})") from None
     return stats
 

@@ -43,9 +43,28 @@ class LatencyStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyStats:
+        """The figures `to_dict` wrote, checked: a cache file or an agent's answer that holds anything else (a string
+        or list where a number belongs, a negative time) raises ValueError or TypeError naming the key."""
+        if not isinstance(d, dict):
+            raise TypeError(f"latency figures must be a JSON object, found {type(d).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields}
-        kw["repeat_medians"] = tuple(kw.get("repeat_medians", ()))
+        medians = kw.get("repeat_medians", ())
+        if not isinstance(medians, (list, tuple)):
+            raise TypeError(f"repeat_medians must be a list of numbers, found {type(medians).__name__}")
+        kw["repeat_medians"] = tuple(medians)
+        for key, value in (*((k, kw.get(k)) for k in ("median", "p90", "std", "min", "max", "mean")),
+                           *(("repeat_medians", v) for v in kw["repeat_medians"])):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{key} must be a finite number of milliseconds >= 0, found {value!r}")
+        if not kw["median"] > 0:
+            raise ValueError(f"median must be above 0 ms, found {kw['median']!r}")
+        if isinstance(kw.get("n"), bool) or not isinstance(kw.get("n"), int) or kw["n"] < 1:
+            raise ValueError(f"n must be a whole number of runs >= 1, found {kw.get('n')!r}")
+        for key in ("target", "runtime", "runtime_version", "precision", "source", "timing"):
+            if key in kw and not isinstance(kw[key], str):
+                raise TypeError(f"{key} must be a string, found {type(kw[key]).__name__}")
         return cls(**kw)
 
     SPREAD_FLOOR = 0.005  # three repeat medians can agree by chance; a CPU figure is never better than this

@@ -118,3 +118,30 @@ def test_int8_target_times_a_float_model_quantised_and_a_quantised_model_as_it_i
         tiny_onnx.read_bytes()
     s = measure(tiny_onnx, int8, calibration=calib)
     assert s.precision == "int8" and s.n == int8.measure.iterations * int8.measure.repeats and s.median > 0
+
+
+def huge_input_onnx(path: Path) -> Path:
+    """An 80-byte model that declares a 1 x 1 x 100000 x 100000 float input (37.3 GiB): audit AG-bomb_input."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 100000, 100000])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 100000, 100000])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "huge", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_profile_of_a_model_declaring_a_huge_input_exits_2_naming_its_size(tmp_path: Path) -> None:
+    """Was exit 1 "out of memory (74.5 GiB ...); lower count or batch_size in the calibration recipe": the random
+    input was drawn in float64 (twice the size), and profile has no recipe."""
+    import subprocess
+    import sys
+
+    path = huge_input_onnx(tmp_path / "huge.onnx")
+    r = subprocess.run([sys.executable, "-m", "edgeprune", "profile", str(path), "--no-cache"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("edgeprune: error: model input x declares shape [1, 1, 100000, 100000]: 37.3 GiB of "
+                           "float32"), line
+    assert "smaller input" in line and "recipe" not in line
