@@ -228,16 +228,17 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
 
 
 @_keeps_random_state
-def matrix(manifest: str | Path, devices: str | Path, out: str | Path, *, ray: str | None = None,
+def matrix(manifest: str | Path, devices: str | Path | None, out: str | Path, *, ray: str | None = None,
            cache_dir: str | None = None) -> dict[str, Any]:
     """A release matrix (`edgeprune matrix`): every entry of `manifest` (models x targets x budgets) built into
-    `out/MODEL/TARGET/BUDGET/`, measured on the boards of `devices`; `ray`: None (embedded), "auto" or a cluster's
+    `out/MODEL/TARGET/BUDGET/`, measured on the boards of `devices` (None: ./devices.toml if there is one; a target
+    no board runs that this machine can, such as cpu, is measured here); `ray`: None (embedded), "auto" or a cluster's
     address. Returns the index (also out/index.json); its `exit_code` is 0 only when every entry met its budget and
     gates."""
     from edgeprune.matrixjob import load_manifest, run_matrix
-    from edgeprune.pool import load_pool
+    from edgeprune.pool import default_pool
 
-    return run_matrix(load_manifest(manifest), load_pool(devices), out, ray=ray, cache_dir=cache_dir)
+    return run_matrix(load_manifest(manifest), default_pool(devices), out, ray=ray, cache_dir=cache_dir)
 
 
 @_keeps_random_state

@@ -7,13 +7,15 @@ ever replaced when they hold a previous edgeprune output.
         out.commit()                                  # renamed into place (a failed build: out.commit(failed=True))
 
     atomic_write_text(path, text)                     # one file, via a sibling temporary name (or _bytes)
+    with scratch_dir("build") as work:                # a work folder in TMPDIR (named with this process's PID)
     with atomic_path("model.onnx") as tmp:            # a library writes the file: onnx.save(model, str(tmp))
         ...
 
 Rules (README, "Outputs"): a new folder is created (with its parents); an existing folder is replaced only if it holds
 nothing but edgeprune's artifacts (recognised by its report.json or plan.json), unless `force`; a file is never
 replaced by a folder; the current folder and its ancestors are refused. A failed build goes to `OUT.failed/`, so the
-last good release in `OUT/` stays as it was.
+last good release in `OUT/` stays as it was. A process killed outright (kill -9) cleans nothing up: the next job
+removes what it left, recognised by the PID in the names (`remove_stale`, `scratch_dir`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +40,66 @@ FAILED_SUFFIX = ".failed"
 def tmp_path_for(path: Path) -> Path:
     """A sibling temporary name: same filesystem, so the final rename is atomic."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+# What a process killed with SIGKILL leaves: a sibling temporary (`.NAME.tmp-PID`), a replaced output not yet removed
+# (`.NAME.old-PID`), and a work folder in the temporary folder (`edgeprune-KIND-PID-XXXXXXXX`, `scratch_dir`).
+_LEFT_BEHIND = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)")
+_WORK_DIR = re.compile(r"edgeprune-[a-z0-9]+-(?P<pid>\d+)-[a-z0-9_]+")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user counts: it may be an edgeprune job)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(folder: Path, depth: int = 0, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove what killed edgeprune processes left in `folder` (and `depth` levels below it): `.NAME.tmp-PID` of a
+    dead PID, and `.NAME.old-PID` of a dead PID once NAME is back in place (before that it is the only copy of the
+    previous output); only for these NAMEs when `names` is given. Returns what it removed."""
+    removed: list[Path] = []
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in children:
+        m = _LEFT_BEHIND.fullmatch(p.name)
+        if m is not None and (names is None or m["name"] in names) and not pid_alive(int(m["pid"])):
+            if m["kind"] == "tmp" or (folder / m["name"]).exists():
+                _remove(p)
+                removed.append(p)
+        elif depth > 0 and p.is_dir() and not p.is_symlink() and not p.name.startswith("."):
+            removed += remove_stale(p, depth - 1, names)
+    return removed
+
+
+def scratch_dir(kind: str) -> tempfile.TemporaryDirectory:
+    """A work folder `edgeprune-KIND-PID-XXXXXXXX` in the temporary folder, removed when its `with` block ends; one a
+    killed process (kill -9) left is removed by the next job that makes one."""
+    tmp = Path(tempfile.gettempdir())
+    try:
+        for p in tmp.iterdir():
+            m = _WORK_DIR.fullmatch(p.name)
+            if m is not None and p.is_dir() and not pid_alive(int(m["pid"])):
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
+    return tempfile.TemporaryDirectory(prefix=f"edgeprune-{kind}-{os.getpid()}-")
 
 
 @contextlib.contextmanager
@@ -146,6 +210,9 @@ class OutputDir:
         check_replaceable(self.failed_out, force, flag)
         self.tmp = tmp_path_for(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.out.parent.is_dir():
+            # what a killed run (kill -9: no clean-up ran) left of this output
+            remove_stale(self.out.parent, names=(self.out.name, self.failed_out.name))
         # the parents this creates are removed again if the job writes nothing
         self._made = [p for p in self.out.parents if not p.exists()]
         _make_dir(self.tmp, flag, self.out)  # proves the parent is writable before the job starts

@@ -11,16 +11,19 @@ from edgeprune.cliutil import Handler, emit_json
 def add_matrix(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("matrix", help="build a release matrix (models x targets x budgets) on a pool of devices",
                        description="Build every entry of a manifest (models x targets x budgets, with gates) into "
-                                   "OUT/MODEL/TARGET/BUDGET/, measuring on the boards of devices.toml, and write "
+                                   "OUT/MODEL/TARGET/BUDGET/, measuring on the boards of devices.toml (targets this "
+                                   "machine runs, such as cpu, need none: measured here), and write "
                                    "OUT/index.json and OUT/index.md. Entries whose inputs and artifacts are unchanged "
                                    "are skipped. Without --ray entries run one after another here; with --ray they "
                                    "run as Ray tasks and each board is a Ray resource.",
                        epilog="exit codes: 0 every entry met its budget and gates; otherwise the most urgent of the "
                               "entries' codes (1, 5, 2, then 4, 3; index.md lists them); 2 bad manifest or devices "
-                              "file, or a target with no board (nothing written); 5 Ray address unreachable")
+                              "file, a target with no board that cannot run here, or --out being written by another "
+                              "matrix (nothing written); 5 Ray address unreachable")
     p.add_argument("manifest", metavar="MANIFEST.toml", help="the release manifest")
-    p.add_argument("--devices", default="devices.toml", metavar="devices.toml",
-                   help="the device pool: boards by kind (default ./devices.toml)")
+    p.add_argument("--devices", default=None, metavar="devices.toml",
+                   help="the device pool: boards by kind (default ./devices.toml if there is one); a target with no "
+                        "board there that this machine can run (cpu) is measured here")
     p.add_argument("--out", required=True, metavar="DIR", help="the release folder (new, empty, or a previous matrix's)")
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help="run on Ray (pip install 'edgeprune[ray]'): auto (a running cluster, else a local one) or a "
@@ -32,10 +35,10 @@ def add_matrix(sub: argparse._SubParsersAction) -> Handler:
 
 def run_matrix_command(args: argparse.Namespace) -> int:
     from edgeprune.matrixjob import load_manifest, run_matrix
-    from edgeprune.pool import load_pool
+    from edgeprune.pool import default_pool
 
     manifest = load_manifest(args.manifest)
-    pool = load_pool(args.devices)
+    pool = default_pool(args.devices)
     index = run_matrix(manifest, pool, args.out, ray=args.ray, cache_dir=args.cache_dir)
     if args.json:
         emit_json(index)

@@ -264,6 +264,12 @@ def plot_lut(table: LatencyTable, path: Path) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        import logging
+
+        from edgeprune.resources import install_hint
+
+        logging.getLogger(__name__).warning("%s not written: the plot needs matplotlib, which is not installed: %s",
+                                            path.name, install_hint("report"))
         return None
     entries = [e for e in table.entries.values() if len(e["cout"]) > 1]
     if not entries:

@@ -1,243 +1,49 @@
 """A release as a matrix: models x targets x budgets from a manifest, each entry a build measured on a pool of boards.
 
-    manifest = load_manifest("release.toml")       # entries expanded from lists, every key checked
-    pool = load_pool("devices.toml")               # boards by kind (`pool.py`)
+    manifest = load_manifest("release.toml")       # entries expanded from lists, every key checked (`manifest.py`)
+    pool = load_pool("devices.toml")               # boards by kind (`pool.py`); default_pool(None): this machine
     index = run_matrix(manifest, pool, "release/")  # release/<model>/<target>/<budget>/ + index.json, index.md
 
 Each entry is `pipeline.build` writing the usual artifacts to its own folder, its measurements routed to a free board
-of its target's kind (`pool.measure_on_pool`). Embedded (the default): entries one after another in this process, one
-measurement per board at a time. With `ray=` (`matrixray.py`): entries as Ray tasks, measurements as Ray tasks asking
-for one unit of their kind. Resume: an entry whose inputs digest (model, weights, calibration recipe, target profile,
-budget, build settings, gates, edgeprune version) is the one index.json recorded and whose artifacts exist is skipped;
-index.json is rewritten after every entry, so an interrupted run loses only the entries in flight.
+of its target's kind (`pool.measure_on_pool`), or, for a target no board of the pool runs that this machine can
+measure (`cpu`), measured here as `edgeprune build` does. Embedded (the default): entries one after another in this
+process, one measurement per board at a time. With `ray=` (`matrixray.py`): entries as Ray tasks, measurements as Ray
+tasks asking for one unit of their kind.
 
-The manifest:
-
-    targets = ["jetson-orin-nano", "rpi5"]       # every model on every target at every budget ...
-    budgets = ["0.5x", "10ms"]
-    [build]                                      # build settings for every entry (the CLI's flags)
-    max_steps = 8
-    [gates]                                      # quality gates for every entry
-    min_agreement = 0.98
-    [[models]]
-    name = "det"                                 # its folder under the release
-    model = "my_pkg.nets:make_detector"          # a spec as for --model; paths are relative to the manifest
-    weights = "det.pth"
-    calibration = "calib/det.toml"
-    budgets = ["12ms"]                           # ... unless a model lists its own targets, budgets or gates
+Resume: an entry whose inputs digest (model, weights, calibration recipe, target profile, budget, build settings,
+gates, edgeprune version) is the one index.json recorded and whose artifacts exist is skipped. index.json is written
+before the first entry starts and after every entry, so an interrupted run, kill -9 included, loses only the entries
+in flight; the temporary folders a killed run left (`.BUDGET.tmp-PID` of a dead process) are removed by the next run.
+One run at a time writes a release: a second `matrix` on the same folder exits 2 while the first holds its lock.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-import re
+import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from edgeprune.atomic import atomic_write_text
-from edgeprune.config import BuildConfig, PruneConfig, parse_budget
+from edgeprune.atomic import _LEFT_BEHIND, atomic_write_text, remove_stale
 from edgeprune.errors import EdgePruneError, ExitCode
-from edgeprune.pool import BoardState, Pool, pooled_measure
+from edgeprune.manifest import Entry, Manifest, digest, entry_inputs, load_manifest
+from edgeprune.pool import BoardState, Pool, local_measure, pooled_measure
 from edgeprune.targets import load_target
-from edgeprune.tomlcheck import check_keys, read_toml, take
+
+__all__ = ["INDEX_FORMAT", "Entry", "Manifest", "digest", "entry_inputs", "load_manifest", "run_matrix"]
 
 INDEX_FORMAT = "edgeprune.matrix/1"
-_TOP_KEYS = ("targets", "budgets", "build", "gates", "models")
-_MODEL_KEYS = ("name", "model", "weights", "calibration", "input_shape", "targets", "budgets", "gates")
-_GATE_KEYS = ("min_agreement", "max_accuracy_drop", "max_metric_drop", "evaluate")
-# [build] keys -> BuildConfig / PruneConfig fields (the CLI's flags)
-_BUILD_KEYS = {"max_steps": int, "tolerance": float, "noise_margin": float, "proxy": str, "allocation": str,
-               "criterion": str, "repair": str, "exporter": str, "seed": int, "channel_multiple": int,
-               "cache": bool}
+LOCK = ".edgeprune-matrix.lock"
 # The exit code that speaks for a matrix with failed entries: the most urgent first (a bug, an unreachable device
 # worth a retry, bad input, then the releases that missed a gate or a budget).
 SEVERITY = (1, 5, 2, 130, 143, 4, 3)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One build of the matrix: a model on a target at a budget, with its gates and build settings."""
-
-    name: str  # the model's folder
-    model: str
-    weights: str | None
-    calibration: str | None
-    input_shape: tuple[int, ...] | None
-    target: str  # as given (a name or a file)
-    target_name: str  # the profile's name: the target's folder and its pool kind
-    budget: str
-    gates: tuple[tuple[str, Any], ...] = ()
-    build: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}/{self.target_name}/{self.budget}"
-
-    def folder(self, out: Path) -> Path:
-        return out / self.name / self.target_name / self.budget
-
-    def config(self, cache_dir: str | None = None) -> BuildConfig:
-        from edgeprune.models import load_callable
-
-        b, g = dict(self.build), dict(self.gates)
-        prune = PruneConfig(model=self.model, weights=self.weights, input_shape=self.input_shape,
-                            calibration=self.calibration, criterion=b.get("criterion", "cap"),
-                            repair=b.get("repair", "auto"), exporter=b.get("exporter", "torchscript"),
-                            seed=b.get("seed", 0), channel_multiple=b.get("channel_multiple", 0))
-        evaluate = load_callable(g["evaluate"], "evaluate") if "evaluate" in g else None
-        return BuildConfig(prune=prune, device=self.target, latency=self.budget,
-                           tolerance=b.get("tolerance", 0.05), max_steps=b.get("max_steps", 12),
-                           proxy=b.get("proxy", "auto"), allocation=b.get("allocation", "auto"),
-                           margin_k=b.get("noise_margin", 2.0), use_cache=b.get("cache", True), cache_dir=cache_dir,
-                           min_agreement=g.get("min_agreement"), max_accuracy_drop=g.get("max_accuracy_drop"),
-                           max_metric_drop=g.get("max_metric_drop"), evaluate=evaluate)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    entries: tuple[Entry, ...]
-    source: str = ""
-
-
-def _strings(table: dict[str, Any], key: str, where: str, default: Any = ...) -> list[str]:
-    value = take(table, key, list, where, default)
-    if value is default and default is not ...:
-        return value
-    if not value or not all(isinstance(v, str) for v in value):
-        raise EdgePruneError(f"{where}: {key} must be a non-empty list of strings, found {value!r}")
-    return value
-
-
-def _relative(spec: str | None, base: Path, file_like: bool) -> str | None:
-    """A path in the manifest, relative to the manifest's folder (a bundled name such as `digits` stays a name)."""
-    if spec is None:
-        return None
-    if file_like or spec.endswith((".toml", ".pt", ".pth")) or "/" in spec:
-        p = Path(spec)
-        return str(p if p.is_absolute() else base / p)
-    return spec
-
-
-def _model_spec(spec: str, base: Path) -> str:
-    mod, colon, fn = spec.rpartition(":")
-    if colon and mod.endswith(".py"):
-        return f"{_relative(mod, base, True)}:{fn}"
-    return spec
-
-
-def _gates(table: Any, where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise EdgePruneError(f"{where}: gates must be a table, found {table!r}")
-    check_keys(table, _GATE_KEYS, where)
-    out: dict[str, Any] = {k: take(table, k, float, where) for k in _GATE_KEYS[:3] if k in table}
-    if "evaluate" in table:
-        out["evaluate"] = take(table, "evaluate", str, where)
-    if "max_metric_drop" in out and "evaluate" not in out:
-        raise EdgePruneError(f"{where}: max_metric_drop gates on your metric: add evaluate = \"pkg.module:function\"")
-    return out
-
-
-def load_manifest(path: str | Path) -> Manifest:
-    """The manifest's entries (models x their targets x their budgets), every key, target and budget checked."""
-    path = Path(path)
-    table = read_toml(path, "manifest")
-    where = f"manifest {path}"
-    check_keys(table, _TOP_KEYS, where)
-    base = path.parent
-    targets = _strings(table, "targets", where, None)
-    budgets = _strings(table, "budgets", where, None)
-    build = take(table, "build", dict, where, {})
-    check_keys(build, tuple(_BUILD_KEYS), f"{where} [build]")
-    settings = tuple(sorted((k, take(build, k, kind, f"{where} [build]")) for k, kind in _BUILD_KEYS.items()
-                            if k in build))
-    gates = _gates(take(table, "gates", dict, where, {}), f"{where} [gates]")
-    models = take(table, "models", list, where)
-    if not models:
-        raise EdgePruneError(f"{where}: models is empty; add a [[models]] table with name and model")
-    entries: list[Entry] = []
-    for i, m in enumerate(models):
-        mw = f"{where} [[models]] #{i + 1}"
-        if not isinstance(m, dict):
-            raise EdgePruneError(f"{mw}: must be a table, found {m!r}")
-        check_keys(m, _MODEL_KEYS, mw)
-        name = take(m, "name", str, mw)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-            raise EdgePruneError(f"{mw}: name {name!r} names a folder: letters, digits, '.', '_' or '-' only")
-        shape = take(m, "input_shape", list, mw, None)
-        if shape is not None and not all(isinstance(v, int) and v > 0 for v in shape):
-            raise EdgePruneError(f"{mw}: input_shape must be a list of positive integers (N, C, H, W), found {shape}")
-        m_targets = _strings(m, "targets", mw, None) or targets
-        m_budgets = _strings(m, "budgets", mw, None) or budgets
-        if not m_targets or not m_budgets:
-            raise EdgePruneError(f"{mw}: no targets or budgets: give targets = [...] and budgets = [...] at the top of "
-                                 f"the manifest or in the model's table")
-        m_gates = {**gates, **_gates(m.get("gates", {}), f"{mw} gates")}
-        for t in m_targets:
-            target = load_target(_relative(t, base, False) or t)
-            for b in m_budgets:
-                parse_budget(b)
-                if "/" in b:
-                    raise EdgePruneError(f"{mw}: budget {b!r} names a folder; write it as 10ms or 0.5x")
-                entries.append(Entry(name=name, model=_model_spec(take(m, "model", str, mw), base),
-                                     weights=_relative(take(m, "weights", str, mw, None), base, True),
-                                     calibration=_relative(take(m, "calibration", str, mw, None), base, False),
-                                     input_shape=tuple(shape) if shape else None, target=_relative(t, base, False) or t,
-                                     target_name=target.name, budget=b, gates=tuple(sorted(m_gates.items())),
-                                     build=settings))
-    keys = [e.key for e in entries]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise EdgePruneError(f"{where}: entries {', '.join(dup)} appear twice; give the models distinct names")
-    return Manifest(tuple(entries), str(path))
-
-
 # ---------------------------------------------------------------- resume
-
-
-def _file_digest(path: str | Path | None) -> str | None:
-    if path is None or not Path(path).is_file():
-        return None
-    from edgeprune.runtimes.cache import file_sha256
-
-    return file_sha256(path)[:16]
-
-
-def _model_file(spec: str) -> str | None:
-    """The source file a `pkg.module:factory` or `file.py:factory` spec builds from (found without importing it)."""
-    import importlib.util
-
-    mod, colon, _ = spec.rpartition(":")
-    if not colon or spec.startswith(("torchvision:", "timm:", "ultralytics:")):
-        return None
-    if mod.endswith(".py"):
-        return mod
-    try:
-        found = importlib.util.find_spec(mod)
-    except (ImportError, ValueError):
-        return None
-    return found.origin if found is not None else None
-
-
-def entry_inputs(entry: Entry) -> dict[str, Any]:
-    """What an entry's release depends on, digested: a changed one makes the entry run again."""
-    from edgeprune import __version__
-    from edgeprune.recipe import load_recipe
-
-    recipe = load_recipe(entry.calibration or ("digits" if entry.model == "example" else "random"))
-    return {"model": entry.model, "model_file": _file_digest(_model_file(entry.model)),
-            "weights": _file_digest(entry.weights), "calibration": _file_digest(recipe.source) or recipe.name,
-            "input_shape": list(entry.input_shape) if entry.input_shape else None,
-            "target": load_target(entry.target).fingerprint(), "budget": entry.budget,
-            "gates": dict(entry.gates), "build": dict(entry.build), "edgeprune": __version__}
-
-
-def digest(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_index(out: Path) -> dict[str, Any] | None:
@@ -250,12 +56,39 @@ def load_index(out: Path) -> dict[str, Any] | None:
 
 
 def check_release_dir(out: Path) -> None:
-    """The release folder: new, empty, or a previous matrix's (its index.json); anything else is refused."""
+    """The release folder: new, empty, or a previous matrix's (its index.json); anything else is refused. What a
+    killed run left (its lock, temporary files of a dead process) does not count as files."""
     if out.exists() and not out.is_dir():
         raise EdgePruneError(f"--out {out} is a file; give a folder for the release")
-    if out.is_dir() and any(out.iterdir()) and load_index(out) is None:
+    if out.is_dir() and load_index(out) is None and any(p.name != LOCK and not _LEFT_BEHIND.fullmatch(p.name)
+                                                         for p in out.iterdir()):
         raise EdgePruneError(f"--out {out} holds files and no index.json of an edgeprune matrix; choose a new or "
                              f"empty folder (each entry is written under it as MODEL/TARGET/BUDGET/)")
+
+
+@contextlib.contextmanager
+def release_lock(out: Path) -> Iterator[None]:
+    """One run at a time on a release: an exclusive lock on OUT/.edgeprune-matrix.lock, released by the kernel
+    when the process ends however it ends (kill -9 too); a second run exits 2 while the first holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise EdgePruneError(f"--out {out} is being written by another edgeprune matrix (PID {pid}); wait for it "
+                                 f"to finish (this run would then skip its finished entries) or choose another "
+                                 f"--out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def reusable(entry: Entry, out: Path, previous: dict[str, Any] | None, inputs_digest: str) -> dict[str, Any] | None:
@@ -327,16 +160,37 @@ def progress_line(done: int, total: int, rec: dict[str, Any], counts: dict[str, 
 
 def run_matrix(manifest: Manifest, pool: Pool, out: str | Path, ray: str | None = None,
                cache_dir: str | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every entry of `manifest` built into `out` (resuming), measured on `pool`; returns the index (also written
-    as index.json and index.md). `ray`: None (embedded), "auto" or a cluster address (`matrixray.py`)."""
+    """Every entry of `manifest` built into `out` (resuming), measured on `pool` (a target without boards there that
+    this machine runs is measured here); returns the index (also written as index.json and index.md). `ray`: None
+    (embedded), "auto" or a cluster address (`matrixray.py`)."""
     out = Path(out)
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    kinds = {e.key: pool.kind_for(load_target(e.target)) for e in manifest.entries}  # exit 2 before any work
+    kinds = {e.key: pool.route(load_target(e.target)) for e in manifest.entries}  # exit 2 before any work
     check_release_dir(out)
+    started = False
     if ray is not None:
         from edgeprune.matrixray import connect
 
         started = connect(ray, pool)  # exit 2 or 5 before anything is written
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with release_lock(out):
+            return _run_locked(manifest, pool, out, ray, kinds, cache_dir, echo)
+    finally:
+        if started:
+            import ray as ray_module
+
+            ray_module.shutdown()
+
+
+def _run_locked(manifest: Manifest, pool: Pool, out: Path, ray: str | None, kinds: dict[str, str | None],
+                cache_dir: str | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    """`run_matrix` once it holds the release's lock: what killed runs left removed, the index written before the
+    first entry starts (so that a run killed in it resumes), then the entries."""
+    stale = remove_stale(out, depth=3)
+    if stale:
+        echo(f"edgeprune: removed {len(stale)} temporary folder(s) of killed runs: "
+             f"{', '.join(str(p.relative_to(out)) for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
     previous = load_index(out)
     digests = {e.key: digest(entry_inputs(e)) for e in manifest.entries}
     records: dict[str, dict[str, Any]] = {}
@@ -347,10 +201,10 @@ def run_matrix(manifest: Manifest, pool: Pool, out: str | Path, ray: str | None 
             records[e.key] = {**rec, "skipped": True}
         else:
             todo.append(e)
-    out.mkdir(parents=True, exist_ok=True)
     total = len(manifest.entries)
     index: dict[str, Any] = {"format": INDEX_FORMAT, "manifest": manifest.source, "pool": pool.source,
                              "mode": "ray" if ray is not None else "embedded", "boards": {}, "down": []}
+    write_index(out, manifest, records, index, {})
     counts: dict[str, Any] = {"now": None}
 
     def finish(entry: Entry, rec: dict[str, Any], boards: dict[str, Any]) -> None:
@@ -371,23 +225,19 @@ def run_matrix(manifest: Manifest, pool: Pool, out: str | Path, ray: str | None 
             echo(f"edgeprune: boards: {c['busy']} busy, {c['free']} free, {c['down']} down")
         counts["now"] = c
 
-    try:
-        if ray is None:
-            state = BoardState(pool, on_change=lambda c: on_counts(c, only_down=True))
-            for e in todo:
-                log: list[dict[str, Any]] = []
-                rec = run_entry(e, out, pooled_measure(state, kinds[e.key], log), cache_dir)
-                finish(e, {**rec, "measurements": log}, state.summary())
-            boards = state.summary()
-        else:
-            from edgeprune.matrixray import run_on_ray
+    if ray is None:
+        state = BoardState(pool, on_change=lambda c: on_counts(c, only_down=True))
+        for e in todo:
+            log: list[dict[str, Any]] = []
+            kind = kinds[e.key]
+            measure_fn = local_measure(log) if kind is None else pooled_measure(state, kind, log)
+            rec = run_entry(e, out, measure_fn, cache_dir)
+            finish(e, {**rec, "measurements": log}, state.summary())
+        boards = state.summary()
+    else:
+        from edgeprune.matrixray import run_on_ray
 
-            boards = run_on_ray(todo, kinds, out, pool, run_entry, cache_dir, finish, on_counts)
-    finally:
-        if ray is not None and started:
-            import ray as ray_module
-
-            ray_module.shutdown()
+        boards = run_on_ray(todo, kinds, out, pool, run_entry, cache_dir, finish, on_counts)
     return write_index(out, manifest, records, index, boards)
 
 

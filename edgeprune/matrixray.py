@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
-from edgeprune.pool import BoardState, Pool, measure_on_pool
+from edgeprune.pool import BoardState, Pool, local_measure, measure_on_pool
+from edgeprune.resources import install_hint
 
 POLL_S = 0.5  # how often the driver looks at finished entries and the boards' counts
 
@@ -36,8 +37,8 @@ def _ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise EdgePruneError("--ray needs Ray, which is not installed: pip install 'edgeprune[ray]' (or run without "
-                             "--ray: entries one after another on this machine)") from None
+        raise EdgePruneError(f"--ray needs Ray, which is not installed: {install_hint('ray')}; or run without --ray "
+                             f"(entries one after another on this machine)") from None
     return ray
 
 
@@ -158,13 +159,16 @@ def _remote(fn: Callable[..., Any], **options: Any) -> Any:
     return _REMOTE[fn.__name__]
 
 
-def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, kind: str, actor: Any,
+def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, kind: str | None, actor: Any,
                cache_dir: str | None) -> dict[str, Any]:
-    """One entry's build (a Ray task holding one CPU), each of its measurements a task on a board of `kind`."""
+    """One entry's build (a Ray task holding one CPU), each of its measurements a task on a board of `kind`; kind
+    None (a target no board runs): measured by the task itself, on the node that runs it."""
     from edgeprune.runtimes.cache import file_sha256
 
     ray = _ray()
     log: list[dict[str, Any]] = []
+    if kind is None:
+        return {**run_entry(entry, out, local_measure(log), cache_dir), "measurements": log}
     measure = _remote(measure_task, num_cpus=0, max_retries=0)
 
     def measure_fn(path: str | Path, target: Any, cache: Any = None, repeats: int | None = None, progress: Any = None,
@@ -182,7 +186,7 @@ def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, 
     return {**rec, "measurements": log}
 
 
-def run_on_ray(entries: list[Any], kinds: dict[str, str], out: Path, pool: Pool, run_entry: Callable[..., Any],
+def run_on_ray(entries: list[Any], kinds: dict[str, str | None], out: Path, pool: Pool, run_entry: Callable[..., Any],
                cache_dir: str | None, finish: Callable[[Any, dict[str, Any], dict[str, Any]], None],
                on_counts: Callable[[dict[str, int]], None]) -> dict[str, Any]:
     """Every entry as a Ray task on a connected cluster; `finish(entry, record, boards)` as each one ends. Returns

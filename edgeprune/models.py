@@ -23,7 +23,7 @@ from torch import nn
 
 from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.outputs import check_outputs
-from edgeprune.resources import asset
+from edgeprune.resources import asset, install_hint
 
 DEFAULT_SPEC = "example"
 
@@ -96,8 +96,8 @@ def _ultralytics(name: str) -> nn.Module:
     try:
         from ultralytics.nn import tasks
     except ImportError:
-        raise EdgePruneError(f"model spec ultralytics:{name} needs ultralytics, which is not installed "
-                             "(pip install ultralytics)") from None
+        raise EdgePruneError(f"model spec ultralytics:{name} needs ultralytics, which is not installed: "
+                             f"{install_hint('yolo')}") from None
     classes = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
                "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}
     import contextlib
@@ -119,7 +119,8 @@ def _timm(name: str) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise EdgePruneError(f"model spec timm:{name} needs timm, which is not installed (pip install timm)") from None
+        raise EdgePruneError(f"model spec timm:{name} needs timm, which is not installed: {install_hint('timm')}"
+                             ) from None
     try:
         return timm.create_model(name, pretrained=False)
     except RuntimeError as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.artifacts import model_size, save_pruned
-from edgeprune.atomic import OutputDir
+from edgeprune.atomic import OutputDir, scratch_dir
 from edgeprune.config import BuildConfig, PruneConfig, Stages, no_progress
 from edgeprune.errors import EdgePruneError, ExitCode, QualityGateFailed
 from edgeprune.fidelity import Fidelity
@@ -165,15 +165,13 @@ def measurement_cache(config: BuildConfig) -> Any:
 def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step: Callable[[Any], None] | None,
                 target: Any, table: Any, inputs: Inputs | None, measurer: Measurer) -> BuildOutcome:
     """The stages: prepare, baseline, inner level, search (and the table's device check), verification, release."""
-    import tempfile
-
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple == 0 else config.prune
     session = prepare(pc, stages, inputs=inputs)
     check_gates_apply(config, session)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")
     measurer.start(session.timings_s, calibration=session.data.calib_x, kind=session.data.recipe.kind)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-build-") as work:
+    with scratch_dir("build") as work:  # named with this PID: the next job removes it after a kill -9
         work_dir = Path(work)
         oracle: LatencyOracle = TableOracle(session, table, target, config.lut or "") if table is not None \
             else MeasuredOracle(session, measurer, work_dir, pc.exporter)

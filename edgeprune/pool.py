@@ -86,6 +86,25 @@ class Pool:
                              f"are {', '.join(self.kinds) or 'none'}; add a [{target.name}] table with boards to "
                              f"the devices file, or drop that target from the manifest")
 
+    def route(self, target: Target) -> str | None:
+        """Where `target` is measured: the kind of its boards in the pool, else None when it needs no board (its
+        runtime runs on this machine, or its profile has its own [remote]); an error when it can be measured neither
+        way (a board list is for remote boards: a local target needs no devices file)."""
+        for name in (target.name, *target.aliases):
+            if self.of_kind(name):
+                return name
+        if target.remote is not None:
+            return None
+        from edgeprune.runtimes import local_unavailable_reason
+
+        reason = local_unavailable_reason(target)
+        if reason is None:
+            return None
+        where = f"the device pool {self.source}" if self.source else "the device pool (no devices file)"
+        raise EdgePruneError(f"target {target.name} has no board in {where} and cannot be measured here ({reason}); "
+                             f"add a [{target.name}] table with boards to the devices file (--devices), or drop that "
+                             f"target from the manifest")
+
     def ray_resources(self) -> dict[str, float]:
         """Ray custom resources: `device:NAME` (1) for each board, `kind:KIND` (one unit per board) for each kind."""
         out: dict[str, float] = {f"device:{b.name}": 1.0 for b in self.boards}
@@ -127,6 +146,19 @@ def load_pool(path: str | Path) -> Pool:
         raise EdgePruneError(f"devices file {path} lists no boards; add a table per kind, e.g. [cpu] with "
                              f"boards = [{{ name = \"lab-a\", agent = \"http://HOST:8765\" }}]")
     return Pool(tuple(boards), str(path))
+
+
+DEFAULT_DEVICES = "devices.toml"
+
+
+def default_pool(path: str | Path | None) -> Pool:
+    """The pool of `path`; without one, ./devices.toml when it exists, else no boards (every target measured here or
+    through its own [remote])."""
+    if path is not None:
+        return load_pool(path)
+    if Path(DEFAULT_DEVICES).is_file():
+        return load_pool(DEFAULT_DEVICES)
+    return Pool(())
 
 
 def check_board(board: Board, where: str) -> None:
@@ -240,6 +272,22 @@ def measure_on_pool(boards: Boards, kind: str, path: str | Path, target: Target,
             raise
         boards.release(board.name, measured=stats.source == "measured")
         return stats, board.name
+
+
+def local_measure(log: list[dict[str, Any]]) -> Callable[..., LatencyStats]:
+    """A `measure_fn` for a target no board of the pool runs: `runtimes.measure` here (or through the profile's own
+    [remote]), logged as `pooled_measure` logs, the board being `local` (or the [remote] address)."""
+    from edgeprune.runtimes import measure
+    from edgeprune.runtimes.cache import file_sha256
+
+    def measure_fn(path: str | Path, target: Target, cache: Any = None, repeats: int | None = None,
+                   progress: Any = None, calibration: Any = None) -> LatencyStats:
+        stats = measure(path, target, cache=cache, repeats=repeats, progress=progress, calibration=calibration)
+        board = "local" if target.remote is None else (target.remote.agent or f"ssh {target.remote.ssh}")
+        log.append({"board": board, "model": file_sha256(path)[:12], "ms": stats.median, "source": stats.source})
+        return stats
+
+    return measure_fn
 
 
 def pooled_measure(boards: Boards, kind: str, log: list[dict[str, Any]]) -> Callable[..., LatencyStats]:

@@ -166,6 +166,12 @@ def plot(out: Path, r: dict[str, Any]) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        import logging
+
+        from edgeprune.resources import install_hint
+
+        logging.getLogger(__name__).info("no plots in report.md: they need matplotlib, which is not installed: %s",
+                                         install_hint("report"))
         return []
     trace = r["search"]["trace"]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -1,4 +1,4 @@
-"""Where the bundled target profiles and calibration recipes live.
+"""Where the bundled target profiles and calibration recipes live, and how an optional extra is installed.
 
 In a source checkout they are the top-level `targets/` and `calibration/` folders (DESIGN.md §2); a wheel maps the
 same folders into `edgeprune.data_files` (see pyproject.toml), so both layouts resolve to real files.
@@ -23,3 +23,9 @@ def bundled_dir(kind: str) -> Path:
 def asset(name: str) -> Path:
     """A file shipped inside the package (`edgeprune/assets/`), such as the example's weights."""
     return Path(__file__).resolve().parent / "assets" / name
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs the optional extra `extra` (pyproject.toml's [project.optional-dependencies]), for
+    an installed edgeprune and for a checkout: what an error about a missing optional package tells the user to run."""
+    return f"pip install 'edgeprune[{extra}]' (or pip install -e '.[{extra}]' in a checkout)"

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeprune.errors import EdgePruneError
 from edgeprune.resources import bundled_dir
-from edgeprune.tomlcheck import check_keys, read_toml, take
+from edgeprune.tomlcheck import check_folder_name, check_keys, read_toml, take
 
 RUNTIME_NAMES = ("onnxruntime", "tensorrt", "trtexec")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -165,6 +165,7 @@ class Target:
     source: str = ""  # the file it was read from; not part of the profile
 
     def __post_init__(self) -> None:
+        check_folder_name(self.name, "target name", "jetson-orin-nano")  # a release's TARGET folder (matrix)
         if self.runtime not in RUNTIME_NAMES:
             raise EdgePruneError(f"target {self.name}: runtime {self.runtime!r} unknown; allowed: {', '.join(RUNTIME_NAMES)}")
         if self.precision not in PRECISIONS:

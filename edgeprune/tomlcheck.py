@@ -48,3 +48,16 @@ def take(table: dict[str, Any], key: str, kind: type, where: str, default: Any =
     if choices is not None and value not in choices:
         raise EdgePruneError(f"{where}: key '{key}' is {value!r}; allowed values are: {', '.join(map(str, choices))}")
     return value
+
+
+def check_folder_name(value: str, what: str, example: str) -> str:
+    """`value` (a user's string that becomes one folder of an output, such as a target's name under a release)
+    checked to stay one folder: not empty, no '/' or '\\', no leading '.' ('.', '..', hidden names), no control
+    characters, no surrounding spaces. `what` names it in the error, `example` shows a good one."""
+    bad = (not value or value.startswith(".") or "/" in value or "\\" in value or value != value.strip()
+           or any(ord(c) < 32 or ord(c) == 127 for c in value))
+    if bad:
+        raise EdgePruneError(f"{what} {value!r} names a folder of the output and must be one plain folder name: not "
+                             f"empty, without '/' or '\\', a leading '.', control characters or surrounding spaces "
+                             f"(e.g. {example})")
+    return value

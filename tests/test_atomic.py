@@ -171,3 +171,63 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path: Path) ->
             tmp.write_text("half a mod")
             raise RuntimeError("exporter failed")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended (a real one: started, waited for)."""
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_remove_stale_removes_what_dead_processes_left_and_keeps_the_rest(tmp_path: Path) -> None:
+    from edgeprune.atomic import remove_stale
+
+    dead, alive = dead_pid(), os.getpid()
+    (tmp_path / "ex" / "cpu").mkdir(parents=True)
+    stale = [tmp_path / "ex" / "cpu" / f".0.5x.tmp-{dead}", tmp_path / f".index.json.tmp-{dead}"]
+    stale[0].mkdir()
+    stale[1].write_text("{")
+    keep = [tmp_path / "ex" / "cpu" / f".0.7x.tmp-{alive}",  # a running job's
+            tmp_path / "ex" / "cpu" / f".0.6x.old-{dead}",  # 0.6x is missing: the only copy of that output
+            tmp_path / "ex" / "cpu" / "notes.tmp-1", tmp_path / "ex" / "cpu" / ".hidden"]
+    for p in keep:
+        p.mkdir()
+    replaced = tmp_path / "ex" / "cpu" / f".0.8x.old-{dead}"  # 0.8x is back in place: the old copy goes
+    replaced.mkdir()
+    (tmp_path / "ex" / "cpu" / "0.8x").mkdir()
+    removed = remove_stale(tmp_path, depth=2)
+    assert sorted(removed) == sorted([*stale, replaced])
+    assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+
+
+def test_output_dir_removes_its_own_stale_temporary_of_a_killed_run(tmp_path: Path) -> None:
+    dead = dead_pid()
+    left = tmp_path / f".out.tmp-{dead}"
+    other = tmp_path / f".theirs.tmp-{dead}"  # another output's: not this job's to judge
+    left.mkdir()
+    other.mkdir()
+    with OutputDir(tmp_path / "out") as o:
+        assert not left.exists() and other.exists()
+        o.commit()
+
+
+def test_scratch_dir_is_named_with_the_pid_and_removes_dead_processes_ones(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    from edgeprune.atomic import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = dead_pid()
+    left = tmp_path / f"edgeprune-build-{dead}-k2j4x9ab"
+    (left / "sub").mkdir(parents=True)
+    old_style = tmp_path / "edgeprune-build-k2j4x9ab"  # no PID in its name: nothing tells whose it is
+    running = tmp_path / f"edgeprune-build-{os.getpid()}-abcdefgh"
+    old_style.mkdir()
+    running.mkdir()
+    with scratch_dir("build") as work:
+        assert Path(work).name.startswith(f"edgeprune-build-{os.getpid()}-") and Path(work).is_dir()
+        assert not left.exists() and old_style.exists() and running.exists()
+    assert not Path(work).exists()

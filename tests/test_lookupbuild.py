@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,11 @@ def test_lut_resumes_without_remeasuring(table_env: dict, tmp_path: Path) -> Non
     before = load_lut(copy).entries
     assert main(["lut", "--device", str(table_env["target"]), "--out", str(copy), "--json"]) == 0
     assert load_lut(copy).entries == before  # every signature was already there: nothing re-measured
+
+
+def test_plot_lut_without_matplotlib_names_the_report_extra(tmp_path, monkeypatch, caplog):
+    from edgeprune.lookupbuild import plot_lut
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without the extra
+    assert plot_lut(None, tmp_path / "lut.png") is None and not (tmp_path / "lut.png").exists()
+    assert "lut.png not written" in caplog.text and "pip install 'edgeprune[report]'" in caplog.text

@@ -18,7 +18,7 @@ from edgeprune.matrixjob import (
     matrix_exit_code,
     run_matrix,
 )
-from edgeprune.pool import load_pool
+from edgeprune.pool import Pool, load_pool
 from tests.agents import devices_toml, start_agents
 
 MODELS = {"chain": "tests.models:ConvChain", "residual": "tests.models:Residual"}
@@ -135,6 +135,22 @@ def test_unreachable_ray_address_exits_5_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_ray_without_ray_installed_names_the_extra(tmp_path):
+    """In a fresh interpreter where `import ray` fails, as on a machine without the extra."""
+    import subprocess
+    import sys
+
+    manifest_toml(tmp_path / "m.toml")
+    code = "import sys; sys.modules['ray'] = None; from edgeprune.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "matrix", "m.toml", "--out", "rel", "--ray", "auto"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("edgeprune: error: --ray needs Ray") and "pip install 'edgeprune[ray]'" in line
+    assert "pip install -e '.[ray]'" in line and not (tmp_path / "rel").exists()
+
+
 def test_a_folder_of_other_files_is_refused(tmp_path):
     out = tmp_path / "release"
     out.mkdir()
@@ -144,6 +160,133 @@ def test_a_folder_of_other_files_is_refused(tmp_path):
     with pytest.raises(EdgePruneError, match="holds files and no index.json"):
         run_matrix(load_manifest(manifest_toml(tmp_path / "m.toml")), load_pool(devices), out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+# ---------------------------------------------------------------- local targets, names that become folders
+
+
+def test_a_local_target_without_a_devices_file_is_measured_here_and_a_rerun_skips(tmp_path, monkeypatch, capsys):
+    """targets = ["cpu"], no devices file (none in the working folder either): the entry is built and measured on
+    this machine, as `edgeprune build` does; a second run skips it."""
+    manifest_toml(tmp_path / "m.toml", budgets=("0.7x",))
+    monkeypatch.chdir(tmp_path)
+    code = main(["matrix", "m.toml", "--out", "rel"])
+    index = json.loads((tmp_path / "rel" / "index.json").read_text())
+    (e,) = index["entries"]
+    assert code == index["exit_code"] == e["exit_code"] and code in (0, 3) and index["complete"]
+    assert e["latency_ms"] > 0 and (tmp_path / "rel" / e["report"]).is_file() and index["pool"] == ""
+    assert e["measured_on"] == {"local": len(e["measurements"])} and len(e["measurements"]) >= 2
+    capsys.readouterr()
+    assert main(["matrix", "m.toml", "--out", "rel"]) == code
+    assert "chain/cpu/0.7x: skipped (inputs and artifacts unchanged)" in capsys.readouterr().err
+
+
+def test_a_target_with_no_board_that_cannot_run_here_is_refused(tmp_path, capsys, monkeypatch):
+    path = manifest_toml(tmp_path / "m.toml")
+    path.write_text(path.read_text().replace('["cpu"]', '["jetson-orin-nano"]'))
+    monkeypatch.chdir(tmp_path)
+    assert main(["matrix", "m.toml", "--out", "rel"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("edgeprune: error: target jetson-orin-nano has no board in the device pool (no devices "
+                          "file) and cannot be measured here (") and "--devices" in err
+    assert not (tmp_path / "rel").exists()
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "", ".", "a/b"])
+def test_a_target_name_that_would_leave_its_folder_is_refused(tmp_path, capsys, monkeypatch, name):
+    """The harness's MX-escape and MX-collide_names: a target named ../../../escaped wrote outside the release,
+    targets named "" and "." shared one folder."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    target = tmp_path / "a" / "b" / "t.toml"
+    target.write_text(f'name = {json.dumps(name)}\nruntime = "onnxruntime"\n')
+    path = manifest_toml(tmp_path / "a" / "b" / "m.toml")
+    path.write_text(path.read_text().replace('["cpu"]', '["t.toml"]'))
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    assert main(["matrix", "m.toml", "--out", "rel"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("edgeprune: error: target file ") and "must be one plain folder name" in err
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["m.toml", "t.toml"]
+    assert not list(tmp_path.rglob("escaped"))
+
+
+def test_a_budget_that_is_a_hidden_folder_name_is_refused(tmp_path):
+    path = manifest_toml(tmp_path / "m.toml", budgets=(".5x",))
+    with pytest.raises(EdgePruneError, match=r"budget '.5x' names a folder .* \(e.g. 10ms or 0.5x\)"):
+        load_manifest(path)
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def test_kill_9_in_the_first_entry_resumes_and_removes_what_it_left(tmp_path):
+    """A real `edgeprune matrix` process: index.json exists before its first entry ends, a second run on the same
+    folder exits 2 while the first holds it; killed with SIGKILL in its first entry (its .0.5x.tmp-PID and
+    edgeprune-build-PID-* left), the rerun builds every entry and removes both."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    manifest_toml(tmp_path / "m.toml")
+    tmp, rel = tmp_path / "tmp", tmp_path / "rel"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "edgeprune", "matrix", "m.toml", "--out", "rel"]
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    entry_tmp = rel / "chain" / "cpu" / f".0.5x.tmp-{first.pid}"
+    try:
+        deadline = time.monotonic() + 240
+        while not (entry_tmp.is_dir() and list(tmp.glob(f"edgeprune-build-{first.pid}-*"))):
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
+            time.sleep(0.02)
+        index = json.loads((rel / "index.json").read_text())  # written before the first entry started
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(30) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert index["entries"] == [] and not index["complete"]
+    assert entry_tmp.is_dir() and list(tmp.glob(f"edgeprune-build-{first.pid}-*"))  # kill -9 cleans nothing up
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode in (0, 3), second.stderr
+    assert "removed 1 temporary folder(s) of killed runs: chain/cpu/.0.5x.tmp-" in second.stderr
+    index = json.loads((rel / "index.json").read_text())
+    assert index["complete"] and [e["key"] for e in index["entries"]] == ["chain/cpu/0.5x", "chain/cpu/0.7x"]
+    assert all((rel / e["report"]).is_file() for e in index["entries"])
+    assert not [p for p in rel.rglob("*") if ".tmp-" in p.name]
+    assert not list(tmp.glob(f"edgeprune-build-{first.pid}-*"))
+
+
+def test_a_second_run_on_a_release_being_written_exits_2(tmp_path):
+    """The harness's MX-two_at_once: the second of two runs on one --out, 1 s apart, said the folder "holds files and
+    no index.json"; now it names the run that holds the release and writes nothing."""
+    import subprocess
+    import sys
+    import time
+
+    from edgeprune.matrixjob import release_lock
+
+    manifest = load_manifest(manifest_toml(tmp_path / "m.toml"))
+    rel = tmp_path / "rel"
+    rel.mkdir()
+    code = ("import sys; from pathlib import Path; from edgeprune.matrixjob import release_lock\n"
+            "with release_lock(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(rel)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(EdgePruneError, match=rf"--out {rel} is being written by another edgeprune matrix "
+                                                 rf"\(PID {holder.pid}\); wait for it"):
+            run_matrix(manifest, Pool(()), rel)
+        assert sorted(p.name for p in rel.iterdir()) == [".edgeprune-matrix.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    with release_lock(rel):  # the kernel dropped the killed holder's lock
+        time.sleep(0)
 
 
 # ---------------------------------------------------------------- runs on two boards

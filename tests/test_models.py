@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,20 @@ def test_segmenters_with_an_auxiliary_head_are_built_with_it() -> None:
     lraspp = load_model("torchvision:lraspp_mobilenet_v3_large", input_shape=(1, 3, 64, 64))
     with torch.no_grad():
         assert [n for n, _ in flatten_outputs(lraspp.module(lraspp.example_input))] == ["out"]
+
+
+def without(module: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`edgeprune ARGV` in a fresh interpreter where `import MODULE` fails, as on a machine without that extra."""
+    code = (f"import sys; sys.modules[{module!r}] = None; from edgeprune.cli import main; "
+            f"raise SystemExit(main(sys.argv[1:]))")
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("module,spec,extra", [("ultralytics", "ultralytics:yolov8n.yaml", "yolo"),
+                                               ("timm", "timm:resnet18", "timm")])
+def test_a_model_spec_without_its_extra_names_the_extra(tmp_path: Path, module: str, spec: str, extra: str) -> None:
+    r = without(module, "export", "--model", spec, "-o", "m.onnx", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("edgeprune: error: ") and f"pip install 'edgeprune[{extra}]'" in line
+    assert f"pip install -e '.[{extra}]'" in line and not (tmp_path / "m.onnx").exists()

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,13 @@ def test_tensorrt_int8_target_needs_symmetric_int8_activations(tmp_path: Path) -
     p = write(tmp_path, 'name = "x"\nruntime = "tensorrt"\nprecision = "int8"\n[quantization]\nactivations = "uint8"\n')
     with pytest.raises(EdgePruneError, match="TensorRT runs Q/DQ layers of symmetric int8 only"):
         load_target(str(p))
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "", ".", "..", "a/b", "a\\b", ".hidden", " cpu"])
+def test_a_target_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, name: str) -> None:
+    """A target's name becomes a folder of a release (matrix: OUT/MODEL/TARGET/BUDGET)."""
+    path = tmp_path / "t.toml"
+    path.write_text(f'name = {json.dumps(name)}\nruntime = "onnxruntime"\n')
+    want = rf"target file {re.escape(str(path))}: target name .* must be one plain folder name"
+    with pytest.raises(EdgePruneError, match=want):
+        load_target(path)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("ultralytics", reason="ultralytics is an optional extra (pip install ultralytics)")
+pytest.importorskip("ultralytics", reason="ultralytics is the optional extra yolo: pip install -e '.[yolo]'")
 
 
 def _prune(spec: str, size: int, out: Path) -> tuple[dict, nn.Module]:

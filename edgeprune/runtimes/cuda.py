@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.resources import install_hint
 
 
 class CudaBackend:
@@ -190,5 +191,5 @@ def cuda_backend() -> CudaBackend:
         torch = None  # type: ignore[assignment]
     if torch is not None and torch.version.cuda is not None:
         return CudaTorch()
-    raise EdgePruneError("neither cuda-python (pip install cuda-python) nor a CUDA build of torch is installed; "
-                         "TensorRT timing needs one of them for CUDA events")
+    raise EdgePruneError(f"neither cuda-python nor a CUDA build of torch is installed; TensorRT timing needs one of "
+                         f"them for CUDA events: {install_hint('tensorrt')} brings cuda-python")

@@ -91,8 +91,6 @@ def _run(sess, feeds: dict[str, np.ndarray], onnx_path: str | Path) -> None:
 
 def timed_model(onnx_path: Path, target: Target, calibration: Calibration | None) -> bytes:
     """The bytes of the model to time: `onnx_path`, quantised first when the target is int8 and it is a float model."""
-    import tempfile
-
     model_bytes = onnx_path.read_bytes()
     if target.precision != "int8" or target.quantization is None:
         return model_bytes
@@ -114,7 +112,9 @@ def timed_model(onnx_path: Path, target: Target, calibration: Calibration | None
     else:
         samples = np.random.default_rng(0).standard_normal((count, *shape[1:]), np.float32)
     config = dataclasses.replace(target.quantization, method="minmax")
-    with tempfile.TemporaryDirectory(prefix="edgeprune-int8-") as tmp:
+    from edgeprune.atomic import scratch_dir
+
+    with scratch_dir("int8") as tmp:
         return quantize_onnx(onnx_path, Path(tmp) / "model.int8.onnx", samples, config, samples=count).read_bytes()
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.resources import install_hint
 from edgeprune.runtimes.base import Calibration, Progress
 from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
@@ -44,7 +45,8 @@ def version(target: Target | None = None) -> str | None:
 
 def unavailable_reason(target: Target | None = None) -> str | None:
     if version() is None:
-        return "the tensorrt Python package is not installed (pip install tensorrt, or JetPack's python3-libnvinfer)"
+        return (f"the tensorrt Python package is not installed ({install_hint('tensorrt')}; on a Jetson, JetPack's "
+                f"python3-libnvinfer)")
     try:
         cuda = cuda_backend()
     except EdgePruneError as e:
