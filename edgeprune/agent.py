@@ -22,13 +22,14 @@ Protocol. Every answer is JSON; an error is `{"error": "<what went wrong and wha
 Status codes: 400 bad model (one that fails to load or to run, or carries external data), target or header (the
 message says which), or a measurement that ran past the agent's time limit; 401 missing or wrong token; 404 unknown
 path; 411 no Content-Length; 413 body over `max_request_bytes`; 500 unexpected failure; 503 the target's runtime
-cannot run on this device. No answer shows a path of the agent's machine.
+cannot run on this device, or, with a `Retry-After` header (seconds), `max_queue` measurements already wait their turn
+(the client waits that long and sends it again). No answer shows a path of the agent's machine.
 
 Security: with a token every request needs `Authorization: Bearer <token>` (compared in constant time). Without a
 token the agent only binds to a loopback address, and refuses to start otherwise. Measurements run one at a time
-(a lock), since two at once would time each other; other requests wait their turn. A measurement stops when its
-client disconnects or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the
-lock for ever. Uploads live in one temporary folder per agent, removed when it stops (Ctrl-C or SIGTERM).
+(a lock), since two at once would time each other; up to `max_queue` (default 8, `--max-queue`) wait their turn,
+each holding its upload, and the next ones are answered 503 at once. A measurement stops when its client disconnects
+or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the lock for ever. Uploads live in one temporary folder per agent, removed when it stops (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8765
 DEFAULT_MAX_REQUEST_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_SECONDS = 600.0  # one request's measurement, engine build included
+DEFAULT_MAX_QUEUE = 8  # measurements waiting behind the running one; more are answered 503 with Retry-After
 _CLIENT_CHECK_S = 0.2  # how often a running measurement looks whether its client is still there
 _CHUNK = 1 << 20
 _DRAIN_BYTES = 16 << 20  # an unread body up to this size is read and dropped before an error answer (see _drain)
@@ -87,6 +90,7 @@ class AgentConfig:
     token: str | None = field(default=None, repr=False)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_seconds: float = DEFAULT_MAX_SECONDS  # a measurement that runs longer is stopped (400)
+    max_queue: int = DEFAULT_MAX_QUEUE
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -95,6 +99,8 @@ class AgentConfig:
             raise EdgePruneError(f"agent request limit must be at least 1 byte, found {self.max_request_bytes}")
         if not (math.isfinite(self.max_seconds) and 0 < self.max_seconds <= 86400):
             raise EdgePruneError(f"--max-seconds must be a number of seconds in (0, 86400], found {self.max_seconds}")
+        if not 0 <= self.max_queue <= 1000:
+            raise EdgePruneError(f"--max-queue must be a number of requests in 0..1000, found {self.max_queue}")
         if self.token is not None and not self.token.strip():
             raise EdgePruneError("the agent token is empty; put a long random string in the token file "
                                  "(for example `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
@@ -139,15 +145,13 @@ def health() -> dict[str, Any]:
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 class _Stopped(Exception):
-    """Raised from a measurement's progress callback: its client went away, or its time ran out."""
-
-    def __init__(self, client_gone: bool) -> None:
+    def __init__(self, client_gone: bool) -> None:  # from a measurement's progress callback: client gone, or time up
         super().__init__("client gone" if client_gone else "time limit")
         self.client_gone = client_gone
 
@@ -185,10 +189,13 @@ class AgentServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: at socketserver's 5, 30 clients connecting at once got resets
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.measure_lock = threading.Lock()
+        # requests measuring or waiting their turn (at most max_queue + 1); a running mean of one's seconds
+        self.queue_lock, self.admitted, self.seconds_each = threading.Lock(), 0, 1.0
         self.measurements = 0
         self.stopped = 0  # measurements stopped because their client went away or their time ran out
         super().__init__((config.host, config.port), _Handler)
@@ -200,6 +207,24 @@ class AgentServer(ThreadingHTTPServer):
         for p in {str(self.upload_dir), str(self.upload_dir.resolve())}:
             text = re.sub(re.escape(p) + r"[^\s'\"]*", "the upload folder", text)
         return text
+
+    @contextmanager
+    def queued(self) -> Iterator[list[float]]:
+        """A place among the requests measuring or waiting their turn, or 503 with Retry-After (about how long the
+        ones admitted take); the request appends its measurement's seconds."""
+        with self.queue_lock:
+            if self.admitted > self.config.max_queue:
+                wait = max(1, min(600, math.ceil(self.seconds_each * self.admitted)))
+                raise _HttpError(503, f"{self.admitted - 1} measurements already wait their turn (this agent's "
+                                      f"--max-queue is {self.config.max_queue}); send it again in {wait} s", wait)
+            self.admitted += 1
+        took: list[float] = []
+        try:
+            yield took
+        finally:
+            with self.queue_lock:
+                self.admitted -= 1
+                self.seconds_each = 0.7 * self.seconds_each + 0.3 * took[0] if took else self.seconds_each
 
     def server_close(self) -> None:
         super().server_close()
@@ -225,18 +250,20 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.info("%s %s", self.address_string(), format % args)
 
-    def _send_json(self, status: int, obj: dict[str, Any]) -> None:
+    def _send_json(self, status: int, obj: dict[str, Any], retry_after: int | None = None) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         if status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="edgeprune-agent"')
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.end_headers()
         self.wfile.write(body)
 
-    def _send_error(self, status: int, message: str) -> None:
-        self._send_json(status, {"error": message, "status": status})
+    def _send_error(self, status: int, message: str, retry_after: int | None = None) -> None:
+        self._send_json(status, {"error": message, "status": status}, retry_after)
 
     def _authorize(self) -> None:
         token = self.server.config.token
@@ -268,7 +295,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, self._measure())
         except _HttpError as e:
             self._drain()
-            self._send_error(e.status, str(e))
+            self._send_error(e.status, str(e), e.retry_after)
         except _Stopped:  # its client has gone (a time limit is answered as an _HttpError): nobody to answer
             self.close_connection = True
         except Exception as e:  # a bug, not the client's fault: answer it, keep serving
@@ -290,13 +317,10 @@ class _Handler(BaseHTTPRequestHandler):
         if remaining > _DRAIN_BYTES:
             return
         try:
-            while remaining:
-                chunk = self.rfile.read(min(_CHUNK, remaining))
-                if not chunk:
-                    return
+            while remaining and (chunk := self.rfile.read(min(_CHUNK, remaining))):
                 remaining -= len(chunk)
         except OSError:
-            return
+            pass
 
     def _read_body(self, dest: Path) -> int:
         length = self.headers.get("Content-Length")
@@ -330,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not repeats_header.strip().isdigit() or not 1 <= int(repeats_header) <= most:
                 raise _HttpError(400, f"{REPEATS_HEADER} must be an integer in 1..{most}, found {repeats_header!r}")
             repeats = int(repeats_header)
-        with tempfile.TemporaryDirectory(dir=self.server.upload_dir) as tmp:
+        with self.server.queued() as took, tempfile.TemporaryDirectory(dir=self.server.upload_dir) as tmp:
             path = Path(tmp) / "model.onnx"
             self._read_body(path)
             hide = self.server.hide_paths
@@ -364,11 +388,11 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _HttpError(400, hide(str(e).replace(str(path), "the uploaded model"))) from None
                 finished = time.time()
                 self.server.measurements += 1
+                took.append(finished - started)
         log.info("measured %s on %s: median %.4f ms (n %d) in %.1fs", target.name, target.runtime, stats.median,
                  stats.n, finished - started)
         return {**stats.to_dict(), "agent": {"host": platform.node(), "waited_s": started - asked,
                                              "started_at": started, "finished_at": finished}}
-
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection: readable with nothing to read (its body was read in full)."""

@@ -208,6 +208,9 @@ def add_agent(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--max-seconds", type=float, default=600, metavar="S",
                    help="longest a request's measurement may run before it is stopped and answered 400 (default 600); "
                         "a measurement also stops when its client disconnects")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="measurements that may wait behind the running one (default 8); more are answered 503 with "
+                        "Retry-After, and edgeprune's clients send them again after that many seconds")
     return run_agent
 
 
@@ -218,7 +221,8 @@ def run_agent(args: argparse.Namespace) -> int:
     if not 0 < args.max_request_mb <= 1024 * 1024:  # NaN fails this too
         raise EdgePruneError(f"--max-request-mb must be a size in MiB in (0, 1048576], found {args.max_request_mb}")
     config = AgentConfig(host=args.host, port=args.port, token=token,
-                         max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_seconds=args.max_seconds)
+                         max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_seconds=args.max_seconds,
+                         max_queue=args.max_queue)
 
     def ready(server) -> None:
         host, port = server.server_address[:2]

@@ -341,3 +341,61 @@ def _ignore_errors(fn, *args):  # noqa: ANN001, ANN202
         return fn(*args)
     except OSError:
         return None
+
+
+# ---------------------------------------------------------------- under load (audit AG-concurrent30, AG-bomb_input)
+
+
+def raw_post(url: str, body: bytes, target: dict) -> tuple[object, dict, dict]:
+    """One POST /measure on its own connection: (status or the exception's name, headers, JSON answer)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", "/measure", body, {"Authorization": f"Bearer {TOKEN}",
+                                                TARGET_HEADER: json.dumps(target)})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), json.loads(resp.read())
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__, {}, {}
+    finally:
+        conn.close()
+
+
+def test_thirty_concurrent_clients_each_get_an_answer_and_a_full_queue_says_when_to_retry(model):
+    """Was: 1-5 of 30 clients reset with no HTTP status (socketserver's listen backlog of 5), and no bound on the
+    uploads waiting. Now every client gets 200, or 503 with Retry-After once `max_queue` requests wait."""
+    server = start_agent(AgentConfig(host="127.0.0.1", port=0, token=TOKEN, max_queue=4))
+    try:
+        body, target = model.read_bytes(), fast_target(iterations=100)
+        answers: list[tuple[object, dict, dict]] = []
+        start = threading.Barrier(30)
+
+        def client() -> None:
+            start.wait()
+            answers.append(raw_post(server.url, body, target))
+
+        threads = [threading.Thread(target=client) for _ in range(30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        statuses = sorted(str(s) for s, _, _ in answers)
+        assert len(answers) == 30 and set(statuses) <= {"200", "503"}, statuses
+        assert 5 <= statuses.count("200") < 30, statuses  # the running one and the 4 waiting, at least
+        for status, headers, answer in answers:
+            if status == 503:
+                assert int(headers["Retry-After"]) >= 1 and "--max-queue is 4" in answer["error"], (headers, answer)
+        assert server.admitted == 0 and call(server.url, "/health")[0] == 200
+        assert not any(server.upload_dir.iterdir())  # no upload left behind
+    finally:
+        server.close()
+
+
+def test_agent_answers_400_naming_the_size_of_a_huge_declared_input(agent, tmp_path):
+    """Was 500 "the agent failed: MemoryError ... 74.5 GiB ... float64" with a traceback in its log."""
+    from tests.runtimes.test_onnxruntime import huge_input_onnx
+
+    status, answer = post_measure(agent.url, huge_input_onnx(tmp_path / "h.onnx").read_bytes(), fast_target())
+    assert status == 400, answer
+    assert "model input x declares shape [1, 1, 100000, 100000]: 37.3 GiB of float32" in answer["error"]
+    assert call(agent.url, "/health")[0] == 200

@@ -161,7 +161,7 @@ def _request(target: Target, method: str, path: str, body: Path | None = None, h
                 raise EdgePruneError(f"the agent at {url} answered with something that is not JSON ({e}); is that "
                                      f"address an edgeprune agent?") from None
         except urllib.error.HTTPError as e:
-            raise _http_error(target, e.code, _error_message(e.read())) from None
+            raise _http_error(target, e.code, _error_message(e.read()), e.headers.get("Retry-After")) from None
         except urllib.error.URLError as e:
             last = e.reason if isinstance(e.reason, BaseException) else e
             if isinstance(last, (socket.timeout, TimeoutError)) and method != "GET":
@@ -186,9 +186,19 @@ def _request(target: Target, method: str, path: str, body: Path | None = None, h
     )
 
 
-def _http_error(target: Target, status: int, message: str) -> EdgePruneError:
+class AgentBusy(DeviceUnreachable):
+    """503 with Retry-After: the agent's queue is full; send the request again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _http_error(target: Target, status: int, message: str, retry_after: str | None = None) -> EdgePruneError:
     assert target.remote is not None
     where = target.remote.agent
+    if status == 503 and retry_after is not None and retry_after.strip().isdigit():
+        return AgentBusy(f"the agent at {where} is busy: {message}", float(retry_after))
     if status == 401:
         env = target.remote.token_env
         given = "a token that the agent refused" if _token(target) else f"no token (${env} is not set)"
@@ -219,7 +229,16 @@ def measure_agent(onnx_path: Path, target: Target, repeats: int | None = None) -
     headers = {TARGET_HEADER: json.dumps(profile, separators=(",", ":"))}
     if repeats is not None:
         headers[REPEATS_HEADER] = str(repeats)
-    answer = _request(target, "POST", MEASURE_PATH, body=onnx_path, headers=headers)
+    deadline = time.monotonic() + target.remote.timeout_s
+    while True:
+        try:
+            answer = _request(target, "POST", MEASURE_PATH, body=onnx_path, headers=headers)
+            break
+        except AgentBusy as e:  # its queue is full: wait as long as it says, within the target's timeout_s
+            if time.monotonic() + e.retry_after > deadline:
+                raise
+            log.info("%s; sending it again in %.0f s", e, e.retry_after)
+            time.sleep(e.retry_after)
     try:
         stats = LatencyStats.from_dict(answer)
     except (TypeError, ValueError) as e:

@@ -120,6 +120,33 @@ def test_measure_reports_runtime_missing_on_device(agent, tiny_onnx, monkeypatch
 # ---------------------------------------------------------------- ssh pieces
 
 
+
+def test_a_busy_agent_is_asked_again_after_its_retry_after(tiny_onnx, fast_cpu, monkeypatch):
+    """An agent whose queue is full answers 503 with Retry-After; the client waits that long and sends the model
+    again (within the target's timeout_s), where a plain 503 (no runtime on the device) still fails at once."""
+    import threading
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    server = start_agent(AgentConfig(host="127.0.0.1", port=0, token=TOKEN, max_queue=0))
+    try:
+        slow = dataclasses.replace(fast_cpu, measure=dataclasses.replace(fast_cpu.measure, iterations=3000,
+                                                                         repeats=1))
+        first = threading.Thread(target=remote.measure, args=(tiny_onnx, via_agent(slow, server.url)))
+        first.start()
+        deadline = time.monotonic() + 30
+        while server.measurements == 0 and not server.measure_lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.measure_lock.locked()  # the slow one is measuring: the next is answered 503 + Retry-After
+        with pytest.raises(remote.AgentBusy, match="is busy: 0 measurements already wait") as e:
+            remote.measure(tiny_onnx, via_agent(fast_cpu, server.url, timeout_s=0.5))
+        assert e.value.retry_after >= 1
+        stats = remote.measure(tiny_onnx, via_agent(fast_cpu, server.url, timeout_s=60))  # waits, then measured
+        first.join(timeout=60)
+        assert stats.n == 20 and server.measurements == 2
+    finally:
+        server.close()
+
+
 def test_target_toml_round_trips_without_remote(tmp_path):
     original = dataclasses.replace(load_target("jetson"), description='Orin "nano" – 8 GB, ü\ttab',
                                    remote=RemoteConfig(ssh="nvidia@jetson.local"))
