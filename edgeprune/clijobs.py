@@ -148,13 +148,15 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
                         "the report")
     p.add_argument("--max-metric-drop", type=float, default=None, metavar="DROP",
                    help="quality gate: the drop of --evaluate's metric, in its own units (exit 4 above)")
+    p.add_argument("--evaluate-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="longest one call of --evaluate may take (default 300); past it the job stops with exit 2")
 
 
 def gate_options(args: argparse.Namespace) -> dict:
     from edgeprune.models import load_callable
 
     return {"min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
-            "max_metric_drop": args.max_metric_drop,
+            "max_metric_drop": args.max_metric_drop, "evaluate_timeout": args.evaluate_timeout,
             "evaluate": load_callable(args.evaluate, "--evaluate") if args.evaluate else None}
 
 

@@ -127,6 +127,7 @@ class BuildConfig:
     # the user's own metric (higher is better) of a torch module, before and after; gated by max_metric_drop
     evaluate: Callable[[Any], float] | None = field(default=None, compare=False)
     max_metric_drop: float | None = None  # in the metric's own units
+    evaluate_timeout: float = 300.0  # seconds one call of `evaluate` may take (exit 2 naming the function past it)
     # weight of each named output in the fidelity proxy's error (a weighted mean of per-output relative errors);
     # outputs not named weigh 1
     output_weights: tuple[tuple[str, float], ...] = ()
@@ -142,6 +143,9 @@ class BuildConfig:
         from edgeprune.allocate import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES
 
         parse_budget(self.latency)  # exit 2 before any work
+        if not (isinstance(self.evaluate_timeout, (int, float)) and 0 < self.evaluate_timeout <= 86400):  # NaN too
+            raise EdgePruneError(f"--evaluate-timeout must be a number of seconds in (0, 86400], found "
+                                 f"{self.evaluate_timeout!r}")
         if self.max_metric_drop is not None and self.evaluate is None:
             raise EdgePruneError("--max-metric-drop gates on the user's metric: give --evaluate pkg.module:function "
                                  "(or evaluate= in Python)")

@@ -42,17 +42,28 @@ def check_gates_apply(config: BuildConfig, session: Any) -> None:
 
 
 def run_metric(config: BuildConfig, module: nn.Module, what: str) -> float | None:
-    """The user's `evaluate(module)` (a torch module in eval mode, on the CPU); None without one. Its failure or a
-    value that is not a finite number is an error that names the function."""
+    """The user's `evaluate(module)` on a copy of `module` (eval mode, on the CPU), bounded by
+    `config.evaluate_timeout`; None without one. Its failure, its running past the limit, or a value that is not a
+    finite number is an error that names the function."""
     if config.evaluate is None:
         return None
     name = getattr(config.evaluate, "__qualname__", repr(config.evaluate))
+    import copy
+
     import torch
 
-    module.eval()
+    from edgeprune.timelimit import time_limit
+
+    # a copy: an evaluate that changes what it is given (zeroed weights, train mode and a batch through the batch
+    # norms) changed the model edgeprune then pruned and released; an ONNX model in ONNX Runtime cannot be changed
+    given = module if isinstance(module, OnnxModule) else copy.deepcopy(module)
+    given.eval()
+    limit = config.evaluate_timeout
     try:
-        with torch.no_grad():
-            value = config.evaluate(module)
+        with time_limit(limit, f"the evaluate function {name} ran past --evaluate-timeout {limit:g} s on {what}; "
+                               f"make it faster (fewer samples) or raise --evaluate-timeout (evaluate_timeout= in "
+                               f"Python)"), torch.no_grad():
+            value = config.evaluate(given)
     except EdgePruneError:
         raise
     except Exception as e:  # the user's code: any failure is theirs to see in one line

@@ -26,6 +26,24 @@ def not_a_number(module: nn.Module) -> float:
     return math.nan
 
 
+def slow(module: nn.Module) -> float:
+    import time
+
+    time.sleep(600)
+    return 1.0
+
+
+def vandal(module: nn.Module) -> float:
+    """Zeroes the module it is given and leaves it training (audit API-eval_mutates), then scores the wreck."""
+    import torch
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    module.train()
+    return params_k(module)
+
+
 def build(tmp_path: Path, evaluate: str, *extra: str) -> tuple[int, dict | None]:
     out = tmp_path / "b"
     code = main(["build", "--latency", "0.6x", "--tolerance", "0.3", "--proxy", "loss", "--repair", "independent",
@@ -95,3 +113,47 @@ def test_assess_int8_judges_the_quantised_model_and_keeps_the_float_pruned_figur
     assert a.metric["quantization_drop"] == pytest.approx(a.metric["after_float"] - a.metric["after"])
     assert a.gates["accuracy_drop_pp"]["value"] == pytest.approx(a.fidelity.accuracy_drop_pp)
     assert a.gates["onnx_parity"]["passed"] and a.parity.rel_error < 1e-4  # the float export against torch
+
+
+def test_evaluate_gets_a_copy_and_cannot_change_the_model_edgeprune_prunes(tmp_path: Path) -> None:
+    """An evaluate that zeroed what it was given made the build release the all-zero model with exit 0 ("met"):
+    it zeroed edgeprune's working copy of the unpruned model. Now it gets a copy of its own."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.gates import run_metric
+    from edgeprune.models import load_model
+
+    module = load_model("example").module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    config = BuildConfig(prune=PruneConfig(), evaluate=vandal)
+    assert run_metric(config, module, "the unpruned model") == pytest.approx(params_k(module))
+    assert not module.training and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    code, r = build(tmp_path, "vandal")
+    assert code == 0 and r is not None and r["fidelity"]["top1_agreement"] > 0.9, r and r["fidelity"]
+    weights = sum(float(np.abs(onnx.numpy_helper.to_array(t)).sum())
+                  for t in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.initializer)
+    assert weights > 100  # was 0.0: the released model.onnx held the zeroed weights
+
+
+def test_an_evaluate_past_its_timeout_stops_the_job_with_exit_2_naming_it(tmp_path: Path) -> None:
+    """An evaluate that sleeps 600 s ran unbounded (killed at 180 s by the audit's timeout)."""
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "edgeprune", "build", "--latency", "0.6x", "--evaluate",
+                        f"{__file__}:slow", "--evaluate-timeout", "2", "--out", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line == ("edgeprune: error: the evaluate function slow ran past --evaluate-timeout 2 s on the unpruned "
+                    "model; make it faster (fewer samples) or raise --evaluate-timeout (evaluate_timeout= in Python)")
+    assert time.monotonic() - t0 < 120 and not (tmp_path / "b").exists()
+    bad = subprocess.run([sys.executable, "-m", "edgeprune", "build", "--evaluate-timeout", "nan"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "--evaluate-timeout must be a number of seconds in (0, 86400]" in bad.stderr
