@@ -29,6 +29,7 @@ from edgeprune.data import load_data
 from edgeprune.errors import EdgePruneError, ExitCode
 from edgeprune.gates import assess, failed_gates, run_metric
 from edgeprune.models import LoadedModel, load_model, load_weights
+from edgeprune.outputs import check_label_range
 from edgeprune.oracle import Measurer, Verified, export_candidate
 from edgeprune.parallel import compute_threads, retained_memory, timed
 from edgeprune.pipeline import BuildOutcome, measurement_cache, write_release
@@ -64,6 +65,16 @@ def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inp
     return Pruned(module.eval(), plan, loaded, f"{model}" + (f" with weights {weights}" if weights else ""))
 
 
+def check_labels_fit(original: LoadedModel, data: Any) -> None:
+    """Labels past the unpruned model's classes: exit 2 before any work (finetune: before training, where C-SGD's
+    cross-entropy exited 1 on them; release: an accuracy gate that always passed)."""
+    import torch
+
+    if data.labelled:
+        with torch.no_grad():
+            check_label_range(original.module.eval()(original.example_input), data, original.spec)
+
+
 def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progress, force: bool = False,
                 inputs: Inputs | None = None, pruned: Pruned | None = None,
                 on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
@@ -80,6 +91,7 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
         spec = config.prune.calibration or pruned.plan.meta.get("calibration") or config.prune.recipe_spec()
         recipe = inputs.recipe or load_recipe(spec)
         data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
+        check_labels_fit(original, data)
         with OutputDir(out, force) as outdir:
             return _release_into(config, outdir, stages, target, original, data, pruned)
 

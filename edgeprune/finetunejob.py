@@ -29,7 +29,7 @@ from torch import nn
 from edgeprune.atomic import OutputDir
 from edgeprune.config import BuildConfig, Stages, no_progress
 from edgeprune.errors import EdgePruneError
-from edgeprune.finetuned import Pruned, release_job
+from edgeprune.finetuned import Pruned, check_labels_fit, release_job
 from edgeprune.models import LoadedModel, read_checkpoint
 from edgeprune.outputs import flatten_outputs, is_class_logits
 from edgeprune.pipeline import BuildOutcome
@@ -115,6 +115,7 @@ def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recove
         source.plan.meta.get("calibration") or dataclasses.replace(config.prune, model=original.spec).recipe_spec()
     recipe = inputs.recipe or load_recipe(spec)
     data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
+    check_labels_fit(original, data)
     with compute_threads():
         stage = _csgd if recovery.stage == "csgd" else _distill
         module, plan, notes = stage(source, data, recovery, stages)

@@ -72,3 +72,20 @@ def check_outputs(out: Any, spec: str) -> list[tuple[str, torch.Tensor]]:
 def is_class_logits(t: torch.Tensor) -> bool:
     """N x C scores with several classes: where top-1 agreement and accuracy mean something."""
     return t.ndim == 2 and t.shape[1] > 1
+
+
+def check_label_range(out: Any, data: Any, spec: str) -> None:
+    """Refuse the labels of `data` (a `data.CalibrationData`) where they reach past the classes of `out`'s first
+    class-logits output, the one accuracy and C-SGD read: labels >= C made the accuracy 0% before and after (a gate
+    that always passed) and C-SGD's cross-entropy fail."""
+    logits = next(((n, t) for n, t in flatten_outputs(out) if isinstance(t, torch.Tensor) and is_class_logits(t)), None)
+    tops = [int(y.max()) for y in (data.calib_y, data.heldout_y) if y is not None and len(y)]
+    if logits is None or not tops or max(tops) < logits[1].shape[1]:
+        return
+    (name, t), top = logits, max(tops)
+    shown = "its output" if name == SINGLE else f"its output {name!r}"
+    where = "the calibration data given in Python" if data.recipe.kind == "arrays" else \
+        f"calibration recipe {data.recipe.name or data.recipe.kind}"
+    raise EdgePruneError(f"the labels of {where} go up to {top}, but model {spec} has {t.shape[1]} classes ({shown} is "
+                         f"N x {t.shape[1]}); labels must be class indices 0..{t.shape[1] - 1}: fix the labels, or give "
+                         f"a model with {top + 1} or more classes")

@@ -261,3 +261,14 @@ def test_a_meta_or_torchscript_module_is_refused_in_one_line(kind: str) -> None:
         edgeprune.prune(model, ratio=0.5, calibration=X[:64])
     assert "\n" not in str(e.value)
     assert kind != "meta" or isinstance(e.value.__cause__, NotImplementedError)
+
+
+@pytest.mark.parametrize("criterion", ["cap", "nap"])
+def test_labels_past_the_models_classes_are_refused_naming_both(criterion: str) -> None:
+    """Labels 10..19 on a 10-class model: the accuracy gate passed silently at 0% before and after, and nap's
+    cross-entropy blamed the model ("set batch_size = 1"); now one line names the largest label and the classes."""
+    with pytest.raises(EdgePruneError) as e:
+        edgeprune.build(make_net(), calibration=(X[:200], np.arange(200) % 10 + 10), max_accuracy_drop=1.0, criterion=criterion)
+    assert str(e.value) == ("the labels of the calibration data given in Python go up to 19, but model "
+                            "python:tests.test_api.SmallCNN has 10 classes (its output is N x 10); labels must be "
+                            "class indices 0..9: fix the labels, or give a model with 20 or more classes")

@@ -191,3 +191,27 @@ def test_a_diverging_stage_exits_4_and_writes_nothing(source: dict, tmp_path: Pa
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.failed").exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # not even the temporary folder
     assert digest(source["dir"]) == before
+
+
+@pytest.mark.parametrize("stage", ["csgd", "distill"])
+def test_labels_past_the_models_classes_exit_2_before_training(source: dict, tmp_path: Path, stage: str) -> None:
+    """`finetune --stage csgd` on labels 1000+ exited 1 "internal error (IndexError: Target 1006 is out of bounds)";
+    labels are checked against the unpruned model's 10 classes before any training, whichever the stage."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    x = load_data(load_recipe("digits"), (1, 1, 32, 32)).calib_x[:64]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(64, dtype=np.int64) % 7 + 1000)
+    (tmp_path / "big.toml").write_text('kind = "npy"\npath = "x.npy"\nlabels = "y.npy"\nheldout = 16\n')
+    r = subprocess.run([sys.executable, "-m", "edgeprune", "finetune", str(source["dir"]), "--stage", stage,
+                        "--steps", "2", "--calibration", str(tmp_path / "big.toml"), "--out", str(tmp_path / "ft")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "edgeprune: error: the labels of calibration recipe big go up to 1006, but model example has 10 classes (its "
+        "output is N x 10); labels must be class indices 0..9: fix the labels, or give a model with 1007 or more "
+        "classes")
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "ft.failed").exists()
