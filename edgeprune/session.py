@@ -27,6 +27,7 @@ from edgeprune.fidelity import Fidelity, check_finite_baseline, fidelity, output
 from edgeprune.graph import CallRecorder, Graph, trace
 from edgeprune.criteria import NEEDS_STATS, check_labels, criterion_signals, rank_all, with_merges
 from edgeprune.importance import Ranking
+from edgeprune.memory import check_statistics_memory
 from edgeprune.models import LoadedModel, load_model
 from edgeprune.outputs import check_label_range
 from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory, timed
@@ -162,6 +163,8 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
             raise EdgePruneError(f"{loaded.spec} has no prunable channel groups"
                                  + (f" ({'; '.join(f'{k}: {v}' for k, v in list(graph.excluded.items())[:3])})"
                                     if graph.excluded else ""))
+        if config.compensation or config.criterion in NEEDS_STATS:  # exit 2 before the statistics are allocated
+            check_statistics_memory(loaded.module, graph, data.recipe.batch_size, len(data.calib_x))
     with timed(t, "baseline"), model_runs(loaded, "the held-out data", bs), recorder.watch(loaded.module):
         base_outputs = outputs(loaded.module, data)  # before the statistics: a broken model fails in seconds
     check_traced(graph, recorder, "the held-out data")
