@@ -242,7 +242,8 @@ def matrix(manifest: str | Path, devices: str | Path | None, out: str | Path, *,
 
 
 @_keeps_random_state
-def finetune(source: str | Path, *, calibration: Any = None, stage: str = "distill", orthoreg: float = 0.0,
+def finetune(source: str | Path, *, original: nn.Module | None = None, calibration: Any = None,
+             stage: str = "distill", orthoreg: float = 0.0,
              steps: int | None = None, minutes: float | None = None, lr: float | None = None,
              device: str | None = None, latency: str | None = None,
              evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None,
@@ -254,7 +255,9 @@ def finetune(source: str | Path, *, calibration: Any = None, stage: str = "disti
     source build's `device` and `latency` unless given. Distillation holds back `validation` (default 0.2) of the
     calibration samples and keeps the epoch with their lowest loss (the untrained model when none beat it;
     `report["finetune"]["validation"]`). Other options: `epochs`, `batch`, `temperature`, `centripetal`. Returns a
-    `BuildResult` (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges."""
+    `BuildResult` (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges.
+    A source built from a live module holds that module in its pruned.pt; `original=` gives it instead (where its
+    class cannot be imported, or pickle could not save it)."""
     from edgeprune.finetunejob import finetune_job, read_source
     from edgeprune.recovery import FinetuneConfig
 
@@ -264,7 +267,7 @@ def finetune(source: str | Path, *, calibration: Any = None, stage: str = "disti
     seed = prune_opts.pop("seed", 0)
     recovery = FinetuneConfig(stage=stage, steps=steps, minutes=minutes, orthoreg=orthoreg, lr=lr, seed=seed,
                               **train_opts)
-    src = read_source(source)
+    src = read_source(source, original=original)
     fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data_opts, seed)
     device, latency = src.release_settings(device, latency)
     config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"),

@@ -59,10 +59,19 @@ def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inp
                                  "(the Plan or plan.json it was pruned by)")
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         return Pruned(copy.deepcopy(model).cpu().eval(), plan, None, f"module {type(model).__qualname__}")
-    module, plan, loaded = load_pruned_with_original(Path(model), input_shape)
+    module, plan, loaded = load_pruned_with_original(Path(model), input_shape,
+                                                     original if isinstance(original, nn.Module) else None)
     if weights is not None:
         load_weights(module, weights)
     return Pruned(module.eval(), plan, loaded, f"{model}" + (f" with weights {weights}" if weights else ""))
+
+
+def saved_recipe(spec: str, source: str) -> Any:  # -> Recipe
+    """The recipe a pruned model was made with, to release or fine-tune it again; data given in Python is not saved."""
+    if spec == "python":
+        raise EdgePruneError(f"{source} was made on calibration data given in Python, which is not saved with it; "
+                             "pass --calibration RECIPE (calibration= in Python: a recipe or the data)")
+    return load_recipe(spec)
 
 
 def check_labels_fit(original: LoadedModel, data: Any) -> None:
@@ -89,7 +98,7 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
         original = inputs.loaded or pruned.original or load_model(config.prune.model, config.prune.weights,
                                                                   config.prune.input_shape, config.prune.seed)
         spec = config.prune.calibration or pruned.plan.meta.get("calibration") or config.prune.recipe_spec()
-        recipe = inputs.recipe or load_recipe(spec)
+        recipe = inputs.recipe or saved_recipe(spec, pruned.source)
         data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
         check_labels_fit(original, data)
         with OutputDir(out, force) as outdir:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from torch import nn
 from edgeprune.atomic import OutputDir
 from edgeprune.config import BuildConfig, Stages, no_progress
 from edgeprune.errors import EdgePruneError
-from edgeprune.finetuned import Pruned, check_labels_fit, release_job
+from edgeprune.finetuned import Pruned, check_labels_fit, release_job, saved_recipe
 from edgeprune.models import LoadedModel, read_checkpoint
 from edgeprune.outputs import flatten_outputs, is_class_logits
 from edgeprune.pipeline import BuildOutcome
@@ -68,8 +69,10 @@ class Source:
         return device or name or "cpu", latency or self.report.get("budget") or "0.5x"
 
 
-def read_source(folder: str | Path, input_shape: tuple[int, ...] | None = None) -> Source:
-    """The folder a build or prune wrote, or an error (exit 2) saying what is missing."""
+def read_source(folder: str | Path, input_shape: tuple[int, ...] | None = None,
+                original: nn.Module | None = None) -> Source:
+    """The folder a build or prune wrote, or an error (exit 2) saying what is missing or what does not belong; a build
+    from a live module takes its unpruned model from pruned.pt, or `original` (that module) when given."""
     from edgeprune.artifacts import load_pruned_with_original
 
     path = Path(folder)
@@ -86,9 +89,31 @@ def read_source(folder: str | Path, input_shape: tuple[int, ...] | None = None) 
                              "build or prune output") from None
     if not isinstance(report, dict) or "widths" not in report or "fidelity" not in report:
         raise EdgePruneError(f"{path / 'report.json'} is not the report of a build or prune (no widths, no fidelity)")
-    module, plan, original = load_pruned_with_original(path / "pruned.pt", input_shape)
-    ignore = tuple(read_checkpoint(path / "pruned.pt", "pruned model").get("ignore", ()))  # type: ignore[union-attr]
-    return Source(path, module, plan, original, report, ignore)
+    saved = read_checkpoint(path / "pruned.pt", "pruned model")
+    check_one_output(path, saved, report)
+    module, plan, loaded = load_pruned_with_original(path / "pruned.pt", input_shape, original)
+    return Source(path, module, plan, loaded, report, tuple(saved.get("ignore", ())))  # type: ignore[union-attr]
+
+
+def check_one_output(path: Path, saved: Any, report: dict[str, Any]) -> None:
+    """pruned.pt, plan.json and report.json must come from one job: a pruned.pt of another model beside them made a
+    report mixing the two (the other model's fidelity as the input's)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("plan"), dict):
+        return  # not a pruned.pt at all: load_pruned_with_original says so
+    try:
+        listed = json.loads((path / "plan.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgePruneError(f"{path / 'plan.json'} is not readable JSON ({type(e).__name__}); give an unchanged "
+                             "build or prune output") from None
+
+    def digest(plan: Any) -> str:
+        keys = {k: plan.get(k) for k in ("kept", "channels")} if isinstance(plan, dict) else plan
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:12]
+
+    if digest(saved["plan"]) != digest(listed) or saved.get("model") != report.get("model"):
+        raise EdgePruneError(f"{path} mixes two outputs: pruned.pt holds {saved.get('model')} pruned by plan "
+                             f"{digest(saved['plan'])}, plan.json is plan {digest(listed)} and report.json is of "
+                             f"{report.get('model')}; give a build or prune output folder as that job wrote it")
 
 
 def check_out(source: Source, out: str | Path, force: bool) -> None:
@@ -106,14 +131,13 @@ def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recove
     """Train `source` by `recovery`, then release it into `out` (a `pipeline.BuildOutcome`, exit codes as build's)."""
     from edgeprune.data import load_data
     from edgeprune.parallel import compute_threads
-    from edgeprune.recipe import load_recipe
 
     check_out(source, out, force)
     inputs = inputs or Inputs()
     original = source.original
     spec = config.prune.calibration if config.prune.calibration not in (None, "python") else \
         source.plan.meta.get("calibration") or dataclasses.replace(config.prune, model=original.spec).recipe_spec()
-    recipe = inputs.recipe or load_recipe(spec)
+    recipe = inputs.recipe or saved_recipe(spec, str(source.folder))
     data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
     check_labels_fit(original, data)
     with compute_threads():

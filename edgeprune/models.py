@@ -287,7 +287,8 @@ def from_module(module: nn.Module, example_input: torch.Tensor | None = None,
                 input_shape: tuple[int, ...] | None = None, seed: int = 0) -> LoadedModel:
     """A live `nn.Module` as a loaded model (the Python API): a deep copy in eval mode, so that nothing edgeprune
     does (eval(), pruning, hooks) touches the caller's module. The example input is the one given, else a seeded
-    normal tensor of `input_shape`. Its spec, `python:module.Class`, names it in reports; the CLI cannot load it."""
+    normal tensor of `input_shape`. Its spec, `python:module.Class`, names it in reports; no spec loader rebuilds it
+    (a job's pruned.pt keeps the module itself: `artifacts.save_pruned`)."""
     import copy
 
     if not isinstance(module, nn.Module):

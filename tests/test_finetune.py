@@ -215,3 +215,26 @@ def test_labels_past_the_models_classes_exit_2_before_training(source: dict, tmp
         "output is N x 10); labels must be class indices 0..9: fix the labels, or give a model with 1007 or more "
         "classes")
     assert not (tmp_path / "ft").exists() and not (tmp_path / "ft.failed").exists()
+
+
+def test_a_folder_whose_pruned_pt_belongs_to_another_prune_is_refused(source: dict, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """pruned.pt of another prune beside this one's plan.json and report.json made a report mixing the two (the other
+    model's input fidelity); the plan pruned.pt holds must be the one plan.json lists."""
+    import shutil
+
+    from edgeprune.pipeline import prune_job
+
+    other = PruneConfig(calibration=str(source["root"] / "digits-399.toml"), criterion="l1", compensation=False,
+                        channel_multiple=1, exporter="torchscript")
+    prune_job(other, tmp_path / "other", ratio=0.5)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(source["dir"], mixed)
+    shutil.copy(tmp_path / "other" / "pruned.pt", mixed / "pruned.pt")
+    code = main(["finetune", str(mixed), "--steps", "2", "--out", str(tmp_path / "ft")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"edgeprune: error: {mixed} mixes two outputs: pruned.pt holds example "
+                                            "pruned by plan "), err
+    assert "give a build or prune output folder as that job wrote it" in err[-1]
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "ft.failed").exists()
+    assert read_source(source["dir"]).plan == source["src"].plan  # an unchanged folder still reads
