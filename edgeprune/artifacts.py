@@ -11,10 +11,13 @@ wherever those classes can be imported (a class defined in a script: in that scr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import io
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,16 @@ def save_pruned(path: Path, pruned: nn.Module, plan: Plan, loaded: LoadedModel, 
     """pruned.pt: the pruned state dict and what is needed to rebuild its architecture (loadable weights_only)."""
     biased = [n for n, m in pruned.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None]
     live = _live_original(loaded) if loaded.spec.startswith(LIVE) else {}
-    torch.save({"format": PRUNED_FORMAT, "model": loaded.spec, "weights": loaded.weights,
-                "input_shape": list(loaded.input_shape), "ignore": list(ignore), "plan": plan.to_dict(),
-                "biased": biased, "state_dict": pruned.state_dict(), **live}, path)
+    state = pruned.state_dict()
+    try:
+        torch.save({"format": PRUNED_FORMAT, "model": loaded.spec, "weights": loaded.weights,
+                    "input_shape": list(loaded.input_shape), "ignore": list(ignore), "plan": plan.to_dict(),
+                    "biased": biased, "state_dict": state, **live}, path)
+    except RuntimeError as e:  # torch's zip writer says "unexpected pos" where the disk is full
+        need = sum(t.numel() * t.element_size() for t in state.values()) + len(live.get("original", b"")) + (1 << 20)
+        if shutil.disk_usage(Path(path).parent).free < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -21,6 +21,7 @@ removes what it left, recognised by the PID in the names (`remove_stale`, `scrat
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -221,8 +222,22 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         self.discard()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise self.disk_full(exc) from exc
+
+    def disk_full(self, e: OSError) -> EdgePruneError:
+        """A full disk (or quota) met while writing the job's files: the user's to fix, not a bug."""
+        where = Path(os.path.abspath(str(e.filename2 or e.filename or self.tmp)))
+        tmp = Path(os.path.abspath(self.tmp))
+        on_out = where.is_relative_to(tmp)
+        what = (f"{where.name} into " if where != tmp else "the artifacts into ") + str(self.out) if on_out else \
+            f"{where}"
+        fix = f"free space there or choose another {self.flag}" if on_out else \
+            "free space there or point TMPDIR at a disk with room"
+        return EdgePruneError(f"no space left on the device writing {what} ({e.strerror}); {fix} (nothing of this "
+                              f"run was kept; {self.out} is left as it was)")
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

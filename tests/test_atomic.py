@@ -231,3 +231,63 @@ def test_scratch_dir_is_named_with_the_pid_and_removes_dead_processes_ones(tmp_p
         assert Path(work).name.startswith(f"edgeprune-build-{os.getpid()}-") and Path(work).is_dir()
         assert not left.exists() and old_style.exists() and running.exists()
     assert not Path(work).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 4 MiB tmpfs (root and mount permitted, else skipped): a real full disk."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(disk: Path, leave_kb: int) -> None:
+    free_kb = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize // 1024
+    (disk / "filler").write_bytes(b"\0" * max(0, free_kb - leave_kb) * 1024)
+
+
+def test_a_rebuild_onto_a_full_disk_exits_2_and_keeps_the_previous_release(small_disk: Path, tmp_path: Path) -> None:
+    """Was exit 1 "internal error (OSError: [Errno 28] No space left on device ... -> .b.tmp-PID/model.onnx); this
+    is a bug in edgeprune" (the previous release did survive)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    (tmp_path / "r.toml").write_text('kind = "random"\ncount = 64\nheldout = 16\n')
+    build = [sys.executable, "-m", "edgeprune", "build", "--calibration", str(tmp_path / "r.toml"), "--max-steps", "2",
+             "--out", str(small_disk / "b")]
+    first = subprocess.run([*build, "--latency", "1e9ms"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    before = digest(small_disk / "b")
+    fill(small_disk, 40)
+    r = subprocess.run([*build, "--latency", "0.6x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"edgeprune: error: no space left on the device writing ") and (
+        f"free space there or choose another --out (nothing of this run was kept; {small_disk / 'b'} is left as it "
+        "was)") in line, line
+    assert digest(small_disk / "b") == before and sorted(p.name for p in small_disk.iterdir()) == ["b", "filler"]
+
+
+def test_save_pruned_on_a_full_disk_raises_enospc_not_torchs_zip_error(small_disk: Path) -> None:
+    """torch.save on a full disk raised RuntimeError "unexpected pos 576 vs 534", which no one reads as a full disk."""
+    import errno
+
+    from edgeprune.artifacts import save_pruned
+    from edgeprune.models import load_model
+    from edgeprune.plan import Plan
+
+    loaded = load_model("example")
+    fill(small_disk, 8)
+    with pytest.raises(OSError) as e:
+        save_pruned(small_disk / "pruned.pt", loaded.module, Plan(kept={}, channels={}), loaded, ())
+    assert e.value.errno == errno.ENOSPC
