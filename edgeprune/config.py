@@ -134,6 +134,9 @@ class BuildConfig:
     # the outer level: the strength u searched against the oracle (search.py), or MetaPruning's evolution over width
     # vectors under the latency model, its finalists measured (evolution.py)
     search: str = "strength"
+    # minutes of distillation from the unpruned model given to the released model before its gates (augmented
+    # calibration images, its best epoch on held-back ones kept); None or 0: none
+    recover: float | None = None
 
     @property
     def budget(self) -> Budget:
@@ -173,6 +176,8 @@ class BuildConfig:
             raise EdgePruneError(f"--tolerance must be in (0, 1), found {self.tolerance}")
         if self.max_steps < 2:
             raise EdgePruneError(f"--max-steps must be at least 2, found {self.max_steps}")
+        if self.recover is not None and not (isinstance(self.recover, (int, float)) and 0 <= self.recover <= 1440):
+            raise EdgePruneError(f"--recover is minutes of distillation in [0, 1440], found {self.recover!r}")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise EdgePruneError(f"--min-agreement is a fraction in [0, 1], found {self.min_agreement}")
 

@@ -19,6 +19,7 @@ from torch import nn
 from edgeprune.data import CalibrationData
 from edgeprune.errors import EdgePruneError
 from edgeprune.outputs import flatten_outputs, is_class_logits
+from edgeprune.replay import Replay
 
 Named = dict[str, torch.Tensor]  # output name -> held-out outputs, N x ... (float64)
 
@@ -152,17 +153,21 @@ class MaskedProxy:
         self.modules = {n: modules[n] for n in names}
         self.originals = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                           for n, m in self.modules.items()}
-        self.base = self._forward()
+        self.replay = Replay(self.model, x, names)  # resumes at the first consumer a candidate changes
+        self.removed: dict[str, frozenset[int]] = {}  # the last candidate's removed inputs, per consumer
+        self.base = self._forward(set())
         self.weights = output_weights(list(self.base), weights or {})
 
-    def _forward(self) -> Named:
-        with torch.no_grad():
-            return {n: t.double() for n, t in flatten_outputs(self.model(self.x))}
+    def _forward(self, changed: set[str]) -> Named:
+        return {n: t.double() for n, t in flatten_outputs(self.replay.run(changed))}
 
     def error(self, plan: Any) -> float:
         """||y_plan - y|| / ||y|| over the samples, a weighted mean over outputs (each weighing 1 unless given)."""
-        from edgeprune.surgery import compensate_consumers
+        from edgeprune.surgery import compensate_consumers, removed_coords
 
+        removed = {n: frozenset(r) for n, r in removed_coords(self.graph, plan).items() if r}
+        changed = {n for n in set(removed) | set(self.removed) if removed.get(n) != self.removed.get(n)}
+        self.removed = removed
         with torch.no_grad():
             for n, m in self.modules.items():
                 w, b = self.originals[n]
@@ -173,7 +178,7 @@ class MaskedProxy:
                     m.bias.copy_(b)
         compensate_consumers(self.model, self.graph, plan, self.stats, self.orders, self.solvers, memo=self.memo,
                              repair=self.repair)
-        rels = relative_errors(self._forward(), self.base)
+        rels = relative_errors(self._forward(changed), self.base)
         return sum(self.weights[n] * r for n, r in rels.items()) / sum(self.weights.values())
 
 

@@ -93,9 +93,7 @@ def sequential_repair(model: nn.Module, graph: Graph, plan: Plan, batches: list[
     fits = _Fits(orig, work, todo, max_positions, seed, ridge)
     fits.priors = priors or {}
     try:
-        import torch.fx
-
-        graph_fx = torch.fx.symbolic_trace(orig).graph
+        graph_fx = fx_graph(orig)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the slower per-consumer passes give the same result
         log.info("sequential repair without torch.fx (%s): one truncated pass per consumer",
                  first_line(e, 160))
@@ -201,6 +199,24 @@ def _by_interpretation(fits: _Fits, graph_fx: Any, orig: nn.Module, work: nn.Mod
                         for env in per_batch:
                             env.pop(n, None)
     return fits.repairs
+
+
+# Layers run as one node whatever their class: subclasses of these (timm's Conv2dSame computes its "same" padding from
+# the input's shape in Python, which symbolic tracing cannot follow) are called as modules, never traced into.
+LEAVES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm,
+          nn.LayerNorm, nn.GroupNorm)
+
+
+def fx_graph(model: nn.Module) -> Any:
+    """`model`'s torch.fx graph, with every layer of a `LEAVES` class (subclasses too) as one call_module node.
+    Raises whatever torch.fx raises for a model it cannot trace."""
+    import torch.fx
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
+
+    return Tracer().trace(model)
 
 
 def _run(root: nn.Module, node: Any, env: dict, x: torch.Tensor) -> Any:

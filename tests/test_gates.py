@@ -157,3 +157,49 @@ def test_an_evaluate_past_its_timeout_stops_the_job_with_exit_2_naming_it(tmp_pa
     bad = subprocess.run([sys.executable, "-m", "edgeprune", "build", "--evaluate-timeout", "nan"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "--evaluate-timeout must be a number of seconds in (0, 86400]" in bad.stderr
+
+
+# ---------------------------------------------------------------- the default agreement gate (issue 28)
+
+
+def plain_build(tmp_path: Path, *extra: str) -> tuple[int, dict | None]:
+    """The bundled example (digits, real calibration data) at 0.3x without the repair: slicing channels alone keeps
+    the unpruned model's prediction on about a tenth of the held-out digits (README's methods table)."""
+    out = tmp_path / "b"
+    code = main(["build", "--latency", "0.3x", "--tolerance", "0.5", "--no-compensation", "--max-steps", "4",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json", *extra])
+    report = next((json.loads((d / "report.json").read_text()) for d in (out, Path(f"{out}.failed"))
+                   if (d / "report.json").is_file()), None)
+    return code, report
+
+
+def test_a_build_that_loses_its_predictions_fails_the_default_gate_with_the_way_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, report = plain_build(tmp_path)
+    err = capsys.readouterr().err
+    assert report is not None and report["met"]
+    gate = report["quality_gates"]["top1_agreement"]
+    assert gate["default"] and gate["limit"] == 0.9 and gate["value"] < 0.9 and not gate["passed"]
+    assert code == 4
+    assert not (tmp_path / "b").exists() and (tmp_path / "b.failed" / "model.onnx").is_file()
+    line = next(ln for ln in err.splitlines() if ln.startswith("edgeprune: error:"))
+    assert f"{100 * gate['value']:.1f}% of the held-out samples, under the 90% default gate" in line
+    for way_out in ("--recover MINUTES", "--latency 0.4x", "--min-agreement"):
+        assert way_out in line
+
+
+def test_min_agreement_0_turns_the_default_gate_off(tmp_path: Path) -> None:
+    code, report = plain_build(tmp_path, "--min-agreement", "0")
+    assert report is not None and "top1_agreement" not in report["quality_gates"]
+    assert report["fidelity"]["top1_agreement"] < 0.9  # the same model the default gate refuses
+    assert code == 0 and (tmp_path / "b" / "model.onnx").is_file()
+
+
+def test_random_calibration_data_has_no_default_gate_and_says_so(tmp_path: Path) -> None:
+    from edgeprune.gates import DEFAULT_MIN_AGREEMENT, agreement_gate
+    from edgeprune.config import BuildConfig, PruneConfig
+
+    config = BuildConfig(prune=PruneConfig())
+    assert agreement_gate(config, "random") == (None, False)
+    assert agreement_gate(config, "digits") == (DEFAULT_MIN_AGREEMENT, True)
+    assert agreement_gate(BuildConfig(prune=PruneConfig(), min_agreement=0.5), "random") == (0.5, False)
