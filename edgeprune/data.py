@@ -58,10 +58,11 @@ class CalibrationData:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.calib_x.shape[1:])
 
-    def calib_batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """Calibration inputs in a fixed order, `batch_size` (default the recipe's) at a time; the last may be short."""
+    def calib_batches(self, batch_size: int | None = None, start: int = 0) -> Iterator[torch.Tensor]:
+        """Calibration inputs from `start` on in a fixed order, `batch_size` (default the recipe's) at a time; the last
+        may be short."""
         bs = _batch_size(batch_size, self.recipe)
-        for i in range(0, len(self.calib_x), bs):
+        for i in range(start, len(self.calib_x), bs):
             # A copy: a model whose first op works in place must not change the stored samples.
             yield torch.from_numpy(self.calib_x[i:i + bs].copy())
 

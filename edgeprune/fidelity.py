@@ -158,7 +158,9 @@ class MaskedProxy:
         self.base = self._forward(set())
         self.weights = output_weights(list(self.base), weights or {})
 
-    def _forward(self, changed: set[str]) -> Named:
+    def _forward(self, changed: set[str] | None = None) -> Named:
+        """The masked network's outputs; `changed`: the consumers whose weights changed since the last forward pass
+        (None: run it whole)."""
         return {n: t.double() for n, t in flatten_outputs(self.replay.run(changed))}
 
     def error(self, plan: Any) -> float:

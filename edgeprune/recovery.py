@@ -204,6 +204,8 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
         if held is not None else None
     start, done, losses, first = time.monotonic(), 0, [], float("nan")
     student.train()
+    if config.stage == "distill":
+        freeze_batchnorm(student)
     while True:
         for idx in pool[torch.randperm(len(pool), generator=gen)[: per_epoch * batch]].view(per_epoch, batch):
             if shifted:  # the teacher sees the same augmented batch
@@ -248,6 +250,16 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
                                 "cross-entropy" if yt is not None else "distillation", validation)
 
 
+def freeze_batchnorm(module: nn.Module) -> None:
+    """Batch norms in eval mode: distillation on a few hundred calibration images trains the weights around the
+    statistics the model was trained with. In train mode each batch normalised by its own statistics and the running
+    ones drifted towards batches of a few photos: a pruned ImageNet EfficientNet-Lite0's held-back loss rose from
+    0.125 to 0.377 in 7 steps at learning rate 1e-4 (issue 28)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def augment(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Each image flipped left-right with probability 1/2 and shifted by up to 1/8 of its height and width (reflected
     at the borders): a distillation on a few hundred calibration images learns them by heart without it (issue 28).
@@ -285,6 +297,8 @@ def _held_loss(student: nn.Module, xt: torch.Tensor, yt: torch.Tensor | None, ta
             yb, teacher = (yt[idx], None) if yt is not None else (None, targets(idx))
             total += float(_fit_loss(student(xt[idx]), yb, teacher, config)) * len(idx)
     student.train()
+    if config.stage == "distill":
+        freeze_batchnorm(student)
     return total / len(held)
 
 

@@ -55,13 +55,13 @@ class Replay:
         candidates = {self.first[s] for s in starts if s in self.first}
         self.chosen = self._choose(self._frontier_bytes(candidates))
 
-    def run(self, changed: set[str]) -> Any:
+    def run(self, changed: set[str] | None = None) -> Any:
         """The model's output with its current weights; `changed`: the modules whose weights differ from the last
-        run (any module not met as a node of the trace makes the run start from the input)."""
+        run (None, or any module not met as a node of the trace, makes the run start from the input)."""
         if self.nodes is None:
             with torch.no_grad():
                 return self.model(self.x)
-        k = min((self.first.get(name, 0) for name in changed), default=len(self.nodes))
+        k = 0 if changed is None else min((self.first.get(name, 0) for name in changed), default=len(self.nodes))
         start = max((i for i in self.saved if i <= k), default=0)
         env = {n: v.clone() for n, v in self.saved[start].items()} if start else {}
         return self._interpret(start, env, self.x, self.chosen)

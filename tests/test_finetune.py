@@ -125,7 +125,7 @@ def test_finetune_command_releases_into_a_new_folder_with_the_budget_rechecked(
     before = digest(source["dir"])
     out = tmp_path / "tuned"
     code = main(["finetune", str(source["dir"]), "--steps", "8", "--device", str(source["target"]),
-                 "--latency", "0.9x", "--out", str(out), "--json"])
+                 "--latency", "0.9x", "--out", str(out), "--json", "--min-agreement", "0"])  # a quarter of l1: ~10%
     captured = capsys.readouterr()
     assert code == 0, captured.err
     r = json.loads((out / "report.json").read_text())
@@ -141,7 +141,8 @@ def test_finetune_command_releases_into_a_new_folder_with_the_budget_rechecked(
     assert digest(source["dir"]) == before  # nothing written over the input
 
     result = edgeprune.finetune(source["dir"], calibration=source["data"].calib_x, heldout=0.5, steps=2,
-                                device=str(source["target"]), latency="0.9x", out=tmp_path / "api")
+                                device=str(source["target"]), latency="0.9x", out=tmp_path / "api",
+                                min_agreement=0)
     assert result.exit_code == 0 and result.report["finetune"]["steps"] == 2
     # the 200 samples given, half held out for the release's fidelity, a fifth of the rest held back by the training
     assert result.report["finetune"]["validation"]["samples"] == 20
@@ -238,3 +239,50 @@ def test_a_folder_whose_pruned_pt_belongs_to_another_prune_is_refused(source: di
     assert "give a build or prune output folder as that job wrote it" in err[-1]
     assert not (tmp_path / "ft").exists() and not (tmp_path / "ft.failed").exists()
     assert read_source(source["dir"]).plan == source["src"].plan  # an unchanged folder still reads
+
+
+# ---------------------------------------------------------------- augmentation and build --recover (issue 28)
+
+
+def test_augment_flips_and_shifts_images_and_leaves_other_inputs_alone() -> None:
+    from edgeprune.recovery import augment
+
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    a = augment(x, torch.Generator().manual_seed(0))
+    b = augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, b)  # deterministic for a seed
+    assert not torch.equal(a, x)
+    # each output is a flipped or not, shifted window of its own image: every value comes from that image's pixels
+    for i in range(2):
+        assert set(a[i].flatten().tolist()) <= set(x[i].flatten().tolist())
+    many = torch.stack([augment(x[:1], torch.Generator().manual_seed(s))[0] for s in range(16)])
+    assert len({t.sum().item() for t in many}) > 4  # shifts and flips vary
+    flat = torch.randn(4, 10)
+    assert augment(flat, torch.Generator()) is flat
+
+
+def test_build_recover_distils_the_release_and_ships_what_it_trained(tmp_path: Path) -> None:
+    """`build --recover`: the released model is the trained one (its ONNX file computes it: parity), the report says
+    how it trained, and the best held-back epoch (or the untrained model) is what ships."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeprune.artifacts import load_pruned
+
+    out = tmp_path / "b"
+    code = main(["build", "--latency", "0.5x", "--tolerance", "0.5", "--max-steps", "4", "--recover", "0.1",
+                 "--min-agreement", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json"])
+    assert code == 0
+    r = json.loads((out / "report.json").read_text())
+    rec = r["recovery"]
+    assert rec["minutes"] == 0.1 and rec["steps"] > 0 and rec["loss"] == "distillation"
+    v = rec["validation"]
+    assert v["best"] <= v["before"] and (v["best_step"] == 0) == (v["best"] == v["before"])
+    assert r["quality_gates"]["onnx_parity"]["passed"]
+    module = load_pruned(out / "pruned.pt")[0].eval()
+    x = torch.randn(3, 1, 32, 32)  # the example's input size
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    got = np.concatenate([sess.run(None, {name: x[i:i + 1].numpy()})[0] for i in range(3)])
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-4)

