@@ -261,6 +261,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+def keep_torch_caches_out_of_tmp() -> None:
+    """torch 2.14 makes `$TMPDIR/torchinductor_$USER` whenever torch._dynamo is imported (torch-pruning and the ONNX
+    exporter import it), and leaves it there: a job must leave nothing in the temporary folder. Unless the user chose
+    a place (TORCHINDUCTOR_CACHE_DIR), torch's caches go beside edgeprune's measurement cache."""
+    import os
+
+    from edgeprune.runtimes.cache import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir() / "torchinductor"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
@@ -269,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.BAD_INPUT)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s")
+    keep_torch_caches_out_of_tmp()
     try:
         with sigterm_raises():
             return handlers[args.command](args)

@@ -179,6 +179,9 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(start=skip),
                                        progress=stages("collecting statistics", n), total_batches=n,
                                        strict=data.recipe.kind != "random", observe=recorder.watch)
+            with model_runs(loaded, "the calibration data", bs), recorder.watch(loaded.module), torch.no_grad():
+                for i in range(0, skip, bs):  # the proxy's samples run too: every layer they reach must be traced
+                    loaded.module(torch.from_numpy(data.calib_x[i:min(i + bs, skip)].copy()))
         check_traced(graph, recorder, "the calibration data")
     rankings: dict[str, Ranking] = {}
     if rank_groups:
