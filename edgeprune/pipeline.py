@@ -336,7 +336,8 @@ def recovered(config: BuildConfig, session: Prepared, release: Verified, measure
     from edgeprune.recovery import FinetuneConfig, train
 
     student = copy.deepcopy(release.pruned)
-    rc = FinetuneConfig(stage="distill", minutes=config.recover, seed=session.config.seed)
+    rc = FinetuneConfig(stage="distill", minutes=config.recover, seed=session.config.seed, augment=True,
+                        freeze_bn=True)
     with timed(session.timings_s, "recover"):
         done = train(student, session.loaded.module, session.data.calib_x, None, rc, keep_best=True)
         float_path = release.path.parent / "recovered.onnx"

@@ -54,7 +54,11 @@ class FinetuneConfig:
     temperature: float = 1.0  # of the distillation's softmax on class logits
     centripetal: float = 3.0  # C-SGD's centripetal strength (csgd.py)
     validation: float = 0.2  # distill: share of the calibration samples held back to keep the best epoch (0: off)
-    augment: bool = True  # distill on images: random flips and shifts (`augment`), the teacher run on each batch
+    # distill on images: random flips and shifts (`augment`), the teacher run on each batch; and batch norms kept at
+    # their statistics (`freeze_batchnorm`). build --recover sets both (a pretrained model on a few hundred images);
+    # finetune leaves them off: on a model sliced without the repair, batch statistics are part of the recovery
+    augment: bool = False
+    freeze_bn: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -204,7 +208,7 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
         if held is not None else None
     start, done, losses, first = time.monotonic(), 0, [], float("nan")
     student.train()
-    if config.stage == "distill":
+    if config.freeze_bn:
         freeze_batchnorm(student)
     while True:
         for idx in pool[torch.randperm(len(pool), generator=gen)[: per_epoch * batch]].view(per_epoch, batch):
@@ -297,7 +301,7 @@ def _held_loss(student: nn.Module, xt: torch.Tensor, yt: torch.Tensor | None, ta
             yb, teacher = (yt[idx], None) if yt is not None else (None, targets(idx))
             total += float(_fit_loss(student(xt[idx]), yb, teacher, config)) * len(idx)
     student.train()
-    if config.stage == "distill":
+    if config.freeze_bn:
         freeze_batchnorm(student)
     return total / len(held)
 

@@ -174,7 +174,7 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
     stats: dict[str, LayerStats] = {}
     if config.compensation or config.criterion in NEEDS_STATS:
         with timed(t, "statistics"), heavy_stage_threads(data):
-            skip = proxy_samples(data) if data.recipe.kind != "random" else 0  # the proxy's, held back
+            skip = held_back(data)  # the proxy's samples
             n = -(-(len(data.calib_x) - skip) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(start=skip),
                                        progress=stages("collecting statistics", n), total_batches=n,
@@ -205,6 +205,12 @@ def proxy_samples(data: CalibrationData) -> int:
     on the fitted samples, 0.22 on others, issue 28), and the search cut exactly those groups."""
     n = max(8, min(256, PROXY_VALUES // int(np.prod(data.sample_shape))))
     return max(1, min(n, len(data.calib_x) // 4))
+
+
+def held_back(data: CalibrationData) -> int:
+    """Calibration samples the statistics leave out for the proxy: `proxy_samples` on real data with at least 32
+    calibration samples, else none (random data: nothing to generalise; a handful of samples: all are needed)."""
+    return proxy_samples(data) if data.recipe.kind != "random" and len(data.calib_x) >= 32 else 0
 
 
 def fidelity_error(prep: Prepared, timings: dict[str, float],

@@ -115,7 +115,8 @@ def test_build_artifacts_are_consistent(cap_build: tuple[int, dict, str], env: d
 
 def test_build_beats_l1_without_compensation(cap_build: tuple[int, dict, str], env: dict[str, Path],
                                              capsys: pytest.CaptureFixture) -> None:
-    code, r, _ = build(env, capsys, "l1", "--latency", "0.5x", "--criterion", "l1", "--no-compensation")
+    code, r, _ = build(env, capsys, "l1", "--latency", "0.5x", "--criterion", "l1", "--no-compensation",
+                       "--min-agreement", "0")  # past the default gate: the comparison is the point
     assert code == 0 and r["met"]
     cap_acc = cap_build[1]["fidelity"]["accuracy"]["after"]
     assert cap_acc >= r["fidelity"]["accuracy"]["after"] + 0.3
@@ -149,7 +150,7 @@ def test_a_release_under_half_its_budget_is_said_on_stderr(env: dict[str, Path],
     output near zero): the search keeps the narrowest, and the build says so instead of releasing it silently."""
     with caplog.at_level(logging.WARNING, logger="edgeprune.pipeline"):
         code, r, _ = build(env, capsys, "far-under", "--latency", "0.5x", "--no-compensation", "--allocation",
-                           "itpruner")
+                           "itpruner", "--min-agreement", "0")
     final = r["final"]["latency_ms"]["median"]
     assert code == 0 and r["met"] and final < 0.5 * r["budget_ms"] and r["search"]["far_under_budget"]
     warning = [m for m in caplog.messages if m.startswith("released at")]
@@ -162,6 +163,7 @@ def build_with(env: dict[str, Path], name: str, measurer: type, **config: object
     from edgeprune.pipeline import build as run
 
     prune = PruneConfig(criterion="l1", compensation=False, channel_multiple=0, exporter="torchscript")
+    config = {"min_agreement": 0, **config}  # l1 without the repair is under the default gate: latency is tested
     return run(BuildConfig(prune=prune, device=str(env["target"]), cache_dir=str(env["cache"]), **config),
                env["root"] / name, measurer=measurer)
 
