@@ -272,7 +272,7 @@ def test_a_rebuild_onto_a_full_disk_exits_2_and_keeps_the_previous_release(small
     r = subprocess.run([*build, "--latency", "0.6x"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"edgeprune: error: no space left on the device writing ") and (
+    assert line.startswith("edgeprune: error: no space left on the device writing ") and (
         f"free space there or choose another --out (nothing of this run was kept; {small_disk / 'b'} is left as it "
         "was)") in line, line
     assert digest(small_disk / "b") == before and sorted(p.name for p in small_disk.iterdir()) == ["b", "filler"]
