@@ -147,21 +147,27 @@ def test_agent_answers_404_for_unknown_path(agent):
     assert status == 404 and "GET /health or POST /measure" in answer["error"]
 
 
-def test_agent_serialises_concurrent_measurements(agent, model):
-    body = model.read_bytes()
-    target = fast_target(iterations=200)
-    answers: list[tuple[int, dict]] = []
-    start = threading.Barrier(4)
+def at_once(n: int, request, timeout: float) -> list:
+    """`request()` from `n` threads released together; the answers of those that finished within `timeout`."""
+    answers: list = []
+    start = threading.Barrier(n)
 
     def client() -> None:
         start.wait()
-        answers.append(post_measure(agent.url, body, target))
+        answers.append(request())
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=timeout)
+    return answers
+
+
+def test_agent_serialises_concurrent_measurements(agent, model):
+    body = model.read_bytes()
+    target = fast_target(iterations=200)
+    answers = at_once(4, lambda: post_measure(agent.url, body, target), timeout=120)
     assert [status for status, _ in answers] == [200] * 4
     spans = sorted((a["agent"]["started_at"], a["agent"]["finished_at"]) for _, a in answers)
     for (_, end), (begin, _) in zip(spans, spans[1:]):
@@ -367,18 +373,7 @@ def test_thirty_concurrent_clients_each_get_an_answer_and_a_full_queue_says_when
     server = start_agent(AgentConfig(host="127.0.0.1", port=0, token=TOKEN, max_queue=4))
     try:
         body, target = model.read_bytes(), fast_target(iterations=100)
-        answers: list[tuple[object, dict, dict]] = []
-        start = threading.Barrier(30)
-
-        def client() -> None:
-            start.wait()
-            answers.append(raw_post(server.url, body, target))
-
-        threads = [threading.Thread(target=client) for _ in range(30)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=150)
+        answers = at_once(30, lambda: raw_post(server.url, body, target), timeout=150)
         statuses = sorted(str(s) for s, _, _ in answers)
         assert len(answers) == 30 and set(statuses) <= {"200", "503"}, statuses
         assert 5 <= statuses.count("200") < 30, statuses  # the running one and the 4 waiting, at least
