@@ -11,7 +11,8 @@ that needs them.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from edgeprune._version import __version__
+
 API = ("build", "prune", "profile", "lut", "load_target", "release", "finetune", "matrix")
 __all__ = ["__version__", *API]
 

@@ -9,7 +9,7 @@
 
 `model` is an `nn.Module` (deep-copied: yours is never changed) or a spec string as on the command line;
 `calibration` a recipe name or file, a `DataLoader`, any iterable of batches or (input, label) pairs, a tensor or an
-array (see `batches.py`). Other options are the CLI's flags in Python spelling (`criterion="l1"`,
+array (see `inputs/batches.py`). Other options are the CLI's flags in Python spelling (`criterion="l1"`,
 `max_accuracy_drop=1.0`, `heldout=0.25` for data in memory); an unknown one is an error naming the known ones.
 Errors are `edgeprune.errors.EdgePruneError` with the CLI's one-line message; a build that misses its budget or a
 gate returns (`result.exit_code` 3 or 4), it does not raise.
@@ -29,10 +29,10 @@ from torch import nn
 
 from edgeprune.config import BuildConfig, PruneConfig
 from edgeprune.errors import EdgePruneError
+from edgeprune.inputs.targets import Target
+from edgeprune.jobs.session import Inputs
 from edgeprune.results import BuildResult, PruneResult
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.session import Inputs
-from edgeprune.targets import Target
 
 _PRUNE_OPTIONS = {f.name for f in dataclasses.fields(PruneConfig)} - {"model", "calibration", "input_shape"}
 _BUILD_OPTIONS = {f.name for f in dataclasses.fields(BuildConfig)} - {"prune", "device", "latency", "evaluate"}
@@ -70,7 +70,7 @@ def _keeps_random_state(job: Callable[..., Any]) -> Callable[..., Any]:
 
 def load_target(spec: str | Path) -> Target:
     """A device profile: a bundled name (`cpu`, `rpi5`, `jetson-orin-nano`, ...) or a TOML file."""
-    from edgeprune.targets import load_target as load
+    from edgeprune.inputs.targets import load_target as load
 
     return load(spec)
 
@@ -91,9 +91,9 @@ def _split_options(options: dict[str, Any], allowed: set[str]) -> tuple[dict, di
 def _inputs(model: nn.Module | str | None, example_input: Any, input_shape: tuple[int, ...] | None,
             calibration: Any, data_options: dict[str, Any], seed: int) -> tuple[dict[str, Any], Inputs]:
     """PruneConfig fields and the Inputs for a model and calibration given either way."""
-    from edgeprune.batches import as_arrays
-    from edgeprune.models import from_module
-    from edgeprune.recipe import Recipe
+    from edgeprune.inputs.batches import as_arrays
+    from edgeprune.inputs.models import from_module
+    from edgeprune.inputs.recipe import Recipe
 
     fields: dict[str, Any] = {"input_shape": tuple(input_shape) if input_shape else None}
     arrays = None
@@ -136,7 +136,7 @@ def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tup
     `quantize.OnnxModule`); it is in the report and gated by `max_metric_drop=`. Artifacts go to `out` (default: a new
     temporary folder, `result.out`). Returns a `BuildResult`; `result.exit_code` 3 or 4 when the budget or a gate
     was missed."""
-    from edgeprune.pipeline import build as run
+    from edgeprune.jobs.build_job import build as run
 
     prune_opts, data_opts, build_opts = _split_options(options, _PRUNE_OPTIONS | _BUILD_OPTIONS)
     prune_opts = {"exporter": "torchscript", "channel_multiple": 0, **prune_opts}  # the CLI build's defaults
@@ -162,7 +162,7 @@ def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Pat
           out: str | Path | None = None, force: bool = False, **options: Any) -> PruneResult:
     """Remove the fraction `ratio` of every channel group (or exactly what `plan` says), with compensation; no
     latency target. Returns a `PruneResult` (module, plan, fidelity, the exported model.onnx)."""
-    from edgeprune.pipeline import prune_job
+    from edgeprune.jobs.prune_job import prune_job
 
     prune_opts, data_opts, _ = _split_options(options, _PRUNE_OPTIONS)
     fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
@@ -183,8 +183,8 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
     target = load_target(device)
     store = MeasurementCache.under(None) if cache else None
     if isinstance(model, nn.Module):
-        from edgeprune.models import from_module
-        from edgeprune.oracle import export_candidate
+        from edgeprune.inputs.models import from_module
+        from edgeprune.jobs.oracle import export_candidate
 
         loaded = from_module(model, example_input, input_shape)
         with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
@@ -197,7 +197,7 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
 def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
         input_shape: tuple[int, ...] | None = None, resume: bool = True) -> dict[str, Any]:
     """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`."""
-    from edgeprune.lutjob import lut_job
+    from edgeprune.jobs.lut_job import lut_job
 
     if not isinstance(model, str):
         raise EdgePruneError("lut() takes a model spec string: the table is keyed by it, and a build reads it back "
@@ -214,7 +214,7 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
     `device` against `latency`, its fidelity to `original` taken, the gates run, and the same artifacts and report
     written, without pruning. `model` is a pruned module (with `original=` the unpruned one or its spec, and `plan=`
     the Plan or plan.json it was pruned by) or a `pruned.pt` (which names both)."""
-    from edgeprune.finetuned import release_job, release_inputs
+    from edgeprune.jobs.release_job import release_job, release_inputs
 
     prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "weights", "exporter"})
     seed, weights = prune_opts.pop("seed", 0), prune_opts.pop("weights", None)
@@ -235,8 +235,8 @@ def matrix(manifest: str | Path, devices: str | Path | None, out: str | Path, *,
     no board runs that this machine can, such as cpu, is measured here); `ray`: None (embedded), "auto" or a cluster's
     address. Returns the index (also out/index.json); its `exit_code` is 0 only when every entry met its budget and
     gates."""
-    from edgeprune.matrixjob import load_manifest, run_matrix
-    from edgeprune.pool import default_pool
+    from edgeprune.fleet.matrix_job import load_manifest, run_matrix
+    from edgeprune.fleet.pool import default_pool
 
     return run_matrix(load_manifest(manifest), default_pool(devices), out, ray=ray, cache_dir=cache_dir)
 
@@ -258,8 +258,8 @@ def finetune(source: str | Path, *, original: nn.Module | None = None, calibrati
     `BuildResult` (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges.
     A source built from a live module holds that module in its pruned.pt; `original=` gives it instead (where its
     class cannot be imported, or pickle could not save it)."""
-    from edgeprune.finetunejob import finetune_job, read_source
-    from edgeprune.recovery import FinetuneConfig
+    from edgeprune.jobs.finetune_job import finetune_job, read_source
+    from edgeprune.recovery.train import FinetuneConfig
 
     train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal", "validation")
                   if k in options}

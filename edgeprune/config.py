@@ -13,21 +13,11 @@ from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass, field
 
+from edgeprune.dependency.graph import check_patterns
 from edgeprune.errors import EdgePruneError
-from edgeprune.graph import check_patterns
-from edgeprune.criteria import CRITERIA
-from edgeprune.models import check_seed
+from edgeprune.inputs.models import check_seed
 from edgeprune.plan import REPAIRS
-
-Tick = Callable[[int, int], None]
-
-
-Stages = Callable[[str, int | None], Tick]  # (stage description, total steps) -> progress callback
-
-
-def no_progress(description: str, total: int | None = None) -> Tick:
-    return lambda done, total: None
-
+from edgeprune.scoring.criteria import CRITERIA
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -131,8 +121,8 @@ class BuildConfig:
     # weight of each named output in the fidelity proxy's error (a weighted mean of per-output relative errors);
     # outputs not named weigh 1
     output_weights: tuple[tuple[str, float], ...] = ()
-    # the outer level: the strength u searched against the oracle (search.py), or MetaPruning's evolution over width
-    # vectors under the latency model, its finalists measured (evolution.py)
+    # the outer level: the strength u searched against the oracle (strength.py), or MetaPruning's evolution over width
+    # vectors under the latency model, its finalists measured (search/evolution.py)
     search: str = "strength"
     # minutes of distillation from the unpruned model given to the released model before its gates (augmented
     # calibration images, its best epoch on held-back ones kept); None or 0: none
@@ -143,7 +133,7 @@ class BuildConfig:
         return parse_budget(self.latency)
 
     def __post_init__(self) -> None:
-        from edgeprune.allocate import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES
+        from edgeprune.search.allocate import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES
 
         parse_budget(self.latency)  # exit 2 before any work
         if not (isinstance(self.evaluate_timeout, (int, float)) and 0 < self.evaluate_timeout <= 86400):  # NaN too
@@ -166,7 +156,7 @@ class BuildConfig:
             raise EdgePruneError(f"--allocation {self.allocation} is {self.allocation}'s width rule and reads its "
                                  f"rankings; give --criterion {self.allocation} with it (found "
                                  f"--criterion {self.prune.criterion})")
-        from edgeprune.search import SEARCHES
+        from edgeprune.search.strength import SEARCHES
 
         if self.search not in SEARCHES:
             raise EdgePruneError(f"--search must be {' or '.join(SEARCHES)}, found {self.search!r}")

@@ -26,7 +26,7 @@ def first_line(e: BaseException, limit: int = 200, default: str | None = None) -
 class EdgePruneError(Exception):
     """A problem the user can fix: the message says what was wanted, what was found and what to do.
 
-    `cli.py` prints it as one line, `edgeprune: error: <message>`, and exits with `code`.
+    `cli/commands.py` prints it as one line, `edgeprune: error: <message>`, and exits with `code`.
     """
 
     def __init__(self, message: str, code: ExitCode = ExitCode.BAD_INPUT) -> None:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeprune.atomic import atomic_write_text
+from edgeprune.common.atomic import atomic_write_text
+from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
-from edgeprune.graph import Graph, Group
-from edgeprune.importance import Ranking
+from edgeprune.scoring.importance import Ranking
 
 PLAN_VERSION = 1
 REPAIRS = ("independent", "sequential")  # how compensated consumers are fitted: prune.compensate_consumers, repair
@@ -111,7 +111,7 @@ def round_width(width: float, channels: int, multiple: int, min_width: int | Non
 
 def width_step(group: Group, multiple: int) -> int:
     """The step a group's width moves by: `multiple` (the channel alignment), in whole units of a group pruned in
-    units (the groups of a grouped conv, see groupconv.py)."""
+    units (the groups of a grouped conv, see dependency/groupconv.py)."""
     return math.lcm(multiple, group.unit)
 
 

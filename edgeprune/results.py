@@ -17,9 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from edgeprune.atomic import OutputDir
-from edgeprune.fidelity import Fidelity
+from edgeprune.common.atomic import OutputDir
 from edgeprune.plan import Plan
+from edgeprune.quality.fidelity import Fidelity
 from edgeprune.runtimes.stats import LatencyStats
 
 def _save(src: Path, dest: str | Path, force: bool) -> Path:
@@ -33,7 +33,7 @@ def _save(src: Path, dest: str | Path, force: bool) -> Path:
 
 
 def _to_json(report: dict[str, Any]) -> str:
-    from edgeprune.report import to_json
+    from edgeprune.report.render import to_json
 
     return to_json(report)
 
@@ -54,7 +54,7 @@ class BuildResult:
     onnx_path: Path  # the released model.onnx
     fidelity: Fidelity
     metric: dict[str, float] | None  # the user's evaluate: before, after, drop
-    trace: tuple[Any, ...] = field(repr=False)  # search.Candidate, in order
+    trace: tuple[Any, ...] = field(repr=False)  # search.strength.Candidate, in order
     report: dict[str, Any] = field(repr=False)
     out: Path  # where the artifacts are (OUT, or OUT.failed for exit codes 3 and 4)
 

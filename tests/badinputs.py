@@ -191,7 +191,7 @@ def _spiked(fx: Path, name: str, position: str) -> Path:
 
 
 def _table(path: Path, meta: dict, entries: dict, models: dict) -> Path:
-    from edgeprune.lookup import LUT_FORMAT, entries_digest
+    from edgeprune.latency.table import LUT_FORMAT, entries_digest
 
     path.write_text(json.dumps({"format": LUT_FORMAT, "meta": {**meta, "digest": entries_digest(entries, models)},
                                 "entries": entries, "models": models}))
@@ -199,9 +199,9 @@ def _table(path: Path, meta: dict, entries: dict, models: dict) -> Path:
 
 
 def make_fixtures(root: Path) -> dict[str, Path]:
-    from edgeprune.export import export_onnx
-    from edgeprune.lookup import table_meta
-    from edgeprune.targets import load_target_file
+    from edgeprune.export.onnx import export_onnx
+    from edgeprune.latency.table import table_meta
+    from edgeprune.inputs.targets import load_target_file
 
     fx = root / "fx"
     fx.mkdir()

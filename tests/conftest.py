@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.targets import MeasureConfig, Target, load_target
+from edgeprune.inputs.targets import MeasureConfig, Target, load_target
 
 
 class TinyNet(nn.Module):
@@ -32,7 +32,7 @@ def make_tiny() -> nn.Module:
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small real ONNX model (TorchScript exporter: fast)."""
-    from edgeprune.export import export_onnx
+    from edgeprune.export.onnx import export_onnx
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.onnx"
     export_onnx(make_tiny(), torch.randn(1, 3, 32, 32), path, exporter="torchscript")
@@ -43,7 +43,7 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` (once: the
     table tests of test_lookup.py and the measuring tests of test_lookupbuild.py share it)."""
-    from edgeprune.cli import main
+    from edgeprune.cli.commands import main
     from edgeprune.runtimes.remote import target_toml
 
     root = tmp_path_factory.mktemp("lut")
@@ -61,9 +61,9 @@ def pruned_example(tmp_path_factory: pytest.TempPathFactory) -> dict:
     the default recipe's 199 held-out digits (the same seeded permutation, its first 199) and calibrates on 200: the
     statistics take a third of the time."""
     from edgeprune.config import PruneConfig
-    from edgeprune.oracle import export_candidate
+    from edgeprune.jobs.oracle import export_candidate
     from edgeprune.plan import uniform_widths
-    from edgeprune.session import prepare
+    from edgeprune.jobs.session import prepare
 
     root = tmp_path_factory.mktemp("pruned-example")
     (root / "digits-399.toml").write_text('kind = "digits"\ncount = 399\nheldout = 199\n')

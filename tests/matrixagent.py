@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     ort_runtime.measure = measure
     import onnx  # noqa: F401 - loaded before the agent says it listens, not on its first request
 
-    from edgeprune.cli import main as cli_main
+    from edgeprune.cli.commands import main as cli_main
 
     return cli_main(["agent", *argv])
 

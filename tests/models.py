@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgeprune.graph import Graph
+from edgeprune.dependency.graph import Graph
 
 INPUT_SHAPE = (1, 3, 16, 16)
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import edgeprune
-from edgeprune.cli import main
+from edgeprune.cli.commands import main
 from edgeprune.errors import EdgePruneError
 
 TARGET = """name = "cpu-test"
@@ -125,7 +125,7 @@ def test_api_build_from_a_dataloader_gives_the_cli_plan_on_the_same_npy_data(env
 
 
 def test_api_calibration_forms_split_alike_and_bad_forms_say_what_to_give() -> None:
-    from edgeprune.batches import as_arrays
+    from edgeprune.inputs.batches import as_arrays
 
     x, y = as_arrays(DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)), batch_size=64))
     assert np.array_equal(x, X) and np.array_equal(y, Y)
@@ -143,11 +143,11 @@ def test_api_calibration_forms_split_alike_and_bad_forms_say_what_to_give() -> N
 
 def test_release_of_a_finetuned_pruned_model_reports_its_own_fidelity_and_gates(env: dict[str, Path],
                                                                                 capsys: pytest.CaptureFixture) -> None:
-    from edgeprune.artifacts import load_pruned
-    from edgeprune.data import load_data
-    from edgeprune.fidelity import fidelity
-    from edgeprune.models import load_model
-    from edgeprune.recipe import load_recipe
+    from edgeprune.report.artifacts import load_pruned
+    from edgeprune.inputs.data import load_data
+    from edgeprune.quality.fidelity import fidelity
+    from edgeprune.inputs.models import load_model
+    from edgeprune.inputs.recipe import load_recipe
 
     root = env["root"]
     assert main(["prune", "--ratio", "0.5", "--exporter", "torchscript", "--out", str(root / "p"), "--json"]) == 0
@@ -191,10 +191,10 @@ def test_release_on_an_int8_target_measures_and_judges_the_quantised_model(prune
                                                                           tmp_path: Path) -> None:
     """An int8 release: model.onnx is the quantised model (its float export beside it), the latency is the quantised
     model's, and fidelity and the user's metric are taken on it in ONNX Runtime."""
-    from edgeprune.data import load_data
-    from edgeprune.fidelity import fidelity
-    from edgeprune.quantize import OnnxModule, has_qdq
-    from edgeprune.recipe import load_recipe
+    from edgeprune.inputs.data import load_data
+    from edgeprune.quality.fidelity import fidelity
+    from edgeprune.export.quantize import OnnxModule, has_qdq
+    from edgeprune.inputs.recipe import load_recipe
 
     prep = pruned_example["prep"]
     (tmp_path / "int8.toml").write_text(TARGET.replace('"fp32"', '"int8"') + "[quantization]\nsamples = 64\n"

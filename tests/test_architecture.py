@@ -1,5 +1,7 @@
-"""The package's layout holds to docs/architecture.md: every module is in its table, imports only modules listed
-above it (imports inside functions and `importlib` registries included), and is at most 450 lines long."""
+"""The package's layout holds to docs/architecture.md: its layers (folders, and the few modules at the top level) in
+import order, every module in its folder's row; a module imports only its own layer and the layers listed above it
+(imports inside functions and `importlib` registries included), without cycles inside a folder; every module is at
+most 450 lines long, no folder holds more than 12 modules, and no folder or module is named after an API verb."""
 
 from __future__ import annotations
 
@@ -9,20 +11,35 @@ from pathlib import Path
 
 import pytest
 
+from edgeprune import API
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "edgeprune"
 DOC = ROOT / "docs" / "architecture.md"
 MAX_LINES = 450
+MAX_TOP_LEVEL, MAX_FOLDER = 10, 12  # modules (`__init__.py` and `__main__.py` included)
 # Modules over MAX_LINES while they are being split (issue 14); a module leaves this list once it is short enough.
 LONG_MODULES: set[str] = set()
 # Names read from the package root that are not imports of __init__.py: it sets them before importing anything.
 ROOT_ATTRIBUTES = {"__version__"}
 
 
-def documented_order() -> list[str]:
-    """The module paths of the table under "## Modules" in docs/architecture.md, bottom (first row) to top."""
-    text = DOC.read_text()
-    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+def documented_layers() -> list[tuple[str, list[str]]]:
+    """The rows of the table under "## Layers" in docs/architecture.md, bottom (first row) to top: a folder ("common/")
+    with the modules its row lists, or a module of the top level ("errors.py") with none."""
+    section = DOC.read_text().split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        layer = re.fullmatch(r"`([^`]+(?:/|\.py))`", cells[0]) if line.startswith("|") else None
+        if layer:
+            rows.append((layer.group(1), re.findall(r"`([^`/]+\.py)`", cells[1])))
+    return rows
+
+
+def documented_modules() -> list[str]:
+    """The module paths of the tables under "## Modules" ("common/atomic.py", "plan.py")."""
+    section = DOC.read_text().split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\|\s*`([^`]+\.py)`\s*\|", section, flags=re.MULTILINE)
 
 
@@ -34,6 +51,11 @@ def package_modules() -> dict[str, str]:
         parts = ["edgeprune", *Path(rel).with_suffix("").parts]
         out[rel] = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
     return out
+
+
+def layer_of(rel: str) -> str:
+    """The layer a module belongs to: its folder ("common/"), or itself at the top level ("errors.py")."""
+    return rel.split("/", 1)[0] + "/" if "/" in rel else rel
 
 
 def imports_of(source: str, name: str, modules: set[str], package: bool = False) -> set[str]:
@@ -73,42 +95,86 @@ def imports_of(source: str, name: str, modules: set[str], package: bool = False)
     return found
 
 
-def test_architecture_table_lists_every_module_once():
-    order = documented_order()
+def import_graph() -> dict[str, set[str]]:
+    """Module path -> the module paths it imports."""
     modules = package_modules()
-    assert len(order) > 20, f"no module table found under '## Modules' in {DOC}"
-    doubled = sorted({m for m in order if order.count(m) > 1})
-    missing = sorted(set(modules) - set(order))
-    stale = sorted(set(order) - set(modules))
-    assert not doubled, f"{DOC.name} lists {doubled} more than once"
-    assert not missing, f"modules missing from the table in {DOC.name} (add a row where their imports put them): " \
-                        f"{missing}"
-    assert not stale, f"{DOC.name} lists modules that do not exist: {stale}"
-
-
-def test_modules_import_only_modules_listed_below_them():
-    order = documented_order()
-    modules = package_modules()
-    rank = {modules[rel]: i for i, rel in enumerate(order) if rel in modules}
     path_of = {name: rel for rel, name in modules.items()}
-    upward = []
-    for rel, name in modules.items():
-        if name not in rank:
-            continue  # reported by the test above
-        source = (PACKAGE / rel).read_text()
-        for dep in sorted(imports_of(source, name, set(path_of), package=rel.endswith("__init__.py"))):
-            if dep in rank and rank[dep] > rank[name]:
-                upward.append(f"{rel} imports {path_of[dep]}, which {DOC.name} lists above it")
+    return {rel: {path_of[d] for d in imports_of((PACKAGE / rel).read_text(), name, set(path_of),
+                                                 package=rel.endswith("__init__.py"))}
+            for rel, name in modules.items()}
+
+
+def test_layers_table_lists_every_folder_and_module_once():
+    layers = documented_layers()
+    names = [layer for layer, _ in layers]
+    assert len(layers) > 10, f"no layer table found under '## Layers' in {DOC}"
+    assert len(set(names)) == len(names), f"{DOC.name} lists {sorted({n for n in names if names.count(n) > 1})} twice"
+    actual: dict[str, set[str]] = {}
+    for rel in package_modules():
+        layer = actual.setdefault(layer_of(rel), set())
+        if "/" in rel and not rel.endswith("/__init__.py"):
+            layer.add(rel.split("/", 1)[1])
+    documented = {layer: set(listed) for layer, listed in layers}
+    missing, stale = sorted(set(actual) - set(documented)), sorted(set(documented) - set(actual))
+    assert not missing and not stale, f"the layers of {DOC.name} are not the package's folders and top-level " \
+                                      f"modules: missing {missing}, stale {stale}"
+    wrong = {layer: (sorted(actual[layer] - listed), sorted(listed - actual[layer]))
+             for layer, listed in documented.items() if listed != actual[layer]}
+    assert not wrong, f"{DOC.name} lists other modules than each folder holds (missing, stale): {wrong}"
+
+
+def docstring_only(rel: str) -> bool:
+    """Whether a module holds nothing but its docstring (a folder's plain `__init__.py`)."""
+    body = ast.parse((PACKAGE / rel).read_text()).body
+    return len(body) <= 1 and all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
+def test_modules_table_describes_every_module_once():
+    """Every module has a row under "## Modules", but a folder's `__init__.py` that is only a docstring."""
+    described = documented_modules()
+    expected = sorted(rel for rel in package_modules() if not docstring_only(rel))
+    doubled = sorted({m for m in described if described.count(m) > 1})
+    assert not doubled, f"{DOC.name} describes {doubled} more than once"
+    assert sorted(described) == expected, f"modules missing from '## Modules' in {DOC.name}: " \
+                                          f"{sorted(set(expected) - set(described))}; stale rows: " \
+                                          f"{sorted(set(described) - set(expected))}"
+
+
+def test_modules_import_only_their_own_layer_and_layers_listed_below():
+    rank = {layer: i for i, (layer, _) in enumerate(documented_layers())}
+    upward = [f"{rel} imports {dep}, whose layer {DOC.name} lists above {layer_of(rel)}"
+              for rel, deps in import_graph().items() for dep in sorted(deps)
+              if layer_of(rel) in rank and layer_of(dep) in rank and rank[layer_of(dep)] > rank[layer_of(rel)]]
     assert not upward, "imports that point up:\n" + "\n".join(upward)
 
 
+def test_no_import_cycle_inside_a_folder():
+    graph = import_graph()
+    inside = {rel: {d for d in deps if layer_of(d) == layer_of(rel)} for rel, deps in graph.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(rel: str, path: list[str]) -> list[str] | None:
+        state[rel] = 1
+        for dep in sorted(inside[rel]):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep] if dep in path else [rel, dep]
+            if dep not in state and (cycle := visit(dep, path + [dep])):
+                return cycle
+        state[rel] = 2
+        return None
+
+    for rel in sorted(inside):
+        if rel not in state and (cycle := visit(rel, [rel])):
+            pytest.fail("an import cycle inside a folder: " + " -> ".join(cycle))
+
+
 def test_imports_of_sees_function_level_relative_and_registry_imports():
-    modules = {"edgeprune", "edgeprune.lookup", "edgeprune.runtimes", "edgeprune.runtimes.base",
+    modules = {"edgeprune", "edgeprune.latency.table", "edgeprune.runtimes", "edgeprune.runtimes.base",
                "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
     source = '''
 import json
 from edgeprune import __version__
-from edgeprune import lookup
+from edgeprune.latency import table
 from .stats import LatencyStats
 
 def measure():
@@ -118,10 +184,27 @@ def measure():
 RUNTIMES = {"tensorrt": "edgeprune.runtimes.tensorrt", "name": "edgeprune"}
 '''
     assert imports_of(source, "edgeprune.runtimes.base", modules) == {
-        "edgeprune.lookup", "edgeprune.runtimes", "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
-    package_source = "from . import base\nfrom ..lookup import predict\n"
+        "edgeprune.latency.table", "edgeprune.runtimes", "edgeprune.runtimes.stats", "edgeprune.runtimes.tensorrt"}
+    package_source = "from . import base\nfrom ..latency.table import predict\n"
     assert imports_of(package_source, "edgeprune.runtimes", modules, package=True) == {
-        "edgeprune.runtimes.base", "edgeprune.lookup"}
+        "edgeprune.runtimes.base", "edgeprune.latency.table"}
+
+
+def test_folders_hold_at_most_12_modules_and_the_top_level_at_most_10():
+    counts: dict[str, int] = {}
+    for rel in package_modules():
+        folder = layer_of(rel) if "/" in rel else "."
+        counts[folder] = counts.get(folder, 0) + 1
+    over = {f: n for f, n in counts.items() if n > (MAX_TOP_LEVEL if f == "." else MAX_FOLDER)}
+    assert not over, f"too many modules (top level at most {MAX_TOP_LEVEL}, a folder {MAX_FOLDER}): {over}; " \
+                     "split the folder by job"
+
+
+def test_no_folder_or_module_is_named_after_an_api_verb():
+    """`edgeprune.build` and the other verbs are lazy attributes of the package: a submodule of that name anywhere
+    would invite shadowing them (and renaming modules around them again)."""
+    named = sorted(rel for rel in package_modules() if set(Path(rel).with_suffix("").parts) & set(API))
+    assert not named, f"named after an API verb ({', '.join(API)}): {named}"
 
 
 @pytest.mark.parametrize("rel", sorted(package_modules()))

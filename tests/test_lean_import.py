@@ -7,7 +7,7 @@ import sys
 def test_import_edgeprune_is_lean() -> None:
     """`import edgeprune` (and the target and runtime registries) must not pull in onnxsim, tensorrt or CUDA."""
     code = (
-        "import sys, edgeprune, edgeprune.targets, edgeprune.runtimes, edgeprune.errors\n"
+        "import sys, edgeprune, edgeprune.inputs.targets, edgeprune.runtimes, edgeprune.errors\n"
         "heavy = [m for m in ('onnxsim', 'tensorrt', 'torch', 'onnxruntime') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
-from edgeprune.graph import Graph, Group
-from edgeprune.importance import Ranking
 from edgeprune.plan import PLAN_VERSION, Plan, plan_from_rankings, round_width, uniform_widths
+from edgeprune.scoring.importance import Ranking
 
 
 def make_plan(**kw: object) -> Plan:

@@ -56,8 +56,12 @@ WARMUP, ITERATIONS = 20, 100
 # The held-out split exactly as the checkout under test makes it, saved for this process to evaluate on.
 HELDOUT_SCRIPT = """
 import sys, numpy as np, edgeprune
-from edgeprune.data import load_data
-from edgeprune.recipe import load_recipe
+try:
+    from edgeprune.inputs.data import load_data
+    from edgeprune.inputs.recipe import load_recipe
+except ImportError:  # a checkout from before the subpackages
+    from edgeprune.data import load_data
+    from edgeprune.recipe import load_recipe
 d = load_data(load_recipe(sys.argv[1]), tuple(int(v) for v in sys.argv[2].split(",")))
 np.savez(sys.argv[3], x=d.heldout_x, y=d.heldout_y, calib=len(d.calib_x))
 print(edgeprune.__file__)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from edgeprune.config import BuildConfig, PruneConfig
-from edgeprune.pipeline import build
+from edgeprune.jobs.build_job import build
 
 
 def run(prune: PruneConfig, latency: str, cache: str, out: str, proxy: str = "loss") -> dict:

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.graph import trace
-from edgeprune.lookup import LayerModel, load_lut, predict
-from edgeprune.models import load_model
-from edgeprune.oracle import export_candidate
-from edgeprune.lutjob import lut_job
+from edgeprune.dependency.graph import trace
+from edgeprune.inputs.models import load_model
+from edgeprune.inputs.targets import load_target
+from edgeprune.jobs.lut_job import lut_job
+from edgeprune.jobs.oracle import export_candidate
+from edgeprune.latency.table import LayerModel, load_lut, predict
 from edgeprune.plan import Plan, round_width
-from edgeprune.surgery import prune
 from edgeprune.runtimes import measure
-from edgeprune.targets import load_target
+from edgeprune.surgery.apply import prune
 
 
 def accuracy(points: list[dict]) -> dict:

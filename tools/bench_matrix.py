@@ -63,7 +63,7 @@ def run_once(mode: str, boards: int, args: argparse.Namespace, work: Path) -> di
         if mode == "ray":
             import ray
 
-            from edgeprune.pool import load_pool
+            from edgeprune.fleet.pool import load_pool
 
             t0 = time.perf_counter()
             ray.init(num_cpus=args.cpus, resources=load_pool(devices).ray_resources(), include_dashboard=False,

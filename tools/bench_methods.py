@@ -60,14 +60,19 @@ from bench_accuracy import (  # noqa: E402
 REGISTRIES = """
 import json
 try:
-    from edgeprune.criteria import CRITERIA  # every criterion, the papers' too
-except ImportError:
-    from edgeprune.importance import CRITERIA
-from edgeprune.allocate import ALLOCATIONS
-try:
-    from edgeprune.search import SEARCHES
-except ImportError:
-    SEARCHES = ("strength",)
+    from edgeprune.scoring.criteria import CRITERIA  # every criterion, the papers' too
+    from edgeprune.search.allocate import ALLOCATIONS
+    from edgeprune.search.strength import SEARCHES
+except ImportError:  # a checkout from before the subpackages
+    try:
+        from edgeprune.criteria import CRITERIA
+    except ImportError:
+        from edgeprune.importance import CRITERIA
+    from edgeprune.allocate import ALLOCATIONS
+    try:
+        from edgeprune.search import SEARCHES
+    except ImportError:
+        SEARCHES = ("strength",)
 print(json.dumps({"criteria": list(CRITERIA), "allocations": list(ALLOCATIONS), "searches": list(SEARCHES)}))
 """
 # `--allocation auto` (the default) is latency with compensation and step without (BuildConfig.allocation_for):

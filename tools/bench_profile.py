@@ -19,10 +19,10 @@ import onnxruntime
 import torch
 
 from edgeprune import __version__
-from edgeprune.export import export_onnx, parity, simplify_onnx
-from edgeprune.models import load_model
+from edgeprune.export.onnx import export_onnx, parity, simplify_onnx
+from edgeprune.inputs.models import load_model
+from edgeprune.inputs.targets import load_target
 from edgeprune.runtimes import measure
-from edgeprune.targets import load_target
 
 
 def main() -> None:

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.statistics import collect_statistics
-from edgeprune.data import load_data
-from edgeprune.graph import trace
-from edgeprune.importance import rank_all
-from edgeprune.models import load_model
-from edgeprune.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory
+from edgeprune.common.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory
+from edgeprune.compensation.statistics import collect_statistics
+from edgeprune.dependency.graph import trace
+from edgeprune.inputs.data import load_data
+from edgeprune.inputs.models import load_model
+from edgeprune.inputs.recipe import load_recipe_file
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.surgery import compensate_consumers
-from edgeprune.recipe import load_recipe_file
+from edgeprune.scoring.importance import rank_all
+from edgeprune.surgery.apply import compensate_consumers
 
 
 def rss_mb() -> float:
@@ -58,19 +58,19 @@ def bench(name: str, images: int, sequential: bool = False) -> dict:
             recipe_path.write_text(f'kind = "random"\ncount = {images + 16}\nheldout = 16\nbatch_size = 32\n')
             data = load_data(load_recipe_file(recipe_path), m.input_shape)
         row: dict = {"model": name, "images": len(data.calib_x), "threads": torch.get_num_threads()}
-        with heavy_stage_threads(data):
+        with heavy_stage_threads(data.batch_values):
             row["heavy_stage_threads"] = torch.get_num_threads()  # statistics: torch and BLAS on these
-        with group_workers(data) as workers:
+        with group_workers(data.batch_values) as workers:
             row["group_workers"] = workers  # ranking and compensation: this many groups at once, one BLAS thread each
         t0 = time.perf_counter()
         graph = trace(m.module, m.example_input)
         row["trace_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with heavy_stage_threads(data):  # as the pipeline does
+        with heavy_stage_threads(data.batch_values):  # as the pipeline does
             stats = collect_statistics(m.module, graph.consumer_modules(), data.calib_batches())
         row["statistics_s"], row["statistics_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         t0 = time.perf_counter()
-        with group_workers(data) as workers:  # as the pipeline does
+        with group_workers(data.batch_values) as workers:  # as the pipeline does
             rankings = rank_all("cap", m.module, graph.groups, stats, workers=workers)
         row["ranking_s"], row["ranking_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         plan = plan_from_rankings(graph, rankings, uniform_widths(graph, 0.5, 8))
@@ -78,16 +78,16 @@ def bench(name: str, images: int, sequential: bool = False) -> dict:
 
         model = copy.deepcopy(m.module)
         t0 = time.perf_counter()
-        with group_workers(data) as workers:
+        with group_workers(data.batch_values) as workers:
             compensate_consumers(model, graph, plan, stats, workers=workers)
         row["compensation_s"], row["compensation_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["total_s"] = row["statistics_s"] + row["ranking_s"] + row["compensation_s"]
         if sequential:
-            from edgeprune.surgery import removed_coords
-            from edgeprune.repair import sequential_repair
+            from edgeprune.surgery.apply import removed_coords
+            from edgeprune.surgery.repair import sequential_repair
 
             t0 = time.perf_counter()
-            with heavy_stage_threads(data):  # as Prepared.prune does
+            with heavy_stage_threads(data.batch_values):  # as Prepared.prune does
                 sequential_repair(m.module, graph, plan, list(data.calib_batches()), removed_coords(graph, plan))
             row["sequential_repair_s"], row["sequential_peak_rss_mb"] = time.perf_counter() - t0, rss_mb()
         row["groups"], row["consumers"] = len(graph.groups), len(stats)

@@ -26,8 +26,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeprune import __version__
+from edgeprune.inputs.targets import float_target, load_target
 from edgeprune.runtimes import measure
-from edgeprune.targets import float_target, load_target
 
 MULTIPLES = (4, 8, 16, 32)
 

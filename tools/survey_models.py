@@ -31,11 +31,11 @@ import torch_pruning
 from torch import nn
 
 from edgeprune import __version__
-from edgeprune.export import export
 from edgeprune.config import PruneConfig
-from edgeprune.artifacts import model_size
-from edgeprune.session import prepare
+from edgeprune.export.onnx import export
+from edgeprune.jobs.session import prepare
 from edgeprune.plan import uniform_widths
+from edgeprune.report.artifacts import model_size
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
           "densenet121", "shufflenet_v2_x1_0")

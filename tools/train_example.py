@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgeprune.example import TRAIN_COUNT, WEIGHTS, ExampleNet, digits_32  # noqa: E402
+from edgeprune.inputs.example import TRAIN_COUNT, WEIGHTS, ExampleNet, digits_32  # noqa: E402
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Latency measurement of an ONNX model on a target, through the target's runtime, with a cache.
 
     from edgeprune.runtimes import measure
-    from edgeprune.targets import load_target
+    from edgeprune.inputs.targets import load_target
     stats = measure("model.onnx", load_target("cpu"))      # LatencyStats, in ms
 
 One obvious place to add a backend: `RUNTIMES` maps a target's `runtime` to the module that implements it. Every
@@ -16,11 +16,12 @@ import importlib
 from pathlib import Path
 from typing import cast
 
+from edgeprune.common.progress import Tick
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
-from edgeprune.runtimes.base import Calibration, Progress, Runtime, calibration_digest
+from edgeprune.inputs.targets import Target
+from edgeprune.runtimes.base import Calibration, Runtime, calibration_digest
 from edgeprune.runtimes.cache import MeasurementCache, cache_key, file_sha256
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.targets import Target
 
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "edgeprune.runtimes.onnxruntime",
@@ -29,7 +30,7 @@ RUNTIMES: dict[str, str] = {
     "remote": "edgeprune.runtimes.remote",
 }
 
-__all__ = ["RUNTIMES", "Calibration", "LatencyStats", "MeasurementCache", "Progress", "Runtime", "measure",
+__all__ = ["RUNTIMES", "Calibration", "LatencyStats", "MeasurementCache", "Tick", "Runtime", "measure",
            "runtime_for", "runtime_module"]
 
 
@@ -75,7 +76,7 @@ def measure(
     target: Target,
     cache: MeasurementCache | None = None,
     repeats: int | None = None,
-    progress: Progress | None = None,
+    progress: Tick | None = None,
     calibration: Calibration | None = None,
 ) -> LatencyStats:
     """Latency of `onnx_path` on `target`; served from `cache` when this model was measured there before.
@@ -87,7 +88,7 @@ def measure(
             N x C x H x W); each backend says what it does with them (`runtimes/base.py`). For an int8 target they are
             part of the cache key.
     """
-    from edgeprune.export import check_onnx
+    from edgeprune.export.onnx import check_onnx
 
     onnx_path = Path(onnx_path)
     check_onnx(onnx_path)

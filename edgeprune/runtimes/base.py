@@ -15,16 +15,16 @@ input shape), or a sequence of such arrays, or of dicts from input name to array
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from edgeprune.common.progress import Tick
+from edgeprune.inputs.targets import Target
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.targets import Target
 
-Progress = Callable[[int, int], None]  # (done, total) timed runs; an exception it raises stops the measurement
 Batch = np.ndarray | Mapping[str, np.ndarray]
 Calibration = np.ndarray | Sequence[Batch]
 
@@ -42,7 +42,7 @@ class Runtime(Protocol):
         ...
 
     def measure(self, onnx_path: str | Path, target: Target, repeats: int | None = None,
-                progress: Progress | None = None, calibration: Calibration | None = None) -> LatencyStats:
+                progress: Tick | None = None, calibration: Calibration | None = None) -> LatencyStats:
         """Latency of `onnx_path` on `target`, in ms.
 
         Args:

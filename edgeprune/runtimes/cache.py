@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from edgeprune.atomic import atomic_write_text
+from edgeprune.common.atomic import atomic_write_text
 from edgeprune.runtimes.stats import LatencyStats
 
 ENV_VAR = "EDGEPRUNE_CACHE_DIR"

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeprune.common.resources import install_hint
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
-from edgeprune.resources import install_hint
 
 
 class CudaBackend:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune.common.progress import Tick
 from edgeprune.errors import EdgePruneError, first_line
-from edgeprune.runtimes.base import Calibration, Progress, calibration_list
+from edgeprune.inputs.targets import Target
+from edgeprune.runtimes.base import Calibration, calibration_list
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
-from edgeprune.targets import Target
 
 _DTYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -68,7 +69,7 @@ def random_feeds(session, seed: int = 0) -> dict[str, np.ndarray]:
 def check_input_memory(name: str, shape: list[int], dtype: type) -> None:
     """Refuse, before allocating it, an input that takes more than half the memory available: the model's own
     tensors need at least as much again (a 94-byte ONNX file can declare a 40 GB input)."""
-    from edgeprune.data import available_memory
+    from edgeprune.inputs.data import available_memory
 
     need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
     free = available_memory()
@@ -98,7 +99,7 @@ def timed_model(onnx_path: Path, target: Target, calibration: Calibration | None
 
     import onnx
 
-    from edgeprune.quantize import SEARCH_SAMPLES, has_qdq, quantize_onnx
+    from edgeprune.export.quantize import SEARCH_SAMPLES, has_qdq, quantize_onnx
 
     model = onnx.load_from_string(model_bytes)
     if has_qdq(model):
@@ -112,13 +113,13 @@ def timed_model(onnx_path: Path, target: Target, calibration: Calibration | None
     else:
         samples = np.random.default_rng(0).standard_normal((count, *shape[1:]), np.float32)
     config = dataclasses.replace(target.quantization, method="minmax")
-    from edgeprune.atomic import scratch_dir
+    from edgeprune.common.atomic import scratch_dir
 
     with scratch_dir("int8") as tmp:
         return quantize_onnx(onnx_path, Path(tmp) / "model.int8.onnx", samples, config, samples=count).read_bytes()
 
 
-def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress: Progress | None = None,
+def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, progress: Tick | None = None,
             calibration: Calibration | None = None) -> LatencyStats:
     """Latency of `onnx_path` under the target's thread count: warm-up, then timed runs, in fresh sessions.
 

@@ -5,8 +5,8 @@
     # agent = "http://jetson.local:8765"          # token in $EDGEPRUNE_AGENT_TOKEN (or [remote] token_env)
     stats = measure("model.onnx", load_target("targets/my-jetson.toml"))
 
-Agent: the model's bytes and the target profile go to `POST /measure` (`edgeprune.agent` describes the protocol and
-serves it; its constants are defined here, so the client never imports the server);
+Agent: the model's bytes and the target profile go to `POST /measure` (`edgeprune.fleet.agent` describes the protocol
+and serves it; its constants are defined here, so the client never imports the server);
 connection failures are retried with back-off, and a device that stays unreachable is `DeviceUnreachable` (exit 5).
 
 SSH (`ssh = "user@host"`): the system's `scp` copies the model and the target profile (written as TOML, without its
@@ -32,10 +32,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from edgeprune.common.progress import Tick
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
-from edgeprune.runtimes.base import Calibration, Progress
+from edgeprune.inputs.targets import Target
+from edgeprune.runtimes.base import Calibration
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ HEALTH_TIMEOUT_S = 10.0
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=15")
 REMOTE_BIN_ENV = "EDGEPRUNE_REMOTE_BIN"
 
-# The agent protocol (both sides: this client and `edgeprune.agent`, which imports them from here).
+# The agent protocol (both sides: this client and `edgeprune.fleet.agent`, which imports them from here).
 HEALTH_PATH = "/health"
 MEASURE_PATH = "/measure"
 TARGET_HEADER = "X-Edgeprune-Target"  # the target profile as one line of JSON, or a bundled profile's name
@@ -76,7 +77,7 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Progress | None = None,
+    progress: Tick | None = None,
     calibration: Calibration | None = None,
 ) -> LatencyStats:
     """Latency of `onnx_path` on the device named by `target.remote`, measured there with the target's runtime.
@@ -107,7 +108,7 @@ def measure(
 def _quantized(path: Path) -> bool:
     import onnx
 
-    from edgeprune.quantize import has_qdq
+    from edgeprune.export.quantize import has_qdq
 
     return has_qdq(onnx.load(str(path), load_external_data=False))
 

@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from edgeprune.common.progress import Tick
+from edgeprune.common.resources import install_hint
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
-from edgeprune.resources import install_hint
-from edgeprune.runtimes.base import Calibration, Progress
+from edgeprune.inputs.targets import MeasureConfig, Target
+from edgeprune.runtimes.base import Calibration
 from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.runtimes.trtengine import build_engine
 from edgeprune.runtimes.trtonnx import input_shapes
-from edgeprune.targets import MeasureConfig, Target
 
 
 def version(target: Target | None = None) -> str | None:
@@ -123,7 +124,7 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Progress | None = None,
+    progress: Tick | None = None,
     calibration: Calibration | None = None,
     cache_dir: str | Path | None = None,
 ) -> LatencyStats:

@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from edgeprune.atomic import atomic_write_bytes
+from edgeprune.common.atomic import atomic_write_bytes
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.inputs.targets import Target
+from edgeprune.runtimes.base import Calibration, calibration_digest
 from edgeprune.runtimes.cache import default_cache_dir, file_sha256
 from edgeprune.runtimes.cuda import CudaBackend, cuda_backend
-from edgeprune.runtimes.base import Calibration, calibration_digest
 from edgeprune.runtimes.trtcalib import calibration_batches, make_calibrator
 from edgeprune.runtimes.trtonnx import has_qdq, input_shapes, parse_version, prepare_onnx
-from edgeprune.targets import Target
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeprune.common.progress import Tick
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
-from edgeprune.runtimes.base import Calibration, Progress
+from edgeprune.inputs.targets import Target
+from edgeprune.runtimes.base import Calibration
 from edgeprune.runtimes.cache import default_cache_dir
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.runtimes.trtonnx import TrtVersion, has_qdq, input_shapes, prepare_onnx
-from edgeprune.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def measure(
     onnx_path: str | Path,
     target: Target,
     repeats: int | None = None,
-    progress: Progress | None = None,
+    progress: Tick | None = None,
     calibration: Calibration | None = None,
 ) -> LatencyStats:
     """GPU compute time of `onnx_path` at the target's precision, timed by trtexec: the first run builds the engine

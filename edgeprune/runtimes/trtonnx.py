@@ -51,7 +51,7 @@ def has_qdq(model: onnx.ModelProto) -> bool:
     """Whether the model is explicitly quantized (QuantizeLinear/DequantizeLinear pairs carry the INT8 scales): a
     build for an int8 target hands TensorRT such a model, quantised on the recipe's data (`quantize.py`, symmetric
     int8 as TensorRT's Q/DQ layers need), so its engine needs no calibrator."""
-    from edgeprune.quantize import has_qdq as qdq
+    from edgeprune.export.quantize import has_qdq as qdq
 
     return qdq(model)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from edgeprune.inputs.targets import Target
 from edgeprune.runtimes import MeasurementCache, measure
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.targets import Target
 
 
 @pytest.mark.parametrize("entry", [{"median": "fast"}, {"median": -5.0}, {"median": float("nan")},

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.inputs.targets import MeasureConfig, Target, load_target
 from edgeprune.runtimes import MeasurementCache, measure
 from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
-from edgeprune.targets import MeasureConfig, Target, load_target
 
 
 def test_measure_returns_consistent_stats(tiny_onnx: Path, fast_cpu: Target) -> None:
@@ -103,7 +103,7 @@ def test_negative_max_seconds_is_refused() -> None:
 
 def test_int8_target_times_a_float_model_quantised_and_a_quantised_model_as_it_is(tiny_onnx: Path, tmp_path: Path,
                                                                                    fast_cpu: Target) -> None:
-    from edgeprune.quantize import has_qdq, quantize_onnx
+    from edgeprune.export.quantize import has_qdq, quantize_onnx
     from edgeprune.runtimes.onnxruntime import timed_model
 
     int8 = dataclasses.replace(fast_cpu, precision="int8")

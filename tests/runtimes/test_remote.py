@@ -12,12 +12,12 @@ import onnxruntime
 import pytest
 
 from edgeprune import cli
-from edgeprune.agent import AgentConfig, start_agent
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
+from edgeprune.fleet.agent import AgentConfig, start_agent
+from edgeprune.inputs.targets import RemoteConfig, load_target, load_target_file
 from edgeprune.runtimes import MeasurementCache, measure, remote
 from edgeprune.runtimes import onnxruntime as ort_backend
 from edgeprune.runtimes.stats import LatencyStats
-from edgeprune.targets import RemoteConfig, load_target, load_target_file
 
 TOKEN = "test-token-3f9c1d"
 TOKEN_ENV = "EDGEPRUNE_TEST_AGENT_TOKEN"
@@ -159,7 +159,7 @@ def test_target_toml_round_trips_without_remote(tmp_path):
 
 def test_target_toml_carries_an_int8_targets_quantisation_settings(tmp_path):
     """The agent quantises a float model it is sent as the build host's target says (its [quantization] table)."""
-    from edgeprune.targets import QuantizeConfig
+    from edgeprune.inputs.targets import QuantizeConfig
 
     original = dataclasses.replace(load_target("cpu-int8"), quantization=QuantizeConfig(method="percentile",
                                                                                           percentile=99.9, samples=64))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
+from edgeprune.inputs.targets import MeasureConfig, load_target
 from edgeprune.runtimes import tensorrt as trt_backend
 from edgeprune.runtimes import trtengine, trtonnx
-from edgeprune.targets import MeasureConfig, load_target
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 GPU_REASON = trt_backend.unavailable_reason()
@@ -86,11 +86,11 @@ def test_measure_int8_calibrates_from_batches(tiny_onnx, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"needs TensorRT and a CUDA GPU: {GPU_REASON}")
 def test_int8_engine_builds_from_the_builds_qdq_model_without_a_calibrator(tiny_onnx, tmp_path):
-    """What a build hands an int8 TensorRT target: the model quantised by quantize.py with the target's symmetric
+    """What a build hands an int8 TensorRT target: the model quantised by export/quantize.py with the target's symmetric
     int8 settings. TensorRT builds it as explicitly quantized, with no calibrator, on every version (11 included)."""
     import tensorrt
 
-    from edgeprune.quantize import Quantizer
+    from edgeprune.export.quantize import Quantizer
     from edgeprune.runtimes.trtengine import _builder_config
 
     target = gpu_target("int8")

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
+from edgeprune.inputs.targets import MeasureConfig, load_target
 from edgeprune.runtimes import runtime_for, trtexec
 from edgeprune.runtimes.stats import stats_from_repeats
-from edgeprune.targets import MeasureConfig, load_target
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "trtexec"
 TRT86 = "trt-8.6.0_load-engine_verbose.log.gz"

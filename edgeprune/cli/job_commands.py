@@ -1,0 +1,413 @@
+"""The commands that run a job: `build`, `release`, `prune`, `lut`. Each parses its flags into the configs of
+`config.py` and renders the typed result of the job (the Python API's `BuildResult` for build and release).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
+                                  add_repair_arg, emit_json, prune_config)
+from edgeprune.errors import EdgePruneError
+
+CRITERION_HELP = ("channel ranking: cap (default), l1, l2, fpgm, random, or a method from its paper: epruner "
+                  "(affinity-propagation exemplars), similarity (feature-map clustering, channels merged), "
+                  "functionality (class-wise activations; labels), nap (K-FAC Hessian; labels)")
+
+
+def add_prune(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
+                       description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
+                                   "following layers in closed form, export, and report fidelity on held-out data.")
+    add_model_args(p)
+    add_calibration_arg(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
+    how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
+    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
+                        "the calibration data as labels (for unlabelled recipes)")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
+    p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, written as a whole at the end; an existing folder is replaced only if it "
+                        "holds a previous edgeprune output")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return run_prune
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from edgeprune.jobs.prune_job import prune_job
+
+    config = prune_config(args)
+    with Progress(enabled=not args.json) as progress:
+        result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
+                           stages=lambda d, total=None: progress.stage(d, total), force=args.force).report
+    if args.json:
+        emit_json(result)
+        return 0
+    f = result["fidelity"]
+    b, p = result["base"], result["pruned"]
+    print(f"pruned {result['model']} ({result['criterion']}, compensation {'on' if result['compensation'] else 'off'}) "
+          f"-> {result['out']}/: model.onnx, pruned.pt, plan.json, report.json")
+    print(f"  MACs {b['macs'] / 1e6:.1f}M -> {p['macs'] / 1e6:.1f}M, params {b['params'] / 1e6:.2f}M -> "
+          f"{p['params'] / 1e6:.2f}M over {len(result['widths'])} groups")
+    agree = f"{100 * f['top1_agreement']:.1f}%" if f["top1_agreement"] is not None else "n/a (no class logits)"
+    line = f"  held-out fidelity ({f['samples']} samples): top-1 agreement {agree}, " \
+           f"output relative error {f['output_rel_error']:.3f}"
+    if f["accuracy"]:
+        a = f["accuracy"]
+        line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+    print(line)
+    return 0
+
+
+def add_build(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("build", help="prune to a latency budget measured on the target (the main job)",
+                       description="Search per-group widths until the pruned, compensated, exported model measures "
+                                   "within the latency budget on the target; write model.onnx, pruned.pt, plan.json, "
+                                   "report.json and report.md. Without --model it builds the bundled example on cpu.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 budget unreachable, "
+                              "4 quality gate failed, 5 device unreachable")
+    add_model_args(p)
+    add_calibration_arg(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
+                                                     "(default 0.5x)")
+    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
+                        "the calibration data as labels (for unlabelled recipes)")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
+    p.add_argument("--channel-multiple", type=int, default=0,
+                   help="round widths to this multiple (default: the target's channel_multiple)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
+    p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
+    p.add_argument("--recover", type=float, default=None, metavar="MINUTES",
+                   help="distil the released model from the unpruned one for MINUTES on the calibration images "
+                        "(random flips and shifts; the best epoch on a held-back fifth kept, the untrained model if "
+                        "none beats it) before its gates: for pretrained models that pruning alone moves too far")
+    p.add_argument("--noise-margin", type=float, default=2.0, metavar="K",
+                   help="a candidate counts as within budget when latency x (1 + K x its relative standard error) "
+                        "<= budget (default 2; lower on a quiet device: releases land nearer the budget, the "
+                        "verification catches a miss)")
+    p.add_argument("--proxy", choices=("auto", "loss", "fidelity"), default="auto",
+                   help="what decides per-group widths at a given strength: the masked network's output error on "
+                        "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
+                        "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
+                        "loss on random data")
+    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap", "itpruner"), default="auto",
+                   help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
+                        "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
+                        "error goes to the groups whose channels cost most), itpruner (ITPruner: nHSIC layer "
+                        "importance, widths by a linear program under the latency model), or auto (default): latency "
+                        "for the fidelity proxy with compensation, else step; epruner and nap: that method's "
+                        "own width rule (exemplar counts, one global importance threshold), with its --criterion")
+    p.add_argument("--search", choices=("strength", "evolution"), default="strength",
+                   help="the outer level: strength (default: one strength searched against measured latency) or "
+                        "evolution (MetaPruning: an evolution over width vectors scored by the fidelity proxy under "
+                        "the latency model of --lut or MACs; only its finalists are measured)")
+    p.add_argument("--output-weight", action="append", default=[], metavar="NAME=W",
+                   help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
+                        "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")
+    add_gate_args(p)
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                   help="exporter for every candidate and the result (default torchscript: several times faster)")
+    add_cache_args(p)
+    p.add_argument("--lut", default=None, metavar="lut.json",
+                   help="search on this latency table (made by `edgeprune lut` on the device); only the final model "
+                        "is measured on the target")
+    p.add_argument("--out", default="out", metavar="DIR",
+                   help="output folder, written as a whole at the end (default ./out); an existing folder is replaced "
+                        "only if it holds a previous edgeprune output; a build that exits 3 or 4 writes to DIR.failed "
+                        "and leaves DIR as it was")
+    p.add_argument("--force-lut", action="store_true",
+                   help="use a --lut made for another target, precision or runtime version (with a warning)")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_build
+
+
+def add_gate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="quality gate: held-out top-1 agreement with the unpruned model (exit 4 below); default "
+                        "0.9 on real calibration data for models with class logits, none on random data; 0 turns it "
+                        "off")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="quality gate: held-out accuracy drop in percentage points (labelled recipes; exit 4 above)")
+    p.add_argument("--evaluate", default=None, metavar="pkg.module:function",
+                   help="your metric: a function (also path/to/file.py:function) taking the torch module (eval mode, "
+                        "CPU) and returning a number, higher is better; run on the unpruned and the pruned model, in "
+                        "the report")
+    p.add_argument("--max-metric-drop", type=float, default=None, metavar="DROP",
+                   help="quality gate: the drop of --evaluate's metric, in its own units (exit 4 above)")
+    p.add_argument("--evaluate-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="longest one call of --evaluate may take (default 300); past it the job stops with exit 2")
+
+
+def gate_options(args: argparse.Namespace) -> dict:
+    from edgeprune.inputs.models import load_callable
+
+    return {"min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
+            "max_metric_drop": args.max_metric_drop, "evaluate_timeout": args.evaluate_timeout,
+            "evaluate": load_callable(args.evaluate, "--evaluate") if args.evaluate else None}
+
+
+def parse_output_weights(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """`--output-weight NAME=W` flags as (name, weight) pairs; a malformed one is refused."""
+    out = []
+    for item in items:
+        name, eq, value = item.rpartition("=")
+        try:
+            out.append((name, float(value)))
+        except ValueError:
+            name = ""
+        if not eq or not name:
+            raise EdgePruneError(f"--output-weight must be NAME=WEIGHT (e.g. boxes=2), found {item!r}")
+    return tuple(out)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig
+    from edgeprune.jobs.build_job import build
+
+    config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
+                         tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
+                         allocation=args.allocation, margin_k=args.noise_margin, search=args.search,
+                         recover=args.recover,
+                         output_weights=parse_output_weights(args.output_weight), **gate_options(args))
+    with Progress(enabled=not args.json) as progress:
+        def on_step(c) -> None:
+            progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
+
+        result = typed(config, args.out, run=build, stages=lambda d, total=None: progress.stage(d, total),
+                       on_step=None if args.json else on_step, force=args.force)
+    return render_release(result, args.json)
+
+
+def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
+    """The summary of a build or a release (or its report.json with --json), the error line, the exit code."""
+    r = result.report
+    if as_json:
+        from edgeprune.report.render import to_json
+
+        sys.stdout.write(to_json(r) + "\n")
+    else:
+        f, b = r["final"]["latency_ms"], r["base"]["latency_ms"]
+        fid = r["fidelity"]
+        print(f"{r['model']} on {r['target']['name']}: {f['median']:.3f} ms against a budget of {r['budget_ms']:.3f} ms "
+              f"({r['budget']}): {'met' if r['met'] else 'NOT met'}; unpruned {b['median']:.3f} ms, "
+              f"{r['speedup']:.2f}x faster")
+        agree = "n/a (no class logits)" if fid["top1_agreement"] is None else f"{100 * fid['top1_agreement']:.1f}%"
+        line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {agree}, output error " \
+               f"{fid['output_rel_error']:.3f}"
+        if fid.get("accuracy"):
+            a = fid["accuracy"]
+            line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
+        if r.get("calibration") == "random":
+            line += " (random calibration data: figures for latency work, no default gate judges them)"
+        print(line)
+        if r.get("recovery"):
+            rc = r["recovery"]
+            kept = (rc.get("validation") or {}).get("best_step", 1) != 0
+            print(f"  recovered: {rc['steps']} steps of distillation in {rc['seconds']:.0f} s"
+                  f"{'' if kept else ' (no epoch beat the untrained model on held-back images: untrained released)'}")
+        if r.get("quantization"):
+            print(int8_summary(r))
+        if r.get("metric"):
+            m = r["metric"]
+            print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
+        fp32 = " (int8), model.fp32.onnx" if r.get("quantization") else ""
+        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
+              f"pruned.pt, plan.json, report.json, report.md")
+    if result.message:
+        sys.stderr.write(f"edgeprune: error: {result.message}\n")
+    return result.exit_code
+
+
+def int8_summary(r: dict[str, Any]) -> str:
+    """The summary's int8 line: the figures above are the quantised model's; the float pruned model's, the cost of
+    quantisation alone and the speed-up over the unpruned float model."""
+    fl, qa = r["quantization"]["float"], r["quantization"]["against_float"]
+    line = "  int8 (fidelity above: the quantised model in ONNX Runtime); float pruned model"
+    if fl.get("accuracy"):
+        line += f" {100 * fl['accuracy']['after']:.1f}%, quantisation alone costs {qa['accuracy_drop_pp']:.2f} points"
+    if qa["top1_agreement"] is not None:
+        line += f", agrees on {100 * qa['top1_agreement']:.1f}% of samples"
+    if r.get("speedup_over_float") is not None:
+        line += f"; {r['speedup_over_float']:.2f}x faster than the unpruned float model"
+    return line
+
+
+def add_release(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("release", help="release a pruned (fine-tuned) model: export, parity, measure, gates",
+                       description="The way back in after fine-tuning: take a pruned.pt from build or prune (with "
+                                   "--weights, the fine-tuned state dict), export and simplify it, check ONNX parity, "
+                                   "measure it on the target against --latency, take its held-out fidelity to the "
+                                   "unpruned model, run the gates, and write the artifacts and report a build writes. "
+                                   "Nothing is pruned.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 over budget, "
+                              "4 quality gate failed, 5 device unreachable")
+    p.add_argument("--model", required=True, metavar="pruned.pt", help="the pruned.pt of a build or prune")
+    p.add_argument("--weights", default=None, metavar="state.pt",
+                   help="fine-tuned weights: torch.save(model.state_dict(), PATH) of the module load_pruned gave")
+    p.add_argument("--input-shape", default=None, help="N,C,H,W (must be the shape the model was pruned for)")
+    add_calibration_arg(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 800us, or 0.5x of the unpruned latency")
+    add_gate_args(p)
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    add_cache_args(p)
+    p.add_argument("--out", default="out", metavar="DIR", help="output folder, as for build (default ./out)")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_release
+
+
+def run_release(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.jobs.release_job import release_inputs, release_job
+    from edgeprune.inputs.models import parse_shape
+    from edgeprune.jobs.session import Inputs
+
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter=args.exporter), device=args.device,
+                         latency=args.latency, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                         **gate_options(args))
+    pruned = release_inputs(args.model, None, None, None, Inputs(), args.weights, 0, input_shape=shape)
+    with Progress(enabled=not args.json) as progress:
+        result = typed(config, args.out, run=release_job, pruned=pruned,
+                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+    return render_release(result, args.json)
+
+
+def add_lut(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("lut", help="measure a per-layer latency table on a target, for searches away from it",
+                       description="Measure each layer of a model over a grid of input/output widths on the target "
+                                   "(merging into an existing table, resuming an interrupted run), and calibrate the "
+                                   "model's latency on four measured plans. `build --lut` then searches on the table.")
+    add_model_args(p)
+    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--out", required=True, metavar="lut.json", help="table file (created or merged into)")
+    p.add_argument("--fresh", action="store_true", help="start a new table instead of resuming/merging")
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
+    p.add_argument("--report", action="store_true",
+                   help="also plot latency against output width per layer signature (lut.png, needs matplotlib)")
+    p.add_argument("--devices", default=None, metavar="devices.toml",
+                   help="measure on the boards of the target's kind in this device pool, the table's entries split "
+                        "across them (one layer signature per board at a time; see `edgeprune matrix`)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return run_lut
+
+
+def run_lut(args: argparse.Namespace) -> int:
+    from edgeprune.inputs.models import parse_shape
+    from edgeprune.jobs.lut_job import lut_job
+
+    pooled: dict[str, Any] = {}
+    if args.devices:
+        from edgeprune.fleet.pool import BoardState, load_pool, pooled_measure
+        from edgeprune.inputs.targets import load_target
+
+        pool = load_pool(args.devices)
+        kind = pool.kind_for(load_target(args.device))
+        boards = BoardState(pool)
+        pooled = {"measure_fn": pooled_measure(boards, kind, []), "workers": len(pool.of_kind(kind))}
+    with Progress(enabled=not args.json) as progress:
+        summary = lut_job(args.model, args.device, args.out, args.weights,
+                          parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
+                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore), **pooled)
+    if args.devices:
+        summary["boards"] = boards.summary()
+    if args.report:
+        from edgeprune.latency.table import load_lut
+        from edgeprune.latency.measure_table import plot_lut
+
+        summary["plot"] = plot_lut(load_lut(args.out), Path(args.out).with_suffix(".png"))
+    if args.json:
+        emit_json(summary)
+        return 0
+    cal = summary["calibration"]
+    best = summary["best_channel_multiple"]
+    print(f"{summary['table']}: {summary['signatures']} layer signatures for {summary['model']} on {summary['target']} "
+          f"({summary['layers']} layers) in {summary['build_s']:.0f}s; model latency = {cal['offset_ms']:.3f} ms + "
+          f"{cal['scale']:.3f} x layers; unpruned {cal['base_ms']:.3f} ms")
+    print(f"  best channel multiple the table implies: {best['best']} (share of unaligned widths no faster than the "
+          f"next multiple: {', '.join(f'{m}: {v:.2f}' for m, v in best['scores'].items() if v is not None)})")
+    if summary.get("plot"):
+        print(f"  plot: {summary['plot']}")
+    return 0
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser("finetune", help="a recovery stage (distillation or C-SGD) on a build or prune output, "
+                                        "released again",
+                       description="Train the model of a build or prune output folder for a few epochs, --steps or "
+                                   "--minutes on the calibration part of the recipe (distill: the pruned model to the "
+                                   "unpruned model's outputs, labels unused; csgd: centripetal SGD on the unpruned "
+                                   "model, then each cluster of filters merged to the same widths), then release it "
+                                   "as `edgeprune release` does: budget and gates re-checked, artifacts in --out.",
+                       epilog="exit codes: 0 budget met and gates passed, 2 bad input (not a build or prune output), "
+                              "3 over budget, 4 quality gate failed or the training diverged, 5 device unreachable")
+    p.add_argument("source", metavar="OUTDIR", help="the --out folder of edgeprune build or prune")
+    add_calibration_arg(p)
+    p.add_argument("--stage", choices=("distill", "csgd"), default="distill",
+                   help="distill (default): distillation from the unpruned model; csgd: C-SGD (arXiv:1904.03837)")
+    p.add_argument("--orthoreg", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of the OrthoReg filter-orthogonality penalty (arXiv:2009.05014); default 0: off")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="training steps (default: 3 epochs)")
+    length.add_argument("--minutes", type=float, default=None, help="train for this long instead")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 Adam, cosine-annealed, for "
+                                                          "distill; 1e-2 momentum SGD, constant, for csgd)")
+    p.add_argument("--validation", type=float, default=0.2, metavar="FRACTION",
+                   help="distill: share of the calibration samples held back; the model is kept at the epoch with "
+                        "their lowest loss, untrained if none beat it (default 0.2; 0: train on all, keep the last)")
+    p.add_argument("--device", default=None, help="target (default: the source build's, else cpu)")
+    p.add_argument("--latency", default=None, help="budget (default: the source build's, else 0.5x)")
+    add_gate_args(p)
+    add_cache_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and the clustering (default 0)")
+    p.add_argument("--out", required=True, metavar="NEWDIR", help="output folder, as for build; never OUTDIR")
+    add_force_arg(p)
+    p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
+    return run_finetune
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from edgeprune.api import run_build as typed
+    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.jobs.finetune_job import finetune_job, read_source
+    from edgeprune.recovery.train import FinetuneConfig
+
+    recovery = FinetuneConfig(stage=args.stage, steps=args.steps, minutes=args.minutes, orthoreg=args.orthoreg,
+                              lr=args.lr, validation=args.validation, seed=args.seed)
+    source = read_source(args.source)
+    device, latency = source.release_settings(args.device, args.latency)
+    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter="torchscript", seed=args.seed),
+                         device=device, latency=latency, cache_dir=args.cache_dir,
+                         use_cache=not args.no_cache, **gate_options(args))
+    with Progress(enabled=not args.json) as progress:
+        result = typed(config, args.out, run=finetune_job, source=source, recovery=recovery,
+                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+    ft = result.report["finetune"]
+    if not args.json:
+        print(f"finetune {ft['stage']} of {ft['from']}: {ft['steps']} steps in {ft['seconds']:.0f} s, {ft['loss']} "
+              f"loss {ft['first_loss']:.4g} -> {ft['last_loss']:.4g}")
+    return render_release(result, args.json)

@@ -1,0 +1,2 @@
+"""Plumbing every stage shares: atomic writes, threads and memory policy, time limits, strict TOML, bundled files,
+versions, progress callbacks."""

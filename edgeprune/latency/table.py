@@ -1,0 +1,340 @@
+"""Latency lookup tables: per-layer latencies measured on a target, so a search can run away from the device.
+
+    model = LayerModel.from_model(module, example_input, graph, spec)   # each layer's widths as a function of the plan
+    table = load_lut("lut.json"); check_table_for(table, target)       # refuses a table made for another target
+    predict(table, model, widths)                                       # predicted latency of a plan, ms
+
+A layer is a conv or linear with what follows it fused by the runtime (bias from the folded BN, the activation), at
+its real input resolution, stride and groups. Its entry is a grid over (input, output) widths: multiples of the
+target's channel multiple up to the layer's width, plus a few unaligned widths that show the staircase. A model's
+latency is a + b·(sum of its layers' entries), with a and b fitted on eight measured plans of that model (per-run
+overhead, pooling, adds and the difference between a layer alone and inside a model). Entries are keyed by signature,
+so tables for several models on one target merge.
+
+This module is the table itself and imports neither onnx nor onnxruntime; `lookupbuild` measures one on a device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from edgeprune.common.atomic import atomic_write_text
+from edgeprune.dependency.graph import Graph
+from edgeprune.dependency.groupconv import is_depthwise, is_grouped
+from edgeprune.errors import EdgePruneError
+from edgeprune.inputs.targets import Target
+
+log = logging.getLogger(__name__)
+
+LUT_FORMAT = "edgeprune.lookup/1"
+ACTIVATIONS = {nn.ReLU: "Relu", nn.ReLU6: "Clip6", nn.Hardswish: "HardSwish", nn.SiLU: "Sigmoid*", nn.Hardsigmoid: "HardSigmoid"}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv or linear of a model, and how its widths follow the plan."""
+
+    name: str
+    signature: str  # kind, kernel, stride, padding, dilation, depthwise, input size, activation: no widths
+    cin: int
+    cout: int
+    in_groups: tuple[tuple[str, int], ...]  # (group, input channels per group channel) read by this layer
+    out_group: str | None  # the group its output channels belong to
+    depthwise: bool  # input and output widths are both its group's: a depthwise conv, or a grouped conv (in units)
+    spec: dict[str, Any]  # what build_layer_onnx needs
+
+    def widths(self, w: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
+        if self.depthwise:
+            c = w.get(self.out_group, self.cout) if self.out_group else self.cout
+            return c, c
+        cin = self.cin - sum((channels[g] - w.get(g, channels[g])) * per for g, per in self.in_groups)
+        cout = w.get(self.out_group, self.cout) if self.out_group else self.cout
+        return cin, cout
+
+
+@dataclass
+class LayerModel:
+    """The layers of one model, with the group widths of the unpruned model."""
+
+    model: str
+    layers: list[Layer]
+    channels: dict[str, int]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, example_input: Any, graph: Graph, spec: str = "") -> LayerModel:
+        import torch
+
+        modules = dict(model.named_modules())
+        shapes: dict[str, tuple[int, ...]] = {}
+        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
+                   for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            model(example_input)
+        for h in handles:
+            h.remove()
+        out_group, in_groups = {}, {}
+        for g in graph.groups:
+            for p in g.producers:
+                out_group[p] = g.name
+            for mem in g.members:
+                if is_depthwise(modules[mem]) or is_grouped(modules[mem]):
+                    out_group[mem] = g.name
+            for c in g.consumers:
+                per = len(c.coords[0]) // (modules[c.module].kernel_size[0] * modules[c.module].kernel_size[1]) \
+                    if isinstance(modules[c.module], nn.Conv2d) else len(c.coords[0])
+                in_groups.setdefault(c.module, []).append((g.name, per))
+        nxt = _following_activation(model)
+        layers = []
+        for n, m in modules.items():
+            if not isinstance(m, (nn.Conv2d, nn.Linear)) or n not in shapes:
+                continue
+            act = nxt.get(n, "none")
+            shape = shapes[n]
+            if isinstance(m, nn.Conv2d):
+                dw = is_depthwise(m)
+                kind = "gconv" if is_grouped(m) else "dwconv" if dw else "conv"
+                lspec = {"kind": kind, "k": list(m.kernel_size), "s": list(m.stride), "p": list(m.padding)
+                        if not isinstance(m.padding, str) else [0, 0], "d": list(m.dilation), "hw": list(shape[2:]),
+                        "act": act}
+                if kind == "gconv":  # pruned in whole groups: the group width stays, the number of groups follows
+                    lspec["group_width"] = m.in_channels // m.groups
+                else:
+                    lspec["groups"] = m.groups
+                cin, cout = m.in_channels, m.out_channels
+            else:
+                kind = "linear"
+                lspec = {"kind": kind, "rows": int(np.prod(shape[:-1])), "act": act}
+                cin, cout = m.in_features, m.out_features
+            sig = json.dumps(lspec, sort_keys=True, separators=(",", ":"))
+            layers.append(Layer(name=n, signature=sig, cin=cin, cout=cout, in_groups=tuple(in_groups.get(n, ())),
+                                out_group=out_group.get(n), depthwise=lspec["kind"] in ("dwconv", "gconv"), spec=lspec))
+        return cls(model=model_key(spec), layers=layers, channels={g.name: g.channels for g in graph.groups})
+
+    def full(self) -> dict[str, int]:
+        return dict(self.channels)
+
+
+def _following_activation(model: nn.Module) -> dict[str, str]:
+    """Activation module that directly follows each conv/linear (through a BatchNorm) in module order: a heuristic
+    good for Sequential-style blocks; functional activations are covered by the calibrated remainder."""
+    names = list(model.named_modules())
+    out = {}
+    for i, (n, m) in enumerate(names):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        for n2, m2 in names[i + 1:i + 3]:
+            if isinstance(m2, nn.modules.batchnorm._BatchNorm):
+                continue
+            for cls, name in ACTIVATIONS.items():
+                if isinstance(m2, cls):
+                    out[n] = name
+            break
+    return out
+
+@dataclass
+class LatencyTable:
+    meta: dict[str, Any]
+    entries: dict[str, dict[str, Any]]  # signature -> {"cin": [...], "cout": [...], "ms": [[...]]}
+    models: dict[str, dict[str, Any]]  # model spec -> {"base_ms", "layers_full_ms", "remainder_ms"}
+
+    def digest(self) -> str:
+        return entries_digest(self.entries, self.models)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": LUT_FORMAT, "meta": {**self.meta, "digest": self.digest()}, "entries": self.entries,
+                "models": self.models}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict()))
+
+
+def entries_digest(entries: dict[str, Any], models: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([entries, models], sort_keys=True).encode()).hexdigest()
+
+
+def table_meta(target: Target) -> dict[str, Any]:
+    from edgeprune.runtimes import runtime_for
+    from edgeprune.common.versions import versions
+
+    mod = runtime_for(target)
+    return {"target": target.name, "fingerprint": target.fingerprint(), "runtime": target.runtime,
+            "runtime_version": mod.version(target) or "unknown",
+            "precision": target.precision, "channel_multiple": target.channel_multiple,
+            "versions": versions(target.runtime)}
+
+
+def load_lut(path: str | Path) -> LatencyTable:
+    """Read and check a table; truncated, malformed or hand-edited files are refused."""
+    if Path(path).is_dir():
+        raise EdgePruneError(f"latency table {path} is a folder; give the .json file `edgeprune lut --out` wrote")
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EdgePruneError(f"latency table {path} does not exist; make one with `edgeprune lut`") from None
+    except (ValueError, OSError) as e:
+        raise EdgePruneError(f"latency table {path} is not valid JSON (truncated?): {str(e)[:120]}; measure it "
+                             f"again from the start with `edgeprune lut ... --out {path} --fresh`") from None
+    if not isinstance(d, dict) or d.get("format") != LUT_FORMAT:
+        raise EdgePruneError(f"{path} is not an edgeprune latency table (format {LUT_FORMAT})")
+    try:
+        table = LatencyTable(meta=dict(d["meta"]), entries=dict(d["entries"]), models=dict(d["models"]))
+        for sig, e in table.entries.items():
+            _check_entry(sig, e)
+        for spec, m in table.models.items():
+            _check_model(spec, m)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgePruneError(f"latency table {path} is malformed ({e}); measure it again with `edgeprune lut ... "
+                             f"--out {path} --fresh`") from None
+    if table.meta.get("digest") != table.digest():
+        raise EdgePruneError(f"latency table {path} was modified after it was measured (digest mismatch); rebuild "
+                             f"it with `edgeprune lut`")
+    return table
+
+
+def _widths_ok(ws: Any) -> bool:
+    return isinstance(ws, list) and bool(ws) and all(type(w) is int and w > 0 for w in ws) and ws == sorted(set(ws))
+
+
+def _ms_ok(values: Any) -> bool:
+    return all(type(v) in (int, float) and math.isfinite(v) and v > 0 for v in values)
+
+
+def _check_entry(sig: str, e: Any) -> None:
+    """Every value a prediction reads, with its type: the digest is unkeyed, so a table edited and re-digested by
+    hand must still fail here rather than deep inside a search."""
+    where = f"entry {sig[:60]}"
+    if not isinstance(e, dict) or not _widths_ok(e.get("cin")) or not _widths_ok(e.get("cout")):
+        raise ValueError(f"{where}: cin and cout must be increasing lists of positive integers")
+    ms = e.get("ms")
+    if not (isinstance(ms, list) and len(ms) == len(e["cin"]) and all(isinstance(r, list) and len(r) == len(e["cout"])
+                                                                      and _ms_ok(r) for r in ms)):
+        raise ValueError(f"{where} has a malformed grid (ms must be cin x cout positive numbers)")
+    stairs = e.get("stairs")
+    if stairs is not None and not (isinstance(stairs, dict) and _widths_ok(stairs.get("cout"))
+                                   and isinstance(stairs.get("ms"), list) and len(stairs["ms"]) == len(stairs["cout"])
+                                   and _ms_ok(stairs["ms"])):
+        raise ValueError(f"{where} has malformed stairs")
+
+
+def _check_model(spec: str, m: Any) -> None:
+    def number(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    where = f"model {spec[:60]}"
+    if not isinstance(m, dict) or not all(number(m.get(k)) for k in ("offset_ms", "scale", "base_ms")):
+        raise ValueError(f"{where}: offset_ms, scale and base_ms must be numbers")
+    if m["base_ms"] <= 0:
+        raise ValueError(f"{where}: base_ms must be positive")
+    cal = m.get("calibration", [])
+    if not isinstance(cal, list) or not all(isinstance(c, dict) and number(c.get("layers_ms"))
+                                            and number(c.get("measured_ms")) for c in cal):
+        raise ValueError(f"{where}: calibration must be a list of layers_ms / measured_ms numbers")
+
+
+def model_key(spec: str) -> str:
+    """The name a table files a model's calibration under: a file spec (`path/to/file.py:fn`) with its path made
+    absolute, so that `lut` and `build --lut` agree however the path is spelled; any other spec as it is."""
+    path, sep, fn = spec.rpartition(":")
+    return f"{Path(path).resolve()}:{fn}" if sep and path.endswith(".py") else spec
+
+
+def calibration_key(table: LatencyTable, spec: str) -> str:
+    """The key of `spec`'s calibration in `table` (one filed under another spelling of the same file too: tables
+    made before `model_key`); a clear error when the table has none. `predict` calls it for every prediction with
+    a key already made by `model_key`: the exact match comes first, so that path resolves nothing on disk."""
+    if spec in table.models:
+        return spec
+    key = model_key(spec)
+    found = key if key in table.models else next((k for k in table.models if model_key(k) == key), None)
+    if found is None:
+        raise EdgePruneError(f"the latency table has no calibration for model {spec!r} (it has: "
+                             f"{', '.join(table.models) or 'none'}); run `edgeprune lut --model {spec}` to add it")
+    return found
+
+
+def check_table_for(table: LatencyTable, target: Target, force: bool = False, path: str = "the table") -> list[str]:
+    """Refuse a table made for another target, precision or runtime version (`force` downgrades to warnings)."""
+    meta = table_meta(target)
+    problems = [f"{k} is {table.meta.get(k)!r} in {path} but {meta[k]!r} here"
+                for k in ("target", "fingerprint", "runtime", "precision", "runtime_version")
+                if table.meta.get(k) != meta[k]]
+    if problems and not force:
+        raise EdgePruneError(f"latency table {path} does not match target {target.name}: {'; '.join(problems)}; "
+                             f"make a table on this target with `edgeprune lut`, or pass --force-lut to use it anyway")
+    for p in problems:
+        log.warning("using a mismatched latency table: %s", p)
+    return problems
+
+
+def _interp(xs: list[int], x: float) -> tuple[int, int, float]:
+    """Indices and weight to interpolate at x (clamped to the grid)."""
+    if x <= xs[0]:
+        return 0, 0, 0.0
+    if x >= xs[-1]:
+        return len(xs) - 1, len(xs) - 1, 0.0
+    j = int(np.searchsorted(xs, x))
+    if xs[j] == x:
+        return j, j, 0.0
+    return j - 1, j, (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+
+
+def entry_latency(entry: dict[str, Any], cin: int, cout: int) -> tuple[float, bool]:
+    """Bilinear interpolation in (cin, cout); exact at grid points. Returns (ms, inside the grid)."""
+    ci, co = entry["cin"], entry["cout"]
+    ms = entry["ms"]
+    inside = ci[0] <= cin <= ci[-1] and co[0] <= cout <= co[-1]
+    i0, i1, a = _interp(ci, cin)
+    j0, j1, b = _interp(co, cout)
+    v = (1 - a) * (1 - b) * ms[i0][j0] + a * (1 - b) * ms[i1][j0] + (1 - a) * b * ms[i0][j1] + a * b * ms[i1][j1]
+    return float(v), inside
+
+
+def predict(table: LatencyTable, model: LayerModel, widths: dict[str, int]) -> tuple[float, list[str]]:
+    """Predicted latency of a model at `widths` (ms), and warnings for layers outside the table."""
+    key = calibration_key(table, model.model)
+    warnings = []
+    total = 0.0
+    for layer in model.layers:
+        entry = table.entries.get(layer.signature)
+        if entry is None:
+            raise EdgePruneError(f"the latency table has no entry for layer {layer.name}; rebuild it for this model")
+        cin, cout = layer.widths(widths, model.channels)
+        v, inside = entry_latency(entry, cin, cout)
+        if not inside:
+            warnings.append(f"{layer.name} at ({cin}, {cout}) is outside the table's grid")
+        total += v
+    cal = table.models[key]
+    pred = cal["offset_ms"] + cal["scale"] * total
+    if pred <= 0 or cal["scale"] <= 0:  # a fit that noise made meaningless here (tables made before fit_calibration)
+        pred = _proportional_scale([c["layers_ms"] for c in cal.get("calibration", [])],
+                                   [c["measured_ms"] for c in cal.get("calibration", [])]) * total
+    return pred, warnings
+
+
+def fit_calibration(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(offset, scale) of latency ≈ offset + scale·Σentries, by least squares over the calibration plans.
+
+    On a sub-millisecond model the noise can tilt the line flat or negative, or push its offset so far down that the
+    most pruned plans would be predicted at zero or below: the fit then falls back to a proportional scale (offset 0,
+    the median ratio of measured to summed latency), which keeps every prediction positive and ordered like the sums.
+    """
+    if len(set(xs)) < 2:
+        return 0.0, _proportional_scale(xs, ys)
+    slope, offset = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
+    if slope <= 0 or offset + slope * min(xs) <= 0.5 * min(ys):
+        return 0.0, _proportional_scale(xs, ys)
+    return float(offset), float(slope)
+
+
+def _proportional_scale(xs: list[float], ys: list[float]) -> float:
+    ratios = [y / x for x, y in zip(xs, ys) if x > 0 and y > 0]
+    return float(np.median(ratios)) if ratios else 1.0

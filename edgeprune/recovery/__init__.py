@@ -1,0 +1,1 @@
+"""Recovery training for finetune: distillation, OrthoReg, C-SGD."""

@@ -1,0 +1,2 @@
+"""Channel ranking criteria: per-group channel order and residual-loss curve, the papers' criteria, their activation
+signals."""

@@ -1,0 +1,1 @@
+"""Widths under a latency budget: the inner level (allocations) and the outer searches."""

@@ -1,0 +1,245 @@
+"""Inner level of the width search: a strength u in [0, 1] becomes per-group widths (CAP.md §5).
+
+    widths_for = make_widths_fn(graph, rankings, multiple=8, error=proxy_error, allocation="latency", cost=cost)
+    widths_for(0.0)   # the unpruned widths;  widths_for(1.0): every group at its minimum
+
+Allocations: `step`, the step constraint (groups in forward order; after group i of L the network may have spent at
+most s·(i+1)/L of residual loss, or of squared output error for the fidelity proxy, and each group takes the smallest
+width, in steps of the channel multiple, whose loss fits in what is left, so slack carries forward), and `latency`
+(error + λ·latency cost per group, see `latency_aware_widths`). The outer level (`strength.py`) searches u against a
+latency oracle.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from collections.abc import Callable
+
+from edgeprune.dependency.graph import Graph
+from edgeprune.errors import EdgePruneError
+from edgeprune.plan import round_width, width_step
+from edgeprune.scoring.importance import Ranking
+
+
+def widths_digest(widths: dict[str, int]) -> str:
+    return hashlib.sha256(json.dumps(sorted(widths.items())).encode()).hexdigest()[:12]
+
+
+def min_widths(graph: Graph, multiple: int, min_width: int | None = None) -> dict[str, int]:
+    """Each group's narrowest width: one step (see `plan.width_step`), or `min_width` rounded up to steps."""
+    out = {}
+    for g in graph.groups:
+        step = width_step(g, multiple)
+        out[g.name] = min(g.channels, max(step, -(-(min_width or step) // step) * step))
+    return out
+
+
+def allowed_widths(channels: int, multiple: int, lo: int) -> list[int]:
+    """Widths a group may take: multiples of `multiple` from `lo`, and the original width."""
+    ws = list(range(lo, channels, multiple)) if lo < channels else []
+    return sorted(set(ws + [channels]))
+
+
+def width_options(graph: Graph, multiple: int, min_width: int | None = None) -> dict[str, list[int]]:
+    """Each group's admissible widths (`allowed_widths` in its own step, from its minimum): what the search may try
+    for one group between two width settings."""
+    lows = min_widths(graph, multiple, min_width)
+    return {g.name: allowed_widths(g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups}
+
+
+def step_constrained_widths(graph: Graph, rankings: dict[str, Ranking], strength: float, multiple: int,
+                            min_width: int | None = None) -> dict[str, int]:
+    """Widths for a total tolerated loss `strength`, under the step constraint (forward order, slack carried)."""
+    lows = min_widths(graph, multiple, min_width)
+    n = len(graph.groups)
+    used = 0.0
+    widths = {}
+    for i, g in enumerate(graph.groups):
+        loss = rankings[g.name].loss
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
+        if loss is None:
+            widths[g.name] = g.channels
+            continue
+        left = strength * (i + 1) / n - used
+        # the curve is non-increasing in width: bisect for the smallest width whose loss fits
+        losses = [loss[w] for w in options]
+        j = bisect.bisect_left([-x for x in losses], -left)  # first option with loss <= left
+        j = min(j, len(options) - 1)
+        widths[g.name] = options[j]
+        used += losses[j]
+    return widths
+
+
+def uniform_strength_widths(graph: Graph, strength: float, multiple: int, min_width: int | None = None) -> dict[str, int]:
+    """Fallback for criteria without a loss curve: remove the same fraction `strength` of every group."""
+    lows = min_widths(graph, multiple, min_width)
+    return {g.name: round_width(g.channels * (1 - strength), g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups}
+
+
+def strength_scale(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None) -> float:
+    """A strength at which every group reaches its minimum width."""
+    lows = min_widths(graph, multiple, min_width)
+    worst = max((rankings[g.name].loss[lows[g.name]] for g in graph.groups if rankings[g.name].loss is not None),
+                default=0.0)
+    return max(worst, 1e-12) * len(graph.groups) * 1.0001
+
+
+def fidelity_widths(graph: Graph, strength: float, multiple: int, error: Callable[[dict[str, int]], float],
+                    min_width: int | None = None) -> dict[str, int]:
+    """Inner level on output fidelity (CAP.md §5): per group in forward order, bisect for the smallest width whose
+    network error (earlier groups at their chosen widths, later ones whole) has a square within strength·(i+1)/L.
+
+    The schedule is linear in squared error because independent errors add in squares: a schedule linear in the norm
+    would give group i an increment of squared error proportional to 2i + 1 and favour pruning late groups.
+    """
+    lows = min_widths(graph, multiple, min_width)
+    widths = {g.name: g.channels for g in graph.groups}
+    n = len(graph.groups)
+    for i, g in enumerate(graph.groups):
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
+        limit = strength * (i + 1) / n
+        lo, hi = 0, len(options) - 1  # the whole width always fits: it adds no error to what is already spent
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if error({**widths, g.name: options[mid]}) ** 2 <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        widths[g.name] = options[hi]
+    return widths
+
+
+def latency_aware_widths(graph: Graph, lam: float, multiple: int, penalty: Callable[[dict[str, int]], float],
+                         cost: Callable[[dict[str, int]], float], min_width: int | None = None) -> dict[str, int]:
+    """Inner level that weighs error against latency (issue 13): per group in forward order, the width that minimises
+    penalty(widths) + lam·cost(widths), earlier groups at their chosen widths and later ones whole.
+
+    `penalty` is the network's squared output error (fidelity proxy) or the summed CaP losses (loss proxy), `cost`
+    a latency model relative to the unpruned model (a latency table's prediction, or MACs): the step constraint gives
+    every group the same share of error whatever it saves, where this gives the error to the groups whose channels
+    cost most. Options are scanned coarse to fine (`_argmin_options`), so a group of 64 widths costs about 20
+    evaluations, not 64.
+    """
+    lows = min_widths(graph, multiple, min_width)
+    widths = {g.name: g.channels for g in graph.groups}
+    for g in graph.groups:
+        options = allowed_widths(g.channels, width_step(g, multiple), lows[g.name])
+
+        def objective(j: int, name: str = g.name, options: list[int] = options) -> float:
+            w = {**widths, name: options[j]}
+            return penalty(w) + lam * cost(w)
+
+        widths[g.name] = options[_argmin_options(objective, len(options))]
+    return widths
+
+
+def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) -> int:
+    """The index in range(n) minimising a unimodal `objective`: scan every ⌈width/coarse⌉-th index of the interval
+    (and its last), keep the interval within one stride of the best, repeat down to stride 1; exhaustive for
+    n <= coarse + 1, about 20 evaluations for 64 options. Ties go to the larger index (the wider, less pruned width),
+    so that an error the proxy cannot resolve never prunes."""
+    seen: dict[int, float] = {}
+
+    def key(j: int) -> tuple[float, int]:
+        if j not in seen:
+            seen[j] = objective(j)
+        return seen[j], -j
+
+    lo, hi = 0, n - 1
+    while True:
+        stride = max(1, -(-(hi - lo) // coarse))
+        best = min([*range(lo, hi + 1, stride), hi], key=key)
+        if stride == 1:
+            return best
+        lo, hi = max(lo, best - stride + 1), min(hi, best + stride - 1)
+
+
+PROXIES = ("loss", "fidelity")
+METHOD_ALLOCATIONS = ("epruner", "nap")  # a criterion's own width rule (criteria.method_widths_fn)
+ALLOCATIONS = ("step", "latency", *METHOD_ALLOCATIONS, "itpruner")  # itpruner: itpruner.py (the job's feature maps)
+
+
+def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
+                   error: Callable[[dict[str, int]], float] | None = None, allocation: str = "step",
+                   cost: Callable[[dict[str, int]], float] | None = None) -> Callable[[float], dict[str, int]]:
+    """u in [0, 1] -> widths, with s = s_max·u² (resolution where losses are small; s is in squared-error units for
+    both proxies).
+
+    The proxy is the network's output error when `error` is given (`fidelity`), else the CaP loss curves (`loss`);
+    criteria without curves fall back to removing the same fraction of every group. `allocation` "latency" (needs
+    `cost`, a latency model of widths) trades the proxy against latency instead of the step constraint, with
+    λ = λ0·(u / (1 - u))² (see `latency_aware_widths`).
+    """
+    import functools
+
+    if allocation not in ALLOCATIONS:
+        raise EdgePruneError(f"allocation must be {' or '.join(ALLOCATIONS)}, found {allocation!r}")
+    if allocation in METHOD_ALLOCATIONS:
+        from edgeprune.scoring.criteria import method_widths_fn
+
+        lows = min_widths(graph, multiple, min_width)
+        return method_widths_fn(allocation, graph, rankings, {g.name: allowed_widths(
+            g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups})
+    if allocation == "itpruner":
+        raise EdgePruneError("the itpruner allocation needs layer importances: itpruner.itpruner_widths_fn")
+    has_curves = all(g.name in rankings and rankings[g.name].loss is not None for g in graph.groups)
+    if allocation == "latency" and cost is not None and (error is not None or has_curves):
+        return _latency_widths_fn(graph, rankings, multiple, min_width, error, cost)
+    if error is not None:
+        memo: dict[str, float] = {}
+
+        def cached(widths: dict[str, int]) -> float:
+            key = widths_digest(widths)
+            if key not in memo:
+                memo[key] = error(widths)
+            return memo[key]
+
+        # at u = 1 every group may reach its minimum: each step's share covers the squared error of all groups at
+        # minimum (the schedule is in squared error, see fidelity_widths)
+        s_max = max(cached(min_widths(graph, multiple, min_width)) ** 2, 1e-12) * len(graph.groups) * 1.0001
+        inner = functools.lru_cache(maxsize=None)(
+            lambda u: fidelity_widths(graph, s_max * u * u, multiple, cached, min_width))
+        lows = min_widths(graph, multiple, min_width)
+        # u = 1 is every group at its minimum by definition: where errors are not monotone (slicing without a repair
+        # saturates near 1), pruning one group alone can cost more than pruning all, and the schedule then left
+        # groups wide at u = 1 (an L1 build called a budget unreachable that the minimum widths met)
+        return lambda u: dict(lows) if u >= 1.0 else dict(inner(u))
+    if not has_curves:
+        lows = min_widths(graph, multiple, min_width)
+        top = max(1 - lows[g.name] / g.channels for g in graph.groups)
+        return lambda u: uniform_strength_widths(graph, u * top, multiple, min_width)
+    s_max = strength_scale(graph, rankings, multiple, min_width)
+    return lambda u: step_constrained_widths(graph, rankings, s_max * u * u, multiple, min_width)
+
+
+def _latency_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None,
+                       error: Callable[[dict[str, int]], float] | None,
+                       cost: Callable[[dict[str, int]], float]) -> Callable[[float], dict[str, int]]:
+    """make_widths_fn's "latency" allocation: u = 0 the unpruned model, u = 1 every group at its minimum, and between
+    them λ from λ0·(u/(1-u))², λ0 the penalty of the minimum widths per unit of the latency they save."""
+    import functools
+
+    memo: dict[str, float] = {}
+
+    def penalty(widths: dict[str, int]) -> float:
+        key = widths_digest(widths)
+        if key not in memo:
+            if error is not None:
+                memo[key] = error(widths) ** 2
+            else:
+                memo[key] = sum(float(rankings[g].loss[w]) for g, w in widths.items())  # type: ignore[index]
+        return memo[key]
+
+    lows = min_widths(graph, multiple, min_width)
+    full = {g.name: g.channels for g in graph.groups}
+    saved = max(cost(full) - cost(lows), 1e-12)
+    lam0 = max(penalty(lows) - penalty(full), 1e-12) / saved
+
+    @functools.lru_cache(maxsize=None)
+    def inner(u: float) -> tuple[tuple[str, int], ...]:
+        lam = lam0 * (u / (1 - u)) ** 2
+        return tuple(latency_aware_widths(graph, lam, multiple, penalty, cost, min_width).items())
+
+    return lambda u: dict(lows) if u >= 1.0 else dict(full) if u <= 0.0 else dict(inner(u))

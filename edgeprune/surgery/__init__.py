@@ -1,0 +1,1 @@
+"""A plan applied to a network: consumers compensated or repaired, channels removed physically."""

@@ -1,0 +1,138 @@
+"""The oracle layer: the measuring function one job uses, what reaches the runtime, what is counted."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeprune.common.progress import no_progress
+from edgeprune.inputs.targets import load_target
+from edgeprune.jobs.oracle import Measurer
+from edgeprune.runtimes.stats import stats_from_repeats
+
+
+def recording(calls: list[dict], source: str = "measured"):
+    def fn(path, target, cache=None, repeats=None, progress=None, **kw):  # noqa: ANN001, ANN202
+        calls.append({"path": path, "cache": cache, "repeats": repeats, **kw})
+        return stats_from_repeats([[1.0, 1.1]], target=target.name, runtime=target.runtime, runtime_version="x",
+                                  precision=target.precision, source=source)
+    return fn
+
+
+def test_measurer_gives_an_int8_target_the_recipe_calibration_data_and_no_other_target() -> None:
+    """DESIGN.md §5: INT8 engines are calibrated on the recipe's data (they were calibrated on random inputs)."""
+    calib = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    for name, gets in (("jetson-orin-nano-int8", True), ("cpu", False), ("jetson-orin-nano", False)):
+        calls: list[dict] = []
+        m = Measurer(load_target(name), "CACHE", no_progress, {}, recording(calls), calibration=calib)
+        m(Path("a.onnx"), "measuring", repeats=3)
+        assert ("calibration" in calls[0]) == gets, name
+        if gets:
+            assert calls[0]["calibration"] is calib
+
+
+def test_measurer_counts_device_measurements_not_cached_figures_and_bypasses_the_cache_when_asked() -> None:
+    calls: list[dict] = []
+    t: dict[str, float] = {}
+    m = Measurer(load_target("cpu"), "CACHE", no_progress, t, recording(calls))
+    m(Path("a.onnx"), "measuring")
+    m(Path("a.onnx"), "measuring again", cached=False, stage="verify")
+    assert m.device_runs == 2 and [c["cache"] for c in calls] == ["CACHE", None]
+    assert set(t) == {"measure", "verify"}
+    cached = Measurer(load_target("cpu"), "CACHE", no_progress, {}, recording([], source="cache"))
+    cached(Path("a.onnx"), "measuring")
+    assert cached.device_runs == 0
+
+
+def test_measurer_quantises_for_int8_targets_and_measures_float_figures_on_the_float_variant() -> None:
+    calib = np.random.default_rng(0).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    for name, quantised in (("cpu-int8", True), ("jetson-orin-nano-int8", True), ("cpu", False)):
+        m = Measurer(load_target(name), None, no_progress, {}, recording([]), calibration=calib)
+        assert (m.quantizer is not None) == quantised, name
+        if quantised:
+            assert m.quantizer.config == load_target(name).quantization and m.quantizer.calibration is calib
+    calls: list[dict] = []
+    m = Measurer(load_target("cpu-int8"), "CACHE", no_progress, {}, recording(calls), calibration=calib)
+    stats = m.float_figure(Path("base.onnx"), "measuring unpruned float model")
+    assert stats.precision == "fp32" and "calibration" not in calls[0] and calls[0]["cache"] == "CACHE"
+    assert m.device_runs == 1
+
+
+class Machine:
+    """A fake measuring function on a machine whose speed changes over time: each call times one model (its true
+    latency from `true_ms`) at the machine's current slowness, which follows `spells` call by call."""
+
+    def __init__(self, true_ms: dict[str, float], spells: list[float]) -> None:
+        self.true_ms, self.spells, self.calls = true_ms, spells, []
+
+    def __call__(self, path, target, cache=None, repeats=None, progress=None, **kw):  # noqa: ANN001, ANN204
+        slow = self.spells[min(len(self.calls), len(self.spells) - 1)]
+        self.calls.append((Path(path).name, cache, repeats))
+        ms = self.true_ms[Path(path).name] * slow
+        return stats_from_repeats([[ms, ms * 1.01]] * (repeats or 3), target=target.name, runtime=target.runtime,
+                                  runtime_version="x", precision=target.precision)
+
+
+def test_an_anchored_measurer_takes_candidates_beside_the_baseline_so_a_spell_of_the_machine_cancels() -> None:
+    """The baseline is measured while the machine runs 30% slow (two agreeing figures), the candidate after the spell
+    ended: without interleaving the candidate reads 0.38x of the baseline for a true 0.5x; with it, 0.5x exactly,
+    in the units of the baseline's figure, and never from the cache."""
+    true = {"base.onnx": 2.0, "cand.onnx": 1.0}
+    spells = [1.3, 1.3] + [1.0] * 20
+    ratios = {}
+    for interleave in (False, True):
+        target = load_target("cpu")
+        target = dataclasses.replace(target, measure=dataclasses.replace(target.measure, interleave=interleave))
+        machine = Machine(true, spells)
+        m = Measurer(target, "CACHE", no_progress, {}, machine, interleave=None if not interleave else True)
+        base = m.baseline(Path("base.onnx"), relative=True)
+        assert base.median == pytest.approx(2.6, rel=0.02)
+        cand = m(Path("cand.onnx"), "measuring candidate")
+        ratios[interleave] = cand.median / base.median
+        if interleave:
+            # three pairs of one fresh session each, baseline first, nothing from the cache
+            assert machine.calls[2:] == [("base.onnx", None, 1), ("cand.onnx", None, 1)] * 3
+            assert m.device_runs == 3  # two baseline figures, one candidate figure
+    assert ratios[False] == pytest.approx(1.0 / 2.6, rel=0.02)
+    assert ratios[True] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_an_anchored_measurer_takes_more_pairs_of_a_noisy_model_until_its_ratio_is_resolved() -> None:
+    """Pair ratios that scatter by ~7% (as lraspp's did here) leave a 3-pair figure with a standard error of ~4%, a
+    noise margin of ~8%: the measurer takes more pairs, up to PAIRS_LIMIT x repeats, and the spread falls; a steady
+    machine gets exactly `repeats` pairs."""
+    from edgeprune.jobs.oracle import PAIR_SPREAD, PAIRS_LIMIT
+
+    true = {"base.onnx": 2.0, "cand.onnx": 1.2}
+    steady = [1.0] * 4 + [1.0] * 40
+    noisy = [1.0] * 4 + [1.0 if i % 2 == 0 else 1.0 + 0.08 * ((i // 2) % 3 - 1) for i in range(40)]
+    spreads = {}
+    for name, spells in (("steady", steady), ("noisy", noisy)):
+        machine = Machine(true, spells)
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=True)
+        before = len(machine.calls)
+        cand = m(Path("cand.onnx"), "measuring candidate")
+        pairs = (len(machine.calls) - before) // 2
+        spreads[name] = cand.spread
+        if name == "steady":
+            assert pairs == 3 and cand.spread <= PAIR_SPREAD
+        else:
+            assert 3 < pairs <= PAIRS_LIMIT * 3
+            assert cand.spread <= PAIR_SPREAD or pairs == PAIRS_LIMIT * 3
+    assert spreads["noisy"] > spreads["steady"]
+
+
+def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_before() -> None:
+    """Only the cpu profiles interleave, only for a relative budget, and not through a measure_fn of their own
+    unless asked (a pool of boards would split each pair over two boards)."""
+    assert load_target("cpu").measure.interleave and not load_target("jetson-orin-nano").measure.interleave
+    for name, relative, ask in (("cpu", False, True), ("jetson-orin-nano", True, None), ("cpu", True, None)):
+        machine = Machine({"base.onnx": 2.0, "cand.onnx": 1.0}, [1.0])
+        m = Measurer(load_target(name), "CACHE", no_progress, {}, machine, interleave=ask)
+        m.baseline(Path("base.onnx"), relative=relative)
+        m(Path("cand.onnx"), "measuring candidate")
+        assert m.anchor is None and machine.calls[-1] == ("cand.onnx", "CACHE", None), name
