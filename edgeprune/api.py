@@ -195,14 +195,18 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
 
 @_keeps_random_state
 def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
-        input_shape: tuple[int, ...] | None = None, resume: bool = True) -> dict[str, Any]:
-    """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`."""
+        input_shape: tuple[int, ...] | None = None, resume: bool = True, check: int = 10,
+        seed: int = 0) -> dict[str, Any]:
+    """Measure a model's per-layer latency table on `device` (merged into `out`), for `build(..., lut=out)`, then
+    its self-check: `check` random plans (seeded by `seed`; 0: none) measured whole against the table's predictions,
+    stored in the table and returned under "check" (`plans`, `within_5`, `within_10`, `worst_error`, ...) with
+    "check_warning" (None when at least 90% are within ±10%)."""
     from edgeprune.jobs.lut_job import lut_job
 
     if not isinstance(model, str):
         raise EdgePruneError("lut() takes a model spec string: the table is keyed by it, and a build reads it back "
                              "by the same spec")
-    return lut_job(model, device, out, weights, input_shape, resume)
+    return lut_job(model, device, out, weights, input_shape, resume, check=check, seed=seed)
 
 
 @_keeps_random_state

@@ -17,7 +17,8 @@ from edgeprune.dependency.graph import check_patterns
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.models import check_seed
 from edgeprune.plan import REPAIRS
-from edgeprune.scoring.criteria import CRITERIA
+from edgeprune.scoring.registry import CRITERIA
+
 
 @dataclass(frozen=True)
 class PruneConfig:
@@ -133,7 +134,7 @@ class BuildConfig:
         return parse_budget(self.latency)
 
     def __post_init__(self) -> None:
-        from edgeprune.search.allocate import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES
+        from edgeprune.search.registry import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES, SEARCHES
 
         parse_budget(self.latency)  # exit 2 before any work
         if not (isinstance(self.evaluate_timeout, (int, float)) and 0 < self.evaluate_timeout <= 86400):  # NaN too
@@ -150,14 +151,12 @@ class BuildConfig:
                 raise EdgePruneError(f"--output-weight {name}={w!r}: a weight must be a finite number >= 0")
         if self.proxy not in PROXIES + ("auto",):
             raise EdgePruneError(f"--proxy must be auto, {' or '.join(PROXIES)}, found {self.proxy!r}")
-        if self.allocation not in ALLOCATIONS + ("auto",):
+        if self.allocation not in (*ALLOCATIONS, "auto"):
             raise EdgePruneError(f"--allocation must be auto, {' or '.join(ALLOCATIONS)}, found {self.allocation!r}")
         if self.allocation in METHOD_ALLOCATIONS and self.prune.criterion != self.allocation:
             raise EdgePruneError(f"--allocation {self.allocation} is {self.allocation}'s width rule and reads its "
                                  f"rankings; give --criterion {self.allocation} with it (found "
                                  f"--criterion {self.prune.criterion})")
-        from edgeprune.search.strength import SEARCHES
-
         if self.search not in SEARCHES:
             raise EdgePruneError(f"--search must be {' or '.join(SEARCHES)}, found {self.search!r}")
         if not 0 <= self.margin_k <= 10:

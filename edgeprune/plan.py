@@ -15,7 +15,7 @@ from typing import Any
 from edgeprune.common.atomic import atomic_write_text
 from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
-from edgeprune.scoring.importance import Ranking
+from edgeprune.scoring.base import Ranking
 
 PLAN_VERSION = 1
 REPAIRS = ("independent", "sequential")  # how compensated consumers are fitted: prune.compensate_consumers, repair

@@ -8,7 +8,7 @@ import pytest
 from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import PLAN_VERSION, Plan, plan_from_rankings, round_width, uniform_widths
-from edgeprune.scoring.importance import Ranking
+from edgeprune.scoring.base import Ranking
 
 
 def make_plan(**kw: object) -> Plan:

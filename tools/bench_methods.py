@@ -60,7 +60,7 @@ from bench_accuracy import (  # noqa: E402
 REGISTRIES = """
 import json
 try:
-    from edgeprune.scoring.criteria import CRITERIA  # every criterion, the papers' too
+    from edgeprune.scoring.registry import CRITERIA  # every criterion, the papers' too
     from edgeprune.search.allocate import ALLOCATIONS
     from edgeprune.search.strength import SEARCHES
 except ImportError:  # a checkout from before the subpackages

@@ -25,7 +25,7 @@ from edgeprune.inputs.data import load_data
 from edgeprune.inputs.models import load_model
 from edgeprune.inputs.recipe import load_recipe_file
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.scoring.importance import rank_all
+from edgeprune.scoring.registry import rank_all
 from edgeprune.surgery.apply import compensate_consumers
 
 

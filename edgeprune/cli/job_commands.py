@@ -232,6 +232,11 @@ def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
         if r.get("metric"):
             m = r["metric"]
             print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
+        if r.get("lut"):  # its stored self-check (`latency.table.stored_check`)
+            from edgeprune.latency.table import load_lut, stored_check
+
+            check = r.get("lut_check") or stored_check(load_lut(r["lut"]), r["model"], r["lut"])
+            print(f"  latency table {r['lut']}: {check['line']}")
         fp32 = " (int8), model.fp32.onnx" if r.get("quantization") else ""
         print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
               f"pruned.pt, plan.json, report.json, report.md")
@@ -300,11 +305,20 @@ def run_release(args: argparse.Namespace) -> int:
 def add_lut(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("lut", help="measure a per-layer latency table on a target, for searches away from it",
                        description="Measure each layer of a model over a grid of input/output widths on the target "
-                                   "(merging into an existing table, resuming an interrupted run), and calibrate the "
-                                   "model's latency on four measured plans. `build --lut` then searches on the table.")
+                                   "(merging into an existing table, resuming an interrupted run), calibrate the "
+                                   "model's latency on eight measured plans, then check the table on --check random "
+                                   "plans measured whole (stored in it). `build --lut` then searches on the table.")
     add_model_args(p)
     p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
-    p.add_argument("--out", required=True, metavar="lut.json", help="table file (created or merged into)")
+    table = p.add_mutually_exclusive_group(required=True)
+    table.add_argument("--out", metavar="lut.json", help="table file (created or merged into)")
+    table.add_argument("--check-only", metavar="lut.json",
+                       help="measure nothing but the self-check of this existing table (stored in it): its model is "
+                            "--model, or the table's one model")
+    p.add_argument("--check", type=int, default=10, metavar="N",
+                   help="self-check: N random width plans (seeded by --seed) measured whole and compared with the "
+                        "table's predictions; the shares within ±5%%/±10%% and the worst error are stored in the "
+                        "table (default 10; 0 skips it, and `build --lut` then warns)")
     p.add_argument("--fresh", action="store_true", help="start a new table instead of resuming/merging")
     p.add_argument("--ignore", action="append", default=[], metavar="PATTERN")
     p.add_argument("--report", action="store_true",
@@ -318,8 +332,10 @@ def add_lut(sub: argparse._SubParsersAction) -> Handler:
 
 def run_lut(args: argparse.Namespace) -> int:
     from edgeprune.inputs.models import parse_shape
-    from edgeprune.jobs.lut_job import lut_job
+    from edgeprune.jobs.lut_job import lut_check_job, lut_job
 
+    if args.check_only and args.fresh:
+        raise EdgePruneError("--fresh starts a table anew; --check-only checks one that exists: give one of them")
     pooled: dict[str, Any] = {}
     if args.devices:
         from edgeprune.fleet.pool import BoardState, load_pool, pooled_measure
@@ -329,30 +345,43 @@ def run_lut(args: argparse.Namespace) -> int:
         kind = pool.kind_for(load_target(args.device))
         boards = BoardState(pool)
         pooled = {"measure_fn": pooled_measure(boards, kind, []), "workers": len(pool.of_kind(kind))}
+    shape = parse_shape(args.input_shape) if args.input_shape else None
     with Progress(enabled=not args.json) as progress:
-        summary = lut_job(args.model, args.device, args.out, args.weights,
-                          parse_shape(args.input_shape) if args.input_shape else None, resume=not args.fresh,
-                          stages=lambda d, total=None: progress.stage(d, total), ignore=tuple(args.ignore), **pooled)
+        stages = progress.stage
+        if args.check_only:
+            pooled.pop("workers", None)
+            summary = lut_check_job(args.check_only, args.model, args.device, args.weights, shape, stages=stages,
+                                    ignore=tuple(args.ignore), check=args.check, seed=args.seed, **pooled)
+        else:
+            summary = lut_job(args.model, args.device, args.out, args.weights, shape, resume=not args.fresh,
+                              stages=stages, ignore=tuple(args.ignore), check=args.check, seed=args.seed, **pooled)
     if args.devices:
         summary["boards"] = boards.summary()
     if args.report:
         from edgeprune.latency.table import load_lut
         from edgeprune.latency.measure_table import plot_lut
 
-        summary["plot"] = plot_lut(load_lut(args.out), Path(args.out).with_suffix(".png"))
+        summary["plot"] = plot_lut(load_lut(summary["table"]), Path(summary["table"]).with_suffix(".png"))
     if args.json:
         emit_json(summary)
-        return 0
-    cal = summary["calibration"]
-    best = summary["best_channel_multiple"]
-    print(f"{summary['table']}: {summary['signatures']} layer signatures for {summary['model']} on {summary['target']} "
-          f"({summary['layers']} layers) in {summary['build_s']:.0f}s; model latency = {cal['offset_ms']:.3f} ms + "
-          f"{cal['scale']:.3f} x layers; unpruned {cal['base_ms']:.3f} ms")
-    print(f"  best channel multiple the table implies: {best['best']} (share of unaligned widths no faster than the "
-          f"next multiple: {', '.join(f'{m}: {v:.2f}' for m, v in best['scores'].items() if v is not None)})")
+    else:
+        print_lut(summary)
+    return 0
+
+
+def print_lut(summary: dict[str, Any]) -> None:
+    if "calibration" in summary:
+        cal, best = summary["calibration"], summary["best_channel_multiple"]
+        print(f"{summary['table']}: {summary['signatures']} layer signatures for {summary['model']} on "
+              f"{summary['target']} ({summary['layers']} layers) in {summary['build_s']:.0f}s; model latency = "
+              f"{cal['offset_ms']:.3f} ms + {cal['scale']:.3f} x layers; unpruned {cal['base_ms']:.3f} ms")
+        print(f"  best channel multiple the table implies: {best['best']} (share of unaligned widths no faster than "
+              f"the next multiple: {', '.join(f'{m}: {v:.2f}' for m, v in best['scores'].items() if v is not None)})")
+    else:
+        print(f"{summary['table']}: {summary['model']} on {summary['target']} checked in {summary['check_s']:.0f}s")
+    print(f"  {summary['check_line']}")
     if summary.get("plot"):
         print(f"  plot: {summary['plot']}")
-    return 0
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> Handler:

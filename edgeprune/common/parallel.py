@@ -169,7 +169,7 @@ def _glibc() -> Any:
 @contextmanager
 def group_workers(batch_values: int) -> Iterator[int]:
     """Workers for stages made of independent per-group (per-layer) work on large inputs: one per core, each with
-    one BLAS thread (see `importance.rank_all`); on small inputs one worker under `compute_threads`."""
+    one BLAS thread (see `registry.rank_all`); on small inputs one worker under `compute_threads`."""
     if not _large_input(batch_values) or _DEFAULT_TORCH_THREADS < 2:
         yield 1
         return

@@ -76,7 +76,7 @@ def compensate_layer(
         weight: (N, D) float64, the consumer's weight with D in unfold order.
         keep: indices of the kept coordinates S.
         rescale: keep each output's pre-BN variance (when a BatchNorm reads the output), see `rescale_rows`.
-        prior: (N, |S|) weights the ridge pulls towards instead of W_S (merged channels: `criteria.fold`).
+        prior: (N, |S|) weights the ridge pulls towards instead of W_S (merged channels: `surgery.merge.fold`).
 
     Returns:
         W' (N, |S|) and b' (N,) such that W' x_S + b' approximates W x + b.

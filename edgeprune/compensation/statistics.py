@@ -281,18 +281,37 @@ def _calibration_copy(model: nn.Module, consumers: list[str]) -> tuple[nn.Module
     """
     model = copy.deepcopy(model).eval()
     try:
-        from torch.fx.experimental.optimization import fuse
-
-        fused = fuse(model, inplace=True)
-        names = {n for n, _ in fused.named_modules()}
-        if all(c in names for c in consumers):
-            model = fused
+        model = _fold_batchnorms(model, consumers)
     except Exception as e:  # noqa: BLE001 - any tracing failure only costs speed
         log.debug("calibration pass without BatchNorm folding (torch.fx: %s)", first_line(e))
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if conv:
         model = model.to(memory_format=torch.channels_last)
     return model, conv
+
+
+def _fold_batchnorms(model: nn.Module, consumers: list[str]) -> nn.Module:
+    """`model` as a torch.fx graph with BatchNorms folded into the convs before them, every consumer still called as
+    a module (its pre-hook fires); `model` itself where the graph would call a consumer some other way.
+
+    fx's default tracer traces into a layer whose class is defined outside torch.nn: timm's `Linear` classifier
+    became `F.linear` on its weights, so the module stayed in the graph but never ran (issue 31). Consumers are
+    leaves here, whatever their class."""
+    import torch.fx
+    from torch.fx.experimental.optimization import fuse
+
+    wanted = set(consumers)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname in wanted or super().is_leaf_module(m, qualname)
+
+    fused = fuse(torch.fx.GraphModule(model, Tracer().trace(model)), inplace=True, no_trace=True)
+    leaves = [str(n.target) for n in fused.graph.nodes if n.op == "call_module"]
+    if all(any(c == t or c.startswith(t + ".") for t in leaves) for c in consumers):
+        return fused
+    log.debug("calibration pass without BatchNorm folding: torch.fx's graph does not call every consumer")
+    return model
 
 
 def min_patches_needed(dim: int) -> int:

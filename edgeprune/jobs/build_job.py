@@ -29,7 +29,10 @@ from edgeprune.quality.fidelity import Fidelity
 from edgeprune.quality.gates import assess, check_gates_apply, failed_gates, run_metric
 from edgeprune.report.artifacts import save_pruned
 from edgeprune.report.render import int8_entries, latency_entry
-from edgeprune.search.evolution import Space, evolution_search
+from edgeprune.search.allocate import AllocationInputs, width_options
+from edgeprune.search.evolution import Space
+from edgeprune.search.registry import NEEDS_COST, SEARCHES, SearchTask, make_widths_fn
+from edgeprune.search.strength import Band, Candidate, Probe, search
 
 log = logging.getLogger(__name__)
 # A release under this fraction of its budget is said on stderr (report.json's far_under_budget, under 0.9, is
@@ -125,8 +128,6 @@ class InnerLevel:
 
 
 def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLevel:
-    from edgeprune.search.allocate import make_widths_fn, width_options
-
     kind = session.data.recipe.kind
     proxy = config.proxy if config.proxy != "auto" else "loss" if kind == "random" else "fidelity"
     if proxy == "loss" and kind != "random":
@@ -139,33 +140,25 @@ def inner_level(config: BuildConfig, session: Prepared, table: Any) -> InnerLeve
     error_of = fidelity_error(session, session.timings_s, dict(config.output_weights)) if proxy == "fidelity" \
         else None
     allocation = config.allocation_for(proxy)
-    cost = allocation_cost(session, table) if allocation in ("latency", "itpruner") else None
-    options = width_options(session.graph, session.config.channel_multiple)
-    if allocation == "itpruner":  # nHSIC importances once, then a linear program per strength
-        from edgeprune.search.itpruner import session_widths_fn
-
-        return InnerLevel(proxy, allocation, error_of, session_widths_fn(session, cost), options)  # type: ignore[arg-type]
-    widths_for = make_widths_fn(session.graph, session.rankings, session.config.channel_multiple, error=error_of,
-                                allocation=allocation, cost=cost)
-    return InnerLevel(proxy, allocation, error_of, widths_for, options)
+    cost = allocation_cost(session, table) if allocation in NEEDS_COST else None
+    multiple = session.config.channel_multiple
+    inputs = AllocationInputs(session.graph, session.rankings, multiple, error=error_of, cost=cost,
+                              model=session.loaded.module, samples=session.data.calib_x)
+    return InnerLevel(proxy, allocation, error_of, make_widths_fn(allocation, inputs),
+                      width_options(session.graph, multiple))
 
 
 def run_search(config: BuildConfig, session: Prepared, oracle: LatencyOracle, inner: InnerLevel, budget_ms: float,
                base: Any, on_step: Callable[[Any], None] | None, stages: Stages, target: Any) -> Any:
-    from edgeprune.search.allocate import widths_digest
-    from edgeprune.search.strength import Probe, search
-
+    """The search `config.search` names (`search.registry.SEARCHES`) against the oracle."""
     with timed(session.timings_s, "search"):
         stages(f"searching widths for {budget_ms:.3f} ms on {target.name}", None)
-        if config.search == "evolution":  # MetaPruning's evolution under the latency model, finalists measured
-            return evolution_search(config, evolution_space(config, session, inner, base), oracle, budget_ms, base,
-                                    on_step)
-        # the unpruned model's widths are the u = 0 bracket: its baseline figure serves, no second measurement
-        full = {g.name: g.channels for g in session.graph.groups}
-        known = {widths_digest(full): Probe(base.median, "baseline", base.spread)} if base.source != "lut" else None
-        return search(inner.widths_for, oracle, budget_ms, config.tolerance, config.max_steps, on_step=on_step,
-                      known=known, remeasure=oracle.remeasure, error_of=inner.error_of, margin_k=config.margin_k,
-                      options=inner.options.__getitem__)
+        task = SearchTask(inner.widths_for, inner.options, inner.error_of, oracle, oracle.remeasure,
+                          Band(budget_ms, config.tolerance, config.margin_k), config.max_steps,
+                          Probe(base.median, base.source, base.spread),
+                          {g.name: g.channels for g in session.graph.groups},
+                          functools.partial(evolution_space, config, session, inner, base), on_step)
+        return SEARCHES[config.search](task)
 
 
 def evolution_space(config: BuildConfig, session: Prepared, inner: InnerLevel, base: Any) -> Space:
@@ -181,8 +174,6 @@ def check_table(config: BuildConfig, oracle: TableOracle, inner: InnerLevel, ver
     """One device measurement of the plan a table search chose (the model as it would ship, so that its verification
     is then served from the cache); when it misses the band, the predictions are corrected by the measured error and
     the search runs again. The trace keeps both rounds."""
-    from edgeprune.search.strength import Candidate, search
-
     if result.best is None:
         return result
     got = verify(result.best).stats
@@ -201,8 +192,6 @@ def resume_search(config: BuildConfig, oracle: LatencyOracle, inner: InnerLevel,
                   from_table: bool, res: Any, verified: dict[str, Any]) -> Any:
     """The search again after a verification miss, the verified figures in place of its own (None when it cannot:
     a table search, or no measurements left)."""
-    from edgeprune.search.strength import Probe, search
-
     used = sum(1 for c in res.trace if c.source.startswith("measured"))
     if from_table or used >= config.max_steps or config.search != "strength":
         return None

@@ -1,8 +1,10 @@
 """`edgeprune lut` as a job: a model's layers measured into a latency table on a target, merged into the table at
-`out`, its calibration fitted on whole pruned models measured there, and a summary."""
+`out`, its calibration fitted on whole pruned models measured there, its accuracy checked on random plans measured
+there (the self-check), and a summary. `lut_check_job` (`lut --check-only`) checks a table made before."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,58 +12,185 @@ from typing import Any
 
 from edgeprune.common.parallel import compute_threads, retained_memory
 from edgeprune.common.progress import Stages, no_progress
-from edgeprune.dependency.graph import check_patterns, trace
-from edgeprune.inputs.models import load_model
+from edgeprune.dependency.graph import Graph, check_patterns, trace
+from edgeprune.errors import EdgePruneError
+from edgeprune.inputs.models import LoadedModel, load_model
 from edgeprune.jobs.oracle import export_candidate
+from edgeprune.latency.table import CHECK_PLANS
 from edgeprune.plan import Plan, keep_first
 from edgeprune.surgery.apply import prune
+
+log = logging.getLogger(__name__)
+
+CHECK_STREAM = 33  # the self-check's random plans come from their own stream: never the calibration plans
 
 
 def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None = None,
             input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
             ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None,
-            workers: int = 1) -> dict[str, Any]:
-    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`) and summarise it
-    (`measure_fn`, `workers`: see `measure_table.build_lut`; `lut --devices` splits the entries over boards)."""
+            workers: int = 1, check: int = CHECK_PLANS, seed: int = 0) -> dict[str, Any]:
+    """`edgeprune lut`: measure a model's layer table on a target (merging into `out`), check it on `check` random
+    plans seeded by `seed` (0: no check), and summarise it (`measure_fn`, `workers`: see `measure_table.build_lut`;
+    `lut --devices` splits the entries over boards)."""
     with compute_threads(), retained_memory():
-        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore, measure_fn, workers)
+        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore, measure_fn, workers,
+                        (check, seed))
+
+
+def lut_check_job(path: str | Path, spec: str | None, device: str, weights: str | None = None,
+                  input_shape: tuple[int, ...] | None = None, stages: Stages = no_progress,
+                  ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None, check: int = CHECK_PLANS,
+                  seed: int = 0) -> dict[str, Any]:
+    """`edgeprune lut --check-only TABLE`: the self-check of an existing table, measured again on `check` random plans
+    and stored in it (`spec` None: the table's one model; `input_shape` None: the one the table was made with)."""
+    with compute_threads(), retained_memory():
+        return _lut_check_job(Path(path), spec, device, weights, input_shape, stages, ignore, measure_fn,
+                              (check, seed))
+
+
+class PlanMeasurer:
+    """A model pruned to a width plan (first channels kept, no compensation: latency only), exported as a build
+    exports its candidates, and measured on the target over its `final_repeats` sessions, as a verification is: the
+    calibration plans and the self-check's plans alike."""
+
+    def __init__(self, loaded: LoadedModel, graph: Graph, ignore: tuple[str, ...], target: Any,
+                 measure_fn: Callable[..., Any], work: Path) -> None:
+        self.loaded, self.graph, self.ignore, self.target = loaded, graph, ignore, target
+        self.measure_fn, self.path = measure_fn, work / "plan.onnx"
+
+    def __call__(self, widths: dict[str, int]) -> float:
+        groups = {g.name: g for g in self.graph.groups}
+        plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
+                    channels={g.name: g.channels for g in self.graph.groups}, compensation=False)
+        pruned = prune(self.loaded.module, self.loaded.example_input, plan, None, self.ignore)
+        export_candidate(pruned, self.loaded.example_input, self.path, "torchscript")
+        return self.measure_fn(self.path, self.target, cache=None, repeats=self.target.measure.final_repeats).median
+
+
+def random_plans(graph: Graph, multiple: int, count: int, seed: int) -> list[dict[str, int]]:
+    """`count` width plans, each group's width drawn uniformly from the widths a search may give it
+    (`search.allocate.width_options`), the same for the same seed."""
+    import numpy as np
+
+    from edgeprune.search.allocate import width_options
+
+    options = width_options(graph, multiple)
+    rng = np.random.default_rng([CHECK_STREAM, seed])
+    return [{g: int(rng.choice(ws)) for g, ws in options.items()} for _ in range(count)]
+
+
+def self_check(table: Any, model: Any, graph: Graph, measured: PlanMeasurer, count_seed: tuple[int, int],
+               stages: Stages) -> dict[str, Any] | None:
+    """The table's predictions of random plans against their measured latencies (`latency.table.check_figures`),
+    stored under the model in `table` (not saved); None, and no check stored, for a count of 0."""
+    from edgeprune.latency.table import calibration_key, check_figures, predict
+
+    count, seed = count_seed
+    entry = table.models[calibration_key(table, model.model)]
+    entry.pop("check", None)
+    if count == 0:
+        return None
+    tick = stages(f"checking the table on {count} random plans of {model.model}", count)
+    predicted, got = [], []
+    for i, widths in enumerate(random_plans(graph, measured.target.channel_multiple, count, seed)):
+        predicted.append(predict(table, model, widths)[0])
+        got.append(measured(widths))
+        tick(i + 1, count)
+    entry["check"] = check_figures(predicted, got, seed)
+    return entry["check"]
+
+
+def _check_count(count: int, flag: str = "--check") -> None:
+    if type(count) is not int or count < 0:
+        raise EdgePruneError(f"{flag} takes a number of random plans, 0 or more (0: no check); found {count!r}")
+
+
+def _reported(table: Any, model: Any, path: Path, check: dict[str, Any] | None) -> dict[str, Any]:
+    """The check's figures for a summary, its warning logged."""
+    from edgeprune.latency.table import check_line, check_warning
+
+    warning = check_warning(check, str(path), model.model)
+    if warning:
+        log.warning("%s", warning)
+    return {"check": check, "check_line": check_line(check), "check_warning": warning}
 
 
 def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None, input_shape: tuple[int, ...] | None,
              resume: bool, stages: Stages, ignore: tuple[str, ...], measure_fn: Callable[..., Any] | None,
-             workers: int) -> dict[str, Any]:
+             workers: int, count_seed: tuple[int, int]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.latency.table import LayerModel
     from edgeprune.latency.measure_table import best_channel_multiple, build_lut, check_lut_out
-    from edgeprune.runtimes import measure, runtime_for
-    from edgeprune.inputs.targets import load_target
+    from edgeprune.latency.table import LayerModel
 
     check_patterns(ignore)
+    _check_count(count_seed[0])
     check_lut_out(Path(out), resume)
-    target = load_target(device)
-    if measure_fn is None:
-        runtime_for(target)
-    measure_fn = measure_fn or measure
+    target, measure_fn = _target(device, measure_fn)
     t0 = time.perf_counter()
     loaded = load_model(spec, weights, input_shape)
     graph = trace(loaded.module, loaded.example_input, ignore)
     model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
-        def measure_widths(widths: dict[str, int]) -> float:
-            groups = {g.name: g for g in graph.groups}
-            plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
-                        channels=model.full(),
-                        compensation=False)
-            pruned = prune(loaded.module, loaded.example_input, plan, None, ignore)
-            path = Path(tmp) / "calibrate.onnx"
-            export_candidate(pruned, loaded.example_input, path, "torchscript")
-            # a calibration plan's figure scales every prediction: time it over as many sessions as a verification
-            return measure_fn(path, target, cache=None, repeats=target.measure.final_repeats).median
-
-        table = build_lut(model, target, out, measure_widths, resume=resume, measure_fn=measure_fn, workers=workers,
+        measured = PlanMeasurer(loaded, graph, ignore, target, measure_fn, Path(tmp))
+        table = build_lut(model, target, out, measured, resume=resume, measure_fn=measure_fn, workers=workers,
                           progress=stages(f"measuring layers of {loaded.spec} on {target.name}", None))
-    cal = table.models[model.model]
+        table.models[model.model]["input_shape"] = list(loaded.input_shape)  # what --check-only loads it with
+        check = self_check(table, model, graph, measured, count_seed, stages)
+        table.save(out)
+    cal = {k: v for k, v in table.models[model.model].items() if k != "check"}
     return {"table": str(out), "model": loaded.spec, "target": target.name, "signatures": len(table.entries),
             "layers": len(model.layers), "calibration": cal, "best_channel_multiple": best_channel_multiple(table),
-            "models": list(table.models), "build_s": time.perf_counter() - t0}
+            "models": list(table.models), **_reported(table, model, Path(out), check),
+            "build_s": time.perf_counter() - t0}
+
+
+def _target(device: str, measure_fn: Callable[..., Any] | None) -> tuple[Any, Callable[..., Any]]:
+    from edgeprune.inputs.targets import load_target
+    from edgeprune.runtimes import measure, runtime_for
+
+    target = load_target(device)
+    if measure_fn is None:
+        runtime_for(target)  # fail fast (exit 5) when the device cannot be measured
+    return target, measure_fn or measure
+
+
+def _lut_check_job(path: Path, spec: str | None, device: str, weights: str | None,
+                   input_shape: tuple[int, ...] | None, stages: Stages, ignore: tuple[str, ...],
+                   measure_fn: Callable[..., Any] | None, count_seed: tuple[int, int]) -> dict[str, Any]:
+    import tempfile
+
+    from edgeprune.latency.table import LayerModel, calibration_key, check_table_for, load_lut
+
+    check_patterns(ignore)
+    _check_count(count_seed[0])
+    if count_seed[0] == 0:
+        raise EdgePruneError("--check-only measures random plans: give --check 1 or more (default "
+                             f"{CHECK_PLANS}), not 0")
+    table = load_lut(path)
+    target, measure_fn = _target(device, measure_fn)
+    check_table_for(table, target, path=str(path))
+    key = calibration_key(table, spec) if spec else _only_model(table, path)
+    t0 = time.perf_counter()
+    loaded = load_model(spec or key, weights, input_shape or _stored_shape(table.models[key]))
+    graph = trace(loaded.module, loaded.example_input, ignore)
+    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
+        measured = PlanMeasurer(loaded, graph, ignore, target, measure_fn, Path(tmp))
+        check = self_check(table, model, graph, measured, count_seed, stages)
+    table.save(path)
+    return {"table": str(path), "model": loaded.spec, "target": target.name, **_reported(table, model, path, check),
+            "check_s": time.perf_counter() - t0}
+
+
+def _only_model(table: Any, path: Path) -> str:
+    if len(table.models) != 1:
+        raise EdgePruneError(f"latency table {path} holds {len(table.models)} models "
+                             f"({', '.join(table.models) or 'none'}): name the one to check with --model")
+    return next(iter(table.models))
+
+
+def _stored_shape(entry: dict[str, Any]) -> tuple[int, ...] | None:
+    shape = entry.get("input_shape")
+    ok = isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)
+    return tuple(shape) if ok else None

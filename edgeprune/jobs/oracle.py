@@ -260,7 +260,7 @@ class TableOracle:
     remeasure = None
 
     def __init__(self, session: Prepared, table: Any, target: Any, lut_path: str) -> None:
-        from edgeprune.latency.table import LayerModel, calibration_key
+        from edgeprune.latency.table import LayerModel, calibration_key, stored_check
 
         spec = session.loaded.spec
         try:
@@ -269,6 +269,9 @@ class TableOracle:
             raise EdgePruneError(f"latency table {lut_path} has no calibration for {spec}; run `edgeprune lut --model "
                                  f"{spec} --device {target.source or target.name} --out {lut_path}`") from None
         self.table, self.target, self.spec = table, target, key
+        self.check = stored_check(table, spec, lut_path)  # the table's self-check (`edgeprune lut --check`)
+        if self.check["warning"]:
+            log.warning("%s", self.check["warning"])
         self.layers = LayerModel.from_model(session.loaded.module, session.loaded.example_input, session.graph, spec)
         self.correction = 1.0
 

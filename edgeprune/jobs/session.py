@@ -33,8 +33,9 @@ from edgeprune.inputs.outputs import check_label_range
 from edgeprune.inputs.recipe import Recipe, load_recipe
 from edgeprune.plan import Plan, plan_from_rankings
 from edgeprune.quality.fidelity import Fidelity, check_finite_baseline, fidelity, outputs
-from edgeprune.scoring.criteria import NEEDS_STATS, check_labels, criterion_signals, rank_all, with_merges
-from edgeprune.scoring.importance import Ranking
+from edgeprune.scoring.base import Ranking
+from edgeprune.scoring.papers import with_merges
+from edgeprune.scoring.registry import NEEDS_STATS, check_labels, criterion_signals, rank_all
 from edgeprune.surgery.apply import prune
 
 log = logging.getLogger(__name__)

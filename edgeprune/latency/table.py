@@ -238,6 +238,56 @@ def _check_model(spec: str, m: Any) -> None:
     if not isinstance(cal, list) or not all(isinstance(c, dict) and number(c.get("layers_ms"))
                                             and number(c.get("measured_ms")) for c in cal):
         raise ValueError(f"{where}: calibration must be a list of layers_ms / measured_ms numbers")
+    check = m.get("check")
+    if check is not None and not (isinstance(check, dict) and type(check.get("plans")) is int and check["plans"] > 0
+                                  and all(number(check.get(k)) and 0 <= check[k] <= 1 for k in ("within_5", "within_10"))
+                                  and number(check.get("worst_error"))):
+        raise ValueError(f"{where}: check must hold plans, within_5, within_10 (shares) and worst_error")
+
+
+CHECK_PLANS = 10  # random plans `edgeprune lut` measures to check a table (`--check N`)
+TRUSTED_WITHIN_10 = 0.9  # below this share of plans within ±10%, `build --lut` warns
+
+
+def check_figures(predicted: list[float], measured: list[float], seed: int) -> dict[str, Any]:
+    """A table's self-check from its predictions of random plans and their measured latencies: the shares within
+    ±5% and ±10% of the measured figure, the worst error (signed, prediction over measurement - 1), every plan's pair."""
+    errors = [p / m - 1 for p, m in zip(predicted, measured)]
+    n = len(errors)
+    return {"plans": n, "seed": seed, "within_5": sum(abs(e) <= 0.05 for e in errors) / n,
+            "within_10": sum(abs(e) <= 0.10 for e in errors) / n, "worst_error": max(errors, key=abs),
+            "mean_abs_error": sum(abs(e) for e in errors) / n,
+            "points": [{"predicted_ms": p, "measured_ms": m} for p, m in zip(predicted, measured)]}
+
+
+def check_line(check: dict[str, Any] | None) -> str:
+    """One line for a stored self-check (or its absence)."""
+    if check is None:
+        return "self-check: none (made with --check 0, or before tables checked themselves): its error is unknown"
+    return (f"self-check on {check['plans']} random plans: {100 * check['within_10']:.0f}% within ±10%, "
+            f"{100 * check['within_5']:.0f}% within ±5%, worst error {100 * check['worst_error']:+.1f}%")
+
+
+def check_warning(check: dict[str, Any] | None, path: str, spec: str) -> str | None:
+    """Why a table's predictions for `spec` should not be trusted, or None: no stored check, or fewer than
+    `TRUSTED_WITHIN_10` of its plans within ±10%."""
+    again = f"`edgeprune lut --check-only {path} --model {spec}`"
+    if check is None:
+        return f"latency table {path} holds no self-check for {spec}: how far its predictions are off is unknown " \
+               f"(measure it with {again})"
+    if check["within_10"] < TRUSTED_WITHIN_10:
+        return f"latency table {path} predicts only {100 * check['within_10']:.0f}% of {check['plans']} random " \
+               f"plans of {spec} within ±10% (worst {100 * check['worst_error']:+.1f}%; trusted from " \
+               f"{100 * TRUSTED_WITHIN_10:.0f}%): a search on it may choose the wrong widths; check it again with " \
+               f"{again}, or search on the device without --lut"
+    return None
+
+
+def stored_check(table: LatencyTable, spec: str, path: str) -> dict[str, Any]:
+    """What `build --lut` reports of a table's self-check for `spec`: the check (None without one), its line and
+    its warning (None when the table is trusted)."""
+    check = table.models[calibration_key(table, spec)].get("check")
+    return {"table": path, "check": check, "line": check_line(check), "warning": check_warning(check, path, spec)}
 
 
 def model_key(spec: str) -> str:

@@ -116,8 +116,11 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
     lines += ["", "## Search", "",
               f"Criterion `{s['criterion']}`, compensation {'on' if s['compensation'] else 'off'}, proxy "
               f"`{s['proxy']}`, channel multiple {s['channel_multiple']}, tolerance {100 * s['tolerance']:.0f}%, "
-              f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}.",
-              "", "| step | strength | latency | source | widths |", "|---|---|---|---|---|"]
+              f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}."]
+    if r.get("lut_check"):  # the --lut table's stored self-check (`latency.table.stored_check`)
+        c = r["lut_check"]
+        lines += ["", f"Latency table `{c['table']}`: {c['line']}." + (f" **{c['warning']}**" if c["warning"] else "")]
+    lines += ["", "| step | strength | latency | source | widths |", "|---|---|---|---|---|"]
     for c in s["trace"]:
         lines.append(f"| {c['step']} | {_num(c['strength'], '.4f')} | {_ms(c['latency_ms'])} | {c['source']} | "
                      f"`{c['widths_digest']}` |")

@@ -1,4 +1,4 @@
-"""The statistics pass of the criteria that read activations or labels (`criteria.py`), over the calibration data:
+"""The statistics pass of the criteria that read activations or labels (`papers.py`), over the calibration data:
 only what the chosen criterion needs, once per job.
 
     sig = collect_signals(model, graph, data, needs=frozenset({"features"}), seed=0)

@@ -1,13 +1,13 @@
 """Inner level of the width search: a strength u in [0, 1] becomes per-group widths (CAP.md §5).
 
-    widths_for = make_widths_fn(graph, rankings, multiple=8, error=proxy_error, allocation="latency", cost=cost)
+    widths_for = latency_allocation(AllocationInputs(graph, rankings, multiple=8, error=proxy_error, cost=cost))
     widths_for(0.0)   # the unpruned widths;  widths_for(1.0): every group at its minimum
 
 Allocations: `step`, the step constraint (groups in forward order; after group i of L the network may have spent at
 most s·(i+1)/L of residual loss, or of squared output error for the fidelity proxy, and each group takes the smallest
 width, in steps of the channel multiple, whose loss fits in what is left, so slack carries forward), and `latency`
-(error + λ·latency cost per group, see `latency_aware_widths`). The outer level (`strength.py`) searches u against a
-latency oracle.
+(error + λ·latency cost per group, see `latency_aware_widths`); `registry.ALLOCATIONS` names them and the others. The
+outer level (`strength.py`) searches u against a latency oracle.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import bisect
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
 
 from edgeprune.dependency.graph import Graph
-from edgeprune.errors import EdgePruneError
 from edgeprune.plan import round_width, width_step
-from edgeprune.scoring.importance import Ranking
+from edgeprune.scoring.base import Ranking
 
 
 def widths_digest(widths: dict[str, int]) -> str:
@@ -156,37 +159,39 @@ def _argmin_options(objective: Callable[[int], float], n: int, coarse: int = 8) 
         lo, hi = max(lo, best - stride + 1), min(hi, best + stride - 1)
 
 
-PROXIES = ("loss", "fidelity")
-METHOD_ALLOCATIONS = ("epruner", "nap")  # a criterion's own width rule (criteria.method_widths_fn)
-ALLOCATIONS = ("step", "latency", *METHOD_ALLOCATIONS, "itpruner")  # itpruner: itpruner.py (the job's feature maps)
+WidthsFn = Callable[[float], dict[str, int]]  # u in [0, 1] -> widths: 0 the unpruned model, 1 every group at minimum
 
 
-def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None = None,
-                   error: Callable[[dict[str, int]], float] | None = None, allocation: str = "step",
-                   cost: Callable[[dict[str, int]], float] | None = None) -> Callable[[float], dict[str, int]]:
-    """u in [0, 1] -> widths, with s = s_max·u² (resolution where losses are small; s is in squared-error units for
-    both proxies).
+@dataclass(frozen=True)
+class AllocationInputs:
+    """What an allocation (`registry.ALLOCATIONS`) turns into a widths function: the groups and their rankings, the
+    channel multiple and minimum width, the proxy (`error`: the network's output error by widths; None: the CaP loss
+    curves), a latency model of widths relative to the unpruned model (`cost`), and for the allocations that read
+    feature maps the model and its calibration samples."""
 
-    The proxy is the network's output error when `error` is given (`fidelity`), else the CaP loss curves (`loss`);
-    criteria without curves fall back to removing the same fraction of every group. `allocation` "latency" (needs
-    `cost`, a latency model of widths) trades the proxy against latency instead of the step constraint, with
-    λ = λ0·(u / (1 - u))² (see `latency_aware_widths`).
+    graph: Graph
+    rankings: dict[str, Ranking]
+    multiple: int
+    min_width: int | None = None
+    error: Callable[[dict[str, int]], float] | None = None
+    cost: Callable[[dict[str, int]], float] | None = None
+    model: nn.Module | None = None
+    samples: np.ndarray | None = None
+
+    def has_curves(self) -> bool:
+        return all(g.name in self.rankings and self.rankings[g.name].loss is not None for g in self.graph.groups)
+
+
+def step_allocation(a: AllocationInputs) -> WidthsFn:
+    """`step`: u in [0, 1] -> widths, with s = s_max·u² (resolution where losses are small; s is in squared-error
+    units for both proxies) under the step constraint.
+
+    The proxy is the network's output error when `a.error` is given (`fidelity`), else the CaP loss curves (`loss`);
+    criteria without curves fall back to removing the same fraction of every group.
     """
     import functools
 
-    if allocation not in ALLOCATIONS:
-        raise EdgePruneError(f"allocation must be {' or '.join(ALLOCATIONS)}, found {allocation!r}")
-    if allocation in METHOD_ALLOCATIONS:
-        from edgeprune.scoring.criteria import method_widths_fn
-
-        lows = min_widths(graph, multiple, min_width)
-        return method_widths_fn(allocation, graph, rankings, {g.name: allowed_widths(
-            g.channels, width_step(g, multiple), lows[g.name]) for g in graph.groups})
-    if allocation == "itpruner":
-        raise EdgePruneError("the itpruner allocation needs layer importances: itpruner.itpruner_widths_fn")
-    has_curves = all(g.name in rankings and rankings[g.name].loss is not None for g in graph.groups)
-    if allocation == "latency" and cost is not None and (error is not None or has_curves):
-        return _latency_widths_fn(graph, rankings, multiple, min_width, error, cost)
+    graph, multiple, min_width, error = a.graph, a.multiple, a.min_width, a.error
     if error is not None:
         memo: dict[str, float] = {}
 
@@ -206,18 +211,27 @@ def make_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, mi
         # saturates near 1), pruning one group alone can cost more than pruning all, and the schedule then left
         # groups wide at u = 1 (an L1 build called a budget unreachable that the minimum widths met)
         return lambda u: dict(lows) if u >= 1.0 else dict(inner(u))
-    if not has_curves:
+    if not a.has_curves():
         lows = min_widths(graph, multiple, min_width)
         top = max(1 - lows[g.name] / g.channels for g in graph.groups)
         return lambda u: uniform_strength_widths(graph, u * top, multiple, min_width)
-    s_max = strength_scale(graph, rankings, multiple, min_width)
-    return lambda u: step_constrained_widths(graph, rankings, s_max * u * u, multiple, min_width)
+    s_max = strength_scale(graph, a.rankings, multiple, min_width)
+    return lambda u: step_constrained_widths(graph, a.rankings, s_max * u * u, multiple, min_width)
+
+
+def latency_allocation(a: AllocationInputs) -> WidthsFn:
+    """`latency`: the proxy traded against the latency model `a.cost` instead of the step constraint, with
+    λ = λ0·(u / (1 - u))² (see `latency_aware_widths`); without a latency model, or without a proxy (no error and no
+    loss curves), the step allocation."""
+    if a.cost is None or (a.error is None and not a.has_curves()):
+        return step_allocation(a)
+    return _latency_widths_fn(a.graph, a.rankings, a.multiple, a.min_width, a.error, a.cost)
 
 
 def _latency_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None,
                        error: Callable[[dict[str, int]], float] | None,
                        cost: Callable[[dict[str, int]], float]) -> Callable[[float], dict[str, int]]:
-    """make_widths_fn's "latency" allocation: u = 0 the unpruned model, u = 1 every group at its minimum, and between
+    """The "latency" allocation: u = 0 the unpruned model, u = 1 every group at its minimum, and between
     them λ from λ0·(u/(1-u))², λ0 the penalty of the minimum widths per unit of the latency they save."""
     import functools
 

@@ -3,7 +3,7 @@ vectors under a hard latency constraint, in place of the strength search (`searc
 
     evo = evolve(options, error, latency, bound=2.0, settings=EvolutionSettings(), seed=0)
     evo.top[0].widths          # the lowest proxy error found within the bound
-    result = evolution_search(config, space, oracle, budget_ms, base)    # a strength.SearchResult
+    result = evolution_search(space, band, oracle, base, max_steps=12)   # a strength.SearchResult
 
 MetaPruning trains a PruningNet that generates weights for any width vector, then runs an evolution over width
 vectors (a random initial population within the constraint; each generation the top-k of everything seen so far
@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -41,7 +40,7 @@ from edgeprune.common.parallel import timed
 from edgeprune.dependency.graph import Graph
 from edgeprune.plan import width_step
 from edgeprune.search.allocate import allowed_widths, min_widths, widths_digest
-from edgeprune.search.strength import Candidate, SearchResult, _Band, _pick_best
+from edgeprune.search.strength import Band, Candidate, Probe, SearchResult, pick_best
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +159,12 @@ def _mutation(rng: np.random.Generator, parents: list[list[int]], options: dict[
             for n, i in zip(names, parent)]
 
 
-def evolution_search(config: Any, space: Space, oracle: Any, budget_ms: float, base: Any,
-                     on_step: Callable[[Candidate], None] | None = None,
+def evolution_search(space: Space, band: Band, oracle: Callable[[dict[str, int]], Probe], base: Probe,
+                     max_steps: int, on_step: Callable[[Candidate], None] | None = None,
                      settings: EvolutionSettings | None = None) -> SearchResult:
     """The build's search with `--search evolution`: evolve under the latency model, measure the finalists with the
     oracle (the target, or the table with `--lut`), correct the constraint and evolve again while none lands in the
-    band (see the module)."""
+    band (see the module). `base` is the unpruned model's figure (source "lut": the table's)."""
     settings = settings or DEFAULT_SETTINGS
     timings, error, cost = space.timings, space.error, space.cost
     lows = min_widths(space.graph, space.channel_multiple)
@@ -176,11 +175,10 @@ def evolution_search(config: Any, space: Space, oracle: Any, budget_ms: float, b
             return oracle(w).latency_ms
     else:
         def latency(w: dict[str, int]) -> float:
-            return cost(w) * base.median
-    band = _Band(budget_ms, config.tolerance, config.margin_k)
+            return cost(w) * base.latency_ms
     # aim at the middle of the band under the noise-margined ceiling, as the strength search does: a finalist at the
     # budget itself is infeasible once its spread is counted (the baseline's spread stands in for the candidates')
-    aim = band.ceiling(base.spread if base.source != "lut" else 0.0) * (1 - config.tolerance / 2)
+    aim = band.ceiling(base.spread if base.source != "lut" else 0.0) * (1 - band.tolerance / 2)
     bound = aim
     trace: list[Candidate] = []
     measured: dict[str, Candidate] = {}
@@ -190,11 +188,11 @@ def evolution_search(config: Any, space: Space, oracle: Any, budget_ms: float, b
         fresh = [t for t in evo.top if widths_digest(t.widths) not in measured][:settings.finalists]
         if not evo.top and not trace:  # the bound is out of the latency model's reach: the minimum widths
             fresh = [Individual(dict(lows), error(lows), latency(lows), 0)]
-        if not fresh or len(measured) + len(fresh) > config.max_steps:
+        if not fresh or len(measured) + len(fresh) > max_steps:
             break
         for ind in fresh:
             p = oracle(ind.widths)
-            c = Candidate(step=len(trace) + 1, strength=round(1 - ind.latency / base.median, 6),
+            c = Candidate(step=len(trace) + 1, strength=round(1 - ind.latency / base.latency_ms, 6),
                           widths_digest=widths_digest(ind.widths), latency_ms=p.latency_ms, source=p.source,
                           widths=ind.widths, spread=p.spread, error=ind.error)
             trace.append(c)
@@ -207,5 +205,5 @@ def evolution_search(config: Any, space: Space, oracle: Any, budget_ms: float, b
         # aim the constraint so that the best finalist's latency model would have read its measured figure
         bound = aim * latency(best.widths) / max(best.latency_ms, 1e-9)
     fastest = min(trace, key=lambda c: c.latency_ms)
-    return SearchResult(best=_pick_best([c for c in trace if band.feasible(c)]), fastest=fastest, trace=tuple(trace),
-                        budget_ms=budget_ms, converged=any(band.in_band(c) for c in trace))
+    return SearchResult(best=pick_best([c for c in trace if band.feasible(c)]), fastest=fastest, trace=tuple(trace),
+                        budget_ms=band.budget_ms, converged=any(band.in_band(c) for c in trace))

@@ -40,7 +40,7 @@ from edgeprune.dependency.graph import Graph
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.outputs import flatten_outputs
 from edgeprune.plan import width_step
-from edgeprune.search.allocate import allowed_widths, min_widths
+from edgeprune.search.allocate import AllocationInputs, WidthsFn, allowed_widths, min_widths
 
 KERNELS = ("linear", "gaussian")
 SAMPLES = 128  # calibration samples the importances are computed on
@@ -180,10 +180,11 @@ def itpruner_widths_fn(graph: Graph, importance: dict[str, float], cost: Callabl
     return lambda u: dict(lows) if u >= 1.0 else dict(full) if u <= 0.0 else dict(inner(u))
 
 
-def session_widths_fn(prep: object, cost: Callable[[dict[str, int]], float],
-                      kernel: str = "linear") -> Callable[[float], dict[str, int]]:
-    """The `itpruner` allocation of a prepared job (`session.Prepared`): importances on its calibration samples,
-    computed once, then the LP for each strength."""
-    x = torch.from_numpy(prep.data.calib_x[:SAMPLES].copy())  # type: ignore[attr-defined]
-    importance = layer_importance(prep.loaded.module, prep.graph, x, kernel)  # type: ignore[attr-defined]
-    return itpruner_widths_fn(prep.graph, importance, cost, prep.config.channel_multiple)  # type: ignore[attr-defined]
+def itpruner_allocation(a: AllocationInputs, kernel: str = "linear") -> WidthsFn:
+    """The `itpruner` allocation: importances on the first calibration samples, computed once, then the LP for each
+    strength under the latency model `a.cost`."""
+    if a.model is None or a.samples is None or a.cost is None:
+        raise EdgePruneError("the itpruner allocation needs the model, its calibration samples and a latency model")
+    x = torch.from_numpy(a.samples[:SAMPLES].copy())
+    importance = layer_importance(a.model, a.graph, x, kernel)
+    return itpruner_widths_fn(a.graph, importance, a.cost, a.multiple)

@@ -23,8 +23,6 @@ from edgeprune.search.allocate import widths_digest
 
 log = logging.getLogger(__name__)
 
-SEARCHES = ("strength", "evolution")  # the outer level: this module's, or search/evolution.py's
-
 
 @dataclass(frozen=True)
 class Probe:
@@ -67,7 +65,7 @@ class SearchResult:
 
 
 @dataclass(frozen=True)
-class _Band:
+class Band:
     """Where a figure stands against the budget, with a noise margin of k standard errors.
 
     A figure is feasible only when it stays within budget at k standard errors above it; the target band keeps its
@@ -102,7 +100,7 @@ def _combine(a: Probe, b: Probe) -> Probe:
     return Probe((a.latency_ms + b.latency_ms) / 2, source, math.hypot(a.spread, b.spread) / 2)
 
 
-def _pick_best(feasible: list[Candidate]) -> Candidate | None:
+def pick_best(feasible: list[Candidate]) -> Candidate | None:
     """The feasible candidate with the lowest proxy error (ties: the slower, less pruned one). Without errors, the
     least pruned by strength label, although widths are not monotone in u."""
     if not feasible:
@@ -116,7 +114,7 @@ class _Prober:
     """The measuring side of one search: each widths setting is measured once (twice when remeasure is given and
     its first figure cannot decide against the budget), and every candidate is recorded in order."""
 
-    def __init__(self, band: _Band, oracle: Callable[[dict[str, int]], Probe], max_steps: int,
+    def __init__(self, band: Band, oracle: Callable[[dict[str, int]], Probe], max_steps: int,
                  known: dict[str, Probe] | None, remeasure: Callable[[dict[str, int]], Probe] | None,
                  error_of: Callable[[dict[str, int]], float] | None, on_step: Callable[[Candidate], None] | None):
         self.band, self.oracle, self.max_steps, self.known = band, oracle, max_steps, known or {}
@@ -161,7 +159,7 @@ class _Prober:
 
     def result(self, converged: bool) -> SearchResult:
         fastest = min(self.trace, key=lambda c: c.latency_ms)
-        best = _pick_best([c for c in self.trace if self.band.feasible(c)])
+        best = pick_best([c for c in self.trace if self.band.feasible(c)])
         return SearchResult(best=best, fastest=fastest, trace=tuple(self.trace), budget_ms=self.band.budget_ms,
                             converged=converged)
 
@@ -258,7 +256,7 @@ def _hold_step(probe: _Prober, widths_for: Callable[[float], dict[str, int]], st
 
     FashionNet at 0.3x: `down1.0` from 32 to 16 channels took 30% of the latency (0.167 to 0.114 ms; widths are
     multiples of 16), and the release landed at 0.72 of its budget. The narrower settings this finds are pruned
-    elsewhere, so they only win where the proxy error says they are more faithful (`_pick_best`)."""
+    elsewhere, so they only win where the proxy error says they are more faithful (`pick_best`)."""
     within, group, over_width, u_step = step
     over = probe.seen.get(widths_digest({**within, group: over_width}))
     # the held settings lie on another allocation path, so their strength labels do not compare with the others':
@@ -328,7 +326,7 @@ def search(
     """
     if budget_ms <= 0:
         raise EdgePruneError(f"latency budget must be positive, found {budget_ms} ms")
-    band = _Band(budget_ms, tolerance, margin_k)
+    band = Band(budget_ms, tolerance, margin_k)
     probe = _Prober(band, oracle, max_steps, known, remeasure, error_of, on_step)
     lo = probe(0.0, widths_for(0.0))
     if band.feasible(lo):

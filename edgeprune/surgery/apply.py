@@ -22,6 +22,7 @@ from edgeprune.dependency.graph import Graph, build_dependency_graph, trace
 from edgeprune.dependency.groupconv import is_grouped
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import Plan
+from edgeprune.surgery.merge import fold
 from edgeprune.surgery.weights import set_weights
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,8 @@ def compensate_consumers(model: nn.Module, graph: Graph, plan: Plan, stats: dict
             re-evaluates many plans that differ in one group).
         repair: False only zeroes the removed columns (pruning without compensation, as masking).
         workers: consumers repaired at once, in threads (independent solves; the caller sets BLAS to one thread per
-            worker, see `importance.rank_all`). The weights do not depend on it.
-        priors: merged 2-D weights of consumers (`criteria.fold`): the repair's ridge pulls towards them.
+            worker, see `registry.rank_all`). The weights do not depend on it.
+        priors: merged 2-D weights of consumers (`merge.fold`): the repair's ridge pulls towards them.
     """
     modules = dict(model.named_modules())
     bn_follows = {c.module: c.bn_follows for g in graph.groups for c in g.consumers}
@@ -157,8 +158,6 @@ def prune(
     "sequential" is repaired on the calibration `batches` instead (`repair.sequential_repair`, seeded by the plan).
     """
     import torch_pruning as tp
-
-    from edgeprune.scoring.criteria import fold
 
     model = copy.deepcopy(model).eval()
     graph = graph if graph is not None else trace(model, example_input, ignore)

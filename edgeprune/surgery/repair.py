@@ -70,7 +70,7 @@ class _Paired:
         mu_y = self.y_sum / n
         # (x~ - shift)ᵀ y / n - (μ~ - shift) μ_yᵀ = C(x~, y)
         c_ty = self.cross / n - np.outer(stats.mean - self.acc.shift, mu_y)
-        # the ridge pulls towards the original kept weights (or the merged ones, `criteria.fold`), not towards zero
+        # the ridge pulls towards the original kept weights (or the merged ones, `merge.fold`), not towards zero
         prior = (self.weight[:, self.keep] if self.prior is None else self.prior[:, self.keep]).T
         w_new = _cholesky_solve(stats.cov, c_ty, ridge, float(np.mean(np.diag(stats.cov))), prior).T
         b = np.zeros(self.weight.shape[0]) if bias is None else bias

@@ -13,7 +13,8 @@ from edgeprune.compensation.statistics import (LayerStats, _Accumulator, collect
 from edgeprune.dependency.graph import trace
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.scoring.importance import consumer_weight, rank
+from edgeprune.scoring.base import consumer_weight
+from edgeprune.scoring.registry import rank
 from edgeprune.surgery.apply import removed_coords
 from tests.models import ZOO, ZooEntry
 

@@ -15,7 +15,7 @@ from edgeprune.compensation.statistics import collect_statistics
 from edgeprune.dependency.graph import trace
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
-from edgeprune.scoring.importance import rank
+from edgeprune.scoring.registry import rank
 from edgeprune.search.allocate import min_widths
 from edgeprune.surgery.apply import prune
 from tests.models import ZOO, conv_bn, settle

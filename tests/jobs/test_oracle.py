@@ -136,3 +136,29 @@ def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_befo
         m.baseline(Path("base.onnx"), relative=relative)
         m(Path("cand.onnx"), "measuring candidate")
         assert m.anchor is None and machine.calls[-1] == ("cand.onnx", "CACHE", None), name
+
+
+def test_a_table_oracle_warns_of_a_table_below_90_percent_within_10_or_without_a_check(
+        table_env: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`build --lut`: the table's stored self-check is read, and an untrusted table is named in a warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from edgeprune.dependency.graph import trace
+    from edgeprune.inputs.models import load_model
+    from edgeprune.jobs.oracle import TableOracle
+    from edgeprune.latency.table import load_lut
+
+    loaded = load_model("example")
+    session = SimpleNamespace(loaded=loaded, graph=trace(loaded.module, loaded.example_input))
+    target = load_target(str(table_env["target"]))
+    table = load_lut(table_env["table"])
+    good = {**table.models["example"]["check"], "within_10": 0.9}
+    for check, warned in ((good, None), ({**good, "within_10": 0.7}, "only 70% of 10 random plans"),
+                          (None, "holds no self-check")):
+        table.models["example"]["check"] = check
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            oracle = TableOracle(session, table, target, "lut.json")  # type: ignore[arg-type]
+        assert oracle.check["check"] == check
+        assert (warned in caplog.text) if warned else "latency table" not in caplog.text

@@ -14,8 +14,8 @@ from edgeprune.dependency.graph import trace
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.models import load_model
 from edgeprune.inputs.targets import load_target
-from edgeprune.latency.table import (LatencyTable, LayerModel, calibration_key, check_table_for, entry_latency,
-                                     fit_calibration, load_lut, predict)
+from edgeprune.latency.table import (LatencyTable, LayerModel, calibration_key, check_figures, check_table_for,
+                                     check_warning, entry_latency, fit_calibration, load_lut, predict)
 
 
 def test_predict_is_exact_at_grid_points_and_interpolates(table_env: dict) -> None:
@@ -140,3 +140,38 @@ def test_build_with_lut_meets_budget_with_two_device_measurements(table_env: dic
     assert code == 0 and r["met"] and r["device_measurements"] <= 2
     sources = [c["source"] for c in r["search"]["trace"]]
     assert "lut" in sources and sources.count("measured") <= 2
+    # the summary prints the table's stored self-check (the fixture's `lut` made one); report.md gives it when the
+    # report carries it (`latency.table.stored_check`), with the warning of an untrusted table
+    from types import SimpleNamespace
+
+    from edgeprune.cli.job_commands import render_release
+    from edgeprune.latency.table import stored_check
+    from edgeprune.report.render import render_markdown
+
+    render_release(SimpleNamespace(report=r, out=str(tmp_path / "b"), message=None, exit_code=0), False)
+    assert f"latency table {table_env['table']}: self-check on 10 random plans: " in capsys.readouterr().out
+    entry = stored_check(load_lut(table_env["table"]), "example", str(table_env["table"]))
+    entry["warning"] = "WARNED"
+    md = render_markdown({**r, "lut_check": entry}, [])
+    assert f"Latency table `{table_env['table']}`: self-check on 10 random plans" in md and "**WARNED**" in md
+
+
+def test_check_figures_shares_and_worst_error() -> None:
+    c = check_figures([1.0, 1.04, 1.08, 0.85, 1.3], [1.0] * 5, seed=3)
+    assert (c["plans"], c["seed"], c["within_5"], c["within_10"]) == (5, 3, 0.4, 0.6)
+    assert c["worst_error"] == pytest.approx(0.3) and c["mean_abs_error"] == pytest.approx(0.114)
+    assert check_figures([0.8], [1.0], 0)["worst_error"] == pytest.approx(-0.2)  # signed: predicted low
+    assert check_warning(c, "t.json", "m") is not None and "60% of 5 random plans of m" in check_warning(c, "t.json", "m")
+    assert check_warning({**c, "within_10": 0.9}, "t.json", "m") is None  # 90% within ±10% is trusted
+    assert "holds no self-check for m" in check_warning(None, "t.json", "m")
+
+
+@pytest.mark.parametrize("check", [{"plans": 0, "within_5": 0, "within_10": 0, "worst_error": 0},
+                                   {"plans": 10, "within_5": 0.5, "within_10": 1.5, "worst_error": 0},
+                                   {"plans": 10, "within_5": 0.5, "within_10": 0.9}, "good"])
+def test_a_malformed_stored_check_is_refused(check: object, table_env: dict, tmp_path: Path) -> None:
+    table = load_lut(table_env["table"])
+    table.models["example"]["check"] = check
+    table.save(tmp_path / "t.json")  # re-digested: only the check of its values refuses it
+    with pytest.raises(EdgePruneError, match="check must hold"):
+        load_lut(tmp_path / "t.json")

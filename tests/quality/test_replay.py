@@ -95,7 +95,7 @@ def test_the_masked_proxy_on_replay_gives_the_errors_of_whole_passes() -> None:
     jumps back: every error equals that of a fresh proxy's whole pass."""
     from edgeprune.quality.fidelity import MaskedProxy
     from edgeprune.dependency.graph import trace
-    from edgeprune.scoring.importance import rank
+    from edgeprune.scoring.registry import rank
     from edgeprune.plan import plan_from_rankings
     from edgeprune.compensation.statistics import collect_statistics
 

@@ -10,7 +10,8 @@ import pytest
 
 from edgeprune.dependency.graph import Graph
 from edgeprune.errors import EdgePruneError
-from edgeprune.search.allocate import allowed_widths, make_widths_fn, min_widths
+from edgeprune.search.allocate import AllocationInputs, allowed_widths, latency_allocation, min_widths, step_allocation
+from edgeprune.search.registry import make_widths_fn
 from tests.search.test_strength import toy_graph
 
 
@@ -66,8 +67,8 @@ def test_latency_allocation_beats_the_step_constraint_at_equal_cost() -> None:
     is no higher, and strictly lower somewhere."""
     g = toy_graph([64, 64, 64])
     penalty, cost = separable(g, {n: 2.0 for n in ("g0", "g1", "g2")}, {"g0": 1.0, "g1": 4.0, "g2": 1.0})
-    step = make_widths_fn(g, {}, 8, error=lambda w: math.sqrt(penalty(w)))
-    lat = make_widths_fn(g, {}, 8, error=lambda w: math.sqrt(penalty(w)), allocation="latency", cost=cost)
+    step = step_allocation(AllocationInputs(g, {}, 8, error=lambda w: math.sqrt(penalty(w))))
+    lat = latency_allocation(AllocationInputs(g, {}, 8, error=lambda w: math.sqrt(penalty(w)), cost=cost))
     assert lat(0.0) == {"g0": 64, "g1": 64, "g2": 64} and lat(1.0) == min_widths(g, 8)
 
     def at(fn: Callable[[float], dict[str, int]], target: float) -> dict[str, int]:
@@ -89,8 +90,8 @@ def test_latency_allocation_beats_the_step_constraint_at_equal_cost() -> None:
 def test_latency_allocation_widths_shrink_with_u_and_need_a_known_name() -> None:
     g = toy_graph([32, 64])
     penalty, cost = separable(g, {"g0": 2.0, "g1": 2.0}, {"g0": 1.0, "g1": 2.0})
-    fn = make_widths_fn(g, {}, 8, error=lambda w: math.sqrt(penalty(w)), allocation="latency", cost=cost)
+    fn = latency_allocation(AllocationInputs(g, {}, 8, error=lambda w: math.sqrt(penalty(w)), cost=cost))
     costs = [cost(fn(u)) for u in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)]
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
     with pytest.raises(EdgePruneError, match="allocation must be"):
-        make_widths_fn(g, {}, 8, allocation="lagrange")
+        make_widths_fn("lagrange", AllocationInputs(g, {}, 8))

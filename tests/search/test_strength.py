@@ -9,9 +9,10 @@ import pytest
 from edgeprune.config import parse_budget
 from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
-from edgeprune.scoring.importance import Ranking
-from edgeprune.search.allocate import (allowed_widths, fidelity_widths, make_widths_fn, min_widths,
-                                       step_constrained_widths, uniform_strength_widths, width_options, widths_digest)
+from edgeprune.scoring.base import Ranking
+from edgeprune.search.allocate import (AllocationInputs, WidthsFn, allowed_widths, fidelity_widths, min_widths,
+                                       step_allocation, step_constrained_widths, uniform_strength_widths, width_options,
+                                       widths_digest)
 from edgeprune.search.strength import Candidate, Probe, search
 
 
@@ -23,6 +24,11 @@ def toy_graph(widths: list[int]) -> Graph:
 def curve(c: int, sharp: float) -> Ranking:
     """A convex, non-increasing loss curve: loss[k] = (1 - k/c)^sharp."""
     return Ranking(order=tuple(range(c)), loss=tuple((1 - k / c) ** sharp for k in range(c + 1)))
+
+
+def step_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, **options: object) -> WidthsFn:
+    """The `step` allocation's widths function."""
+    return step_allocation(AllocationInputs(graph, rankings, multiple, **options))  # type: ignore[arg-type]
 
 
 def latency_of(graph: Graph):
@@ -61,7 +67,7 @@ def test_uniform_widths_fallback_without_curves() -> None:
     g = toy_graph([64, 100])
     w = uniform_strength_widths(g, 0.5, multiple=16)
     assert w == {"g0": 32, "g1": 48}
-    fn = make_widths_fn(g, {gr.name: Ranking(order=tuple(range(gr.channels))) for gr in g.groups}, 16)
+    fn = step_fn(g, {gr.name: Ranking(order=tuple(range(gr.channels))) for gr in g.groups}, 16)
     assert fn(0.0) == {"g0": 64, "g1": 100} and fn(1.0) == {"g0": 16, "g1": 16}
 
 
@@ -77,7 +83,7 @@ def test_search_lands_in_band(fraction: float) -> None:
     base = oracle({gr.name: gr.channels for gr in g.groups}).latency_ms
     budget = fraction * base
     calls = []
-    res = search(make_widths_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], budget, tolerance=0.05,
+    res = search(step_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], budget, tolerance=0.05,
                  max_steps=12)
     assert res.best is not None and res.best.latency_ms <= budget
     assert res.best.latency_ms >= 0.85 * budget
@@ -93,7 +99,7 @@ def test_search_takes_known_baseline_without_calling_the_oracle() -> None:
     full = {gr.name: gr.channels for gr in g.groups}
     base = oracle(full).latency_ms
     calls = []
-    res = search(make_widths_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], 0.5 * base,
+    res = search(step_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], 0.5 * base,
                  known={widths_digest(full): Probe(base, "baseline")})
     assert full not in calls  # the unpruned model is never measured by the search
     assert res.trace[0].source == "baseline" and res.trace[0].latency_ms == base
@@ -110,7 +116,7 @@ def test_search_does_not_remeasure_a_known_baseline_when_its_figure_straddles_th
     full = {gr.name: gr.channels for gr in g.groups}
     base = oracle(full).latency_ms
     again = []
-    res = search(make_widths_fn(g, ranks, 8), oracle, 0.7 * base, known={widths_digest(full): Probe(base, "baseline",
+    res = search(step_fn(g, ranks, 8), oracle, 0.7 * base, known={widths_digest(full): Probe(base, "baseline",
                  0.3)}, remeasure=lambda w: (again.append(w), oracle(w))[1])
     assert full not in again and res.trace[0].source == "baseline" and res.best is not None
 
@@ -118,14 +124,14 @@ def test_search_does_not_remeasure_a_known_baseline_when_its_figure_straddles_th
 def test_search_unreachable_budget_reports_fastest() -> None:
     g = toy_graph([64, 64])
     ranks = {gr.name: curve(gr.channels, 1.0) for gr in g.groups}
-    res = search(make_widths_fn(g, ranks, 8), latency_of(g), budget_ms=0.01)
+    res = search(step_fn(g, ranks, 8), latency_of(g), budget_ms=0.01)
     assert res.best is None and len(res.trace) == 2
     assert res.fastest.widths == {"g0": 8, "g1": 8}
 
 
 def test_search_nothing_to_prune_when_base_meets_budget() -> None:
     g = toy_graph([32])
-    res = search(make_widths_fn(g, {"g0": curve(32, 1.0)}, 8), latency_of(g), budget_ms=100.0)
+    res = search(step_fn(g, {"g0": curve(32, 1.0)}, 8), latency_of(g), budget_ms=100.0)
     assert res.best is not None and res.best.strength == 0.0 and len(res.trace) == 1
 
 
@@ -178,7 +184,7 @@ def test_fidelity_inner_level_keeps_the_step_constraint_with_the_smallest_widths
 
 def test_fidelity_widths_fn_spans_unpruned_to_minimum_and_shrinks_with_u() -> None:
     g = toy_graph([64, 96, 128])
-    fn = make_widths_fn(g, {}, 16, error=network_error(g))
+    fn = step_fn(g, {}, 16, error=network_error(g))
     assert fn(0.0) == {gr.name: gr.channels for gr in g.groups}
     assert fn(1.0) == min_widths(g, 16)
     prev = fn(0.0)
@@ -411,6 +417,6 @@ def test_fidelity_widths_fn_reaches_the_minimum_widths_at_u_1_even_when_errors_a
         pruned = sum(widths[k] < 64 for k in widths)
         return {0: 0.0, 1: 1.2, 2: 1.0, 3: 0.95}[pruned]  # saturating, not monotone
 
-    widths_for = make_widths_fn(g, {}, 16, error=error)
+    widths_for = step_fn(g, {}, 16, error=error)
     assert widths_for(1.0) == lows
     assert widths_for(0.0) == {gr.name: 64 for gr in g.groups}

@@ -18,7 +18,8 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.export.onnx import export
 from edgeprune.jobs.session import prepare
 from edgeprune.plan import Plan, plan_from_rankings, uniform_widths
-from edgeprune.scoring.importance import consumer_weight, rank, rank_all
+from edgeprune.scoring.base import consumer_weight
+from edgeprune.scoring.registry import rank, rank_all
 from edgeprune.surgery.apply import prune, removed_coords, structural_copy
 from tests.models import ZOO, ZooEntry
 
@@ -428,7 +429,7 @@ def test_no_ranking_empties_a_concat_branch(criterion: str) -> None:
     """Magnitude criteria used to score only the first producer's filters (64 of 128 channels of FashionNet's concat
     group) and kept one branch whole, leaving the other conv with no output channel: a crash at pruning. Every
     criterion now scores every channel of the group, and a plan keeps one channel of each branch at least."""
-    from edgeprune.scoring.importance import rank
+    from edgeprune.scoring.registry import rank
 
     torch.manual_seed(0)
     model = ConcatIntoDepthwise().eval()

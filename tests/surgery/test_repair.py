@@ -11,7 +11,7 @@ import torch
 from edgeprune.compensation.statistics import collect_statistics
 from edgeprune.dependency.graph import trace
 from edgeprune.plan import plan_from_rankings, uniform_widths
-from edgeprune.scoring.importance import rank
+from edgeprune.scoring.registry import rank
 from edgeprune.surgery.apply import prune, removed_coords
 from edgeprune.surgery.repair import sequential_repair
 from tests.models import ZOO
@@ -76,7 +76,7 @@ def test_sequential_fit_is_least_squares_on_the_paired_patches(monkeypatch: pyte
     import edgeprune.surgery.repair as rp
     from edgeprune.compensation.statistics import layer_rng, unfold_input
     from edgeprune.dependency.graph import execution_order
-    from edgeprune.scoring.importance import consumer_weight
+    from edgeprune.scoring.base import consumer_weight
     from edgeprune.surgery.weights import set_weights
 
     monkeypatch.setattr(rp, "shrink_towards_diagonal", lambda st: st)

@@ -1,4 +1,4 @@
-"""The criteria from the papers (criteria.py, kfac.py, signals.py): a property of each paper on a small problem, each
+"""The criteria from the papers (papers.py, kfac.py, signals.py): a property of each paper on a small problem, each
 one through `prune` with compensation on and off, `prune --plan` replaying it exactly, and the refusals."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from torch import nn
 import edgeprune
 from edgeprune.cli.commands import main
 from edgeprune.dependency.graph import trace
-from edgeprune.scoring.criteria import (BETAS, CRITERIA, ExemplarRanking, affinity_exemplars, exemplar_ladder,
-                                        functionality_order, method_widths_fn, rank_all, rank_epruner, similarities)
 from edgeprune.scoring.kfac import obs_scores, output_factors
+from edgeprune.scoring.papers import (BETAS, ExemplarRanking, affinity_exemplars, exemplar_ladder, functionality_order,
+                                      rank_epruner, similarities)
+from edgeprune.scoring.registry import CRITERIA, rank_all
 from edgeprune.scoring.signals import collect_signals
+from edgeprune.search.method_widths import method_widths_fn
 
 METHODS = ("epruner", "similarity", "functionality", "nap")
 

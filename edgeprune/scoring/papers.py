@@ -1,11 +1,11 @@
-"""The selection criteria from the papers edgeprune grew from, next to `importance.py`'s: `CRITERIA` is the registry
-of them all.
+"""The selection criteria from the papers edgeprune grew from, beside the baselines (`base.py`) and CaP (`cap.py`);
+`registry.CRITERIA` holds them all.
 
     signals = criterion_signals("similarity", model, graph, data)    # the statistics pass the criterion needs
     rankings = rank_all("similarity", model, graph.groups, stats, signals)
 
 - `epruner` (arXiv:2101.07985): exemplar filters by affinity propagation on each group's filter weights, exemplars
-  first; with `--allocation epruner` a group's width is its number of exemplars (`method_widths_fn`).
+  first; with `--allocation epruner` a group's width is its number of exemplars (`search.method_widths`).
 - `similarity` (arXiv:1908.02620): hierarchical clustering of channels by their feature maps; a removed channel's
   outgoing weights are folded into its kept representative in the consumers (`merges`, recorded in the plan).
 - `functionality` (arXiv:1810.07322): channels judged by their class-wise activation pattern (labelled data).
@@ -21,23 +21,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from torch import nn
 
-from edgeprune.common.parallel import thread_map
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Graph, Group
-from edgeprune.errors import EdgePruneError
-from edgeprune.scoring.importance import CRITERIA as BASE_CRITERIA
-from edgeprune.scoring.importance import NEEDS_STATS as BASE_NEEDS_STATS
-from edgeprune.scoring.importance import Ranking, _producer_filters, consumer_weight
-from edgeprune.scoring.importance import rank_all as base_rank_all
-from edgeprune.scoring.kfac import obs_scores, output_factors
-from edgeprune.scoring.signals import Signals, collect_signals, signal_consumer
+from edgeprune.scoring.base import Ranking, consumer_weight, descending, producer_filters, rank_l2
+from edgeprune.scoring.kfac import obs_scores
+from edgeprune.scoring.signals import Signals, signal_consumer
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +63,11 @@ class ClusterRanking(Ranking):
         return self._cophenetic["d"]
 
 
-def _order(score: np.ndarray) -> tuple[int, ...]:
-    return tuple(int(i) for i in np.lexsort((np.arange(score.size), -score)))
-
-
 def _filters(modules: dict[str, nn.Module], group: Group) -> np.ndarray:
     """(channels, d): each channel's filters of every producer, side by side (zeros where a concat's branch does not
     make the channel)."""
     parts = []
-    for f, where in _producer_filters(modules, group):
+    for f, where in producer_filters(modules, group):
         block = np.zeros((group.channels, f.shape[1]))
         block[where] = f
         parts.append(block)
@@ -196,7 +186,7 @@ def rank_similarity(modules: dict[str, nn.Module], group: Group, stats: dict[str
 
     name = signal_consumer(group, modules)
     if signals is None or name not in signals.features or group.channels < 2:
-        return BASE_CRITERIA["l2"](modules, group, stats, seed)
+        return rank_l2(modules, group, stats, signals, seed)
     consumer = next(c for c in group.consumers if c.module == name)
     x = signals.rows("features", name, consumer.coords).astype(np.float64)
     z = linkage(x, method="average", metric="euclidean")
@@ -229,25 +219,6 @@ def with_merges(plan: Any, graph: Graph, rankings: dict[str, Ranking]) -> Any:
     return dataclasses.replace(plan, meta={**plan.meta, "merge": found}) if found else plan
 
 
-def fold(model: nn.Module, graph: Graph, merge: dict[str, list[list[int]]]) -> dict[str, np.ndarray]:
-    """The merged 2-D weights (unfold order) of every dense consumer of a merged group: a removed channel's columns
-    added to its representative's and zeroed. Without compensation these are the pruned weights; with it they are
-    where the least-squares repair starts (its ridge prior)."""
-    modules = dict(model.named_modules())
-    out: dict[str, np.ndarray] = {}
-    for g in graph.groups:
-        for c in g.consumers if g.name in merge else ():
-            if not c.compensable:
-                continue
-            w = out.get(c.module)
-            w = consumer_weight(modules[c.module]) if w is None else w
-            for removed, rep in merge[g.name]:
-                w[:, list(c.coords[rep])] += w[:, list(c.coords[removed])]
-                w[:, list(c.coords[removed])] = 0.0
-            out[c.module] = w
-    return out
-
-
 # ---------------------------------------------------------------- functionality
 
 
@@ -265,7 +236,7 @@ def rank_functionality(modules: dict[str, nn.Module], group: Group, stats: dict[
     """
     name = signal_consumer(group, modules)
     if signals is None or signals.labels is None or name not in signals.means:
-        return BASE_CRITERIA["l2"](modules, group, stats, seed)
+        return rank_l2(modules, group, stats, signals, seed)
     consumer = next(c for c in group.consumers if c.module == name)
     act = signals.rows("means", name, consumer.coords)  # (channels, samples)
     labels = signals.labels[: act.shape[1]]
@@ -308,112 +279,7 @@ def rank_nap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
                                 c.coords)
             used = True
     if not used:
-        return BASE_CRITERIA["l2"](modules, group, stats, seed)
-    order = _order(score)
+        return rank_l2(modules, group, stats, signals, seed)
+    order = descending(score)
     tail = np.concatenate([np.cumsum(score[list(order)][::-1])[::-1], [0.0]])
     return Ranking(order=order, loss=tuple(float(v) for v in tail))
-
-
-# ---------------------------------------------------------------- registry
-
-Criterion = Callable[..., Ranking]
-METHODS: dict[str, tuple[Criterion, frozenset[str]]] = {  # name -> (function, signals it needs)
-    "epruner": (rank_epruner, frozenset()),
-    "similarity": (rank_similarity, frozenset({"features"})),
-    "functionality": (rank_functionality, frozenset({"means", "labels"})),
-    "nap": (rank_nap, frozenset({"grads", "labels"})),
-}
-CRITERIA: dict[str, Callable[..., Ranking]] = {**BASE_CRITERIA, **{k: f for k, (f, _) in METHODS.items()}}
-NEEDS_STATS = BASE_NEEDS_STATS + ("nap",)
-NEEDS_LABELS = tuple(k for k, (_, needs) in METHODS.items() if "labels" in needs)
-
-
-def check_labels(criterion: str, labelled: bool, pseudo_labels: bool, recipe: str) -> None:
-    """Refuse, before any work, a criterion that needs labels on unlabelled data without --pseudo-labels."""
-    if criterion in NEEDS_LABELS and not labelled and not pseudo_labels:
-        raise EdgePruneError(f"criterion {criterion} needs labelled calibration data, and recipe {recipe} has no "
-                             f"labels; use a labelled recipe, or --pseudo-labels to take the unpruned model's "
-                             f"predictions as labels")
-
-
-def criterion_signals(criterion: str, model: nn.Module, graph: Graph, data: Any, seed: int = 0,
-                      pseudo_labels: bool = False) -> Signals | None:
-    """The statistics pass `criterion` needs over the calibration part of `data` (`CalibrationData`), or None."""
-    needs = METHODS[criterion][1] if criterion in METHODS else frozenset()
-    if not needs:
-        return None
-    y = data.calib_y
-    bs = data.recipe.batch_size
-    batches = [(x, None if y is None else y[i * bs: i * bs + len(x)]) for i, x in enumerate(data.calib_batches())]
-    return collect_signals(model, graph, batches, needs, seed, pseudo_labels, kfac=output_factors)
-
-
-def rank_all(criterion: str, model: nn.Module, groups: list[Group], stats: dict[str, LayerStats],
-             signals: Signals | None = None, seed: int = 0, workers: int = 1,
-             tick: Callable[[int, int], None] | None = None) -> dict[str, Ranking]:
-    """Every group's ranking by any criterion of `CRITERIA` (`importance.rank_all` for its own)."""
-    if criterion not in CRITERIA:
-        raise EdgePruneError(f"unknown criterion {criterion!r}; available: {', '.join(CRITERIA)}")
-    if criterion not in METHODS:
-        return base_rank_all(criterion, model, groups, stats, seed, workers, tick)
-    modules = dict(model.named_modules())
-    fn = METHODS[criterion][0]
-    rankings = thread_map(lambda g: fn(modules, g, stats, signals, seed), groups, workers, tick=tick)
-    return {g.name: r for g, r in zip(groups, rankings)}
-
-
-# ---------------------------------------------------------------- width rules (allocations epruner, nap)
-
-
-def method_widths_fn(allocation: str, graph: Graph, rankings: dict[str, Ranking],
-                     options: dict[str, list[int]]) -> Callable[[float], dict[str, int]]:
-    """u in [0, 1] -> widths by a method's own rule; `options` are each group's allowed widths, ascending (its
-    minimum first, its full width last). u = 0 is the unpruned model, u = 1 every group at its minimum.
-
-    `epruner`: β = 2^(log2 β_min + u·range) over `BETAS`, a group's width its number of exemplars at β (linear
-    between the ladder's β, made non-increasing in β), rounded up to an allowed width. `nap`: the u-th fraction of
-    all channels, by NAP's global importance, removed: one threshold for every group, each group's share automatic.
-    """
-    need = ExemplarRanking if allocation == "epruner" else Ranking
-    for g in graph.groups:
-        r = rankings.get(g.name)
-        if not isinstance(r, need) or (allocation == "nap" and r.loss is None and g.channels > 1):
-            raise EdgePruneError(f"--allocation {allocation} needs --criterion {allocation} (group {g.name} was "
-                                 f"ranked without its {'exemplars' if allocation == 'epruner' else 'importances'})")
-
-    def up(name: str, width: float) -> int:
-        opts = options[name]
-        return next((w for w in opts if w >= width - 1e-9), opts[-1])
-
-    if allocation == "epruner":
-        ladders = {}
-        for g in graph.groups:
-            counts = np.asarray(rankings[g.name].exemplars, dtype=float)  # type: ignore[attr-defined]
-            ok = counts > 0
-            xs = np.arange(counts.size)
-            counts = np.interp(xs, xs[ok], counts[ok]) if ok.any() else np.full(counts.size, float(g.channels))
-            ladders[g.name] = np.minimum.accumulate(np.minimum(counts, g.channels))
-
-        def widths(u: float) -> dict[str, int]:
-            if u <= 0.0 or u >= 1.0:
-                return {g.name: options[g.name][-1 if u <= 0.0 else 0] for g in graph.groups}
-            pos = u * (len(BETAS) - 1)
-            return {g.name: up(g.name, float(np.interp(pos, np.arange(len(BETAS)), ladders[g.name])))
-                    for g in graph.groups}
-        return widths
-
-    pooled = []  # (importance, group, position in its order)
-    for gi, g in enumerate(graph.groups):
-        loss = rankings[g.name].loss or (0.0, 0.0)
-        pooled += [(loss[k] - loss[k + 1], gi, k) for k in range(len(loss) - 1)]
-    pooled.sort()
-
-    def nap_widths(u: float) -> dict[str, int]:
-        if u >= 1.0:
-            return {g.name: options[g.name][0] for g in graph.groups}
-        removed = np.zeros(len(graph.groups), dtype=int)
-        for _, gi, _ in pooled[: int(u * len(pooled))]:
-            removed[gi] += 1
-        return {g.name: up(g.name, g.channels - removed[i]) for i, g in enumerate(graph.groups)}
-    return nap_widths
-

@@ -1,49 +1,27 @@
-"""Channel ranking criteria: which channels of a group to keep, most important first.
+"""`cap`, compensation-aware pruning (CAP.md §4): greedy forward selection of the channel whose addition most reduces
+the post-compensation residual, jointly over every consumer of the group. It also yields the group's loss curve,
+loss[k] = residual left when the first k channels are kept, for free.
 
-    ranking = rank("cap", model, group, stats)       # order + residual-loss curve
-    keep = sorted(ranking.order[:width])
-
-`CRITERIA` is the registry. `cap` is compensation-aware pruning (CAP.md §4): greedy forward selection of the
-channel whose addition most reduces the post-compensation residual, jointly over every consumer of the group.
-It also yields the group's loss curve, loss[k] = residual left when the first k channels are kept, for free.
+    ranking = rank_cap(dict(model.named_modules()), group, stats)    # order + residual-loss curve
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 from torch import nn
 
-from edgeprune.common.parallel import thread_map
 from edgeprune.compensation.solve import effective_ridge
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Group
 from edgeprune.errors import EdgePruneError
+from edgeprune.scoring.base import Ranking, consumer_weight, rank_l2
+from edgeprune.scoring.signals import Signals
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """Channel order, most important first; `loss[k]` (k = 0..C) is the relative residual keeping the first k."""
-
-    order: tuple[int, ...]
-    loss: tuple[float, ...] | None = None
-
-
-def consumer_weight(module: nn.Module) -> np.ndarray:
-    """(N, D) float64 weight in unfold order."""
-    w = module.weight.detach().double().cpu().numpy()
-    return w.reshape(w.shape[0], -1)
-
-
-# ---------------------------------------------------------------- CaP
 
 
 # Relative ridge of the float32 greedy: above float32 round-off amplified by near-singular (rank-deficient)
@@ -260,8 +238,8 @@ def _pooled_greedy(states: list[_ConsumerState], cand: np.ndarray, take: int) ->
     return picks, drops
 
 
-def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
-             block: int | None = None) -> Ranking:
+def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
+             signals: Signals | None = None, seed: int = 0, block: int | None = None) -> Ranking:
     """Greedy compensation-aware ranking, joint over the group's compensable consumers.
 
     Wide groups select `block` channels per step (at most 64 steps by default), but not by their stale individual
@@ -277,7 +255,7 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
     states = [_ConsumerState(consumer_weight(modules[c.module]), stats[c.module], c.coords)
               for c in group.consumers if c.compensable and c.module in stats]
     if not states:
-        return rank_l2(modules, group, stats, seed)  # nothing to compensate: magnitude is the best we know
+        return rank_l2(modules, group, stats, signals, seed)  # nothing to compensate: magnitude is the best we know
     c = group.channels
     block = block or max(1, math.ceil(c / 64))
     rows = sum(s.rows for s in states)
@@ -307,111 +285,3 @@ def rank_cap(modules: dict[str, nn.Module], group: Group, stats: dict[str, Layer
         order.extend(int(x) for x in chans)
         remaining = np.delete(remaining, pick)
     return Ranking(order=tuple(order), loss=tuple(x / rows for x in loss))
-
-
-# ---------------------------------------------------------------- baselines
-
-
-def _producer_filters(modules: dict[str, nn.Module], group: Group) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each producer's output filters (rows) and the group channel each one is: a concat's branches make a part of
-    the group each, and their scores must land on their own channels."""
-    out = []
-    for i, p in enumerate(group.producers):
-        w = modules[p].weight.detach().double().cpu().numpy()
-        where = np.asarray(group.produces[i]) if group.produces else np.arange(group.channels)
-        out.append((w.reshape(w.shape[0], -1)[: where.size], where))
-    return out
-
-
-def _order_by(score: np.ndarray) -> Ranking:
-    return Ranking(order=tuple(int(i) for i in np.lexsort((np.arange(score.size), -score))))
-
-
-def _scored(modules: dict[str, nn.Module], group: Group, per_filter: Callable[[np.ndarray], np.ndarray]) -> Ranking:
-    """Sum over producers of a per-filter score, each on its group channels."""
-    score = np.zeros(group.channels)
-    for f, where in _producer_filters(modules, group):
-        np.add.at(score, where, per_filter(f))
-    return _order_by(score)
-
-
-def rank_l1(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
-            block: int | None = None) -> Ranking:
-    """Sum over the group's producers of each output filter's L1 norm (magnitude pruning)."""
-    return _scored(modules, group, lambda f: np.abs(f).sum(1))
-
-
-def rank_l2(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
-            block: int | None = None) -> Ranking:
-    return _scored(modules, group, lambda f: np.sqrt((f ** 2).sum(1)))
-
-
-def rank_fpgm(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
-              block: int | None = None) -> Ranking:
-    """Filter pruning via geometric median: filters close to all others (of their producer) are replaceable and go
-    first."""
-    def per_filter(f: np.ndarray) -> np.ndarray:
-        d = np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0)).sum(1)
-        return d / max(d.max(), 1e-30)
-
-    return _scored(modules, group, per_filter)
-
-
-def rank_random(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats], seed: int = 0,
-                block: int | None = None) -> Ranking:
-    import zlib
-
-    rng = np.random.default_rng([seed, zlib.crc32(group.name.encode())])
-    return Ranking(order=tuple(int(i) for i in rng.permutation(group.channels)))
-
-
-Criterion = Callable[..., Ranking]
-CRITERIA: dict[str, Criterion] = {"cap": rank_cap, "l1": rank_l1, "l2": rank_l2, "fpgm": rank_fpgm,
-                                  "random": rank_random}
-NEEDS_STATS = ("cap",)
-
-
-def rank(criterion: str, model: nn.Module, group: Group, stats: dict[str, LayerStats], seed: int = 0,
-         block: int | None = None) -> Ranking:
-    if criterion not in CRITERIA:
-        raise EdgePruneError(f"unknown criterion {criterion!r}; available: {', '.join(CRITERIA)}")
-    if group.units:
-        return _rank_units(CRITERIA[criterion], dict(model.named_modules()), group, stats, seed, block)
-    return CRITERIA[criterion](dict(model.named_modules()), group, stats, seed, block)
-
-
-def _rank_units(criterion: Criterion, modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
-                seed: int, block: int | None) -> Ranking:
-    """A group pruned in units (dependency/groupconv.py), ranked as a group whose channels are its units: a unit's
-    coordinates in each consumer are its channels' together, its filters its channels' (scores summed); the order
-    comes back in channels, unit after unit, and the loss curve exact at whole units (interpolated between)."""
-    unit_of = group.unit_of()
-    consumers = tuple(dataclasses.replace(c, coords=tuple(tuple(sorted(x for ch in chans for x in c.coords[ch]))
-                                                          for chans in group.units)) for c in group.consumers)
-    made = group.produces or (tuple(range(group.channels)),) * len(group.producers)
-    view = dataclasses.replace(group, channels=len(group.units), consumers=consumers, units=(),
-                               produces=tuple(tuple(unit_of[ch] for ch in p) for p in made))
-    r = criterion(modules, view, stats, seed, block)
-    order = tuple(ch for u in r.order for ch in group.units[u])
-    if r.loss is None:
-        return Ranking(order=order)
-    at = np.arange(len(r.loss)) * group.unit
-    return Ranking(order=order, loss=tuple(float(v) for v in np.interp(np.arange(group.channels + 1), at, r.loss)))
-
-
-def rank_all(criterion: str, model: nn.Module, groups: list[Group], stats: dict[str, LayerStats], seed: int = 0,
-             workers: int = 1, tick: Callable[[int, int], None] | None = None) -> dict[str, Ranking]:
-    """Every group's ranking, in `groups` order; `workers` > 1 ranks that many groups at once, in threads.
-
-    Groups are independent, and a ranking is thousands of BLAS calls, which release the GIL: with BLAS on
-    one thread per worker, two groups at once beat one group on two BLAS threads, whose per-call thread hand-offs cost
-    about what the second core gives (resnet50: 10.4 s against 12-14.5 s, measured). The results do not depend on
-    `workers`. The caller sets BLAS to one thread when it asks for more than one worker. An unknown criterion is
-    refused by `rank`, on the first group.
-    """
-
-    def cost(g: Group) -> float:  # a CaP ranking costs about dim³ per consumer: the costliest first balances workers
-        return -sum(float(stats[c.module].dim) ** 3 for c in g.consumers if c.module in stats)
-
-    rankings = thread_map(lambda g: rank(criterion, model, g, stats, seed), groups, workers, key=cost, tick=tick)
-    return {g.name: r for g, r in zip(groups, rankings)}

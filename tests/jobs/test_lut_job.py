@@ -1,0 +1,118 @@
+"""The latency table's self-check (`edgeprune lut --check N`, `lut --check-only TABLE`): random plans of the model
+measured whole with ONNX Runtime and compared with the table's predictions. The honest table is the `table_env`
+fixture's (tests/conftest.py, `lut` with the default check); the wrong one is a copy with every entry scaled by 1.3.
+Shares are compared, never milliseconds: this machine is shared and its timings move."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgeprune.cli.commands import main
+from edgeprune.dependency.graph import trace
+from edgeprune.inputs.models import load_model
+from edgeprune.jobs.lut_job import random_plans
+from edgeprune.latency.table import CHECK_PLANS, check_figures, load_lut, stored_check
+from edgeprune.search.allocate import width_options
+
+
+def scaled_copy(src: Path, dest: Path, factor: float) -> Path:
+    """A table whose every entry (grid and staircase) is `factor` times what was measured, its calibration kept: a
+    table whose predictions are wrong by about that factor, re-digested so that it loads."""
+    table = load_lut(src)
+    for e in table.entries.values():
+        e["ms"] = [[v * factor for v in row] for row in e["ms"]]
+        if e.get("stairs"):
+            e["stairs"]["ms"] = [v * factor for v in e["stairs"]["ms"]]
+    table.save(dest)
+    return dest
+
+
+def test_random_plans_are_seeded_and_drawn_from_the_allowed_widths() -> None:
+    m = load_model("example")
+    graph = trace(m.module, m.example_input)
+    options = width_options(graph, 16)
+    plans = random_plans(graph, 16, 10, seed=0)
+    assert plans == random_plans(graph, 16, 10, seed=0) and plans != random_plans(graph, 16, 10, seed=1)
+    assert all(set(p) == set(options) and all(p[g] in options[g] for g in p) for p in plans)
+    assert len({tuple(sorted(p.items())) for p in plans}) > 5  # plans, not one plan ten times
+    assert any(p[g] < max(options[g]) for p in plans for g in p)
+
+
+def test_lut_stores_its_self_check_with_figures_that_follow_from_its_plans(table_env: dict) -> None:
+    """The fixture's `lut` ran with the default check: ten plans measured, stored with each plan's figures, and the
+    shares and the worst error are those of the stored pairs; the honest table is not wildly off."""
+    table = load_lut(table_env["table"])
+    check = table.models["example"]["check"]
+    assert check["plans"] == CHECK_PLANS == len(check["points"]) and check["seed"] == 0
+    again = check_figures([p["predicted_ms"] for p in check["points"]], [p["measured_ms"] for p in check["points"]], 0)
+    assert again == check
+    assert 0 <= check["within_5"] <= check["within_10"] <= 1
+    assert abs(check["worst_error"]) < 0.5 and check["mean_abs_error"] < 0.25
+    assert table.models["example"]["input_shape"] == list(load_model("example").input_shape)
+
+
+def test_a_table_scaled_by_1_3_fails_its_own_check(table_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    honest = load_lut(table_env["table"]).models["example"]["check"]
+    wrong = scaled_copy(table_env["table"], tmp_path / "wrong.json", 1.3)
+    with caplog.at_level(logging.WARNING):
+        code = main(["lut", "--check-only", str(wrong), "--device", str(table_env["target"]), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    check = out["check"]
+    assert code == 0 and out["model"] == "example" and check["plans"] == CHECK_PLANS
+    assert check["within_10"] <= 0.5 and check["within_10"] < honest["within_10"]
+    assert check["mean_abs_error"] > honest["mean_abs_error"]
+    assert sum(p["predicted_ms"] > p["measured_ms"] for p in check["points"]) >= 8  # predicted high, as made
+    assert "random plans of example within ±10%" in out["check_warning"] and out["check_warning"] in caplog.text
+    assert load_lut(wrong).models["example"]["check"] == check  # stored, and the table still loads
+    warning = stored_check(load_lut(wrong), "example", str(wrong))["warning"]  # what `build --lut` warns
+    assert warning is not None and "within ±10%" in warning
+
+
+def test_check_0_skips_the_check_and_build_then_warns_that_there_is_none(table_env: dict, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    copy = tmp_path / "lut.json"
+    shutil.copy(table_env["table"], copy)
+    code = main(["lut", "--device", str(table_env["target"]), "--out", str(copy), "--check", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and "self-check: none" in out
+    assert "check" not in load_lut(copy).models["example"]  # the old check went with the old calibration
+    warning = stored_check(load_lut(copy), "example", str(copy))["warning"]
+    assert "holds no self-check for example" in warning and f"--check-only {copy}" in warning
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "T", "--check", "-1"], "--check takes a number of random plans"),
+    (["--check-only", "T", "--check", "0"], "give --check 1 or more"),
+    (["--check-only", "T", "--fresh"], "--fresh starts a table anew"),
+])
+def test_bad_check_arguments_exit_2_before_measuring(argv: list[str], message: str, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    argv = [str(tmp_path / "lut.json") if a == "T" else a for a in argv]
+    assert main(["lut", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "lut.json").exists()
+
+
+def test_check_only_names_the_model_when_the_table_holds_several(table_env: dict, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    table = load_lut(table_env["table"])
+    table.models["other:model"] = dict(table.models["example"])
+    table.save(tmp_path / "two.json")
+    assert main(["lut", "--check-only", str(tmp_path / "two.json"), "--device", str(table_env["target"])]) == 2
+    assert "name the one to check with --model" in capsys.readouterr().err
+
+
+def test_api_lut_passes_check_and_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeprune
+    import edgeprune.jobs.lut_job as job
+
+    seen = {}
+    monkeypatch.setattr(job, "lut_job", lambda *a, **kw: seen.update(kw) or {"check": None})
+    assert edgeprune.lut("example", "cpu", "lut.json", check=3, seed=7) == {"check": None}
+    assert seen["check"] == 3 and seen["seed"] == 7
