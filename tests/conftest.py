@@ -41,8 +41,8 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def table_env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` (once: the
-    table tests of test_lookup.py and the measuring tests of test_lookupbuild.py share it)."""
+    """A latency table of the bundled example on a `cpu` target with few runs, made by `edgeprune lut` with its
+    default self-check (once: tests/latency/ and tests/jobs/test_lut_job.py share it)."""
     from edgeprune.cli.commands import main
     from edgeprune.runtimes.remote import target_toml
 

@@ -239,8 +239,9 @@ def _check_model(spec: str, m: Any) -> None:
                                             and number(c.get("measured_ms")) for c in cal):
         raise ValueError(f"{where}: calibration must be a list of layers_ms / measured_ms numbers")
     check = m.get("check")
-    if check is not None and not (isinstance(check, dict) and type(check.get("plans")) is int and check["plans"] > 0
-                                  and all(number(check.get(k)) and 0 <= check[k] <= 1 for k in ("within_5", "within_10"))
+    shares_ok = isinstance(check, dict) and all(number(check.get(k)) and 0 <= check[k] <= 1
+                                                for k in ("within_5", "within_10"))
+    if check is not None and not (shares_ok and type(check.get("plans")) is int and check["plans"] > 0
                                   and number(check.get("worst_error"))):
         raise ValueError(f"{where}: check must hold plans, within_5, within_10 (shares) and worst_error")
 
@@ -251,7 +252,7 @@ TRUSTED_WITHIN_10 = 0.9  # below this share of plans within ±10%, `build --lut`
 
 def check_figures(predicted: list[float], measured: list[float], seed: int) -> dict[str, Any]:
     """A table's self-check from its predictions of random plans and their measured latencies: the shares within
-    ±5% and ±10% of the measured figure, the worst error (signed, prediction over measurement - 1), every plan's pair."""
+    ±5% and ±10% of the measured figure, the worst error (signed: prediction / measurement - 1), each plan's pair."""
     errors = [p / m - 1 for p, m in zip(predicted, measured)]
     n = len(errors)
     return {"plans": n, "seed": seed, "within_5": sum(abs(e) <= 0.05 for e in errors) / n,
