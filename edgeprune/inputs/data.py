@@ -35,6 +35,7 @@ class CalibrationData:
     heldout_x: np.ndarray
     heldout_y: np.ndarray | None
     recipe: Recipe
+    held_back: int = 0  # the first calibration samples, left out of the statistics for the proxy (session.hold_back)
 
     def __post_init__(self) -> None:
         # Internal invariants: load_data builds these, users go through it.

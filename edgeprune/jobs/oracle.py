@@ -310,7 +310,7 @@ class Verification:
         plan = self.plan(cand.widths)
         t = self.session.timings_s
         with timed(t, "prune"):
-            pruned = self.session.prune(plan)
+            plan, pruned = self.session.prune_release(plan)
         float_path = self.work_dir / "final.onnx"
         with timed(t, "export"):
             path = export_candidate(pruned, self.session.loaded.example_input, float_path, self.exporter,

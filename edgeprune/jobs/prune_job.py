@@ -74,7 +74,7 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
                                                      ratio=ratio)
     with timed(t, "prune"):
         stages("pruning and compensating", None)
-        pruned = prep.prune(plan)
+        plan, pruned = (plan, prep.prune(plan)) if given is not None else prep.prune_release(plan)
     with timed(t, "fidelity"):
         fid = prep.fidelity(pruned)
     tmp = outdir.tmp
