@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgeprune.common.timelimit import time_limit
-from edgeprune.dependency.groupconv import is_dense, is_depthwise, merge_grouped
+from edgeprune.dependency.groupconv import is_dense, is_depthwise, merge_grouped, reroot
 from edgeprune.dependency.reshapes import cut_unmapped, guard_mapping, unmapped_reason
 from edgeprune.errors import EdgePruneError, first_line
 
@@ -243,6 +243,7 @@ def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], e
             continue
         try:
             group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+            group = reroot(dg, m, group)
         except (IndexError, ValueError, KeyError, ZeroDivisionError) as e:
             visited.add(id(m))
             excluded[names.get(m, f"<{type(m).__name__}>")] = (f"torch-pruning cannot follow its channels "

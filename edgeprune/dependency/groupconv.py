@@ -36,6 +36,37 @@ def is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and not is_dense(m) and not is_depthwise(m)
 
 
+def reroot(dg: Any, root: nn.Module, group: Any) -> Any:
+    """`group` (torch-pruning's, rooted at `root`) rooted instead at a dense producer that makes every channel of
+    `root` from fewer channels of its own; `group` itself when there is none. GhostNet's ghost module concatenates a
+    conv's output x1 with a depthwise conv of x1: channels i and i + C of the concat are one channel of that conv,
+    removed only together. Rooted at a layer after the concat (a depthwise conv, a squeeze-excite gate's last conv),
+    torch-pruning lists the conv once, at one of its two positions, and a plan could keep none of its channels;
+    rooted at the conv, each of its channels lists both. Tried only when the producers narrower than `root` leave some
+    of its channels unmade (a concat's branches make all of them between them)."""
+    channels = len(group[0].idxs)
+    partial, made = [], set()
+    for item in group:
+        m = item.dep.target.module
+        if m is not root and dg.is_out_channel_pruning_fn(item.dep.handler) and is_dense(m) \
+                and _out_channels(dg, m) < channels:
+            partial.append(m)
+            made.update(int(r) for r in item.root_idxs)
+    if len(made) == channels:
+        return group
+    for m in dict.fromkeys(partial):
+        pruner = dg.get_pruner_of_module(m)
+        alt = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(_out_channels(dg, m))))
+        if len({int(i) for it in alt if it.dep.target.module is root and dg.is_out_channel_pruning_fn(it.dep.handler)
+                for i in it.idxs}) == channels:
+            return alt
+    return group
+
+
+def _out_channels(dg: Any, m: nn.Module) -> int:
+    return dg.get_pruner_of_module(m).get_out_channels(m) or 0
+
+
 Feeds = list[tuple[str, dict[int, int]]]  # (grouped conv, {its input channel: the group channel it is})
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -318,3 +320,43 @@ def test_trace_keeps_the_channels_of_a_feature_map_the_model_also_returns(tmp_pa
     assert out["feat"].shape == (2, 32, 16, 16) and out["logits"].shape == (2, 10)
     assert result.report["widths"] == {"c1": {"before": 32, "after": 16}}
     assert set(result.fidelity.per_output) == {"logits", "feat"}
+
+
+class _Ghost(nn.Module):
+    """GhostNet's ghost module (a conv's output x1 concatenated with a depthwise conv of x1), gated by a
+    squeeze-excite and followed by a depthwise conv, as in timm's strided GhostBottleneck (issue 31)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.primary = nn.Conv2d(16, 16, 1)
+        self.cheap = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1 = nn.Conv2d(32, 8, 1)
+        self.fc2 = nn.Conv2d(8, 32, 1)
+        self.dw = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)
+        self.proj = nn.Conv2d(32, 8, 1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = torch.relu(self.primary(torch.relu(self.stem(x))))
+        x = torch.cat([x1, torch.relu(self.cheap(x1))], 1)
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(self.proj(self.dw(x))).mean((2, 3)))
+
+
+def test_trace_roots_a_ghost_module_at_its_primary_conv(tmp_path: Path) -> None:
+    """Channels i and i + 16 of the concat are one channel of `primary`: one group channel, removed together. Rooted
+    after the concat (at `dw` or `fc2`), the group listed `primary` at one of its two positions, and a plan could
+    keep none of its channels (a conv with 0 outputs at the first forward pass)."""
+    import edgeprune
+
+    torch.manual_seed(0)
+    model = _Ghost().eval()
+    g = trace(model, torch.randn(1, 3, 16, 16)).group("primary")
+    assert g.channels == 16 and set(g.producers) == {"primary", "fc2"} and not g.branches
+    assert {"cheap", "dw"} <= set(g.members)
+    proj = next(c for c in g.consumers if c.module == "proj")
+    assert proj.coords == tuple((i, i + 16) for i in range(16))
+    result = edgeprune.prune(model, ratio=0.5, calibration=torch.randn(64, 3, 16, 16), out=tmp_path / "p")
+    assert result.module.primary.out_channels == 8 and result.module.dw.out_channels == 16
+    assert result.module(torch.randn(2, 3, 16, 16)).shape == (2, 10)
