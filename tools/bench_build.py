@@ -8,7 +8,7 @@
     calibration/held-out split), no fine-tuning. All three share one measured baseline per budget and seed, so they
     are compared at equal latency.
 
-    python tools/bench_build.py [--part a|b|both] [--models resnet18,mobilenet_v2,resnet50] [--out bench/build.json]
+    python -m tools.bench_build [--part a|b|both] [--models resnet18,mobilenet_v2,resnet50] [--out bench/build.json]
 
 Uses a fresh measurement cache per run so that every candidate is measured, and the CLI's defaults (TorchScript
 exporter, the target's channel multiple). Do not run it while tests run.

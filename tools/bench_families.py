@@ -4,11 +4,11 @@ YOLO, grouped convolutions and channel shuffles (issue 15), each built at a rela
 For each model: one `python -m edgeprune build --latency 0.7x --calibration random --json` in a subprocess (random
 weights: latency and structure only, no accuracy), a fresh measurement cache. Then, independently of the build's own
 figures, the unpruned model (exported here with the TorchScript exporter, as `build` exports) and the released
-model.onnx are timed interleaved in fresh ONNX Runtime sessions on one intra-op thread (bench_accuracy's session), and
+model.onnx are timed interleaved in fresh ONNX Runtime sessions on one intra-op thread (tools/harness.py's), and
 the released model is checked against its own report: every output's parity, output names and shapes equal to the
 unpruned model's.
 
-    python tools/bench_families.py [--models lraspp,ssdlite,...] [--budget 0.7x] [--passes 3]
+    python -m tools.bench_families [--models lraspp,ssdlite,...] [--budget 0.7x] [--passes 3]
                                    [--out bench/families.json]
 
 The figure of merit is `remeasured_ratio`: the released model's re-measured latency over (budget x the re-measured
@@ -27,11 +27,20 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_accuracy import run_edgeprune, session, tail  # noqa: E402
+from .harness import (
+    ROOT,
+    build_args,
+    export_args,
+    random_feed,
+    released_folder,
+    run_edgeprune,
+    session,
+    table,
+    tail,
+    timed_median,
+)
 
-REPO = HERE.parent
+REPO = ROOT
 # name -> (spec, input shape, extra build flags)
 MODELS: dict[str, tuple[str, str, list[str]]] = {
     "lraspp": ("torchvision:lraspp_mobilenet_v3_large", "1,3,224,224", []),
@@ -51,21 +60,14 @@ def time_once(onnx: str | Path, budget_s: float = 3.0) -> float:
     """Median latency in ms of one fresh session: warm-up, then as many timed runs as fit in about `budget_s` (10 to
     100): a 1 s model gets 10 runs, a 1 ms model 100."""
     sess = session(onnx)
-    inp = sess.get_inputs()[0]
-    feed = {inp.name: np.random.default_rng(0).standard_normal(
-        [d if isinstance(d, int) else 1 for d in inp.shape]).astype(np.float32)}
+    feed = random_feed(sess)
     t0 = time.perf_counter()
     sess.run(None, feed)
     first = time.perf_counter() - t0
     runs = int(min(100, max(10, budget_s / max(first, 1e-6))))
     for _ in range(max(3, runs // 5)):
         sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        sess.run(None, feed)
-        times.append((time.perf_counter_ns() - t0) / 1e6)
-    return float(np.median(times))
+    return timed_median(sess, feed, runs)
 
 
 def outputs(onnx: Path) -> list[tuple[str, list]]:
@@ -74,23 +76,20 @@ def outputs(onnx: Path) -> list[tuple[str, list]]:
 
 def bench_model(name: str, budget: str, passes: int, work: Path) -> dict:
     spec, shape, extra = MODELS[name]
+    model = {"spec": spec, "input_shape": shape}
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     row: dict = {"model": name, "spec": spec, "input_shape": shape, "budget": budget}
-    code, _, _ = run_edgeprune(REPO, ["export", "--model", spec, "--input-shape", shape, "-o", str(work / "base.onnx"),
-                                      "--exporter", "torchscript", "--json"], work / "export.log")
+    code, _, _ = run_edgeprune(REPO, export_args(model, work / "base.onnx"), work / "export.log")
     if code != 0:
         return {**row, "error": f"export exit {code}: {tail(work / 'export.log')}"}
-    args = ["build", "--model", spec, "--input-shape", shape, "--device", "cpu", "--latency", budget, "--calibration",
-            "random", "--out", str(work / "out"), "--cache-dir", str(work / "cache"), "--json", *extra]
-    code, stdout, wall = run_edgeprune(REPO, args, work / "build.log")
+    code, stdout, wall = run_edgeprune(REPO, build_args(model, budget, "random", work / "out", work / "cache", extra),
+                                       work / "build.log")
     row.update(exit_code=code, wall_s=round(wall, 1))
     if code not in (0, 3):
         return {**row, "error": tail(work / "build.log")}
     r = json.loads(stdout)
-    released = Path(r.get("out") or work / "out") / "model.onnx"
-    if not released.is_file():
-        released = Path(f"{work / 'out'}.failed") / "model.onnx"
+    released = released_folder(r, work / "out", code) / "model.onnx"
     parity = r["parity"]
     row.update(met=r["met"], budget_ms=r["budget_ms"], base_ms=r["base"]["latency_ms"]["median"],
                final_ms=r["final"]["latency_ms"]["median"], measured_candidates=r["search"]["measured_candidates"],
@@ -113,9 +112,9 @@ def bench_model(name: str, budget: str, passes: int, work: Path) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | input | groups (excluded) | exit | build: final / budget ms | re-measured: base -> final ms |"
-             " final / (budget x base) | parity (worst output) | outputs equal | build s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = table(["model", "input", "groups (excluded)", "exit", "build: final / budget ms",
+                   "re-measured: base -> final ms", "final / (budget x base)", "parity (worst output)", "outputs equal",
+                   "build s"], [])
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['input_shape']} | | {r.get('exit_code', '')} | {r['error'][:80]} |"

@@ -1,6 +1,6 @@
 """Benchmark latency tables: build time, and predicted against measured latency on random plans.
 
-    python tools/bench_lut.py [--models resnet18,mobilenet_v2] [--plans 50] [--passes 3] [--out bench/lut.json]
+    python -m tools.bench_lut [--models resnet18,mobilenet_v2] [--plans 50] [--passes 3] [--out bench/lut.json]
 
 Random plans: each group's width uniform in [15%, 100%] of its channels, rounded to the target's multiple. Each plan
 is pruned (no compensation: weights do not change latency), exported and measured on `cpu` without cache.

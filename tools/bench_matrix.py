@@ -1,6 +1,6 @@
 """Benchmark a release matrix: wall time of a 4-entry manifest on 1 and on 2 boards, embedded and on Ray.
 
-    python tools/bench_matrix.py [--model example] [--budgets 0.5x,0.6x,0.7x,0.8x] [--modes embedded,ray]
+    python -m tools.bench_matrix [--model example] [--budgets 0.5x,0.6x,0.7x,0.8x] [--modes embedded,ray]
                                  [--boards 1,2] [--max-steps 6] [--proxy auto] [--out bench/matrix.json]
 
 Each board is a real `edgeprune agent` process on loopback measuring with ONNX Runtime (the `cpu` profile), started

@@ -2,24 +2,24 @@
 criterion, width allocation and search, each with and without compensation.
 
 For each model x budget x seed, one `edgeprune build` on `cpu` per method (`python -m edgeprune build --json`, a
-subprocess each, a fresh measurement cache each; tools/bench_accuracy.py's functions). Every method after the first
-aims at the first one's budget in ms, so one unpruned measurement decides the budget for all. Then, independently of
+subprocess each, a fresh measurement cache each; tools/harness.py runs them). Every method after the first aims
+at the first one's budget in ms, so one unpruned measurement decides the budget for all. Then, independently of
 the builds' own figures: the released model.onnx files and the unpruned model measured interleaved (fresh ONNX
 Runtime sessions, 1 thread) and run on the recipe's held-out samples (which never fed statistics); `fashion` also on
 its test set (the 8000 Fashion-MNIST test images no recipe draws; column "test % (unpruned)"), as bench_accuracy.
 
 Methods, read from the checkout under test at run time (so that criteria, allocations and searches added later
-appear without editing this file): `criterion=NAME` for each of `criteria.CRITERIA` (default allocation and
-search), `allocation=NAME` for each of `allocate.ALLOCATIONS` but the one `--allocation auto` resolves to (latency
-with compensation, step without; criterion cap, or the allocation's own criterion where it is one: epruner, nap),
-`search=NAME` for each of `search.SEARCHES` but `strength`; each as `+comp` (compensation, the default) and `-comp`
-(`--no-compensation`).
+appear without editing this file): `criterion=NAME` for each of `scoring.registry.CRITERIA` (default allocation
+and search), `allocation=NAME` for each of `search.registry.ALLOCATIONS` but the one `--allocation auto` resolves to
+(latency with compensation, step without; criterion cap, or the allocation's own criterion where it is one: epruner,
+nap), `search=NAME` for each of `search.registry.SEARCHES` but `strength`; each as `+comp` (compensation, the
+default) and `-comp` (`--no-compensation`).
 
 Recovery stages: when the checkout has `edgeprune finetune`, the `criterion=cap+comp` release of each case is
 trained for each of `--minutes` (default 1 and 5) with each `--stages` stage and released again; its held-out
 accuracy beside the untrained release's.
 
-    python tools/bench_methods.py [--models example,fashion] [--budgets 0.5x,0.3x] [--seeds 0,1,2]
+    python -m tools.bench_methods [--models example,fashion] [--budgets 0.5x,0.3x] [--seeds 0,1,2]
                                   [--methods criterion=cap+comp,allocation=itpruner-comp,...] [--no-recovery]
                                   [--minutes 1,5] [--stages distill,csgd] [--out bench/methods.json]
                                   [--markdown bench/methods.md] [--repo PATH] [--passes 5] [--keep DIR] [--list]
@@ -40,39 +40,36 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_accuracy import (  # noqa: E402
+from .harness import (
     RELEASED_CODES,
     accuracy,
+    add_repo_flag,
+    cases,
+    checkout,
+    choose,
     edgeprune_env,
     export_base,
     heldout,
     interleaved,
     model_table,
+    num,
+    pct,
+    released_folder,
+    run_build,
     run_edgeprune,
+    run_python,
+    same_budget,
+    table,
     tail,
+    write_json,
 )
 
 REGISTRIES = """
 import json
-try:
-    from edgeprune.scoring.registry import CRITERIA  # every criterion, the papers' too
-    from edgeprune.search.allocate import ALLOCATIONS
-    from edgeprune.search.strength import SEARCHES
-except ImportError:  # a checkout from before the subpackages
-    try:
-        from edgeprune.criteria import CRITERIA
-    except ImportError:
-        from edgeprune.importance import CRITERIA
-    from edgeprune.allocate import ALLOCATIONS
-    try:
-        from edgeprune.search import SEARCHES
-    except ImportError:
-        SEARCHES = ("strength",)
+from edgeprune.scoring.registry import CRITERIA  # every criterion, the papers' too
+from edgeprune.search.registry import ALLOCATIONS, SEARCHES
 print(json.dumps({"criteria": list(CRITERIA), "allocations": list(ALLOCATIONS), "searches": list(SEARCHES)}))
 """
 # `--allocation auto` (the default) is latency with compensation and step without (BuildConfig.allocation_for):
@@ -83,8 +80,7 @@ DEFAULT_SEARCH = "strength"
 
 def registries(repo: Path) -> dict[str, list[str]]:
     """The criteria, allocations and searches the checkout under test offers."""
-    p = subprocess.run([sys.executable, "-c", REGISTRIES], check=False, capture_output=True, text=True,
-                       env=edgeprune_env(repo))
+    p = run_python(repo, REGISTRIES)
     if p.returncode != 0:
         raise SystemExit(f"reading the registries of {repo} failed: {p.stderr.strip().splitlines()[-1:]}")
     return json.loads(p.stdout)
@@ -114,20 +110,10 @@ def has_finetune(repo: Path) -> bool:
 
 def build(repo: Path, model: dict, budget: str, seed: int, recipe: Path, flags: list[str], work: Path) -> dict:
     """One `edgeprune build` with `flags`: its report's key figures and the path of the model it released."""
-    import shutil
-
-    out = work / "out"
-    args = ["build", "--model", model["spec"], "--input-shape", model["input_shape"], "--device", "cpu",
-            "--latency", budget, "--calibration", str(recipe), "--seed", str(seed), "--out", str(out),
-            "--cache-dir", str(work / "cache"), "--json", *flags]
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    code, stdout, wall = run_edgeprune(repo, args, work / "build.log")
+    code, wall, r, released = run_build(repo, model, budget, seed, recipe, flags, work)
     row: dict = {"flags": flags, "exit_code": code, "build_s": round(wall, 2)}
-    if code not in RELEASED_CODES:
+    if r is None:
         return {**row, "error": tail(work / "build.log"), "onnx": None}
-    r = json.loads(stdout)
-    released = Path(r.get("out") or (out if code == 0 else f"{out}.failed"))
     return {**row, "onnx": str(released / "model.onnx"), "out": str(released), "met": r["met"],
             "budget_ms": r["budget_ms"], "build_final_ms": r["final"]["latency_ms"]["median"],
             "measured_candidates": r["search"]["measured_candidates"], "macs": r["final"].get("macs")}
@@ -144,8 +130,7 @@ def finetune(repo: Path, source: str, recipe: Path, stage: str, minutes: float, 
     if code not in RELEASED_CODES:
         return {**row, "error": tail(work / "finetune.log"), "onnx": None}
     r = json.loads(stdout)
-    released = Path(r.get("out") or (out if code == 0 else f"{out}.failed"))
-    return {**row, "onnx": str(released / "model.onnx"), "met": r.get("met")}
+    return {**row, "onnx": str(released_folder(r, out, code) / "model.onnx"), "met": r.get("met")}
 
 
 def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, methods: dict[str, list[str]],
@@ -157,11 +142,10 @@ def bench_case(repo: Path, name: str, model: dict, budget: str, seed: int, metho
     x, y, n_calib, edgeprune_file = heldout(repo, model, recipe, work)
     row: dict = {"model": name, "budget": budget, "seed": seed, "heldout": len(y), "calibration": n_calib,
                  "edgeprune": edgeprune_file, "methods": {}}
-    first_ms = None
+    first = None
     for m, flags in methods.items():
-        target = f"{first_ms:.5f}ms" if first_ms else budget
-        b = build(repo, model, target, seed, recipe, flags, work / f"{name}-{budget}-{seed}-{m}")
-        first_ms = first_ms or b.get("budget_ms")
+        b = build(repo, model, same_budget(budget, first), seed, recipe, flags, work / f"{name}-{budget}-{seed}-{m}")
+        first = first if first and first.get("budget_ms") else b
         print(json.dumps({"model": name, "budget": budget, "seed": seed, "method": m, "exit_code": b["exit_code"],
                           "build_s": b["build_s"]}), file=sys.stderr, flush=True)
         row["methods"][m] = b
@@ -237,14 +221,6 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
     return out
 
 
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
-
-
 def markdown(summary: list[dict]) -> str:
     """The README table: per model and budget, each method's mean held-out accuracy (and worst seed), re-measured
     latency against the unpruned model, budgets met and build time; then the recovery stages. Where a model has a
@@ -252,25 +228,21 @@ def markdown(summary: list[dict]) -> str:
     test = any(s.get("test_accuracy") is not None for s in summary)
     head = ["model", "budget", "method", "seeds", "accuracy % (worst)", "unpruned %"] + \
         (["test % (unpruned)"] if test else []) + ["latency x unpruned", "latency ms", "met", "build s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in (s for s in summary if not s.get("recovery")):
-        lines.append("| " + " | ".join([
-            s["model"], s["budget"], f"`{s['method']}`", f"{s['seeds']}/{s['builds']}",
-            f"{pct(s['accuracy'])} ({pct(s['accuracy_min'])})", pct(s["unpruned_accuracy"])] +
-            ([test_cell(s, "test_accuracy", "unpruned_test_accuracy")] if test else []) + [
-            num(s["ratio_to_unpruned"], ".2f"), num(s["latency_ms"], ".3f"), f"{s['met']}/{s['seeds']}",
-            num(s["build_s"], ".0f")]) + " |")
+    lines = table(head, [[
+        s["model"], s["budget"], f"`{s['method']}`", f"{s['seeds']}/{s['builds']}",
+        f"{pct(s['accuracy'])} ({pct(s['accuracy_min'])})", pct(s["unpruned_accuracy"])] +
+        ([test_cell(s, "test_accuracy", "unpruned_test_accuracy")] if test else []) + [
+        num(s["ratio_to_unpruned"], ".2f"), num(s["latency_ms"], ".3f"), f"{s['met']}/{s['seeds']}",
+        num(s["build_s"], ".0f")] for s in summary if not s.get("recovery")])
     rec = [s for s in summary if s.get("recovery")]
     if rec:
         head = ["model", "budget", "recovery", "seeds", "accuracy %", "untrained %", "unpruned %"] + \
             (["test % (untrained)"] if test else []) + ["met", "wall s"]
-        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for s in rec:
-            lines.append("| " + " | ".join([
-                s["model"], s["budget"], s["method"], str(s["seeds"]), pct(s["accuracy"]),
-                pct(s["untrained_accuracy"]), pct(s["unpruned_accuracy"])] +
-                ([test_cell(s, "test_accuracy", "untrained_test_accuracy")] if test else []) + [
-                f"{s['met']}/{s['seeds']}", num(s["build_s"], ".0f")]) + " |")
+        lines += [""] + table(head, [[
+            s["model"], s["budget"], s["method"], str(s["seeds"]), pct(s["accuracy"]),
+            pct(s["untrained_accuracy"]), pct(s["unpruned_accuracy"])] +
+            ([test_cell(s, "test_accuracy", "untrained_test_accuracy")] if test else []) + [
+            f"{s['met']}/{s['seeds']}", num(s["build_s"], ".0f")] for s in rec])
     return "\n".join(lines)
 
 
@@ -296,8 +268,7 @@ def write(args: argparse.Namespace, repo: Path, methods: dict[str, list[str]], r
     summary = summarise(rows, list(methods))
     result = {"benchmark": "methods", "repo": str(repo), "methods": methods, "recovery": recovery,
               "passes": args.passes, "rows": rows, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     table_md = markdown(summary)
     if args.markdown:
         Path(args.markdown).write_text(table_md + "\n")
@@ -333,7 +304,7 @@ def main() -> None:
     ap.add_argument("--stages", default="distill", help="finetune stages (default distill; e.g. distill,csgd)")
     ap.add_argument("--out", default="bench/methods.json", help="JSON results (default bench/methods.json)")
     ap.add_argument("--markdown", default=None, metavar="FILE", help="also write the Markdown table here")
-    ap.add_argument("--repo", default=str(HERE.parent), help="edgeprune checkout to run (default: this one)")
+    add_repo_flag(ap)
     ap.add_argument("--passes", type=int, default=5, help="interleaved latency passes (default 5)")
     ap.add_argument("--keep", default=None, metavar="DIR", help="keep build outputs and logs here")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
@@ -343,33 +314,24 @@ def main() -> None:
     if args.merge:
         print(merge(args, [Path(f) for f in args.merge], ap))
         return
-    repo = Path(args.repo).resolve()
-    if not (repo / "edgeprune" / "__init__.py").is_file():
-        ap.error(f"--repo {repo} is not an edgeprune checkout (no edgeprune/__init__.py)")
+    repo = checkout(ap, args.repo)
     methods = pick(all_methods(registries(repo)), args.methods, ap)
     if args.list:
         print("\n".join(f"{m}: {' '.join(f)}" for m, f in methods.items()))
         return
-    table = model_table()
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in table]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+    zoo = model_table()
+    models = choose(ap, args.models, zoo, "model")
     recovery = [] if args.no_recovery or not has_finetune(repo) else \
         [(s, float(m)) for s in args.stages.split(",") for m in args.minutes.split(",")]
+
+    def prepare(name: str, work: Path) -> tuple[Path, tuple | None]:
+        return export_base(repo, zoo[name], work / f"{name}-base"), zoo[name]["test"]() if "test" in zoo[name] else None
+
     rows: list[dict] = []
     table_md = ""
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.keep).resolve() if args.keep else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for name in models:
-            base = export_base(repo, table[name], work / f"{name}-base")
-            test = table[name]["test"]() if "test" in table[name] else None
-            for budget in args.budgets.split(","):
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    rows.append(bench_case(repo, name, table[name], budget, seed, methods, base, work, args.passes,
-                                           recovery, test))
-                    table_md = write(args, repo, methods, recovery, rows)  # after each case: a stopped run keeps it
+    for name, (base, test), budget, seed, work in cases(args, models, prepare):
+        rows.append(bench_case(repo, name, zoo[name], budget, seed, methods, base, work, args.passes, recovery, test))
+        table_md = write(args, repo, methods, recovery, rows)  # after each case: a stopped run keeps it
     print(table_md)
     print(f"wrote {args.out}", file=sys.stderr)
 

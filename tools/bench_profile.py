@@ -1,6 +1,6 @@
 """Benchmark: export and simplify time per exporter, and latency median and spread on `cpu`, per model.
 
-    python tools/bench_profile.py [--models resnet18,mobilenet_v2,resnet50] [--out bench/profile.json]
+    python -m tools.bench_profile [--models resnet18,mobilenet_v2,resnet50] [--out bench/profile.json]
 
 Latency: three independent `measure` calls without cache (fresh sessions each), so the spread between them shows
 how repeatable one figure is. Do not run it while the test suite runs.

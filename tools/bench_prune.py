@@ -1,6 +1,6 @@
 """Benchmark the pruning core: time and peak memory of statistics, ranking and compensation.
 
-    python tools/bench_prune.py [--models resnet18,resnet50] [--images 256] [--out bench/prune.json]
+    python -m tools.bench_prune [--models resnet18,resnet50] [--images 256] [--out bench/prune.json]
 
 Calibration: `--images` random 224x224 images (the `random` recipe; statistics cost depends on shapes, not values),
 batch 32, on however many cores torch uses (2 here). Peak memory is the process's max RSS after each stage.
@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.common.parallel import compute_threads, group_workers, heavy_stage_threads, retained_memory
+from edgeprune.common.parallel import (
+    compute_threads,
+    group_workers,
+    heavy_stage_threads,
+    retained_memory,
+)
 from edgeprune.compensation.statistics import collect_statistics
 from edgeprune.dependency.graph import trace
 from edgeprune.inputs.data import load_data

@@ -1,7 +1,7 @@
 """Benchmark `edgeprune build` on a detector and a segmenter at equal latency: mAP and mIoU kept, CaP against L1.
 
-tools/bench_accuracy.py's benchmark for the synthetic tasks of tools/tasks.py (its build, export and measuring
-functions are reused): for each task x budget x seed, two builds on `cpu` through the command line, one subprocess
+tools/bench_accuracy.py's benchmark for the synthetic tasks of tools/tasks.py (tools/harness.py builds, exports
+and measures for both): for each task x budget x seed, two builds on `cpu` through the command line, one subprocess
 each, a fresh measurement cache each, both with `--evaluate tools/tasks.py:evaluate_<task>` (the metric in torch, in
 the build's report): the defaults (criterion cap, compensation) and `--criterion l1 --no-compensation`, the second
 aiming at the first's budget in ms. Then, independently of the builds' own figures:
@@ -13,10 +13,10 @@ aiming at the first's budget in ms. Then, independently of the builds' own figur
   host by tasks.decode for the detector: mAP@0.5 and mAP@0.5:0.95 (torchmetrics), mIoU for the segmenter.
 
 The seed is passed as `--seed S` and as the recipe's seed (a recipe copy per seed over bench/tasks/calib_x.npy,
-written by `python tools/train_tasks.py` or `python tools/tasks.py`): it changes which calibration samples are held
+written by `python -m tools.train_tasks` or `python -m tools.tasks`): it changes which calibration samples are held
 out of the statistics.
 
-    python tools/bench_tasks.py [--tasks detector,segmenter] [--budgets 0.6x] [--seeds 0,1,2]
+    python -m tools.bench_tasks [--tasks detector,segmenter] [--budgets 0.6x] [--seeds 0,1,2]
                                 [--out bench/tasks.json] [--repo PATH] [--skip-l1] [--cap-flags FLAGS]
 
 The full run is 12 builds and their measurements (a detector build took 2 min with CaP, 1.3 min with L1 on our 2-core
@@ -28,18 +28,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import bench_accuracy as ba  # noqa: E402
-import tasks  # noqa: E402
+from . import tasks
+from .bench_accuracy import build as build_figures
+from .harness import (
+    ITERATIONS,
+    TOOLS,
+    WARMUP,
+    ab_setup,
+    add_ab_flags,
+    cases,
+    choose,
+    export_base,
+    interleaved,
+    ms,
+    pct,
+    progress,
+    ratio,
+    report,
+    run_batched,
+    same_budget,
+    table,
+)
 
 VARIANTS = {"cap": [], "l1": ["--criterion", "l1", "--no-compensation"]}
 METRICS = {"detector": ("map_50", "map"), "segmenter": ("miou",)}
@@ -47,16 +61,16 @@ SHAPE = ",".join(str(d) for d in tasks.INPUT_SHAPE)
 
 
 def task_table() -> dict[str, dict]:
-    """Task -> the model entry bench_accuracy's build and export take, plus its --evaluate function."""
-    return {task: {"spec": f"{HERE / 'tasks.py'}:make_{task}", "input_shape": SHAPE,
-                   "evaluate": f"{HERE / 'tasks.py'}:evaluate_{task}"} for task in METRICS}
+    """Task -> the model entry the harness's build and export take, plus its --evaluate function."""
+    return {task: {"spec": f"{TOOLS / 'tasks.py'}:make_{task}", "input_shape": SHAPE,
+                   "evaluate": f"{TOOLS / 'tasks.py'}:evaluate_{task}"} for task in METRICS}
 
 
 def recipe(task: str, seed: int, folder: Path) -> Path:
     """A copy of the task's npy recipe with the recipe seed `seed`, over the calibration images in bench/tasks/."""
     if not (tasks.CALIB_DIR / "calib_x.npy").is_file():
-        raise SystemExit(f"{tasks.CALIB_DIR}/calib_x.npy is missing: run `python tools/train_tasks.py` "
-                         "(or `python tools/tasks.py` once the weights exist)")
+        raise SystemExit(f"{tasks.CALIB_DIR}/calib_x.npy is missing: run `python -m tools.train_tasks` "
+                         "(or `python -m tools.tasks` once the weights exist)")
     path = folder / f"{task}-{seed}.toml"
     path.write_text(tasks.recipe_text(task, seed=seed, folder=tasks.CALIB_DIR))
     return path
@@ -64,9 +78,8 @@ def recipe(task: str, seed: int, folder: Path) -> Path:
 
 def build(repo: Path, model: dict, budget: str, seed: int, recipe_path: Path, variant: str, work: Path) -> dict:
     """bench_accuracy's build of `variant` with --evaluate added, and the metric the build reported (torch)."""
-    # bench_accuracy.build takes a variant's flags from its VARIANTS table (as its own --cap-flags sets them)
-    ba.VARIANTS[variant] = [*VARIANTS[variant], "--evaluate", model["evaluate"]]
-    row = ba.build(repo, model, budget, seed, recipe_path, variant, work)
+    row = build_figures(repo, model, budget, seed, recipe_path, [*VARIANTS[variant], "--evaluate", model["evaluate"]],
+                        work)
     if row["onnx"]:
         report = json.loads((Path(row["onnx"]).parent / "report.json").read_text())
         row["report_metric"] = report.get("metric")
@@ -75,11 +88,7 @@ def build(repo: Path, model: dict, budget: str, seed: int, recipe_path: Path, va
 
 def onnx_outputs(onnx: str | Path, images: np.ndarray) -> list[np.ndarray]:
     """Every output of the ONNX model over `images`, one sample per run when its batch is fixed at 1."""
-    sess = ba.session(onnx)
-    inp = sess.get_inputs()[0]
-    step = 1 if inp.shape[0] == 1 else 64
-    runs = [sess.run(None, {inp.name: images[i:i + step]}) for i in range(0, len(images), step)]
-    return [np.concatenate(parts) for parts in zip(*runs, strict=True)]
+    return [np.concatenate(parts) for parts in zip(*run_batched(onnx, images, 64), strict=True)]
 
 
 def task_metrics(task: str, onnx: str | Path) -> dict[str, float]:
@@ -99,12 +108,10 @@ def bench_case(repo: Path, task: str, model: dict, budget: str, seed: int, varia
                  "unpruned": base["metrics"]}
     builds: dict[str, dict] = {}
     for v in variants:  # every variant after the first aims at the first one's budget in ms (as bench_accuracy)
-        target = budget
-        if builds and builds[variants[0]].get("budget_ms"):
-            target = f"{builds[variants[0]]['budget_ms']:.5f}ms"
-        builds[v] = build(repo, model, target, seed, recipe_path, v, work / f"{task}-{budget}-{seed}-{v}")
+        builds[v] = build(repo, model, same_budget(budget, builds.get(variants[0])), seed, recipe_path, v,
+                          work / f"{task}-{budget}-{seed}-{v}")
     released = {v: b["onnx"] for v, b in builds.items() if b["onnx"]}
-    lat = ba.interleaved({"unpruned": base["onnx"], **released}, passes)
+    lat = interleaved({"unpruned": base["onnx"], **released}, passes)
     row["unpruned_ms"] = lat["unpruned"]["median_ms"]
     for v, b in builds.items():
         if b["onnx"]:
@@ -151,26 +158,24 @@ def markdown(rows: list[dict], summary: list[dict], variants: list[str]) -> str:
 
     head = ["task", "budget", "seed", "metric", "unpruned", f"value {names}", f"kept % {names}", "unpruned ms",
             f"ms {names}", f"x unpruned {names}", f"met {names}", f"build s {names}"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         for metric in METRICS[r["task"]]:
-            cells = [r["task"], r["budget"], str(r["seed"]), metric, f"{r['unpruned'][metric]:.3f}",
-                     each(r, lambda b, m=metric: value(b.get("metrics", {}).get(m))),
-                     each(r, lambda b, m=metric: ba.pct(b.get("kept", {}).get(m))), ba.ms(r["unpruned_ms"]),
-                     each(r, lambda b: ba.ms(b.get("latency", {}).get("median_ms"))),
-                     each(r, lambda b: ba.ratio(b.get("ratio_to_unpruned"))),
-                     each(r, lambda b: "-" if "met" not in b else ("yes" if b["met"] else "no")),
-                     each(r, lambda b: f"{b['wall_s']:.0f}")]
-            lines.append("| " + " | ".join(cells) + " |")
+            cells.append([r["task"], r["budget"], str(r["seed"]), metric, f"{r['unpruned'][metric]:.3f}",
+                          each(r, lambda b, m=metric: value(b.get("metrics", {}).get(m))),
+                          each(r, lambda b, m=metric: pct(b.get("kept", {}).get(m))), ms(r["unpruned_ms"]),
+                          each(r, lambda b: ms(b.get("latency", {}).get("median_ms"))),
+                          each(r, lambda b: ratio(b.get("ratio_to_unpruned"))),
+                          each(r, lambda b: "-" if "met" not in b else ("yes" if b["met"] else "no")),
+                          each(r, lambda b: f"{b['wall_s']:.0f}")])
+    lines = table(head, cells)
     head = ["task", "budget", "metric", "seeds", "unpruned"] + \
            [f"{n} {c}" for v in variants for n in ["L1" if v == "l1" else "CaP"]
             for c in ("value", "kept %", "x unpruned ms")]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summary:
-        cells = [s["task"], s["budget"], s["metric"], str(s["seeds"]), f"{s['unpruned']:.3f}"]
-        for v in variants:
-            cells += [value(s[v]["value"]), ba.pct(s[v]["kept"]), ba.ratio(s[v]["ratio_to_unpruned"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + table(head, [[s["task"], s["budget"], s["metric"], str(s["seeds"]), f"{s['unpruned']:.3f}"] +
+                                 [c for v in variants for c in (value(s[v]["value"]), pct(s[v]["kept"]),
+                                                                ratio(s[v]["ratio_to_unpruned"]))]
+                                 for s in summary])
     return "\n".join(lines)
 
 
@@ -182,53 +187,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="detector,segmenter", help="comma-separated: detector, segmenter (default "
                                                                   "both)")
-    ap.add_argument("--budgets", default="0.6x", help="comma-separated --latency values (default 0.6x)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--out", default="bench/tasks.json", help="JSON results (default bench/tasks.json)")
-    ap.add_argument("--repo", default=str(HERE.parent),
-                    help="edgeprune checkout to run (default: this one), e.g. a `git worktree` of an older commit")
-    ap.add_argument("--skip-l1", action="store_true", help="build only the defaults (CaP + compensation)")
-    ap.add_argument("--cap-flags", default="", metavar="FLAGS",
-                    help="extra build flags for the CaP variant, e.g. '--allocation step' (an A/B of one option)")
-    ap.add_argument("--passes", type=int, default=5,
-                    help="interleaved latency passes over the released models (default 5)")
-    ap.add_argument("--keep", default=None, metavar="DIR", help="keep build outputs and logs here (default: a "
-                                                                "temporary folder, removed)")
+    add_ab_flags(ap, budgets="0.6x", out="bench/tasks.json")
     args = ap.parse_args()
-    table = task_table()
-    names = args.tasks.split(",")
-    unknown = [t for t in names if t not in table]
-    if unknown:
-        ap.error(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(table)}")
-    variants = ["cap"] + ([] if args.skip_l1 else ["l1"])
-    VARIANTS["cap"] = shlex.split(args.cap_flags)
-    repo = Path(args.repo).resolve()
-    if not (repo / "edgeprune" / "__init__.py").is_file():
-        ap.error(f"--repo {repo} is not an edgeprune checkout (no edgeprune/__init__.py)")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    zoo = task_table()
+    names = choose(ap, args.tasks, zoo, "task")
+    variants, repo = ab_setup(ap, args, VARIANTS)
+
+    def prepare(task: str, work: Path) -> dict:
+        onnx = export_base(repo, zoo[task], work / f"{task}-base")
+        return {"onnx": onnx, "metrics": task_metrics(task, onnx)}
+
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.keep).resolve() if args.keep else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for task in names:
-            onnx = ba.export_base(repo, table[task], work / f"{task}-base")
-            base = {"onnx": onnx, "metrics": task_metrics(task, onnx)}
-            for budget in args.budgets.split(","):
-                for seed in seeds:
-                    row = bench_case(repo, task, table[task], budget, seed, variants, base, work, args.passes)
-                    print(json.dumps({k: row[k] for k in ("task", "budget", "seed", "unpruned")} |
-                                     {v: {k: row[v].get(k) for k in ("exit_code", "metrics", "wall_s")}
-                                      for v in variants}), file=sys.stderr, flush=True)
-                    rows.append(row)
+    for task, base, budget, seed, work in cases(args, names, prepare):
+        rows.append(bench_case(repo, task, zoo[task], budget, seed, variants, base, work, args.passes))
+        progress(rows[-1], ("task", "budget", "seed", "unpruned"), variants, ("exit_code", "metrics", "wall_s"))
     summary = summarise(rows, variants)
-    result = {"benchmark": "tasks", "repo": str(repo), "variants": {v: VARIANTS[v] for v in variants},
-              "evaluate": {t: table[t]["evaluate"] for t in names},
-              "passes": args.passes, "warmup": ba.WARMUP, "iterations": ba.ITERATIONS, "rows": rows,
-              "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(markdown(rows, summary, variants))
-    print(f"wrote {args.out}", file=sys.stderr)
+    report(args.out, {"benchmark": "tasks", "repo": str(repo), "variants": {v: VARIANTS[v] for v in variants},
+                      "evaluate": {t: zoo[t]["evaluate"] for t in names},
+                      "passes": args.passes, "warmup": WARMUP, "iterations": ITERATIONS, "rows": rows,
+                      "summary": summary}, markdown(rows, summary, variants))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ on it. Fashion-MNIST is harder (92.5% test accuracy for this model), has a 10k t
 and this net holds every coupled structure edgeprune handles: a residual add, a concat of two conv branches and a
 depthwise-separable block, with BatchNorm after every conv.
 
-    python tools/train_fashion.py                    # writes tools/fashion_weights.pt and the calibration data
+    python -m tools.train_fashion                   # writes tools/fashion_weights.pt and the calibration data
     edgeprune build --model tools/fashion.py:make_net --input-shape 1,1,28,28 \
                     --calibration bench/fashion/recipe.toml --latency 0.5x --out out/fashion
 
@@ -15,13 +15,15 @@ elsewhere. The model trains on the 60k training set only; the calibration recipe
 
 Size: 268k parameters, 27 M MACs; ONNX Runtime on one CPU thread about 0.5 ms at batch 1 (`edgeprune profile`).
 
-This file is loaded by path (`tools/fashion.py:make_net`), so it imports nothing from tools/ and only torch/numpy.
+This file is loaded by path (`tools/fashion.py:make_net`), so it imports only torch/numpy and from tools/ only
+zoo.py (`conv_bn`, by path when it is itself loaded by path).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +50,11 @@ CALIB_DIR = REPO / "bench" / "fashion"
 
 # ---------------------------------------------------------------- model
 
-
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    """Conv (no bias: BatchNorm follows) + BatchNorm (+ ReLU), the unit edgeprune folds and prunes."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+try:  # imported as tools.fashion
+    from .zoo import conv_bn, npy_recipe
+except ImportError:  # loaded by path (`--model tools/fashion.py:...`), outside any package: zoo.py beside this file
+    _zoo = runpy.run_path(str(Path(__file__).with_name("zoo.py")))
+    conv_bn, npy_recipe = _zoo["conv_bn"], _zoo["npy_recipe"]
 
 
 class ResidualBlock(nn.Module):
@@ -117,7 +117,7 @@ class FashionNet(nn.Module):
 def make_net() -> FashionNet:
     """The trained model, for `--model tools/fashion.py:make_net --input-shape 1,1,28,28`."""
     if not WEIGHTS.is_file():
-        raise FileNotFoundError(f"{WEIGHTS} is missing: run `python tools/train_fashion.py` to train it "
+        raise FileNotFoundError(f"{WEIGHTS} is missing: run `python -m tools.train_fashion` to train it "
                                 f"(needs `apt-get install dataset-fashion-mnist`)")
     model = FashionNet()
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
@@ -187,19 +187,11 @@ def recipe_text(count: int = CALIB_COUNT, heldout: int = CALIB_HELDOUT, seed: in
                 folder: Path | None = None) -> str:
     """The npy recipe over calib_x.npy / calib_y.npy: in the recipe's own folder (relative paths resolve against it),
     or in `folder` (absolute paths, for a recipe copy written elsewhere, e.g. one per seed)."""
-    where = "" if folder is None else f"{Path(folder).resolve()}/"
-    return (
+    return npy_recipe(
         "# Fashion-MNIST calibration data written by tools/fashion.py (write_calibration): test images only, never\n"
-        "# seen in training, normalised as in tools/train_fashion.py. The held-out part only measures accuracy.\n"
-        'kind = "npy"\n'
-        f'description = "{count} Fashion-MNIST test images, 1x28x28, labelled; {heldout} held out"\n'
-        f'path = "{where}calib_x.npy"\n'
-        f'labels = "{where}calib_y.npy"\n'
-        f"count = {count}\n"
-        f"heldout = {heldout}\n"
-        "batch_size = 32\n"
-        f"seed = {seed}\n"
-    )
+        "# seen in training, normalised as in tools/train_fashion.py. The held-out part only measures accuracy.\n",
+        f"{count} Fashion-MNIST test images, 1x28x28, labelled; {heldout} held out", count, heldout, seed, folder,
+        labels=True)
 
 
 if __name__ == "__main__":

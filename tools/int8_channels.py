@@ -2,7 +2,7 @@
 count, measured on the target as edgeprune measures (runtimes.measure: the conv quantised by quantize.py, timed in
 fresh ONNX Runtime sessions).
 
-    taskset -c 1 python tools/int8_channels.py [--device cpu-int8] [--widths 8-128] [--hw 16]
+    taskset -c 1 python -m tools.int8_channels [--device cpu-int8] [--widths 8-128] [--hw 16]
                                                [--out bench/int8_channels.json]
 
 For every multiple M in 4, 8, 16, 32: the share of widths between multiples of M that are no faster (within 5%) than

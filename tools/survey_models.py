@@ -1,6 +1,6 @@
 """Survey: which torchvision architectures edgeprune can trace, prune at 50% (CaP + compensation), export and run.
 
-    python tools/survey_models.py [--models resnet18,mobilenet_v2] [--out bench/survey.json] [--count 160] \
+    python -m tools.survey_models [--models resnet18,mobilenet_v2] [--out bench/survey.json] [--count 160] \
         [--input-size 224]
 
 Per model (random weights, random calibration of `--count` samples): the traced groups (how many, how many are

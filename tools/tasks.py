@@ -7,7 +7,7 @@ detection data (COCO, VOC) is not on this machine, so the data is drawn: RGB ima
 backgrounds with clutter (lines and soft blobs that are not objects) and pixel noise. One generator gives both tasks'
 ground truth: boxes (xyxy pixels) and labels for the detector, a per-pixel class mask for the segmenter.
 
-    python tools/train_tasks.py                        # trains both nets (tools/task_*.pt) and writes bench/tasks/
+    python -m tools.train_tasks                        # trains both nets (tools/task_*.pt) and writes bench/tasks/
     edgeprune build --model tools/tasks.py:make_detector --input-shape 1,3,96,96 --latency 0.6x \
                     --calibration bench/tasks/detector.toml --evaluate tools/tasks.py:evaluate_detector
 
@@ -22,13 +22,15 @@ set `evaluate_*` scores, never trained on nor used for calibration) and `calib` 
 from disjoint generator seeds, whatever seeds they are given.
 
 This file is loaded by path (`tools/tasks.py:make_detector`), so it imports only torch, numpy, torchvision and
-(in the metric functions) torchmetrics, nothing from tools/ or edgeprune.
+(in the metric functions) torchmetrics, nothing from edgeprune and from tools/ only zoo.py (`conv_bn`, by path when
+it is itself loaded by path).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import runpy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,13 +233,11 @@ def texture(rng: np.random.Generator, under: np.ndarray, xs: np.ndarray, ys: np.
 
 # ---------------------------------------------------------------- nets
 
-
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
-    """Conv (no bias: BatchNorm follows) + BatchNorm (+ ReLU), the unit edgeprune folds and prunes."""
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
-    if relu:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+try:  # imported as tools.tasks
+    from .zoo import conv_bn, npy_recipe
+except ImportError:  # loaded by path (`--model tools/tasks.py:...`), outside any package: zoo.py beside this file
+    _zoo = runpy.run_path(str(Path(__file__).with_name("zoo.py")))
+    conv_bn, npy_recipe = _zoo["conv_bn"], _zoo["npy_recipe"]
 
 
 class Residual(nn.Module):
@@ -464,18 +464,11 @@ def recipe_text(task: str, count: int = CALIB_COUNT, heldout: int = CALIB_HELDOU
                 folder: Path | None = None) -> str:
     """The npy recipe over calib_x.npy: in the recipe's own folder (relative path), or in `folder` (absolute, for a
     copy written elsewhere, e.g. one per seed). `seed` is the recipe's: it picks which samples are held out."""
-    where = "" if folder is None else f"{Path(folder).resolve()}/"
-    return (
+    return npy_recipe(
         f"# Synthetic shapes for the {task} of tools/tasks.py (write_calibration): split 'calib', never trained on\n"
-        "# nor evaluated, normalised as the nets expect. The held-out part only measures fidelity.\n"
-        'kind = "npy"\n'
-        f'description = "{count} synthetic shape images, 3x{SIZE}x{SIZE}, unlabelled; {heldout} held out"\n'
-        f'path = "{where}calib_x.npy"\n'
-        f"count = {count}\n"
-        f"heldout = {heldout}\n"
-        "batch_size = 32\n"
-        f"seed = {seed}\n"
-    )
+        "# nor evaluated, normalised as the nets expect. The held-out part only measures fidelity.\n",
+        f"{count} synthetic shape images, 3x{SIZE}x{SIZE}, unlabelled; {heldout} held out", count, heldout, seed,
+        folder, labels=False)
 
 
 if __name__ == "__main__":

@@ -3,22 +3,20 @@
 Deterministic: fixed seeds, one thread, a fixed split (the first TRAIN_COUNT digits of the seeded permutation train;
 the rest are never seen in training and feed the `digits` calibration recipe). Writes a JSON summary.
 
-    python tools/train_example.py [--epochs 12] [--out edgeprune/assets/example_digits.pt]
+    python -m tools.train_example [--epochs 12] [--out edgeprune/assets/example_digits.pt]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edgeprune.inputs.example import TRAIN_COUNT, WEIGHTS, ExampleNet, digits_32  # noqa: E402
+from edgeprune.inputs.example import TRAIN_COUNT, WEIGHTS, ExampleNet, digits_32
 
 
 def main() -> None:

@@ -10,22 +10,28 @@ weights are those after the last epoch.
 Trains on the 60k training images only; the test accuracy is over all 10k test images. Then writes the calibration
 data (bench/fashion/: calib_x.npy, calib_y.npy, recipe.toml) from test images, see tools/fashion.py.
 
-    python tools/train_fashion.py [--epochs 6] [--threads 1] [--out tools/fashion_weights.pt]
+    python -m tools.train_fashion [--epochs 6] [--threads 1] [--out tools/fashion_weights.pt]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion import MEAN, STD, WEIGHTS, FashionNet, load_split, normalise, write_calibration  # noqa: E402
+from .fashion import (
+    MEAN,
+    STD,
+    WEIGHTS,
+    FashionNet,
+    load_split,
+    normalise,
+    write_calibration,
+)
 
 BATCH = 128
 

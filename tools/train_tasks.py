@@ -16,7 +16,7 @@ The segmenter takes per-pixel cross-entropy.
 Then writes the calibration data (bench/tasks/: calib_x.npy, detector.toml, segmenter.toml, see tools/tasks.py) and
 prints the held-out mAP@0.5, mAP@0.5:0.95 and mIoU (tools/tasks.py's evaluation set, never trained on).
 
-    python tools/train_tasks.py [--tasks detector,segmenter] [--steps N] [--pool 4000] [--seed 0]
+    python -m tools.train_tasks [--tasks detector,segmenter] [--steps N] [--pool 4000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +33,7 @@ import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tasks
+from . import tasks
 
 POOL = 4000
 BATCH = 32

@@ -74,6 +74,24 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
+def _tool_modules(path: Path) -> set[str]:
+    """The tools/ modules a file imports: `tools.X` (or `from tools import X`) anywhere, `.X` within tools/."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tools.")}
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            if node.level == 0 and parts[0] == "tools":
+                parts = parts[1:]
+            elif node.level != 1:
+                continue
+            out |= {parts[0]} if parts and parts[0] else {a.name for a in node.names}
+    return out
+
+
 def test_the_readme_test_command_installs_every_package_the_tests_import() -> None:
     """`pip install -e '.[dev]' && python -m pytest` on a new machine: every third-party module the tests import (and
     the tools/ scripts they load) comes with edgeprune's dependencies or the dev extra. tests/tools/test_tasks.py's
@@ -86,11 +104,15 @@ def test_the_readme_test_command_installs_every_package_the_tests_import() -> No
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     installed = _closure({_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]})
     tests = sorted((root / "tests").rglob("*.py"))
-    local = {p.stem for p in tests} | {p.stem for p in (root / "tools").glob("*.py")} | {"edgeprune", "tests"}
+    local = {p.stem for p in tests} | {p.stem for p in (root / "tools").glob("*.py")} | {"edgeprune", "tests", "tools"}
     mentioned = " ".join(p.read_text() for p in tests)
     files = tests + [p for p in (root / "tools").glob("*.py") if f"{p.stem}.py" in mentioned]
-    files += [root / "tools" / f"{m}.py" for f in list(files) for m in _imports(f) & local
-              if (root / "tools" / f"{m}.py").is_file()]
+    todo = list(files)
+    while todo:  # the tools/ modules these import, transitively
+        for m in _tool_modules(todo.pop()):
+            if (root / "tools" / f"{m}.py").is_file() and root / "tools" / f"{m}.py" not in files:
+                files.append(root / "tools" / f"{m}.py")
+                todo.append(files[-1])
     modules = set().union(*(_imports(f) for f in files)) - set(sys.stdlib_module_names) - local - HARDWARE_ONLY
     owners = metadata.packages_distributions()
     missing = {}

@@ -98,7 +98,7 @@ def test_recipe_seed_changes_the_split_but_not_the_samples(fashion, tmp_path: Pa
 
 def test_make_net_without_weights_says_how_to_train(fashion, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fashion, "WEIGHTS", tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="tools/train_fashion.py"):
+    with pytest.raises(FileNotFoundError, match="python -m tools.train_fashion"):
         fashion.make_net()
 
 

@@ -1,5 +1,6 @@
-"""tools/bench_methods.py without running a build: the summary's means over seeds (the test-set accuracy only where
-every seed has one), the Markdown table's test column, and --merge joining runs split by --seeds."""
+"""tools/bench_methods.py (`python -m tools.bench_methods`) without running a build: the summary's means over
+seeds (the test-set accuracy only where every seed has one), the Markdown table's test column, and --merge joining
+runs split by --seeds."""
 
 from __future__ import annotations
 
@@ -10,18 +11,15 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = {"criterion=cap+comp": [], "criterion=l1-comp": ["--criterion", "l1", "--no-compensation"]}
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench_methods
-        yield bench_methods
-    finally:
-        sys.path.remove(str(TOOLS))
+    from tools import bench_methods
+
+    return bench_methods
 
 
 def case(seed: int, cap: float, l1: float, test: float | None) -> dict:
@@ -59,8 +57,8 @@ def test_merge_joins_runs_split_by_seeds_and_a_case_run_twice_keeps_the_last(tmp
     a.write_text(json.dumps(result([case(0, 0.80, 0.1, None), case(1, 0.50, 0.1, None)])))
     b.write_text(json.dumps(result([case(1, 0.90, 0.3, None), case(2, 0.70, 0.2, None)])))
     out, md = tmp_path / "all.json", tmp_path / "all.md"
-    p = subprocess.run([sys.executable, str(TOOLS / "bench_methods.py"), "--merge", str(a), str(b), "--out",
-                        str(out), "--markdown", str(md)], capture_output=True, text=True, check=False)
+    p = subprocess.run([sys.executable, "-m", "tools.bench_methods", "--merge", str(a), str(b), "--out",
+                        str(out), "--markdown", str(md)], capture_output=True, text=True, check=False, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     merged = json.loads(out.read_text())
     assert [r["seed"] for r in merged["rows"]] == [0, 1, 2]
@@ -73,8 +71,8 @@ def test_merge_refuses_results_of_different_methods(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(result([case(0, 0.8, 0.1, None)])))
     b.write_text(json.dumps({**result([case(1, 0.8, 0.1, None)]), "methods": {"criterion=cap+comp": []}}))
-    p = subprocess.run([sys.executable, str(TOOLS / "bench_methods.py"), "--merge", str(a), str(b), "--out",
-                        str(tmp_path / "all.json")], capture_output=True, text=True, check=False)
+    p = subprocess.run([sys.executable, "-m", "tools.bench_methods", "--merge", str(a), str(b), "--out",
+                        str(tmp_path / "all.json")], capture_output=True, text=True, check=False, cwd=ROOT)
     assert p.returncode == 2 and "same methods" in p.stderr
     assert not (tmp_path / "all.json").exists()
 

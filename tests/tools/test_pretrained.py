@@ -4,14 +4,10 @@ calibration photos)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import pretrained  # noqa: E402
+from tools import pretrained
 
 # ImageNet class indices: what an ImageNet classifier calls these photos (any of the listed)
 EXPECTED = {"coffee": {967, 968, 504},  # espresso, cup, coffee mug

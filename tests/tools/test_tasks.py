@@ -110,7 +110,7 @@ def test_evaluate_scores_the_trained_net_far_above_a_random_one(tasks, task: str
                                                                 ceiling: float) -> None:
     weights = {"detector": tasks.DETECTOR_WEIGHTS, "segmenter": tasks.SEGMENTER_WEIGHTS}[task]
     if not weights.is_file():
-        pytest.skip(f"{weights.name} not trained (python tools/train_tasks.py)")
+        pytest.skip(f"{weights.name} not trained (python -m tools.train_tasks)")
     evaluate = getattr(tasks, f"evaluate_{task}")
     trained = evaluate(getattr(tasks, f"make_{task}")())
     torch.manual_seed(0)
