@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,28 @@ def test_accuracy_and_timing_on_an_onnx_model(tmp_path: Path) -> None:
     assert harness.accuracy(path, x, y) == 1.0
     lat = harness.interleaved({"a": path, "b": path}, passes=2)
     assert set(lat) == {"a", "b"} and all(len(v["passes_ms"]) == 2 and v["median_ms"] > 0 for v in lat.values())
+
+
+def test_a_build_row_from_the_report_of_a_build_that_missed_its_budget(tmp_path: Path, monkeypatch) -> None:
+    """bench_accuracy's and bench_methods' rows from `edgeprune build --json` (here a stand-in that exits 3 with a
+    report and no `out`): the model released under OUT.failed, the figures taken from the report."""
+    from tools import bench_accuracy, bench_methods
+
+    report = {"met": False, "budget_ms": 1.0, "base": {"latency_ms": {"median": 2.0}},
+              "final": {"latency_ms": {"median": 1.1}, "macs": 5, "params": 7},
+              "search": {"measured_candidates": 4, "proxy": "fidelity"}, "timings_s": {"measure": 1.0}}
+    calls = []
+
+    def fake(repo, args, log):
+        calls.append(args)
+        return 3, json.dumps(report), 1.234
+
+    monkeypatch.setattr(harness, "run_edgeprune", fake)
+    model = {"spec": "example", "input_shape": "1,1,32,32"}
+    work = tmp_path / "case"
+    row = bench_accuracy.build(ROOT, model, "0.5x", 1, Path("r.toml"), ["--criterion", "l1"], work)
+    assert row["onnx"] == f"{work / 'out'}.failed/model.onnx" and row["exit_code"] == 3 and row["wall_s"] == 1.23
+    assert (row["met"], row["final_ms"], row["measured_candidates"], row["params"]) == (False, 1.1, 4, 7)
+    assert calls[-1][-2:] == ["--criterion", "l1"] and "--seed" in calls[-1]
+    row = bench_methods.build(ROOT, model, "1.00000ms", 1, Path("r.toml"), [], work)
+    assert (row["out"], row["build_s"], row["build_final_ms"]) == (f"{work / 'out'}.failed", 1.23, 1.1)
