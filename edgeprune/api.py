@@ -148,12 +148,7 @@ def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tup
 
 def run_build(config: BuildConfig, out: str | Path, run: Callable[..., Any], **kw: Any) -> BuildResult:
     """A `BuildConfig` through the pipeline, as a typed result (the CLI comes in here too)."""
-    outcome = run(config, out, **kw)
-    r, release = outcome.report, outcome.release
-    return BuildResult(met=bool(r["met"]), exit_code=outcome.exit_code, message=outcome.message,
-                       budget_ms=r["budget_ms"], base=outcome.base, final=release.stats, module=release.pruned,
-                       plan=release.plan, onnx_path=Path(outcome.out) / "model.onnx", fidelity=outcome.fidelity,
-                       metric=r.get("metric"), trace=outcome.trace, report=r, out=Path(outcome.out))
+    return BuildResult.of(run(config, out, **kw))
 
 
 @_keeps_random_state

@@ -13,14 +13,20 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from edgeprune.common.atomic import OutputDir
 from edgeprune.plan import Plan
 from edgeprune.quality.fidelity import Fidelity
+from edgeprune.report.contract import BuildReport
 from edgeprune.runtimes.stats import LatencyStats
+from edgeprune.search.strength import Candidate
+
+if TYPE_CHECKING:
+    from edgeprune.jobs.delivery import BuildOutcome
+
 
 def _save(src: Path, dest: str | Path, force: bool) -> Path:
     """Copy the artifacts of `src` (model.onnx, pruned.pt, plan.json, report.json, report.md and the plots) into
@@ -54,9 +60,20 @@ class BuildResult:
     onnx_path: Path  # the released model.onnx
     fidelity: Fidelity
     metric: dict[str, float] | None  # the user's evaluate: before, after, drop
-    trace: tuple[Any, ...] = field(repr=False)  # search.strength.Candidate, in order
-    report: dict[str, Any] = field(repr=False)
+    trace: tuple[Candidate, ...] = field(repr=False)  # in order
+    report: dict[str, Any] = field(repr=False)  # report.json
     out: Path  # where the artifacts are (OUT, or OUT.failed for exit codes 3 and 4)
+    typed_report: BuildReport = field(repr=False)  # report.json as its type
+
+    @classmethod
+    def of(cls, outcome: BuildOutcome) -> BuildResult:
+        """The result of a build or a release job (`jobs.delivery.BuildOutcome`)."""
+        r, release = outcome.build_report, outcome.release
+        assert release is not None and outcome.base is not None and outcome.fidelity is not None
+        return cls(met=bool(r.met), exit_code=outcome.exit_code, message=outcome.message, budget_ms=r.budget_ms,
+                   base=outcome.base, final=release.stats, module=release.pruned, plan=release.plan,
+                   onnx_path=Path(outcome.out) / "model.onnx", fidelity=outcome.fidelity, metric=r.metric,
+                   trace=outcome.trace, report=r.to_dict(), out=Path(outcome.out), typed_report=r)
 
     def to_json(self) -> str:
         return _to_json(self.report)

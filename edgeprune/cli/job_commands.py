@@ -7,11 +7,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
                                   add_repair_arg, emit_json, prune_config)
 from edgeprune.errors import EdgePruneError
+
+if TYPE_CHECKING:
+    from edgeprune.report.contract import BuildReport
+    from edgeprune.results import BuildResult
 
 CRITERION_HELP = ("channel ranking: cap (default), l1, l2, fpgm, random, or a method from its paper: epruner "
                   "(affinity-propagation exemplars), similarity (feature-map clustering, channels merged), "
@@ -200,62 +204,63 @@ def run_build(args: argparse.Namespace) -> int:
     return render_release(result, args.json)
 
 
-def render_release(result, as_json: bool) -> int:  # result: api.BuildResult
+def render_release(result: BuildResult, as_json: bool) -> int:
     """The summary of a build or a release (or its report.json with --json), the error line, the exit code."""
-    r = result.report
+    from edgeprune.report import contract
+
+    r = contract.BuildReport.from_dict(result.report)
     if as_json:
         from edgeprune.report.render import to_json
 
-        sys.stdout.write(to_json(r) + "\n")
+        sys.stdout.write(to_json(result.report) + "\n")
     else:
-        f, b = r["final"]["latency_ms"], r["base"]["latency_ms"]
-        fid = r["fidelity"]
-        print(f"{r['model']} on {r['target']['name']}: {f['median']:.3f} ms against a budget of {r['budget_ms']:.3f} ms "
-              f"({r['budget']}): {'met' if r['met'] else 'NOT met'}; unpruned {b['median']:.3f} ms, "
-              f"{r['speedup']:.2f}x faster")
+        fid = r.fidelity
+        print(f"{r.model} on {r.target}: {r.final_ms:.3f} ms against a budget of {r.budget_ms:.3f} ms "
+              f"({r.budget}): {'met' if r.met else 'NOT met'}; unpruned {r.base_ms:.3f} ms, {r.speedup:.2f}x faster")
         agree = "n/a (no class logits)" if fid["top1_agreement"] is None else f"{100 * fid['top1_agreement']:.1f}%"
         line = f"  fidelity on {fid['samples']} held-out samples: top-1 agreement {agree}, output error " \
                f"{fid['output_rel_error']:.3f}"
         if fid.get("accuracy"):
             a = fid["accuracy"]
             line += f", accuracy {100 * a['before']:.1f}% -> {100 * a['after']:.1f}%"
-        if r.get("calibration") == "random":
+        if r.calibration == "random":
             line += " (random calibration data: figures for latency work, no default gate judges them)"
         print(line)
-        if r.get("recovery"):
-            rc = r["recovery"]
+        if r.recovery:
+            rc = r.recovery
             kept = (rc.get("validation") or {}).get("best_step", 1) != 0
             print(f"  recovered: {rc['steps']} steps of distillation in {rc['seconds']:.0f} s"
                   f"{'' if kept else ' (no epoch beat the untrained model on held-back images: untrained released)'}")
-        if r.get("quantization"):
+        if r.quantization:
             print(int8_summary(r))
-        if r.get("metric"):
-            m = r["metric"]
+        if r.metric:
+            m = r.metric
             print(f"  your metric: {m['before']:.4g} -> {m['after']:.4g} (drop {m['drop']:.4g})")
-        if r.get("lut"):  # its stored self-check (`latency.table.stored_check`)
+        if r.lut:  # its stored self-check (`latency.table.stored_check`)
             from edgeprune.latency.table import load_lut, stored_check
 
-            check = r.get("lut_check") or stored_check(load_lut(r["lut"]), r["model"], r["lut"])
-            print(f"  latency table {r['lut']}: {check['line']}")
-        fp32 = " (int8), model.fp32.onnx" if r.get("quantization") else ""
-        print(f"  {r['search']['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
+            check = r.lut_check or stored_check(load_lut(r.lut), r.model, r.lut)
+            print(f"  latency table {r.lut}: {check['line']}")
+        fp32 = " (int8), model.fp32.onnx" if r.quantization else ""
+        print(f"  {r.search['measured_candidates']} measured candidates; wrote {result.out}/: model.onnx{fp32}, "
               f"pruned.pt, plan.json, report.json, report.md")
     if result.message:
         sys.stderr.write(f"edgeprune: error: {result.message}\n")
     return result.exit_code
 
 
-def int8_summary(r: dict[str, Any]) -> str:
+def int8_summary(r: BuildReport) -> str:
     """The summary's int8 line: the figures above are the quantised model's; the float pruned model's, the cost of
     quantisation alone and the speed-up over the unpruned float model."""
-    fl, qa = r["quantization"]["float"], r["quantization"]["against_float"]
+    assert r.quantization is not None
+    fl, qa = r.quantization["float"], r.quantization["against_float"]
     line = "  int8 (fidelity above: the quantised model in ONNX Runtime); float pruned model"
     if fl.get("accuracy"):
         line += f" {100 * fl['accuracy']['after']:.1f}%, quantisation alone costs {qa['accuracy_drop_pp']:.2f} points"
     if qa["top1_agreement"] is not None:
         line += f", agrees on {100 * qa['top1_agreement']:.1f}% of samples"
-    if r.get("speedup_over_float") is not None:
-        line += f"; {r['speedup_over_float']:.2f}x faster than the unpruned float model"
+    if r.speedup_over_float is not None:
+        line += f"; {r.speedup_over_float:.2f}x faster than the unpruned float model"
     return line
 
 

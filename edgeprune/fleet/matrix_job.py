@@ -26,13 +26,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.common.atomic import _LEFT_BEHIND, atomic_write_text, remove_stale
 from edgeprune.errors import EdgePruneError, ExitCode
 from edgeprune.fleet.manifest import Entry, Manifest, digest, entry_inputs, load_manifest
 from edgeprune.fleet.pool import BoardState, Pool, local_measure, pooled_measure
 from edgeprune.inputs.targets import load_target
+
+if TYPE_CHECKING:
+    from edgeprune.jobs.delivery import BuildOutcome
+    from edgeprune.report.contract import BuildReport
 
 __all__ = ["INDEX_FORMAT", "Entry", "Manifest", "digest", "entry_inputs", "load_manifest", "run_matrix"]
 
@@ -105,7 +109,8 @@ def reusable(entry: Entry, out: Path, previous: dict[str, Any] | None, inputs_di
 # ---------------------------------------------------------------- one entry
 
 
-def entry_record(entry: Entry, out: Path, outcome: Any = None, error: BaseException | None = None) -> dict[str, Any]:
+def entry_record(entry: Entry, out: Path, outcome: BuildOutcome | None = None,
+                 error: BaseException | None = None) -> dict[str, Any]:
     """An entry's row of the index, from its build's outcome or the error that stopped it."""
     rec: dict[str, Any] = {"key": entry.key, "model": entry.name, "spec": entry.model, "target": entry.target_name,
                            "budget": entry.budget}
@@ -113,14 +118,15 @@ def entry_record(entry: Entry, out: Path, outcome: Any = None, error: BaseExcept
         code = int(error.code) if isinstance(error, EdgePruneError) else int(ExitCode.INTERNAL)
         msg = str(error) if isinstance(error, EdgePruneError) else f"internal error ({type(error).__name__}: {error})"
         return {**rec, "exit_code": code, "met": False, "message": msg, "report": None}
-    r = outcome.report
-    fid = r["fidelity"]
+    assert outcome is not None
+    r: BuildReport = outcome.build_report
+    fid = r.fidelity
     report = Path(outcome.out) / "report.json"
-    return {**rec, "exit_code": outcome.exit_code, "met": bool(r["met"]) and outcome.exit_code == 0,
-            "message": outcome.message, "latency_ms": r["final"]["latency_ms"]["median"],
-            "budget_ms": r["budget_ms"], "base_ms": r["base"]["latency_ms"]["median"], "speedup": r["speedup"],
+    return {**rec, "exit_code": outcome.exit_code, "met": bool(r.met) and outcome.exit_code == 0,
+            "message": outcome.message, "latency_ms": r.final_ms, "budget_ms": r.budget_ms, "base_ms": r.base_ms,
+            "speedup": r.speedup,
             "fidelity": {"top1_agreement": fid["top1_agreement"], "output_rel_error": fid["output_rel_error"]},
-            "metric": r.get("metric"), "report": str(report.relative_to(out))}
+            "metric": r.metric, "report": str(report.relative_to(out))}
 
 
 def run_entry(entry: Entry, out: Path, measure_fn: Callable[..., Any], cache_dir: str | None = None) -> dict[str, Any]:

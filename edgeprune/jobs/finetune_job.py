@@ -33,7 +33,7 @@ from edgeprune.config import BuildConfig
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.models import LoadedModel, read_checkpoint
 from edgeprune.inputs.outputs import flatten_outputs, is_class_logits
-from edgeprune.jobs.build_job import BuildOutcome
+from edgeprune.jobs.delivery import BuildOutcome
 from edgeprune.jobs.release_job import Pruned, check_labels_fit, release_job, saved_recipe
 from edgeprune.jobs.session import Inputs
 from edgeprune.plan import Plan
@@ -129,7 +129,7 @@ def check_out(source: Source, out: str | Path, force: bool) -> None:
 def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recovery: FinetuneConfig,
                  stages: Stages = no_progress, force: bool = False, inputs: Inputs | None = None,
                  on_step: Any = None) -> BuildOutcome:
-    """Train `source` by `recovery`, then release it into `out` (a `build_job.BuildOutcome`, exit codes as build's)."""
+    """Train `source` by `recovery`, then release it into `out` (a `delivery.BuildOutcome`, exit codes as build's)."""
     from edgeprune.inputs.data import load_data
     from edgeprune.common.parallel import compute_threads
 

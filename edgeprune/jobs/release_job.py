@@ -1,7 +1,7 @@
 """The way back in: release a model that was pruned (and since fine-tuned) without pruning it again.
 
     pruned = release_inputs("out/pruned.pt", None, None, None, Inputs(), "finetuned_state.pt", seed=0)
-    outcome = release_job(config, "release/", pruned=pruned)     # a build_job.BuildOutcome, exit codes as build's
+    outcome = release_job(config, "release/", pruned=pruned)     # a delivery.BuildOutcome, exit codes as build's
 
 Export, simplification, ONNX parity, the measured latency on the target against the budget (a relative one against
 the unpruned model measured in the same run), held-out fidelity to the unpruned model, the user's metric and every
@@ -25,20 +25,21 @@ from torch import nn
 from edgeprune.common.atomic import OutputDir
 from edgeprune.common.parallel import compute_threads, retained_memory, timed
 from edgeprune.common.progress import Stages, no_progress
-from edgeprune.common.versions import versions
 from edgeprune.config import BuildConfig
-from edgeprune.errors import EdgePruneError, ExitCode
-from edgeprune.inputs.data import load_data
+from edgeprune.errors import EdgePruneError
+from edgeprune.inputs.data import CalibrationData, load_data
 from edgeprune.inputs.models import LoadedModel, load_model, load_weights
 from edgeprune.inputs.outputs import check_label_range
-from edgeprune.inputs.recipe import load_recipe
-from edgeprune.jobs.build_job import BuildOutcome, measurement_cache, write_release
+from edgeprune.inputs.recipe import Recipe, load_recipe
+from edgeprune.inputs.targets import Target
+from edgeprune.jobs.delivery import BuildOutcome, ReleaseRun, deliver, measurement_cache, release_report
 from edgeprune.jobs.oracle import Measurer, Verified, export_candidate
 from edgeprune.jobs.session import Inputs
 from edgeprune.plan import Plan
-from edgeprune.quality.gates import assess, failed_gates, run_metric
+from edgeprune.quality.gates import assess, run_metric
 from edgeprune.report.artifacts import load_pruned_with_original
-from edgeprune.report.render import int8_entries, latency_entry
+from edgeprune.report.contract import verdict
+from edgeprune.search.strength import Candidate
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inp
     return Pruned(module.eval(), plan, loaded, f"{model}" + (f" with weights {weights}" if weights else ""))
 
 
-def saved_recipe(spec: str, source: str) -> Any:  # -> Recipe
+def saved_recipe(spec: str, source: str) -> Recipe:
     """The recipe a pruned model was made with, to release or fine-tune it again; data given in Python is not saved."""
     if spec == "python":
         raise EdgePruneError(f"{source} was made on calibration data given in Python, which is not saved with it; "
@@ -75,7 +76,7 @@ def saved_recipe(spec: str, source: str) -> Any:  # -> Recipe
     return load_recipe(spec)
 
 
-def check_labels_fit(original: LoadedModel, data: Any) -> None:
+def check_labels_fit(original: LoadedModel, data: CalibrationData) -> None:
     """Labels past the unpruned model's classes: exit 2 before any work (finetune: before training, where C-SGD's
     cross-entropy exited 1 on them; release: an accuracy gate that always passed)."""
     import torch
@@ -87,7 +88,7 @@ def check_labels_fit(original: LoadedModel, data: Any) -> None:
 
 def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progress, force: bool = False,
                 inputs: Inputs | None = None, pruned: Pruned | None = None,
-                on_step: Callable[[Any], None] | None = None) -> BuildOutcome:
+                on_step: Callable[[Candidate], None] | None = None) -> BuildOutcome:
     from edgeprune.runtimes import runtime_for
     from edgeprune.inputs.targets import load_target
 
@@ -106,8 +107,8 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
             return _release_into(config, outdir, stages, target, original, data, pruned)
 
 
-def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Any, original: LoadedModel,
-                  data: Any, pruned: Pruned) -> BuildOutcome:
+def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Target, original: LoadedModel,
+                  data: CalibrationData, pruned: Pruned) -> BuildOutcome:
     t: dict[str, float] = {}
     example = original.example_input
     measurer = Measurer(target, measurement_cache(config), stages, t)
@@ -124,43 +125,20 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
         base_float = measurer.float_figure(base_path, "measuring unpruned float model") if q is not None else None
         final = measurer(path, "measuring the released model", cached=False,
                          repeats=target.measure.final_repeats, stage="verify")
-        budget_ms = config.budget.ms(base.median)
+        run = ReleaseRun(config, target, measurer, original, data, t, base, base_float, config.budget.ms(base.median))
         with timed(t, "fidelity"):
             a = assess(config, original.module, pruned.module, example, data, None,
                        run_metric(config, original.module, "the unpruned model"), float_path,
                        path if q is not None else None)
-        fid, gates, met = a.fidelity, a.gates, final.median <= budget_ms
-        report = {
-            "edgeprune": versions()["edgeprune"], "command": "release", "model": original.spec,
-            "weights": original.weights, "input_shape": list(original.input_shape),
-            "calibration": data.recipe.name or data.recipe.kind, "widths_from": pruned.source,
-            "target": {"name": target.name, "profile": target.to_dict()},
-            "budget": config.budget.text, "budget_ms": budget_ms, "met": met,
-            "base": latency_entry(base, original.module, example),
-            "final": latency_entry(final, pruned.module, example),
-            "speedup": base.median / final.median,
-            "widths": {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
-            "fidelity": fid.to_dict(), "quality_gates": gates, "parity": a.parity.to_dict(), "metric": a.metric,
-            "device_measurements": measurer.device_runs, "interleaved": measurer.anchor is not None,
-            "search": {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
-                       "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
-                       "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []},
-            "timings_s": t, "versions": versions(target.runtime),
-            **int8_entries(target, a.quantization, base_float, final, original), **pruned.notes,
-        }
-        code, message = int(ExitCode.OK), None
-        if not met:
-            code, message = int(ExitCode.BUDGET_UNREACHABLE), (
-                f"the released model measures {final.median:.3f} ms on {target.name}, over the budget of "
-                f"{budget_ms:.3f} ms ({config.budget.text}); prune it further (edgeprune build) or raise the budget")
-        elif not all(g["passed"] for g in gates.values()):
-            code, message = int(ExitCode.QUALITY_GATE), f"quality gate failed: {failed_gates(gates)}"
-        report["exit_code"] = code
-        report["out"] = str(outdir.failed_out if code else outdir.out)
         release = Verified(None, final, pruned.module, plan, path, float_path if q is not None else None)
-        write_release(outdir.tmp, release, original, config.prune.ignore, report)
-    dest = outdir.commit(failed=bool(code))
-    if code:
-        message = f"{message}; the artifacts are in {dest}/ ({outdir.out} left as it was)"
-    return BuildOutcome(report=report, exit_code=code, message=message, out=str(dest), release=release, trace=(),
-                        base=base, fidelity=fid)
+        notes = dict(pruned.notes)
+        search = {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
+                  "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
+                  "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []}
+        report = release_report(
+            run, release, a, {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
+            search, command=notes.pop("command", "release"), widths_from=pruned.source, notes=notes)
+        missed = (f"the released model measures {final.median:.3f} ms on {target.name}, over the budget of "
+                  f"{run.budget_ms:.3f} ms ({config.budget.text}); prune it further (edgeprune build) or raise the "
+                  f"budget")
+        return deliver(run, outdir, report, verdict(report, missed), release, a.fidelity)

@@ -1,6 +1,6 @@
 """Build reports: `report.json` (the machine contract of DESIGN.md §4), `report.md`, and PNG plots with matplotlib.
 
-    write_report(out_dir, report)    # report: the dict `build_job.build` assembles
+    write_report(out_dir, report)    # report: a contract.BuildReport (`jobs.delivery.release_report`)
 """
 
 from __future__ import annotations
@@ -9,7 +9,16 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from edgeprune.report.contract import BuildReport
+
+if TYPE_CHECKING:  # torch: not at module level (`clean` needs none)
+    import torch
+
+    from edgeprune.inputs.models import LoadedModel
+    from edgeprune.inputs.targets import Target
+    from edgeprune.runtimes.stats import LatencyStats
 
 
 def _clean(obj: Any, path: str = "", found: dict[str, str] | None = None) -> Any:
@@ -38,15 +47,15 @@ def clean(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def latency_entry(stats: Any, module: Any, example: Any) -> dict[str, Any]:
+def latency_entry(stats: LatencyStats, module: torch.nn.Module, example: torch.Tensor) -> dict[str, Any]:
     """A model's row of the report: its latency on the target, where the figure came from, MACs and parameters."""
     from edgeprune.report.artifacts import model_size  # imports torch: not at module level (`clean` needs none)
 
     return {"latency_ms": stats.summary(), "latency_source": stats.source, **model_size(module, example)}
 
 
-def int8_entries(target: Any, quantization: dict[str, Any] | None, base_float: Any, final: Any,
-                 loaded: Any) -> dict[str, Any]:
+def int8_entries(target: Target, quantization: dict[str, Any] | None, base_float: LatencyStats | None,
+                 final: LatencyStats, loaded: LoadedModel) -> dict[str, Any]:
     """An int8 release's rows (none for a float one): `quantization` (the target's settings, the float pruned
     model's fidelity, what quantisation alone cost: `gates.Assessment.quantization`), and the unpruned float model's
     latency on the target's float variant with the speed-up over it (`base_float`; None: not measured)."""
@@ -72,26 +81,28 @@ def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
     return "n/a" if x is None else format(x * scale, fmt)
 
 
-def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
-    b, f = r["base"], r["final"]
+def render_markdown(report: BuildReport | dict[str, Any], plots: list[str]) -> str:
+    """report.md of a report (a report.json dict is read as its type)."""
+    r = report if isinstance(report, BuildReport) else BuildReport.from_dict(report)
+    b, f = r.base, r.final
     lines = [
-        f"# edgeprune {r.get('command', 'build')}: {r['model']} on {r['target']['name']}",
+        f"# edgeprune {r.command or 'build'}: {r.model} on {r.target}",
         "",
-        f"**Budget {r['budget']} = {_ms(r['budget_ms'])}: {'met' if r['met'] else 'NOT met'}** "
-        f"(exit code {r['exit_code']}). Final latency {_ms(f['latency_ms']['median'])} against "
-        f"{_ms(b['latency_ms']['median'])} unpruned: {_num(r['speedup'], '.2f')}x faster."
+        f"**Budget {r.budget} = {_ms(r.budget_ms)}: {'met' if r.met else 'NOT met'}** "
+        f"(exit code {r.exit_code}). Final latency {_ms(f['latency_ms']['median'])} against "
+        f"{_ms(b['latency_ms']['median'])} unpruned: {_num(r.speedup, '.2f')}x faster."
         + (" Candidates and the final model were measured session by session beside the unpruned model and are "
-           "given in the units of its figure (the target's `interleave`)." if r.get("interleaved") else ""),
+           "given in the units of its figure (the target's `interleave`)." if r.interleaved else ""),
         "",
         "| | latency median | p90 | std | n | MACs | params |",
         "|---|---|---|---|---|---|---|",
     ]
-    rows = (("unpruned", b), ("final", f)) + ((("unpruned float", r["base_float"]),) if r.get("base_float") else ())
+    rows = (("unpruned", b), ("final", f)) + ((("unpruned float", r.base_float),) if r.base_float else ())
     for name, row in rows:
         lat = row["latency_ms"]
         lines.append(f"| {name} | {_ms(lat['median'])} | {_ms(lat['p90'])} | {_ms(lat['std'])} | {lat['n']} | "
                      f"{row['macs'] / 1e6:.1f} M | {row['params'] / 1e6:.3f} M |")
-    fid = r["fidelity"]
+    fid = r.fidelity
     lines += ["", "## Fidelity (held-out data, never used for statistics)", "",
               f"- top-1 agreement with the unpruned model: {_num(fid['top1_agreement'], '.2f', 100)}% of "
               f"{fid['samples']} samples",
@@ -102,47 +113,47 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
         a = fid["accuracy"]
         lines.append(f"- accuracy: {_num(a['before'], '.2f', 100)}% -> {_num(a['after'], '.2f', 100)}% "
                      f"({_num(a['drop_pp'], '.2f')} points lost)")
-    if r.get("metric"):
-        m = r["metric"]
+    if r.metric:
+        m = r.metric
         lines.append(f"- your metric (evaluate): {_num(m['before'], '.4g')} -> {_num(m['after'], '.4g')} "
                      f"(drop {_num(m['drop'], '.4g')})")
-    if r.get("widths_from"):
-        lines.append(f"- released as given, widths from {r['widths_from']}")
+    if r.widths_from:
+        lines.append(f"- released as given, widths from {r.widths_from}")
     lines += int8_markdown(r)
-    for k, g in r.get("quality_gates", {}).items():
+    for k, g in r.quality_gates.items():
         lines.append(f"- gate {k}: {_num(g['value'], '.4g')} against {_num(g['limit'], '.4g')}: "
                      f"{'passed' if g['passed'] else 'FAILED'}")
-    s = r["search"]
+    s = r.search
     lines += ["", "## Search", "",
               f"Criterion `{s['criterion']}`, compensation {'on' if s['compensation'] else 'off'}, proxy "
               f"`{s['proxy']}`, channel multiple {s['channel_multiple']}, tolerance {100 * s['tolerance']:.0f}%, "
               f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}."]
-    if r.get("lut_check"):  # the --lut table's stored self-check (`latency.table.stored_check`)
-        c = r["lut_check"]
+    if r.lut_check:  # the --lut table's stored self-check (`latency.table.stored_check`)
+        c = r.lut_check
         lines += ["", f"Latency table `{c['table']}`: {c['line']}." + (f" **{c['warning']}**" if c["warning"] else "")]
     lines += ["", "| step | strength | latency | source | widths |", "|---|---|---|---|---|"]
     for c in s["trace"]:
         lines.append(f"| {c['step']} | {_num(c['strength'], '.4f')} | {_ms(c['latency_ms'])} | {c['source']} | "
                      f"`{c['widths_digest']}` |")
     lines += ["", "## Widths per group", "", "| group | before | after |", "|---|---|---|"]
-    for g, w in r["widths"].items():
+    for g, w in r.widths.items():
         lines.append(f"| `{g}` | {w['before']} | {w['after']} |")
     lines += ["", "## Stage timings", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {_num(v, '.2f')} |" for k, v in r["timings_s"].items()]
-    if r.get("non_finite"):
+    lines += [f"| {k} | {_num(v, '.2f')} |" for k, v in r.timings_s.items()]
+    if r.non_finite:
         lines += ["", "## Non-finite values", "", "Reported as null in report.json:", ""]
-        lines += [f"- `{k}`: {v}" for k, v in r["non_finite"].items()]
+        lines += [f"- `{k}`: {v}" for k, v in r.non_finite.items()]
     lines += ["", "(`search` includes the prune, export and measure time of its candidates.)"]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in r["versions"].items()]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in r.versions.items()]
     return "\n".join(lines) + "\n"
 
 
-def int8_markdown(r: dict[str, Any]) -> list[str]:
+def int8_markdown(r: BuildReport) -> list[str]:
     """The lines an int8 release adds under Fidelity: the figures above are the quantised model's; these are the
     float pruned model's and what quantisation alone cost."""
-    q = r.get("quantization")
+    q = r.quantization
     if not q:
         return []
     s, fl, qa = q.get("settings") or {}, q["float"], q["against_float"]
@@ -155,13 +166,13 @@ def int8_markdown(r: dict[str, Any]) -> list[str]:
     lines.append(f"- quantisation alone: top-1 agreement with the float pruned model "
                  f"{_num(qa['top1_agreement'], '.2f', 100)}%, output error {_num(qa['output_rel_error'], '.4f')}, "
                  f"accuracy cost {_num(qa['accuracy_drop_pp'], '.2f')} points")
-    if r.get("speedup_over_float") is not None:
-        lines.append(f"- {_num(r['speedup_over_float'], '.2f')}x faster than the unpruned float model "
-                     f"({_ms(r['base_float']['latency_ms']['median'])})")
+    if r.speedup_over_float is not None and r.base_float is not None:
+        lines.append(f"- {_num(r.speedup_over_float, '.2f')}x faster than the unpruned float model "
+                     f"({_ms(r.base_float['latency_ms']['median'])})")
     return lines
 
 
-def plot(out: Path, r: dict[str, Any]) -> list[str]:
+def plot(out: Path, r: BuildReport) -> list[str]:
     """search.png (latency per step against the budget) and widths.png; nothing when matplotlib is missing."""
     try:
         import matplotlib
@@ -176,24 +187,24 @@ def plot(out: Path, r: dict[str, Any]) -> list[str]:
         logging.getLogger(__name__).info("no plots in report.md: they need matplotlib, which is not installed: %s",
                                          install_hint("report"))
         return []
-    trace = r["search"]["trace"]
+    trace = r.search["trace"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([c["step"] for c in trace], [c["latency_ms"] for c in trace], "o-", label="candidate latency")
-    ax.axhline(r["budget_ms"], color="red", linestyle="--", label="budget")
-    ax.axhspan(r["budget_ms"] * (1 - r["search"]["tolerance"]), r["budget_ms"], color="green", alpha=0.15,
+    ax.axhline(r.budget_ms, color="red", linestyle="--", label="budget")
+    ax.axhspan(r.budget_ms * (1 - r.search["tolerance"]), r.budget_ms, color="green", alpha=0.15,
                label="target band")
     ax.set_xlabel("search step")
     ax.set_ylabel("latency (ms)")
-    ax.set_title(f"{r['model']} on {r['target']['name']}")
+    ax.set_title(f"{r.model} on {r.target}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "search.png", dpi=100)
     plt.close(fig)
-    names = list(r["widths"])
+    names = list(r.widths)
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.25), 3.5))
     xs = range(len(names))
-    ax.bar(xs, [r["widths"][n]["before"] for n in names], color="lightgray", label="before")
-    ax.bar(xs, [r["widths"][n]["after"] for n in names], color="tab:blue", label="after")
+    ax.bar(xs, [r.widths[n]["before"] for n in names], color="lightgray", label="before")
+    ax.bar(xs, [r.widths[n]["after"] for n in names], color="tab:blue", label="after")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=90, fontsize=6)
     ax.set_ylabel("channels")
@@ -204,8 +215,9 @@ def plot(out: Path, r: dict[str, Any]) -> list[str]:
     return ["search.png", "widths.png"]
 
 
-def write_report(out: Path, report: dict[str, Any]) -> None:
+def write_report(out: Path, report: BuildReport) -> None:
+    """report.json, the plots and report.md (its figures those of report.json: non-finite ones given as n/a)."""
     out = Path(out)
-    (out / "report.json").write_text(to_json(report) + "\n")
+    (out / "report.json").write_text(to_json(report.to_dict()) + "\n")
     plots = plot(out, report)
-    (out / "report.md").write_text(render_markdown(clean(report), plots))
+    (out / "report.md").write_text(render_markdown(BuildReport.from_dict(clean(report.to_dict())), plots))
