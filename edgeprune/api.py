@@ -11,8 +11,8 @@
 `calibration` a recipe name or file, a `DataLoader`, any iterable of batches or (input, label) pairs, a tensor or an
 array (see `inputs/batches.py`). Other options are the CLI's flags in Python spelling (`criterion="l1"`,
 `max_accuracy_drop=1.0`, `heldout=0.25` for data in memory); an unknown one is an error naming the known ones.
-Errors are `edgeprune.errors.EdgePruneError` with the CLI's one-line message; a build that misses its budget or a
-gate returns (`result.exit_code` 3 or 4), it does not raise.
+Errors are `edgeprune.errors.EdgePruneError` with the CLI's one-line message; a build, release or prune that misses
+its budget or a gate returns (`result.exit_code` 3 or 4), it does not raise.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Pat
           example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
           out: str | Path | None = None, force: bool = False, **options: Any) -> PruneResult:
     """Remove the fraction `ratio` of every channel group (or exactly what `plan` says), with compensation; no
-    latency target. Returns a `PruneResult` (module, plan, fidelity, the exported model.onnx)."""
+    latency target. Returns a `PruneResult` (module, plan, fidelity, the exported model.onnx; `exit_code` 4 when the
+    pruned model's outputs are not finite, its artifacts then in `result.out`, OUT.failed: it does not raise)."""
     from edgeprune.jobs.prune_job import prune_job
 
     prune_opts, data_opts, _ = _split_options(options, _PRUNE_OPTIONS)
@@ -164,8 +165,10 @@ def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Pat
     dest = _out(out, "prune")
     outcome = prune_job(PruneConfig(**fields, **prune_opts), dest, ratio=ratio,
                         plan_path=str(plan) if plan is not None else None, force=force, inputs=inputs)
+    out_dir = Path(outcome.out) if outcome.exit_code else dest
     return PruneResult(module=outcome.module, plan=outcome.plan, fidelity=outcome.fidelity,
-                       onnx_path=dest / "model.onnx", report=outcome.report, out=dest)
+                       onnx_path=out_dir / "model.onnx", report=outcome.report, out=out_dir,
+                       exit_code=outcome.exit_code, message=outcome.message)
 
 
 @_keeps_random_state

@@ -34,12 +34,10 @@ class EdgePruneError(Exception):
         self.code = ExitCode(code)
 
 
-class BudgetUnreachable(EdgePruneError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, ExitCode.BUDGET_UNREACHABLE)
-
-
 class QualityGateFailed(EdgePruneError):
+    """A recovery training that diverged (`recovery.train`): it leaves no model to judge, so it stops the job. A
+    model that fails a gate does not raise: its job returns exit code 4 (`report.contract.verdict`)."""
+
     def __init__(self, message: str) -> None:
         super().__init__(message, ExitCode.QUALITY_GATE)
 

@@ -89,7 +89,9 @@ class PruneResult:
     fidelity: Fidelity
     onnx_path: Path
     report: dict[str, Any] = field(repr=False)
-    out: Path
+    out: Path  # where the artifacts are (OUT, or OUT.failed for exit code 4)
+    exit_code: int = 0  # 4: the pruned model's outputs are not finite
+    message: str | None = None  # the CLI's error line for exit code 4
 
     def to_json(self) -> str:
         return _to_json(self.report)

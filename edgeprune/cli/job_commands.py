@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
                                   add_repair_arg, emit_json, prune_config)
 from edgeprune.errors import EdgePruneError
+from edgeprune.report.contract import BuildReport
 
 if TYPE_CHECKING:
-    from edgeprune.report.contract import BuildReport
     from edgeprune.results import BuildResult
 
 CRITERION_HELP = ("channel ranking: cap (default), l1, l2, fpgm, random, or a method from its paper: epruner "
@@ -54,8 +54,12 @@ def run_prune(args: argparse.Namespace) -> int:
 
     config = prune_config(args)
     with Progress(enabled=not args.json) as progress:
-        result = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
-                           stages=lambda d, total=None: progress.stage(d, total), force=args.force).report
+        outcome = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
+                            stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+    if outcome.message:  # exit code 4: the pruned model's outputs are not finite
+        sys.stderr.write(f"edgeprune: error: {outcome.message}\n")
+        return outcome.exit_code
+    result = outcome.report
     if args.json:
         emit_json(result)
         return 0
@@ -206,9 +210,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def render_release(result: BuildResult, as_json: bool) -> int:
     """The summary of a build or a release (or its report.json with --json), the error line, the exit code."""
-    from edgeprune.report import contract
-
-    r = contract.BuildReport.from_dict(result.report)
+    r = BuildReport.from_dict(result.report)
     if as_json:
         from edgeprune.report.render import to_json
 
@@ -252,8 +254,7 @@ def render_release(result: BuildResult, as_json: bool) -> int:
 def int8_summary(r: BuildReport) -> str:
     """The summary's int8 line: the figures above are the quantised model's; the float pruned model's, the cost of
     quantisation alone and the speed-up over the unpruned float model."""
-    assert r.quantization is not None
-    fl, qa = r.quantization["float"], r.quantization["against_float"]
+    fl, qa = r.quantization["float"], r.quantization["against_float"]  # type: ignore[index]
     line = "  int8 (fidelity above: the quantised model in ONNX Runtime); float pruned model"
     if fl.get("accuracy"):
         line += f" {100 * fl['accuracy']['after']:.1f}%, quantisation alone costs {qa['accuracy_drop_pp']:.2f} points"

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from edgeprune.common.atomic import OutputDir
 from edgeprune.common.parallel import compute_threads, retained_memory, timed
 from edgeprune.common.progress import Stages, no_progress
 from edgeprune.common.versions import versions
 from edgeprune.config import PruneConfig
-from edgeprune.errors import EdgePruneError, QualityGateFailed
+from edgeprune.errors import EdgePruneError, ExitCode
 from edgeprune.jobs.session import STATISTICS_VERSION, Inputs, prepare
 from edgeprune.plan import Plan, uniform_widths
 from edgeprune.quality.fidelity import Fidelity
@@ -29,9 +31,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class PruneOutcome:
     report: dict[str, Any]
-    module: Any  # the pruned nn.Module
+    module: nn.Module  # the pruned model
     plan: Plan
     fidelity: Fidelity
+    exit_code: int = 0  # 4: the pruned model's outputs are not finite (its artifacts in OUT.failed)
+    message: str | None = None  # the error line for exit code 4
+    out: str = ""  # where the artifacts went
 
 
 def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, plan_path: str | None = None,
@@ -97,8 +102,8 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
     (tmp / "report.json").write_text(to_json(result) + "\n")
     if fid.nonfinite:  # a broken model never lands in --out
         dest = outdir.commit(failed=True)
-        raise QualityGateFailed(f"the pruned model's outputs are not finite (NaN or infinity) on {fid.nonfinite} of "
-                                f"{fid.samples} held-out samples; its artifacts are in {dest}/ for inspection; try "
-                                f"a lower --ratio, or --no-compensation to tell whether the repair is at fault")
-    outdir.commit()
-    return PruneOutcome(result, pruned, plan, fid)
+        return PruneOutcome(result, pruned, plan, fid, int(ExitCode.QUALITY_GATE), (
+            f"the pruned model's outputs are not finite (NaN or infinity) on {fid.nonfinite} of {fid.samples} "
+            f"held-out samples; its artifacts are in {dest}/ for inspection; try a lower --ratio, or "
+            f"--no-compensation to tell whether the repair is at fault"), str(dest))
+    return PruneOutcome(result, pruned, plan, fid, out=str(outdir.commit()))
