@@ -139,7 +139,7 @@ def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tup
     from edgeprune.jobs.build_job import build as run
 
     prune_opts, data_opts, build_opts = _split_options(options, _PRUNE_OPTIONS | _BUILD_OPTIONS)
-    prune_opts = {"exporter": "torchscript", "channel_multiple": 0, **prune_opts}  # the CLI build's defaults
+    prune_opts = {"exporter": "torchscript", "channel_multiple": None, **prune_opts}  # the CLI build's defaults
     fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
     config = BuildConfig(prune=PruneConfig(**fields, **prune_opts), device=device, latency=latency,
                          evaluate=evaluate, **build_opts)

@@ -30,7 +30,7 @@ class PruneConfig:
     calibration: str | None = None  # recipe name or file; default digits for the example, random otherwise
     criterion: str = "cap"
     compensation: bool = True
-    channel_multiple: int = 8  # 0 in a build: the target's
+    channel_multiple: int | None = 8  # None: the target's (a build's default); 0, as the CLI and a manifest say it
     ignore: tuple[str, ...] = ()
     seed: int = 0
     exporter: str = "dynamo"
@@ -46,7 +46,9 @@ class PruneConfig:
             raise EdgePruneError(f"--repair must be auto, {' or '.join(REPAIRS)}, found {self.repair!r}")
         if self.criterion not in CRITERIA:
             raise EdgePruneError(f"unknown criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
-        if self.channel_multiple < 0:  # 0: the target's channel_multiple (build)
+        if self.channel_multiple == 0:  # the CLI's and a manifest's spelling of "the target's"
+            object.__setattr__(self, "channel_multiple", None)
+        if self.channel_multiple is not None and self.channel_multiple < 1:
             raise EdgePruneError(f"--channel-multiple must be at least 1, found {self.channel_multiple}")
         check_seed(self.seed)
         check_patterns(self.ignore)

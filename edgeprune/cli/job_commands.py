@@ -97,7 +97,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                         "the calibration data as labels (for unlabelled recipes)")
     p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
     add_repair_arg(p)
-    p.add_argument("--channel-multiple", type=int, default=0,
+    p.add_argument("--channel-multiple", type=int, default=None,
                    help="round widths to this multiple (default: the target's channel_multiple)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")

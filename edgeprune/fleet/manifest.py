@@ -78,7 +78,7 @@ class Entry:
         prune = PruneConfig(model=self.model, weights=self.weights, input_shape=self.input_shape,
                             calibration=self.calibration, criterion=b.get("criterion", "cap"),
                             repair=b.get("repair", "auto"), exporter=b.get("exporter", "torchscript"),
-                            seed=b.get("seed", 0), channel_multiple=b.get("channel_multiple", 0))
+                            seed=b.get("seed", 0), channel_multiple=b.get("channel_multiple"))
         evaluate = load_callable(g["evaluate"], "evaluate") if "evaluate" in g else None
         return BuildConfig(prune=prune, device=self.target, latency=self.budget,
                            tolerance=b.get("tolerance", 0.05), max_steps=b.get("max_steps", 12),

@@ -71,7 +71,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
                 target: Target, table: LatencyTable | None, inputs: Inputs | None, measurer: Measurer) -> BuildOutcome:
     """The stages: prepare, baseline, inner level, search (and the table's device check), verification, release."""
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
-        if config.prune.channel_multiple == 0 else config.prune
+        if config.prune.channel_multiple is None else config.prune
     session = prepare(pc, stages, inputs=inputs)
     check_gates_apply(config, session)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")

@@ -47,6 +47,8 @@ def prune_job(config: PruneConfig, out: str | Path, ratio: float | None = None, 
     output is refused unless `force`) and written as a whole at the end."""
     if (ratio is None) == (plan_path is None):
         raise EdgePruneError("give exactly one of --ratio (fraction of channels removed) or --plan plan.json")
+    if config.channel_multiple is None and plan_path is None:  # a plan brings its own
+        raise EdgePruneError("--channel-multiple must be at least 1 for prune, which has no target to take it from")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise EdgePruneError(f"--ratio is the fraction of channels removed and must be in [0, 1), found {ratio}")
     given = Plan.load(plan_path) if plan_path else None

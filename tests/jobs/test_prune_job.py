@@ -38,3 +38,17 @@ def test_non_finite_outputs_return_exit_4(broken_fidelity: None, tmp_path: Path,
                         ratio=0.5, exporter="torchscript", out=tmp_path / "api")
     assert r.exit_code == 4 and "not finite" in (r.message or "") and r.out == tmp_path / "api.failed"
     assert r.fidelity.nonfinite == 3 and not (tmp_path / "api").exists()
+
+
+def test_channel_multiple_none_is_the_targets_and_prune_needs_one(tmp_path: Path) -> None:
+    from edgeprune.config import PruneConfig
+    from edgeprune.errors import EdgePruneError
+    from edgeprune.jobs.prune_job import prune_job
+
+    assert PruneConfig(channel_multiple=0).channel_multiple is None  # the CLI's and a manifest's "0": the target's
+    assert PruneConfig(channel_multiple=None).channel_multiple is None and PruneConfig().channel_multiple == 8
+    with pytest.raises(EdgePruneError, match="--channel-multiple must be at least 1, found -1"):
+        PruneConfig(channel_multiple=-1)
+    with pytest.raises(EdgePruneError, match="must be at least 1 for prune, which has no target") as e:
+        prune_job(PruneConfig(channel_multiple=0), tmp_path / "out", ratio=0.5)
+    assert e.value.code == 2 and not (tmp_path / "out").exists()
