@@ -286,11 +286,10 @@ def fidelity_error(prep: Prepared, timings: dict[str, float],
 
 
 def allocation_cost(prep: Prepared, table: Any) -> Callable[[dict[str, int]], float]:
-    """The latency model of the latency-aware allocation: the table's prediction with --lut, else MACs plus memory
-    traffic (`latency.cost.roofline_cost`)."""
-    from edgeprune.latency.cost import relative_cost, roofline_cost, table_cost
+    """The latency model of the latency-aware allocation: the table's prediction with --lut, else MACs."""
+    from edgeprune.latency.cost import macs_cost, relative_cost, table_cost
     from edgeprune.latency.table import LayerModel
 
     layers = LayerModel.from_model(prep.loaded.module, prep.loaded.example_input, prep.graph, prep.loaded.spec)
-    cost = table_cost(table, layers) if table is not None else roofline_cost(layers)
+    cost = table_cost(table, layers) if table is not None else macs_cost(layers)
     return relative_cost(cost, layers.full())
