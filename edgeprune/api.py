@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from edgeprune.config import BuildConfig, PruneConfig
+from edgeprune.config import BUILD_DEFAULTS, BuildConfig, PruneConfig
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.targets import Target
 from edgeprune.jobs.session import Inputs
@@ -139,7 +139,7 @@ def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tup
     from edgeprune.jobs.build_job import build as run
 
     prune_opts, data_opts, build_opts = _split_options(options, _PRUNE_OPTIONS | _BUILD_OPTIONS)
-    prune_opts = {"exporter": "torchscript", "channel_multiple": None, **prune_opts}  # the CLI build's defaults
+    prune_opts = {**BUILD_DEFAULTS, **prune_opts}  # the CLI build's defaults
     fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
     config = BuildConfig(prune=PruneConfig(**fields, **prune_opts), device=device, latency=latency,
                          evaluate=evaluate, **build_opts)
@@ -223,8 +223,8 @@ def release(model: nn.Module | str | Path, *, original: nn.Module | str | None =
     module_given = isinstance(model, nn.Module)
     fields, inputs = _inputs(original if module_given else None, example_input if module_given else None,
                              input_shape, calibration, data_opts, seed)
-    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"), **fields),
-                         device=device, latency=latency, evaluate=evaluate, **build_opts)
+    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", BUILD_DEFAULTS["exporter"]),
+                                           **fields), device=device, latency=latency, evaluate=evaluate, **build_opts)
     pruned = release_inputs(model, original, plan, example_input, inputs, weights, seed)
     return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)
 
@@ -272,7 +272,7 @@ def finetune(source: str | Path, *, original: nn.Module | None = None, calibrati
     src = read_source(source, original=original)
     fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data_opts, seed)
     device, latency = src.release_settings(device, latency)
-    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", "torchscript"),
+    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", BUILD_DEFAULTS["exporter"]),
                                            calibration=fields["calibration"]),
                          device=device, latency=latency, evaluate=evaluate,
                          **build_opts)

@@ -20,6 +20,13 @@ from edgeprune.plan import REPAIRS
 from edgeprune.scoring.registry import CRITERIA
 
 
+# The defaults where `prune` and `build` differ (the CLI, the API and a manifest read them here): prune exports once,
+# with dynamo (torch's recommended exporter), at widths rounded to 8; build exports every candidate, with torchscript
+# (several times faster), at the target's channel_multiple (None).
+PRUNE_DEFAULTS: dict[str, Any] = {"exporter": "dynamo", "channel_multiple": 8}
+BUILD_DEFAULTS: dict[str, Any] = {"exporter": "torchscript", "channel_multiple": None}
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What to prune and how; `None` means the default."""

@@ -111,6 +111,34 @@ def add_repair_arg(p: argparse.ArgumentParser) -> None:
                         "sequential on real calibration data, independent on random data")
 
 
+def add_pruning_args(p: argparse.ArgumentParser, criterion_help: str, build: bool) -> None:
+    """How `prune` and `build` prune: --criterion, --pseudo-labels, --no-compensation, --repair, --channel-multiple."""
+    p.add_argument("--criterion", default="cap", help=criterion_help)
+    p.add_argument("--pseudo-labels", action="store_true",
+                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
+                        "the calibration data as labels (for unlabelled recipes)")
+    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
+    add_repair_arg(p)
+    from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
+
+    p.add_argument("--channel-multiple", type=int,
+                   default=(BUILD_DEFAULTS if build else PRUNE_DEFAULTS)["channel_multiple"],
+                   help="round widths to this multiple (default: the target's channel_multiple)" if build else
+                   "round widths to this multiple (default 8)")
+
+
+def add_export_args(p: argparse.ArgumentParser, build: bool) -> None:
+    """--ignore and --exporter, as `prune` and `build` share them (the exporter: `config.BUILD_DEFAULTS`)."""
+    from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
+
+    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
+                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
+    exporter = (BUILD_DEFAULTS if build else PRUNE_DEFAULTS)["exporter"]
+    p.add_argument("--exporter", choices=(exporter, "dynamo" if exporter == "torchscript" else "torchscript"),
+                   default=exporter, help="exporter for every candidate and the result (default torchscript: several "
+                   "times faster)" if build else "torch.onnx exporter (default dynamo)")
+
+
 def add_calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, metavar="RECIPE",
                    help="calibration recipe: digits, random, imagefolder, npy or a TOML file "

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg, add_model_args,
-                                  add_repair_arg, emit_json, prune_config)
+from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_export_args,
+                                  add_force_arg, add_model_args, add_pruning_args, emit_json, prune_config)
 from edgeprune.errors import EdgePruneError
 from edgeprune.report.contract import BuildReport
 
@@ -31,16 +31,8 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
     how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
-    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
-    p.add_argument("--pseudo-labels", action="store_true",
-                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
-                        "the calibration data as labels (for unlabelled recipes)")
-    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
-    add_repair_arg(p)
-    p.add_argument("--channel-multiple", type=int, default=8, help="round widths to this multiple (default 8)")
-    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    add_pruning_args(p, CRITERION_HELP, build=False)
+    add_export_args(p, build=False)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder, written as a whole at the end; an existing folder is replaced only if it "
                         "holds a previous edgeprune output")
@@ -91,14 +83,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
     p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
                                                      "(default 0.5x)")
-    p.add_argument("--criterion", default="cap", help=CRITERION_HELP)
-    p.add_argument("--pseudo-labels", action="store_true",
-                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
-                        "the calibration data as labels (for unlabelled recipes)")
-    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
-    add_repair_arg(p)
-    p.add_argument("--channel-multiple", type=int, default=None,
-                   help="round widths to this multiple (default: the target's channel_multiple)")
+    add_pruning_args(p, CRITERION_HELP, build=True)
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
     p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
@@ -130,10 +115,7 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                    help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
                         "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")
     add_gate_args(p)
-    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
-                   help="exporter for every candidate and the result (default torchscript: several times faster)")
+    add_export_args(p, build=True)
     add_cache_args(p)
     p.add_argument("--lut", default=None, metavar="lut.json",
                    help="search on this latency table (made by `edgeprune lut` on the device); only the final model "

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.common.tomlcheck import check_folder_name, check_keys, read_toml, take
-from edgeprune.config import BuildConfig, PruneConfig, parse_budget
+from edgeprune.config import BUILD_DEFAULTS, BuildConfig, PruneConfig, parse_budget
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.targets import load_target
 
@@ -77,7 +77,7 @@ class Entry:
         b, g = dict(self.build), dict(self.gates)
         prune = PruneConfig(model=self.model, weights=self.weights, input_shape=self.input_shape,
                             calibration=self.calibration, criterion=b.get("criterion", "cap"),
-                            repair=b.get("repair", "auto"), exporter=b.get("exporter", "torchscript"),
+                            repair=b.get("repair", "auto"), exporter=b.get("exporter", BUILD_DEFAULTS["exporter"]),
                             seed=b.get("seed", 0), channel_multiple=b.get("channel_multiple"))
         evaluate = load_callable(g["evaluate"], "evaluate") if "evaluate" in g else None
         return BuildConfig(prune=prune, device=self.target, latency=self.budget,

@@ -135,9 +135,9 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
         search = {"criterion": plan.criterion, "compensation": plan.compensation, "repair": plan.repair,
                   "proxy": "none (released as given)", "channel_multiple": plan.channel_multiple,
                   "tolerance": config.tolerance, "converged": True, "measured_candidates": 0, "trace": []}
-        report = release_report(
-            run, release, a, {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()},
-            search, command=notes.pop("command", "release"), widths_from=pruned.source, notes=notes)
+        widths = {g: {"before": plan.channels.get(g, len(k)), "after": len(k)} for g, k in plan.kept.items()}
+        report = release_report(run, release, a, widths, search, command=notes.pop("command", "release"),
+                                widths_from=pruned.source, notes=notes)
         missed = (f"the released model measures {final.median:.3f} ms on {target.name}, over the budget of "
                   f"{run.budget_ms:.3f} ms ({config.budget.text}); prune it further (edgeprune build) or raise the "
                   f"budget")
