@@ -267,8 +267,17 @@ def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Asse
         "far_under_budget": met and final < FAR_UNDER * run.budget_ms,
         "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
         "trace": [c.to_dict() for c in result.trace]}
-    return release_report(run, release, a, widths, search_entry, lut=run.config.lut,
+    return release_report(run, release, a, widths, search_entry, lut=run.config.lut, lut_check=lut_check(run),
                           excluded_groups=session.graph.excluded, exporter=pc.exporter, recovery=recovery)
+
+
+def lut_check(run: BuildRun) -> dict[str, Any] | None:
+    """The --lut table's stored self-check for this model (`latency.table.stored_check`), for the report."""
+    if not run.config.lut:
+        return None
+    from edgeprune.latency.table import load_lut, stored_check
+
+    return stored_check(load_lut(run.config.lut), run.loaded.spec, run.config.lut)
 
 
 def looser(budget: str) -> str:

@@ -116,3 +116,16 @@ def test_api_lut_passes_check_and_seed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(job, "lut_job", lambda *a, **kw: seen.update(kw) or {"check": None})
     assert edgeprune.lut("example", "cpu", "lut.json", check=3, seed=7) == {"check": None}
     assert seen["check"] == 3 and seen["seed"] == 7
+
+
+def test_build_on_a_table_reports_its_self_check(table_env: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """report.json and report.md of a `build --lut` carry the table's stored check, as `lut` stored it."""
+    code = main(["build", "--lut", str(table_env["table"]), "--device", str(table_env["target"]), "--latency", "0.5x",
+                 "--tolerance", "0.2", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "b"),
+                 "--min-agreement", "0", "--json"])
+    capsys.readouterr()
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    stored = load_lut(table_env["table"]).models["example"]["check"]
+    assert code == 0 and report["lut_check"]["check"] == stored
+    assert report["lut_check"]["line"] in (tmp_path / "b" / "report.md").read_text()
