@@ -271,8 +271,7 @@ def fidelity_error(prep: Prepared, timings: dict[str, float],
 
     x = torch.from_numpy(prep.data.calib_x[:proxy_samples(prep.data)].copy())
     proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
-                        orders=prep.orders(), solvers=prep.solvers, weights=weights,
-                        kl=prep.data.recipe.kind != "random")
+                        orders=prep.orders(), solvers=prep.solvers, weights=weights)
     memo: dict[str, float] = {}
 
     def error(widths: dict[str, int]) -> float:
