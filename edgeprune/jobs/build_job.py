@@ -21,8 +21,16 @@ from edgeprune.common.progress import Stages, no_progress
 from edgeprune.config import BuildConfig
 from edgeprune.inputs.targets import Target
 from edgeprune.jobs.delivery import BuildOutcome, ReleaseRun, deliver, measurement_cache, release_report
-from edgeprune.jobs.oracle import (FAR_UNDER, LatencyOracle, MeasuredOracle, Measurer, TableOracle, Verification,
-                                   Verified, verify_release)
+from edgeprune.jobs.oracle import (
+    FAR_UNDER,
+    LatencyOracle,
+    MeasuredOracle,
+    Measurer,
+    TableOracle,
+    Verification,
+    Verified,
+    verify_release,
+)
 from edgeprune.jobs.session import Inputs, Prepared, allocation_cost, fidelity_error, prepare
 from edgeprune.quality.gates import Assessment, assess, check_gates_apply, run_metric
 from edgeprune.report.contract import BuildReport, verdict
@@ -50,8 +58,8 @@ def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
     leaves `out` as it was: the last good release is never replaced by a failed one (`atomic.OutputDir`). `inputs`
     (the Python API) hands over a live model and calibration samples; `measure_fn` replaces `runtimes.measure`, and
     `measurer` the class that measures for the job (tests: a subclass whose figures for one stage they control)."""
-    from edgeprune.runtimes import runtime_for
     from edgeprune.inputs.targets import load_target
+    from edgeprune.runtimes import runtime_for
 
     with compute_threads(), retained_memory():
         target = load_target(config.device)
