@@ -86,7 +86,7 @@ class Prepared:
         if plan.compensation and plan.repair == "sequential":  # forward passes, like the statistics: all threads
             with heavy_stage_threads(self.data.batch_values):  # fitted without the held-back scenes, as the stats
                 return prune(self.loaded.module, self.loaded.example_input, plan, self.stats, self.config.ignore,
-                             graph=self.graph, batches=list(self.data.calib_batches(start=held_back(self.data))))
+                             graph=self.graph, batches=list(self.data.calib_batches(start=self.data.held_back)))
         with group_workers(self.data.batch_values) as workers:
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
@@ -102,7 +102,7 @@ class Prepared:
         the same widths kept 39% (issue 28)."""
         model = self.prune(plan)
         if not (self.config.repair == "auto" and plan.compensation and plan.repair == "sequential"
-                and held_back(self.data)):
+                and self.data.held_back):
             return plan, model
         alt_plan = dataclasses.replace(plan, repair="independent")
         alt = self.prune(alt_plan)
@@ -199,7 +199,7 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
     stats: dict[str, LayerStats] = {}
     if config.compensation or config.criterion in NEEDS_STATS:
         with timed(t, "statistics"), heavy_stage_threads(data.batch_values):
-            skip = held_back(data)  # the proxy's samples
+            skip = data.held_back  # the proxy's samples
             n = -(-(len(data.calib_x) - skip) // data.recipe.batch_size)
             stats = collect_statistics(loaded.module, graph.consumer_modules(), data.calib_batches(start=skip),
                                        progress=stages("collecting statistics", n), total_batches=n,
@@ -245,20 +245,17 @@ def hold_back(data: CalibrationData, seed: int) -> CalibrationData:
                                calib_y=None if data.calib_y is None else data.calib_y[order])
 
 
-def held_back(data: CalibrationData) -> int:
-    return data.held_back
-
-
 def held_back_error(base: nn.Module, pruned: nn.Module, x: torch.Tensor) -> float:
-    """||y_pruned - y|| / ||y|| on `x`, every output flattened and joined (as the proxy grades, unweighted)."""
+    """||y_pruned - y|| / ||y|| on `x`, every output flattened and joined (`quality.fidelity.joined`; unweighted)."""
     from edgeprune.inputs.outputs import flatten_outputs
+    from edgeprune.quality.fidelity import joined
 
-    def joined(model: nn.Module) -> torch.Tensor:
+    def outputs(model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([t.reshape(len(x), -1).float() for _, t in flatten_outputs(model.eval()(x))], 1)
+            return joined(dict(flatten_outputs(model.eval()(x)))).float()
 
-    yb = joined(base)
-    return float(torch.linalg.norm(joined(pruned) - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
+    yb = outputs(base)
+    return float(torch.linalg.norm(outputs(pruned) - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
 
 
 def fidelity_error(prep: Prepared, timings: dict[str, float],
