@@ -4,8 +4,6 @@ missing-weights error, and that the model's coupled structures (residual, concat
 from __future__ import annotations
 
 import gzip
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,12 @@ import torch
 
 from edgeprune.inputs.data import load_data
 from edgeprune.inputs.recipe import load_recipe
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tools import tool_by_path
 
 
 @pytest.fixture(scope="module")
 def fashion():
-    spec = importlib.util.spec_from_file_location("tools_fashion", TOOLS / "fashion.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tools_fashion"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["tools_fashion"]
+    yield from tool_by_path("fashion")
 
 
 def write_idx(path: Path, a: np.ndarray) -> None:

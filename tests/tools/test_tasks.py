@@ -3,9 +3,7 @@ trained nets against random ones, their ONNX export, and the calibration recipe 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +12,12 @@ import torch
 
 from edgeprune.inputs.data import load_data
 from edgeprune.inputs.recipe import load_recipe
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+from tests.tools import tool_by_path
 
 
 @pytest.fixture(scope="module")
 def tasks():
-    spec = importlib.util.spec_from_file_location("tools_tasks", TOOLS / "tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tools_tasks"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["tools_tasks"]
+    yield from tool_by_path("tasks")
 
 
 def same(a, b) -> bool:
