@@ -56,17 +56,35 @@ def test_lut_stores_its_self_check_with_figures_that_follow_from_its_plans(table
     assert table.models["example"]["input_shape"] == list(load_model("example").input_shape)
 
 
+def check_only(table: Path, target: Path, capsys: pytest.CaptureFixture) -> dict:
+    """`lut --check-only TABLE --json`, its printed result."""
+    code = main(["lut", "--check-only", str(table), "--device", str(target), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["model"] == "example" and out["check"]["plans"] == CHECK_PLANS
+    return out
+
+
 def test_a_table_scaled_by_1_3_fails_its_own_check(table_env: dict, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    honest = load_lut(table_env["table"]).models["example"]["check"]
+    """The wrong table is checked beside a copy of the honest one, in the same moment: the check compares milliseconds
+    with milliseconds, so a machine whose load moved since the table was made (the suite's other worker) would fail the
+    honest table as well (CI once measured the whole example 1.3x slower than the fixture had). A pair whose honest
+    control misses is taken again; three such pairs in a row skip, saying so."""
     wrong = scaled_copy(table_env["table"], tmp_path / "wrong.json", 1.3)
-    with caplog.at_level(logging.WARNING):
-        code = main(["lut", "--check-only", str(wrong), "--device", str(table_env["target"]), "--json"])
-    out = json.loads(capsys.readouterr().out)
+    honest_copy = tmp_path / "honest.json"
+    for _ in range(3):
+        shutil.copy(table_env["table"], honest_copy)
+        with caplog.at_level(logging.WARNING):
+            out = check_only(wrong, table_env["target"], capsys)
+        honest = check_only(honest_copy, table_env["target"], capsys)["check"]
+        if honest["within_10"] >= 0.9:
+            break
+        caplog.clear()
+    else:
+        pytest.skip(f"the honest table missed its own check three times beside the wrong one (last: "
+                    f"{honest['within_10']:.0%} within ±10%): this machine's timings moved too much to tell them apart")
     check = out["check"]
-    assert code == 0 and out["model"] == "example" and check["plans"] == CHECK_PLANS
-    assert check["within_10"] <= 0.5 and check["within_10"] < honest["within_10"]
-    assert check["mean_abs_error"] > honest["mean_abs_error"]
+    assert check["within_10"] <= 0.5 and check["mean_abs_error"] > honest["mean_abs_error"]
     assert sum(p["predicted_ms"] > p["measured_ms"] for p in check["points"]) >= 8  # predicted high, as made
     assert "random plans of example within ±10%" in out["check_warning"] and out["check_warning"] in caplog.text
     assert load_lut(wrong).models["example"]["check"] == check  # stored, and the table still loads

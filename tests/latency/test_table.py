@@ -137,7 +137,9 @@ def test_build_with_lut_meets_budget_with_two_device_measurements(table_env: dic
                  "--tolerance", "0.2",  # sub-millisecond example: a 5% band is within this machine's noise
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "b"), "--json"])
     r = json.loads(capsys.readouterr().out)
-    assert code == 0 and r["met"] and r["device_measurements"] <= 2
+    # one figure of the table's choice; when it misses the band, one of the corrected choice; when noise puts that
+    # one over the budget, one of the next feasible candidate (verify_release): never a search on the device
+    assert code == 0 and r["met"] and r["device_measurements"] <= 3
     sources = [c["source"] for c in r["search"]["trace"]]
     assert "lut" in sources and sources.count("measured") <= 2
     # the summary prints the table's stored self-check (the fixture's `lut` made one); report.md gives it when the
