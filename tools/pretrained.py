@@ -106,6 +106,17 @@ def _matplotlib(name: str) -> np.ndarray:
     return _file(os.path.join(matplotlib.get_data_path(), "sample_data", name))
 
 
+OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+
+
+def _opencv(name: str) -> np.ndarray:
+    """A photo of OpenCV's sample data, which Debian's `opencv-doc` package installs under OPENCV_DATA."""
+    if not (OPENCV_DATA / name).is_file():
+        raise SystemExit(f"photo {name} needs OpenCV's sample data in {OPENCV_DATA}: apt-get install opencv-doc "
+                         "(or run with --photos packages)")
+    return _file(str(OPENCV_DATA / name))
+
+
 def _ultralytics(name: str) -> np.ndarray:
     import ultralytics
 
@@ -123,21 +134,30 @@ PHOTOS = {
     "zidane": lambda: _ultralytics("zidane.jpg"),
     "bus": lambda: _ultralytics("bus.jpg"),
 }
+# photos of real scenes in OpenCV's sample data (Debian's opencv-doc): one of each stereo or motion pair, no drawings,
+# paintings, renders or calibration boards
+OPENCV_PHOTOS = {
+    f"cv_{n.split('.')[0]}": (lambda n=n: _opencv(n)) for n in (
+        "baboon.jpg", "aero1.jpg", "aero3.jpg", "aloeL.jpg", "apple.jpg", "orange.jpg", "fruits.jpg",
+        "basketball1.png", "board.jpg", "box_in_scene.png", "building.jpg", "butterfly.jpg", "chicky_512.png",
+        "ela_original.jpg", "graf1.png", "home.jpg", "leuvenA.jpg", "licenseplate_motion.jpg", "messi5.jpg",
+        "rubberwhale1.png", "smarties.png", "squirrel_cls.jpg", "stuff.jpg")}
+PHOTO_SETS = {"packages": PHOTOS, "all": {**PHOTOS, **OPENCV_PHOTOS}}
 
 
 def load_photo(name: str) -> np.ndarray:
     """H x W x 3 uint8."""
-    img = np.asarray(PHOTOS[name]())
+    img = np.asarray(PHOTO_SETS["all"][name]())
     if img.dtype != np.uint8:
         img = (255 * (img.astype(np.float64) / max(float(img.max()), 1e-9))).astype(np.uint8)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
-    return np.ascontiguousarray(img[..., :3])
+    return np.array(img[..., :3], order="C")  # a writable copy (PIL arrays are read-only)
 
 
-def photo_split(seed: int, heldout: int = 7) -> tuple[list[str], list[str]]:
-    """The photos split into calibration and held-out ones (`heldout` photos), by seed."""
-    names = sorted(PHOTOS)
+def photo_split(seed: int, heldout: int = 7, photos: str = "packages") -> tuple[list[str], list[str]]:
+    """The photos of set `photos` (PHOTO_SETS) split into calibration and held-out ones (`heldout` photos), by seed."""
+    names = sorted(PHOTO_SETS[photos])
     order = np.random.default_rng(1000 + seed).permutation(len(names))
     held = sorted(names[i] for i in order[:heldout])
     return [n for n in names if n not in held], held

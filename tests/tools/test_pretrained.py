@@ -43,3 +43,18 @@ def test_photos_split_by_photo_and_crops_are_normalised_images() -> None:
     assert np.allclose(x, pretrained.crops(held[:2], 6, 64, seed=0)) and not np.allclose(x[0], x[2])
     raw = x.transpose(0, 2, 3, 1) * pretrained.STD + pretrained.MEAN  # back to pixels in [0, 1]
     assert raw.min() > -1e-4 and raw.max() < 1 + 1e-4
+
+
+def test_opencv_photos_join_the_split_when_installed() -> None:
+    """The benchmark's default photo set adds 23 photos of OpenCV's sample data (Debian's opencv-doc): held out 14 of
+    46, never a calibration photo; the ImageNet model calls OpenCV's baboon a baboon (class 372)."""
+    import pytest
+
+    if not pretrained.OPENCV_DATA.is_dir():
+        pytest.skip(f"OpenCV's sample photos are not installed ({pretrained.OPENCV_DATA}: apt-get install opencv-doc)")
+    cal, held = pretrained.photo_split(0, 14, "all")
+    assert not set(cal) & set(held) and len(held) == 14 and len(cal) + len(held) == 46
+    assert set(pretrained.photo_split(0, 7, "packages")[0]) <= set(pretrained.PHOTOS)
+    with torch.no_grad():
+        p = pretrained.efficientnet_lite0()(torch.from_numpy(pretrained.center(["cv_baboon"], 224))).softmax(1)
+    assert int(p.argmax()) == 372 and float(p.max()) > 0.5
