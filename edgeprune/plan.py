@@ -111,8 +111,9 @@ def round_width(width: float, channels: int, multiple: int, min_width: int | Non
 
 def width_step(group: Group, multiple: int) -> int:
     """The step a group's width moves by: `multiple` (the channel alignment), in whole units of a group pruned in
-    units (the groups of a grouped conv, see dependency/groupconv.py)."""
-    return math.lcm(multiple, group.unit)
+    units (the groups of a grouped conv, see dependency/groupconv.py), times the pieces of a split along channels
+    (each piece keeps the same aligned count, see dependency/splits.py)."""
+    return math.lcm(multiple, group.unit) * max(1, len(group.pieces))
 
 
 def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, int]:
@@ -127,6 +128,8 @@ def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tupl
     left empty would leave its conv with no output channel (a crash at pruning). The branch's best channel then
     replaces the worst kept one whose branch keeps another. A group pruned in units keeps whole units, in the order
     their first channel comes, enough of them for `width`."""
+    if group.pieces and width < group.channels:
+        return keep_shares(group, order, width)
     if group.units:
         unit_of = group.unit_of()
         units = list(dict.fromkeys(unit_of[c] for c in order))[: -(-width // group.unit)]
@@ -143,6 +146,20 @@ def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tupl
                 break
         else:
             kept.append(best)  # fewer channels kept than branches: one more
+    return tuple(sorted(kept))
+
+
+def keep_shares(group: Group, order: tuple[int, ...] | range, width: int) -> tuple[int, ...]:
+    """The first channels of `order` within each piece of a split, width / pieces of each (one at least): every piece
+    keeps as many channels as the others, so the split's pieces keep their positions (dependency/splits.py)."""
+    share = max(1, width // len(group.pieces))
+    piece_of = {ch: k for k, piece in enumerate(group.pieces) for ch in piece}
+    counts = [0] * len(group.pieces)
+    kept = []
+    for ch in order:
+        if counts[piece_of[ch]] < share:
+            counts[piece_of[ch]] += 1
+            kept.append(ch)
     return tuple(sorted(kept))
 
 

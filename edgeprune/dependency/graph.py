@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edgeprune.common.timelimit import time_limit
+from edgeprune.dependency import splits
 from edgeprune.dependency.groupconv import is_dense, is_depthwise, merge_grouped, reroot
 from edgeprune.dependency.reshapes import cut_unmapped, guard_mapping, unmapped_reason
 from edgeprune.errors import EdgePruneError, first_line
@@ -61,6 +62,10 @@ class Group:
     # channels removed only together: each group of a grouped conv the channels pass through (its input channels
     # and the output channels they make); empty when every channel stands alone
     units: tuple[tuple[int, ...], ...] = ()
+    # the channels of each piece of a split along channels (dependency/splits.py), in position order: every piece
+    # keeps as many as the others; and the (module, attribute) lists of sizes its split reads, rewritten after pruning
+    pieces: tuple[tuple[int, ...], ...] = ()
+    resizes: tuple[tuple[str, str], ...] = ()
 
     @property
     def unit(self) -> int:
@@ -80,6 +85,7 @@ class Group:
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "channels": self.channels, "producers": list(self.producers),
              "consumers": [c.module for c in self.consumers], "members": list(self.members)}
+        d = {**d, "pieces": len(self.pieces)} if self.pieces else d
         return {**d, "unit": self.unit} if self.units else d
 
 
@@ -122,12 +128,6 @@ REDUCING = ("SumBackward", "MeanBackward", "AmaxBackward", "AminBackward", "MaxB
             "TopkBackward", "NormalizeBackward")
 
 
-# Splits along channels (YOLO's C2f/C3k2 `chunk(2)` and `split`): the pieces are sized by position, so each piece
-# would have to lose its own share of channels; the group model here cannot say that yet, so such groups are excluded
-SPLITTING = ("SplitBackward", "SplitWithSizesBackward", "UnsafeSplitBackward", "UnsafeSplitWithSizesBackward",
-             "ChunkBackward", "UnbindBackward", "NarrowBackward")
-
-
 def _mixing_op(node: Any) -> str | None:
     unmapped = unmapped_reason(node)
     if unmapped is not None:
@@ -136,8 +136,9 @@ def _mixing_op(node: Any) -> str | None:
     name = type(fn).__name__ if fn is not None else ""
     if any(name.startswith(m) for m in CHANNEL_MIXING):
         return name
-    if any(name.startswith(m) for m in SPLITTING):
-        return f"{name} (a split along channels into pieces sized by position)"
+    split = splits.split_reason(node)  # a split along channels: pruned in equal shares where its pieces allow
+    if split is not None:
+        return split
     if any(name.startswith(m) for m in REDUCING) and _reduces_channels(fn):
         return f"{name} (a reduction over channels)"
     return None
@@ -206,7 +207,9 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
         return out
 
     try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, output_transform=note_outputs)
+        with splits.SplitRecorder(model) as calls:  # how forward() splits along channels, read by fix_split_mappings
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                       output_transform=note_outputs)
     except Exception as e:  # noqa: BLE001 - torch-pruning fails with any type; one line names the step
         import traceback
 
@@ -221,6 +224,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> Any
             f"{first} in {where}); edgeprune cannot prune this architecture's channels safely"
         ) from None
     dg.edgeprune_returned = returned  # _output_layers: a tensor that forward() returns and also feeds on
+    splits.fix_split_mappings(dg, calls)
     cut = cut_unmapped(dg)
     if cut:
         log.info("cut the dependency graph at %d reshapes torch-pruning cannot map", cut)
@@ -243,7 +247,7 @@ def all_groups(dg: Any, ignored: list[nn.Module], names: dict[nn.Module, str], e
             continue
         try:
             group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-            group = reroot(dg, m, group)
+            group = splits.widen(dg, m, reroot(dg, m, group))
         except (IndexError, ValueError, KeyError, ZeroDivisionError) as e:
             visited.add(id(m))
             excluded[names.get(m, f"<{type(m).__name__}>")] = (f"torch-pruning cannot follow its channels "
@@ -318,6 +322,11 @@ def _consumer(name: str, module: nn.Module, idxs: list[int], root_idxs: list[int
     return Consumer(module=name, coords=coords, compensable=is_dense(module), bn_follows=_bn_follows(dg, module))
 
 
+def _reads_whole(c: Consumer, pieces: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether a consumer reads every channel of the group, or of the split pieces it reads."""
+    return all(c.coords) or all(all(c.coords[ch] for ch in p) or not any(c.coords[ch] for ch in p) for p in pieces)
+
+
 TRACE_SECONDS = 300.0  # the longest the grouping may take (EDGEPRUNE_TRACE_SECONDS): fcn_resnet50 takes 7 s
 
 
@@ -346,7 +355,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         made: dict[str, dict[int, int]] = {}  # producer -> {its output channel: the group channel it is}
         feeds: list[tuple[str, dict[int, int]]] = []  # grouped convs reading the group: {their input: group channel}
         reason = None
+        seen: dict = {}  # the split nodes the group passes through (splits.note)
         for item in tp_group:
+            splits.note(seen, item)
             for node in (item.dep.source, item.dep.target):
                 op = _mixing_op(node)
                 if op is not None and reason is None:
@@ -374,7 +385,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
                              f"normalised with, which neither the repair nor the search's proxy can account for"
         if reason is None and not producers:
             reason = "no conv or linear produces these channels"
-        if reason is None and any(len(c.coords) != channels or not all(c.coords) for c in consumers):
+        pieces, resizes, split = splits.shares(seen, channels)
+        reason = reason or split
+        if reason is None and any(len(c.coords) != channels or not _reads_whole(c, pieces) for c in consumers):
             reason = "a consumer's input does not map channel by channel onto the group"
         if reason is not None:
             excluded[gname] = reason
@@ -382,7 +395,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         producers = list(dict.fromkeys(producers))
         produces = tuple(tuple(made[p][o] for o in sorted(made[p])) for p in producers)
         groups.append(Group(name=gname, channels=channels, producers=tuple(producers), consumers=tuple(consumers),
-                            members=tuple(members), produces=produces))
+                            members=tuple(members), produces=produces, pieces=pieces, resizes=resizes))
         if feeds:
             fed[gname] = feeds
     groups = merge_grouped(groups, fed, dict(model.named_modules()), excluded)

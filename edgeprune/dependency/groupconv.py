@@ -108,6 +108,8 @@ def _why_not(a: Any, feeds: Feeds, b: Any, readers: dict[str, list[str]], fed: d
     conv = feeds[0][0]
     m = modules[conv]
     lead = f"it feeds the grouped conv {conv} (groups={m.groups})"
+    if a.pieces or (b is not None and b.pieces):
+        return f"{lead}, and a split along channels cuts these channels into pieces: not pruned in both at once"
     if len(feeds) > 1:
         return f"it feeds {len(feeds)} grouped convs ({', '.join(c for c, _ in feeds)}), whose groups need not align"
     if any(is_grouped(modules[p]) for p in a.producers):

@@ -66,8 +66,9 @@ class Clusters:
 def _channel_tensors(model: nn.Module, g: Group) -> tuple[list[torch.Tensor], list[torch.Tensor]] | str:
     """The group's per-channel parameters and buffers (channel on dim 0), or why the group cannot be merged."""
     modules = dict(model.named_modules())
-    if g.units or g.branches or any(len(p) not in (0, g.channels) or list(p) != sorted(p) for p in g.produces):
-        return "grouped-conv units or concat branches"
+    if g.units or g.pieces or g.branches or any(len(p) not in (0, g.channels) or list(p) != sorted(p)
+                                                for p in g.produces):
+        return "grouped-conv units, split pieces or concat branches"
     if not all(c.compensable for c in g.consumers):
         return "a consumer that is not a dense conv or linear"
     params: list[torch.Tensor] = []

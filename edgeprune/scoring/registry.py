@@ -89,6 +89,8 @@ def rank(name: str, model: nn.Module, group: Group, stats: dict[str, LayerStats]
 def _rank(entry: Criterion, modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
           signals: Signals | None, seed: int, block: int | None = None) -> Ranking:
     fn = entry.rank if block is None else functools.partial(entry.rank, block=block)
+    if group.pieces:
+        return rank_pieces(fn, modules, group, stats, signals, seed, reads=entry.stats or bool(entry.signals))
     if entry.units and group.units:
         return rank_units(fn, modules, group, stats, signals, seed)
     return fn(modules, group, stats, signals, seed)
@@ -111,6 +113,41 @@ def rank_units(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group:
         return Ranking(order=order)
     at = np.arange(len(r.loss)) * group.unit
     return Ranking(order=order, loss=tuple(float(v) for v in np.interp(np.arange(group.channels + 1), at, r.loss)))
+
+
+def rank_pieces(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group: Group,
+                stats: dict[str, LayerStats], signals: Signals | None, seed: int, reads: bool) -> Ranking:
+    """A group split into equal pieces (dependency/splits.py), ranked so that every prefix of k·n channels holds n of
+    each of its k pieces: the order interleaves the pieces' own orders, and a plan's kept channels are a prefix (the
+    compensation's prefix solver applies). A criterion that reads the consumers' inputs ranks each piece apart when a
+    consumer reads the pieces unevenly (C2f's last conv reads one half twice, its bottleneck the other half only: CaP
+    needs every channel of a consumer to fill as many coordinates), and the loss curve adds the pieces' curves at n
+    channels each; otherwise the whole group is ranked and its loss curve (of its own order) kept, an approximation."""
+    uneven = reads and any(len({len(x) for x in c.coords}) > 1 for c in group.consumers if c.compensable)
+    if not uneven:
+        r = fn(modules, group, stats, signals, seed)
+        return Ranking(order=_interleave([[ch for ch in r.order if ch in set(p)] for p in group.pieces]), loss=r.loss)
+    orders, losses = [], []
+    for piece in group.pieces:
+        consumers = tuple(dataclasses.replace(c, coords=tuple(c.coords[ch] for ch in piece))
+                          for c in group.consumers if any(c.coords[ch] for ch in piece))
+        view = dataclasses.replace(group, channels=len(piece), consumers=consumers, producers=(), produces=(),
+                                   pieces=(), resizes=(), units=())
+        r = fn(modules, view, stats, signals, seed)
+        orders.append([piece[j] for j in r.order])
+        losses.append(r.loss)
+    order = _interleave(orders)
+    if any(loss is None for loss in losses):
+        return Ranking(order=order)
+    n, k = len(group.pieces[0]), len(group.pieces)
+    per = np.arange(group.channels + 1) / k  # channels of each piece kept at each width
+    return Ranking(order=order, loss=tuple(float(v) for v in sum(np.interp(per, np.arange(n + 1), loss)
+                                                                 for loss in losses)))
+
+
+def _interleave(orders: list[list[int]]) -> tuple[int, ...]:
+    """The first of each order, then the second of each, and so on."""
+    return tuple(ch for rank in zip(*orders) for ch in rank)
 
 
 def rank_all(name: str, model: nn.Module, groups: list[Group], stats: dict[str, LayerStats],

@@ -20,6 +20,7 @@ from edgeprune.compensation.solve import PrefixSolver, compensate_layer
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Graph, build_dependency_graph, trace
 from edgeprune.dependency.groupconv import is_grouped
+from edgeprune.dependency.splits import resize
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import Plan
 from edgeprune.surgery.merge import fold
@@ -41,6 +42,10 @@ def check_plan(graph: Graph, plan: Plan) -> None:
             if g in plan.kept and 0 < len(kept & set(unit)) < len(unit):
                 raise EdgePruneError(f"plan keeps part of a unit of group {g!r} (channels {unit[0]}..{unit[-1]}): the "
                                      f"channels of one group of a grouped conv go together; keep all {len(unit)} or none")
+        shares = {len(kept & set(piece)) for piece in names[g].pieces}
+        if g in plan.kept and len(shares) > 1:
+            raise EdgePruneError(f"plan keeps {sorted(shares)} channels in the pieces of group {g!r}'s split along "
+                                 f"channels: every piece must keep as many as the others")
         for branch in names[g].branches:
             if g in plan.kept and not set(branch) & set(plan.kept[g]):
                 raise EdgePruneError(f"plan keeps no channel of group {g!r}'s concat branch {branch[0]}..{branch[-1]}: "
@@ -197,6 +202,8 @@ def prune(
         group.prune()
         for it in grouped:
             _remove_conv_groups(dg, it.dep.target.module, sorted(int(i) for i in it.idxs))
+        if g.resizes:  # the lists of sizes a module splits by, to the pruned pieces
+            resize(model, g.resizes, len(plan.kept[g.name]) // len(g.pieces))
     return model
 
 
