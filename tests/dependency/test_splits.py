@@ -79,3 +79,30 @@ def test_a_split_the_pruned_pieces_cannot_follow_keeps_its_group_excluded(how: s
     graph = trace(build(FixedSplit, how), x())
     assert "conv" in graph.excluded and words in graph.excluded["conv"], graph.excluded
     assert [g.name for g in graph.groups] == ["a", "b"]
+
+
+def test_yolov8n_prunes_every_c2f_split_and_excludes_only_the_dfl_box_convs() -> None:
+    """Every C2f of YOLOv8n (random weights from its yaml) is one group over both halves; what stays excluded is the
+    box branch's last conv of each scale, whose 64 channels the DFL views as 4 x 16 bins (not a split)."""
+    pytest.importorskip("ultralytics")
+    from edgeprune.inputs.models import load_model
+
+    loaded = load_model("ultralytics:yolov8n.yaml", input_shape=(1, 3, 160, 160))
+    graph = trace(loaded.module, loaded.example_input)
+    split = {g.name: g for g in graph.groups if g.pieces}
+    assert set(split) == {f"model.{i}.cv1.conv" for i in (2, 4, 6, 8, 12, 15, 18, 21)}
+    assert all(len(g.pieces) == 2 and g.resizes == () for g in split.values())
+    assert set(graph.excluded) == {f"model.22.cv2.{i}.2" for i in range(3)}
+    assert all("DFL bins" in why for why in graph.excluded.values())
+
+
+@pytest.mark.slow
+def test_yolov8n_prunes_at_half_with_its_c2f_blocks(tmp_path) -> None:  # noqa: ANN001 - about 40 s
+    pytest.importorskip("ultralytics")
+    import edgeprune
+
+    result = edgeprune.prune("ultralytics:yolov8n.yaml", ratio=0.5, input_shape=(1, 3, 160, 160), out=tmp_path / "y")
+    assert result.exit_code == 0, result.message
+    assert not any("split" in why for why in result.report["excluded_groups"].values())
+    assert result.report["widths"]["model.21.cv1.conv"] == {"before": 256, "after": 128}
+    assert result.report["parity"]["rel_error"] < 1e-4
