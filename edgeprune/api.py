@@ -17,7 +17,6 @@ its budget or a gate returns (`result.exit_code` 3 or 4), it does not raise.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,15 +26,20 @@ from typing import Any
 
 from torch import nn
 
-from edgeprune.config import BUILD_DEFAULTS, BuildConfig, PruneConfig
+from edgeprune.config import BUILD_DEFAULTS, OPTION_KINDS, PRUNE_OPTIONS, BuildConfig, PruneConfig, canonical
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.targets import Target
 from edgeprune.jobs.session import Inputs
 from edgeprune.results import BuildResult, PruneResult
 from edgeprune.runtimes.stats import LatencyStats
 
-_PRUNE_OPTIONS = {f.name for f in dataclasses.fields(PruneConfig)} - {"model", "calibration", "input_shape"}
-_BUILD_OPTIONS = {f.name for f in dataclasses.fields(BuildConfig)} - {"prune", "device", "latency", "evaluate"}
+# The options each call takes (`BuildConfig.from_dict`'s keys; model and calibration are arguments of their own)
+_PRUNE_OPTIONS = set(PRUNE_OPTIONS) - {"model", "calibration"}
+_BUILD_OPTIONS = set(OPTION_KINDS) - {"model", "calibration"}
+# release and finetune prune nothing: the build's options without the pruning ones (`weights`: fine-tuned weights)
+_RELEASE_OPTIONS = (_BUILD_OPTIONS - _PRUNE_OPTIONS) | {"seed", "exporter", "input_shape", "weights"}
+_FINETUNE_OPTIONS = (_BUILD_OPTIONS - _PRUNE_OPTIONS) | {"seed", "exporter"} | {
+    "stage", "steps", "minutes", "epochs", "orthoreg", "lr", "batch", "temperature", "centripetal", "validation"}
 _DATA_OPTIONS = {"heldout", "batch_size", "count"}  # how calibration data in memory is split (recipe keys)
 
 
@@ -75,17 +79,12 @@ def load_target(spec: str | Path) -> Target:
     return load(spec)
 
 
-def _split_options(options: dict[str, Any], allowed: set[str]) -> tuple[dict, dict, dict]:
-    unknown = set(options) - allowed - _DATA_OPTIONS
-    if unknown:
-        raise EdgePruneError(f"unknown option(s) {', '.join(sorted(unknown))}; known: "
-                             f"{', '.join(sorted(allowed | _DATA_OPTIONS))}")
-    prune = {k: v for k, v in options.items() if k in _PRUNE_OPTIONS}
-    data = {k: v for k, v in options.items() if k in _DATA_OPTIONS}
-    rest = {k: v for k, v in options.items() if k not in prune and k not in data}
-    if "ignore" in prune:
-        prune["ignore"] = tuple(prune["ignore"])
-    return prune, data, rest
+def _options(options: dict[str, Any], known: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The call's options (old spellings renamed; an unknown one an error naming the known ones) and, apart, those
+    that split calibration data given in memory."""
+    options = canonical(options, known | _DATA_OPTIONS)
+    return {k: v for k, v in options.items() if k not in _DATA_OPTIONS}, \
+        {k: v for k, v in options.items() if k in _DATA_OPTIONS}
 
 
 def _inputs(model: nn.Module | str | None, example_input: Any, input_shape: tuple[int, ...] | None,
@@ -125,24 +124,22 @@ def _out(out: str | Path | None, kind: str) -> Path:
 
 
 @_keeps_random_state
-def build(model: nn.Module | str, *, example_input: Any = None, input_shape: tuple[int, ...] | None = None,
-          calibration: Any = None, device: str = "cpu", latency: str = "0.5x",
-          evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None, force: bool = False,
-          on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
+def build(model: nn.Module | str, *, example_input: Any = None, calibration: Any = None, device: str = "cpu",
+          latency: str = "0.5x", evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None,
+          force: bool = False, on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
     """Prune `model` until its latency measured on `device` meets `latency` ("10ms", "800us", "0.5x").
 
     `evaluate(module) -> float` (higher is better) is your metric, run on the unpruned and the pruned torch module
     (eval mode, CPU; on an int8 target the pruned model is the quantised ONNX file run in ONNX Runtime, a
     `quantize.OnnxModule`); it is in the report and gated by `max_metric_drop=`. Artifacts go to `out` (default: a new
-    temporary folder, `result.out`). Returns a `BuildResult`; `result.exit_code` 3 or 4 when the budget or a gate
-    was missed."""
+    temporary folder, `result.out`). `options`: `BuildConfig.from_dict`'s keys (`input_shape=`, `criterion=`,
+    `max_steps=`, ...). `on_step(candidate)` is called for every measured candidate. Returns a `BuildResult`;
+    `result.exit_code` 3 or 4 when the budget or a gate was missed."""
     from edgeprune.jobs.build_job import build as run
 
-    prune_opts, data_opts, build_opts = _split_options(options, _PRUNE_OPTIONS | _BUILD_OPTIONS)
-    prune_opts = {**BUILD_DEFAULTS, **prune_opts}  # the CLI build's defaults
-    fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
-    config = BuildConfig(prune=PruneConfig(**fields, **prune_opts), device=device, latency=latency,
-                         evaluate=evaluate, **build_opts)
+    opts, data = _options({"device": device, "latency": latency, "evaluate": evaluate, **options}, _BUILD_OPTIONS)
+    fields, inputs = _inputs(model, example_input, opts.get("input_shape"), calibration, data, opts.get("seed", 0))
+    config = BuildConfig.from_dict({**opts, **fields})
     return run_build(config, _out(out, "build"), force=force, on_step=on_step, inputs=inputs, run=run)
 
 
@@ -160,10 +157,10 @@ def prune(model: nn.Module | str, *, ratio: float | None = None, plan: str | Pat
     pruned model's outputs are not finite, its artifacts then in `result.out`, OUT.failed: it does not raise)."""
     from edgeprune.jobs.prune_job import prune_job
 
-    prune_opts, data_opts, _ = _split_options(options, _PRUNE_OPTIONS)
-    fields, inputs = _inputs(model, example_input, input_shape, calibration, data_opts, prune_opts.get("seed", 0))
+    opts, data = _options({"input_shape": input_shape, **options}, _PRUNE_OPTIONS)
+    fields, inputs = _inputs(model, example_input, opts.get("input_shape"), calibration, data, opts.get("seed", 0))
     dest = _out(out, "prune")
-    outcome = prune_job(PruneConfig(**fields, **prune_opts), dest, ratio=ratio,
+    outcome = prune_job(PruneConfig.from_dict({**opts, **fields}), dest, ratio=ratio,
                         plan_path=str(plan) if plan is not None else None, force=force, inputs=inputs)
     out_dir = Path(outcome.out) if outcome.exit_code else dest
     return PruneResult(module=outcome.module, plan=outcome.plan, fidelity=outcome.fidelity,
@@ -186,7 +183,8 @@ def profile(model: nn.Module | str | Path, device: str = "cpu", *, example_input
 
         loaded = from_module(model, example_input, input_shape)
         with tempfile.TemporaryDirectory(prefix="edgeprune-profile-") as tmp:
-            path = export_candidate(loaded.module, loaded.example_input, Path(tmp) / "model.onnx", "torchscript")
+            path = export_candidate(loaded.module, loaded.example_input, Path(tmp) / "model.onnx",
+                                     BUILD_DEFAULTS["exporter"])
             return measure(path, target, cache=store, repeats=repeats)
     return measure(model, target, cache=store, repeats=repeats)
 
@@ -199,34 +197,35 @@ def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
     its self-check: `check` random plans (seeded by `seed`; 0: none) measured whole against the table's predictions,
     stored in the table and returned under "check" (`plans`, `within_5`, `within_10`, `worst_error`, ...) with
     "check_warning" (None when at least 90% are within ±10%)."""
-    from edgeprune.jobs.lut_job import lut_job
+    from edgeprune.jobs.lut_job import TableModel, lut_job
 
     if not isinstance(model, str):
         raise EdgePruneError("lut() takes a model spec string: the table is keyed by it, and a build reads it back "
                              "by the same spec")
-    return lut_job(model, device, out, weights, input_shape, resume, check=check, seed=seed)
+    return lut_job(TableModel(model, weights, input_shape), device, out, resume, check=check, seed=seed)
 
 
 @_keeps_random_state
 def release(model: nn.Module | str | Path, *, original: nn.Module | str | None = None, plan: Any = None,
-            example_input: Any = None, input_shape: tuple[int, ...] | None = None, calibration: Any = None,
-            device: str = "cpu", latency: str = "0.5x", evaluate: Callable[[nn.Module], float] | None = None,
-            out: str | Path | None = None, force: bool = False, **options: Any) -> BuildResult:
+            example_input: Any = None, calibration: Any = None, out: str | Path | None = None, force: bool = False,
+            on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
     """The way back in: a pruned model you changed (fine-tuned) exported, simplified, parity-checked, measured on
-    `device` against `latency`, its fidelity to `original` taken, the gates run, and the same artifacts and report
-    written, without pruning. `model` is a pruned module (with `original=` the unpruned one or its spec, and `plan=`
-    the Plan or plan.json it was pruned by) or a `pruned.pt` (which names both)."""
+    `device` against `latency` (options, default "cpu" and "0.5x"), its fidelity to `original` taken, the gates run
+    (`evaluate=`, `min_agreement=`, ...), and the same artifacts and report written, without pruning. `model` is a
+    pruned module (with `original=` the unpruned one or its spec, and `plan=` the Plan or plan.json it was pruned by)
+    or a `pruned.pt` (which names both; `weights=` its fine-tuned state dict). `on_step(candidate)` is called once,
+    for the measured model."""
     from edgeprune.jobs.release_job import release_job, release_inputs
 
-    prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "weights", "exporter"})
-    seed, weights = prune_opts.pop("seed", 0), prune_opts.pop("weights", None)
+    opts, data = _options(options, _RELEASE_OPTIONS)
+    weights, seed = opts.pop("weights", None), opts.get("seed", 0)
     module_given = isinstance(model, nn.Module)
     fields, inputs = _inputs(original if module_given else None, example_input if module_given else None,
-                             input_shape, calibration, data_opts, seed)
-    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", BUILD_DEFAULTS["exporter"]),
-                                           **fields), device=device, latency=latency, evaluate=evaluate, **build_opts)
+                             opts.get("input_shape"), calibration, data, seed)
+    config = BuildConfig.from_dict({**opts, **fields})
     pruned = release_inputs(model, original, plan, example_input, inputs, weights, seed)
-    return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned)
+    return run_build(config, _out(out, "release"), force=force, inputs=inputs, run=release_job, pruned=pruned,
+                     on_step=on_step)
 
 
 @_keeps_random_state
@@ -245,36 +244,29 @@ def matrix(manifest: str | Path, devices: str | Path | None, out: str | Path, *,
 
 @_keeps_random_state
 def finetune(source: str | Path, *, original: nn.Module | None = None, calibration: Any = None,
-             stage: str = "distill", orthoreg: float = 0.0,
-             steps: int | None = None, minutes: float | None = None, lr: float | None = None,
-             device: str | None = None, latency: str | None = None,
-             evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None,
-             force: bool = False, **options: Any) -> BuildResult:
-    """A recovery stage on the output folder of a build or prune (`stage` "distill": distillation from the unpruned
-    model; "csgd": C-SGD on the unpruned model, merged to the same widths; `orthoreg` > 0 adds OrthoReg), trained for
-    `steps`, `minutes` or 3 epochs on `calibration` (a recipe, a DataLoader, batches: as for `build`; default the
-    recipe the source was made with), then released as `release` does into `out` (never `source`), against the
-    source build's `device` and `latency` unless given. Distillation holds back `validation` (default 0.2) of the
-    calibration samples and keeps the epoch with their lowest loss (the untrained model when none beat it;
-    `report["finetune"]["validation"]`). Other options: `epochs`, `batch`, `temperature`, `centripetal`. Returns a
-    `BuildResult` (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges.
-    A source built from a live module holds that module in its pruned.pt; `original=` gives it instead (where its
-    class cannot be imported, or pickle could not save it)."""
+             out: str | Path | None = None, force: bool = False, on_step: Callable[[Any], None] | None = None,
+             **options: Any) -> BuildResult:
+    """A recovery stage on the output folder of a build or prune (`stage` "distill", the default: distillation from
+    the unpruned model; "csgd": C-SGD on the unpruned model, merged to the same widths; `orthoreg` > 0 adds
+    OrthoReg), trained for `steps`, `minutes` or 3 epochs (`lr`) on `calibration` (a recipe, a DataLoader, batches: as
+    for `build`; default the recipe the source was made with), then released as `release` does into `out` (never
+    `source`), against the source build's `device` and `latency` unless given. Distillation holds back `validation`
+    (default 0.2) of the calibration samples and keeps the epoch with their lowest loss (the untrained model when none
+    beat it; `report["finetune"]["validation"]`). Other options: `epochs`, `batch`, `temperature`, `centripetal`
+    (`recovery.train.FinetuneConfig`), and release's (`evaluate`, gates, `exporter`, ...). Returns a `BuildResult`
+    (`report["finetune"]`: the training); raises `EdgePruneError` (exit 4) when the training diverges. A source built
+    from a live module holds that module in its pruned.pt; `original=` gives it instead (where its class cannot be
+    imported, or pickle could not save it)."""
     from edgeprune.jobs.finetune_job import finetune_job, read_source
     from edgeprune.recovery.train import FinetuneConfig
 
-    train_opts = {k: options.pop(k) for k in ("epochs", "batch", "temperature", "centripetal", "validation")
-                  if k in options}
-    prune_opts, data_opts, build_opts = _split_options(options, _BUILD_OPTIONS | {"seed", "exporter"})
-    seed = prune_opts.pop("seed", 0)
-    recovery = FinetuneConfig(stage=stage, steps=steps, minutes=minutes, orthoreg=orthoreg, lr=lr, seed=seed,
-                              **train_opts)
+    opts, data = _options(options, _FINETUNE_OPTIONS)
+    seed = opts.get("seed", 0)
+    recovery = FinetuneConfig(seed=seed, **{k: opts.pop(k) for k in _FINETUNE_OPTIONS - _BUILD_OPTIONS if k in opts})
     src = read_source(source, original=original)
-    fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data_opts, seed)
-    device, latency = src.release_settings(device, latency)
-    config = BuildConfig(prune=PruneConfig(seed=seed, exporter=prune_opts.get("exporter", BUILD_DEFAULTS["exporter"]),
-                                           calibration=fields["calibration"]),
-                         device=device, latency=latency, evaluate=evaluate,
-                         **build_opts)
+    fields, inputs = _inputs(None, None, src.original.input_shape, calibration, data, seed)
+    device, latency = src.release_settings(opts.pop("device", None), opts.pop("latency", None))
+    config = BuildConfig.from_dict({**opts, "calibration": fields["calibration"], "device": device,
+                                    "latency": latency})
     return run_build(config, _out(out, "finetune"), force=force, inputs=inputs, run=finetune_job, source=src,
-                     recovery=recovery)
+                     recovery=recovery, on_step=on_step)

@@ -2,29 +2,39 @@
 
     config = BuildConfig(prune=PruneConfig(model="torchvision:resnet18"), device="cpu", latency="0.5x")
     config.budget.ms(base_ms=4.2)   # 2.1
+    config = BuildConfig.from_dict({"model": "torchvision:resnet18", "latency": "10ms", "noise_margin": 1.0})
 
 Frozen and validated on construction: a bad value is an `EdgePruneError` (exit 2) before any work.
+`BuildConfig.from_dict` is the one way from plain options (the CLI's flags, the API's keyword arguments, a
+`build --config` file, a matrix manifest's [build] table) to a config; the defaults are the dataclasses' own, with
+`BUILD_DEFAULTS` where a build's differ from a prune's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from edgeprune.common.tomlcheck import read_toml, take
 from edgeprune.dependency.graph import check_patterns
 from edgeprune.errors import EdgePruneError
-from edgeprune.inputs.models import check_seed
+from edgeprune.inputs.models import check_seed, load_callable, parse_shape
 from edgeprune.plan import REPAIRS
 from edgeprune.scoring.registry import CRITERIA
 
 
-# The defaults where `prune` and `build` differ (the CLI, the API and a manifest read them here): prune exports once,
-# with dynamo (torch's recommended exporter), at widths rounded to 8; build exports every candidate, with torchscript
-# (several times faster), at the target's channel_multiple (None).
-PRUNE_DEFAULTS: dict[str, Any] = {"exporter": "dynamo", "channel_multiple": 8}
+EXPORTERS = ("dynamo", "torchscript")  # torch.onnx's exporters (export/onnx.py's, which a test holds equal)
+# The defaults where `prune` and `build` differ (PruneConfig's own are prune's; build, release, finetune and a
+# manifest's entries take these through `BuildConfig.from_dict`): prune exports once, with dynamo (torch's recommended
+# exporter), at widths rounded to 8; a build exports every candidate, with torchscript (several times faster), at the
+# target's channel_multiple (None).
 BUILD_DEFAULTS: dict[str, Any] = {"exporter": "torchscript", "channel_multiple": None}
+# Old spellings a user's files may hold (a release manifest's [build] table before issue 30): read as the option named.
+ALIASES = {"noise_margin": "margin_k", "cache": "use_cache"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,8 @@ class PruneConfig:
     pseudo_labels: bool = False
 
     def __post_init__(self) -> None:
+        if self.exporter not in EXPORTERS:
+            raise EdgePruneError(f"--exporter must be {' or '.join(EXPORTERS)}, found {self.exporter!r}")
         if self.repair not in ("auto",) + REPAIRS:
             raise EdgePruneError(f"--repair must be auto, {' or '.join(REPAIRS)}, found {self.repair!r}")
         if self.criterion not in CRITERIA:
@@ -69,6 +81,15 @@ class PruneConfig:
         if self.calibration:
             return self.calibration
         return "digits" if (self.model or "example") == "example" else "random"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PruneConfig:
+        """A PruneConfig from plain values (lists for tuples, "1,3,224,224" for a shape); an unknown key is an
+        `EdgePruneError` naming it and the known ones."""
+        return cls(**{k: _plain(k, v) for k, v in canonical(d, PRUNE_OPTIONS).items()})
+
+
+PRUNE_DEFAULTS: dict[str, Any] = {k: getattr(PruneConfig, k) for k in BUILD_DEFAULTS}  # prune's: dynamo, 8
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,19 @@ class BuildConfig:
     def budget(self) -> Budget:
         return parse_budget(self.latency)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, known: Collection[str] | None = None) -> BuildConfig:
+        """The one way from plain options to a build's config: every key of `OPTION_KINDS` (PruneConfig's fields and
+        BuildConfig's), or an old spelling of one (`ALIASES`); `BUILD_DEFAULTS` and the fields' own defaults for the
+        rest. Lists become tuples, a "1,3,224,224" string a shape, a "pkg.module:function" string the `evaluate`
+        function. A key outside `known` (default: every option) is an `EdgePruneError` naming it and the known ones.
+
+            BuildConfig.from_dict({"model": "timm:efficientnet_lite0", "latency": "10ms", "max_steps": 8})
+        """
+        options = {k: _plain(k, v) for k, v in canonical(d, OPTION_KINDS if known is None else known).items()}
+        prune = {k: options.pop(k) for k in PRUNE_OPTIONS if k in options}
+        return cls(prune=PruneConfig(**{**BUILD_DEFAULTS, **prune}), **options)
+
     def __post_init__(self) -> None:
         from edgeprune.search.registry import ALLOCATIONS, METHOD_ALLOCATIONS, PROXIES, SEARCHES
 
@@ -191,3 +225,67 @@ class BuildConfig:
         if self.allocation != "auto":
             return self.allocation
         return "latency" if proxy == "fidelity" and self.prune.compensation else "step"
+
+
+# Every option `BuildConfig.from_dict` takes and the TOML type a file gives it in (`load_options`, a manifest).
+PRUNE_OPTIONS = tuple(f.name for f in dataclasses.fields(PruneConfig))
+OPTION_KINDS: dict[str, type] = {
+    "model": str, "weights": str, "input_shape": list, "calibration": str, "criterion": str, "compensation": bool,
+    "channel_multiple": int, "ignore": list, "seed": int, "exporter": str, "repair": str, "pseudo_labels": bool,
+    "device": str, "latency": str, "tolerance": float, "max_steps": int, "min_agreement": float,
+    "max_accuracy_drop": float, "cache_dir": str, "use_cache": bool, "lut": str, "force_lut": bool, "proxy": str,
+    "allocation": str, "margin_k": float, "evaluate": str, "max_metric_drop": float, "evaluate_timeout": float,
+    "output_weights": dict, "search": str, "recover": float,
+}
+
+
+def canonical(d: Mapping[str, Any], known: Collection[str], where: str = "") -> dict[str, Any]:
+    """`d` with old spellings under the names they stand for (`ALIASES`). A key that names nothing in `known` is an
+    `EdgePruneError` naming it and the known ones (`where`, if given, says where it was found)."""
+    unknown = sorted(k for k in d if ALIASES.get(k, k) not in known)
+    if unknown:
+        olds = [f"{old} for {new}" for old, new in ALIASES.items() if new in known]
+        raise EdgePruneError(f"{where + ': ' if where else ''}unknown option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; known options: {', '.join(sorted(known))}"
+                             + (f" (old spellings: {', '.join(olds)})" if olds else ""))
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = ALIASES.get(key, key)
+        if name in out:
+            old = key if key != name else next(k for k, v in ALIASES.items() if v == name)
+            raise EdgePruneError(f"{where + ': ' if where else ''}{old} and {name} are the same option ({old} is its "
+                                 f"old spelling): give one")
+        out[name] = value
+    return out
+
+
+def _plain(key: str, value: Any) -> Any:
+    """A plain value (a TOML file's, a keyword argument's) as the config's field holds it."""
+    if key == "input_shape" and isinstance(value, str):
+        return parse_shape(value)
+    if key == "input_shape" and isinstance(value, (list, tuple)):
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value) or len(value) < 2:
+            raise EdgePruneError(f"input_shape must be positive integers like [1, 3, 224, 224], found {value!r}")
+        return tuple(value)
+    if key == "ignore":
+        return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+    if key == "output_weights" and isinstance(value, (list, tuple)):
+        return tuple(tuple(pair) for pair in value)
+    if key == "evaluate" and isinstance(value, str):
+        return load_callable(value, "evaluate")
+    return value
+
+
+def typed_options(table: Mapping[str, Any], known: Collection[str], where: str) -> dict[str, Any]:
+    """A TOML table of options (keys as given, old spellings too) with every key known and of its type
+    (`OPTION_KINDS`; an integer stands for a number), or an `EdgePruneError` that says where."""
+    names = canonical(table, known, where)  # unknown keys, an option given twice
+    return {k: take(dict(table), k, OPTION_KINDS[name], where) for k, name in zip(table, names)}
+
+
+def load_options(path: str | Path) -> dict[str, Any]:
+    """The options of a build config file (`edgeprune build --config build.toml`): `BuildConfig.from_dict`'s keys,
+    checked and typed, old spellings renamed (flags given override them key for key); paths in it are read as given
+    on the command line (from the working directory)."""
+    return canonical(typed_options(read_toml(Path(path), "build config"), OPTION_KINDS, f"build config {path}"),
+                     OPTION_KINDS)

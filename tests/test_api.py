@@ -137,8 +137,20 @@ def test_api_calibration_forms_split_alike_and_bad_forms_say_what_to_give() -> N
         as_arrays(np.zeros((8, 1, 4, 4), dtype=np.uint8))
     with pytest.raises(EdgePruneError, match="different sample shapes"):
         as_arrays([torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 5, 5)])
-    with pytest.raises(EdgePruneError, match="unknown option"):
+    with pytest.raises(EdgePruneError, match="unknown option 'frobnicate'; known options: .*heldout.*max_steps"):
         edgeprune.build(make_net(), calibration=X, frobnicate=1)
+    with pytest.raises(EdgePruneError, match="unknown option 'criterion'; known options: .*evaluate"):
+        edgeprune.release("pruned.pt", criterion="l1")  # release prunes nothing
+
+
+def test_api_keywords_go_through_from_dict_old_spellings_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr("edgeprune.api.run_build", lambda config, out, **kw: seen.append(config))
+    edgeprune.build("example", device="cpu-2t", latency="2ms", input_shape=(1, 1, 32, 32), noise_margin=0.5,
+                    cache=False, max_steps=6, out="unused")
+    c = seen[0]
+    assert (c.device, c.latency, c.prune.input_shape, c.margin_k, c.use_cache, c.max_steps, c.prune.exporter) == \
+        ("cpu-2t", "2ms", (1, 1, 32, 32), 0.5, False, 6, "torchscript")
 
 
 def test_release_of_a_finetuned_pruned_model_reports_its_own_fidelity_and_gates(env: dict[str, Path],
@@ -287,14 +299,19 @@ def test_a_build_from_a_live_module_can_be_finetuned_and_released_again(env: dic
     built = edgeprune.build(net, calibration=loader, device=str(env["target"]), latency="0.5x", evaluate=top1,
                             out=env["root"] / "digits")
     assert built.exit_code == 0
+    steps: list = []  # on_step: the one measured model of each release, as a build reports its candidates
     tuned = edgeprune.finetune(built.out, calibration=loader, steps=3, device=str(env["target"]),
-                               out=env["root"] / "tuned")
+                               out=env["root"] / "tuned", on_step=steps.append)
     assert tuned.exit_code == 0 and tuned.report["finetune"]["steps"] == 3
     assert tuned.report["model"] == built.report["model"] == "python:tests.test_api.SmallCNN"
     assert tuned.fidelity.top1_agreement > 0.9  # against the unpruned module pruned.pt holds
     again = edgeprune.release(built.out / "pruned.pt", calibration=loader, device=str(env["target"]),
-                              latency="0.5x", out=env["root"] / "again")
+                              latency="0.5x", out=env["root"] / "again", on_step=steps.append)
     assert again.exit_code == 0 and again.fidelity.top1_agreement == built.fidelity.top1_agreement
+    assert [(c.step, c.latency_ms, c.source) for c in steps] == [(1, r.final.median, r.final.source)
+                                                                 for r in (tuned, again)]
+    assert steps[1].strength == pytest.approx(1 - again.final.median / again.base.median, abs=1e-6)
+    assert steps[1].widths == {g: w["after"] for g, w in again.report["widths"].items()}
     with pytest.raises(EdgePruneError, match="original= is not the module .* was pruned from"):
         edgeprune.finetune(built.out, original=SmallCNN(), calibration=loader, steps=1, device=str(env["target"]),
                            out=env["root"] / "x")

@@ -214,3 +214,20 @@ def test_module_is_at_most_450_lines(rel: str):
         assert lines > MAX_LINES, f"{rel} has {lines} lines now: take it off LONG_MODULES in {Path(__file__).name}"
     else:
         assert lines <= MAX_LINES, f"{rel} has {lines} lines; split it by job (at most {MAX_LINES})"
+
+
+MAX_PARAMETERS = 10  # STYLE.md §9: more go into a config dataclass
+
+
+def test_no_function_takes_more_than_10_parameters():
+    """Counted without `self` / `cls`, with `*args` and `**options` as one each."""
+    over = []
+    for rel in package_modules():
+        for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+                count = len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None) + (a.kwarg is not None)
+                if count > MAX_PARAMETERS:
+                    over.append(f"{rel}:{node.lineno} {node.name} ({count})")
+    assert not over, f"functions over {MAX_PARAMETERS} parameters (group them in a dataclass): {over}"

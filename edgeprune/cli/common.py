@@ -75,18 +75,20 @@ class Progress:
             sys.stderr.flush()
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, seed: int | None = 0) -> None:
+    """--model, --weights, --input-shape, --seed (default `seed`: None where a config's default stands)."""
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="example (default: the bundled digits CNN), torchvision:NAME, timm:NAME, pkg.module:factory, "
                         "or path/to/file.py:factory")
     p.add_argument("--weights", default=None, metavar="PATH", help="a state dict, loaded with weights_only=True")
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                    help="example input shape (default: the model's own, 1,3,224,224 for torchvision)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+    p.add_argument("--seed", type=int, default=seed, help="seed for random weights and inputs (default 0)")
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-cache", action="store_true", help="measure even if this model was measured on this target")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", default=None,
+                   help="measure even if this model was measured on this target")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="measurement cache (default $EDGEPRUNE_CACHE_DIR or ~/.cache/edgeprune)")
 
@@ -94,7 +96,7 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 def make_cache(args: argparse.Namespace):
     from edgeprune.runtimes import MeasurementCache
 
-    if args.no_cache:
+    if args.use_cache is False:
         return None
     return MeasurementCache.under(args.cache_dir)
 
@@ -103,56 +105,7 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out even if it holds files edgeprune did not write")
 
 
-def add_repair_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repair", choices=("auto", "sequential", "independent"), default="auto",
-                   help="how the released model's layers are repaired: sequential (each fitted on the pruned "
-                        "network's own inputs, in forward order: 2-4x lower output error, about 1.5 calibration "
-                        "passes more), independent (each on the unpruned network's inputs), or auto (default): "
-                        "sequential on real calibration data, independent on random data")
-
-
-def add_pruning_args(p: argparse.ArgumentParser, criterion_help: str, build: bool) -> None:
-    """How `prune` and `build` prune: --criterion, --pseudo-labels, --no-compensation, --repair, --channel-multiple."""
-    p.add_argument("--criterion", default="cap", help=criterion_help)
-    p.add_argument("--pseudo-labels", action="store_true",
-                   help="criteria that need labels (functionality, nap): take the unpruned model's predictions on "
-                        "the calibration data as labels (for unlabelled recipes)")
-    p.add_argument("--no-compensation", action="store_true", help="slice channels without the least-squares repair")
-    add_repair_arg(p)
-    from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
-
-    p.add_argument("--channel-multiple", type=int,
-                   default=(BUILD_DEFAULTS if build else PRUNE_DEFAULTS)["channel_multiple"],
-                   help="round widths to this multiple (default: the target's channel_multiple)" if build else
-                   "round widths to this multiple (default 8)")
-
-
-def add_export_args(p: argparse.ArgumentParser, build: bool) -> None:
-    """--ignore and --exporter, as `prune` and `build` share them (the exporter: `config.BUILD_DEFAULTS`)."""
-    from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
-
-    p.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                   help="module names (fnmatch, or re:REGEX) whose channels are left alone; repeatable")
-    exporter = (BUILD_DEFAULTS if build else PRUNE_DEFAULTS)["exporter"]
-    p.add_argument("--exporter", choices=(exporter, "dynamo" if exporter == "torchscript" else "torchscript"),
-                   default=exporter, help="exporter for every candidate and the result (default torchscript: several "
-                   "times faster)" if build else "torch.onnx exporter (default dynamo)")
-
-
 def add_calibration_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default=None, metavar="RECIPE",
                    help="calibration recipe: digits, random, imagefolder, npy or a TOML file "
                         "(default: digits for the example, random otherwise)")
-
-
-def prune_config(args: argparse.Namespace):  # -> PruneConfig
-    """The PruneConfig that `prune` and `build` both take from their shared flags."""
-    from edgeprune.inputs.models import parse_shape
-    from edgeprune.config import PruneConfig
-
-    return PruneConfig(model=args.model, weights=args.weights,
-                       input_shape=parse_shape(args.input_shape) if args.input_shape else None,
-                       calibration=args.calibration, criterion=args.criterion,
-                       compensation=not args.no_compensation, channel_multiple=args.channel_multiple,
-                       ignore=tuple(args.ignore), seed=args.seed, exporter=args.exporter, repair=args.repair,
-                       pseudo_labels=getattr(args, "pseudo_labels", False))

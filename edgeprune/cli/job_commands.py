@@ -9,30 +9,27 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_export_args,
-                                  add_force_arg, add_model_args, add_pruning_args, emit_json, prune_config)
+from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibration_arg, add_force_arg,
+                                  add_model_args, emit_json)
+from edgeprune.cli.options import (add_config_arg, add_exporter_arg, add_gate_args, add_pruning_args,
+                                   add_search_args, given_options)
+from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
 from edgeprune.errors import EdgePruneError
 from edgeprune.report.contract import BuildReport
 
 if TYPE_CHECKING:
     from edgeprune.results import BuildResult
 
-CRITERION_HELP = ("channel ranking: cap (default), l1, l2, fpgm, random, or a method from its paper: epruner "
-                  "(affinity-propagation exemplars), similarity (feature-map clustering, channels merged), "
-                  "functionality (class-wise activations; labels), nap (K-FAC Hessian; labels)")
-
-
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
     p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
                        description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
                                    "following layers in closed form, export, and report fidelity on held-out data.")
-    add_model_args(p)
+    add_model_args(p, seed=None)
     add_calibration_arg(p)
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, e.g. 0.5")
     how.add_argument("--plan", metavar="plan.json", help="reproduce a pruning exactly from its plan")
-    add_pruning_args(p, CRITERION_HELP, build=False)
-    add_export_args(p, build=False)
+    add_pruning_args(p, PRUNE_DEFAULTS)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder, written as a whole at the end; an existing folder is replaced only if it "
                         "holds a previous edgeprune output")
@@ -42,9 +39,10 @@ def add_prune(sub: argparse._SubParsersAction) -> Handler:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    from edgeprune.config import PruneConfig
     from edgeprune.jobs.prune_job import prune_job
 
-    config = prune_config(args)
+    config = PruneConfig.from_dict(given_options(args))
     with Progress(enabled=not args.json) as progress:
         outcome = prune_job(config, args.out, ratio=args.ratio, plan_path=args.plan,
                             stages=lambda d, total=None: progress.stage(d, total), force=args.force)
@@ -78,44 +76,15 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                                    "report.json and report.md. Without --model it builds the bundled example on cpu.",
                        epilog="exit codes: 0 budget met and gates passed, 2 bad input, 3 budget unreachable, "
                               "4 quality gate failed, 5 device unreachable")
-    add_model_args(p)
+    add_config_arg(p)
+    add_model_args(p, seed=None)
     add_calibration_arg(p)
-    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
-    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
-                                                     "(default 0.5x)")
-    add_pruning_args(p, CRITERION_HELP, build=True)
-    p.add_argument("--tolerance", type=float, default=0.05,
-                   help="accept a latency in [(1 - tol) * budget, budget] (default 0.05)")
-    p.add_argument("--max-steps", type=int, default=12, help="most candidates to measure (default 12)")
-    p.add_argument("--recover", type=float, default=None, metavar="MINUTES",
-                   help="distil the released model from the unpruned one for MINUTES on the calibration images "
-                        "(random flips and shifts; the best epoch on a held-back fifth kept, the untrained model if "
-                        "none beats it) before its gates: for pretrained models that pruning alone moves too far")
-    p.add_argument("--noise-margin", type=float, default=2.0, metavar="K",
-                   help="a candidate counts as within budget when latency x (1 + K x its relative standard error) "
-                        "<= budget (default 2; lower on a quiet device: releases land nearer the budget, the "
-                        "verification catches a miss)")
-    p.add_argument("--proxy", choices=("auto", "loss", "fidelity"), default="auto",
-                   help="what decides per-group widths at a given strength: the masked network's output error on "
-                        "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
-                        "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
-                        "loss on random data")
-    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap", "itpruner"), default="auto",
-                   help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
-                        "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
-                        "error goes to the groups whose channels cost most), itpruner (ITPruner: nHSIC layer "
-                        "importance, widths by a linear program under the latency model), or auto (default): latency "
-                        "for the fidelity proxy with compensation, else step; epruner and nap: that method's "
-                        "own width rule (exemplar counts, one global importance threshold), with its --criterion")
-    p.add_argument("--search", choices=("strength", "evolution"), default="strength",
-                   help="the outer level: strength (default: one strength searched against measured latency) or "
-                        "evolution (MetaPruning: an evolution over width vectors scored by the fidelity proxy under "
-                        "the latency model of --lut or MACs; only its finalists are measured)")
-    p.add_argument("--output-weight", action="append", default=[], metavar="NAME=W",
-                   help="weight of the named output in the fidelity proxy's error, a weighted mean of per-output "
-                        "relative errors (default 1 each; names as in report.json's parity, e.g. boxes=2); repeatable")
+    p.add_argument("--device", default=None, help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default=None, help="budget: 10ms, 2.5ms, 800us, or 0.5x of the unpruned latency "
+                                                   "(default 0.5x)")
+    add_pruning_args(p, BUILD_DEFAULTS)
+    add_search_args(p)
     add_gate_args(p)
-    add_export_args(p, build=True)
     add_cache_args(p)
     p.add_argument("--lut", default=None, metavar="lut.json",
                    help="search on this latency table (made by `edgeprune lut` on the device); only the final model "
@@ -124,70 +93,30 @@ def add_build(sub: argparse._SubParsersAction) -> Handler:
                    help="output folder, written as a whole at the end (default ./out); an existing folder is replaced "
                         "only if it holds a previous edgeprune output; a build that exits 3 or 4 writes to DIR.failed "
                         "and leaves DIR as it was")
-    p.add_argument("--force-lut", action="store_true",
+    p.add_argument("--force-lut", action="store_true", default=None,
                    help="use a --lut made for another target, precision or runtime version (with a warning)")
     add_force_arg(p)
     p.add_argument("--json", action="store_true", help="print report.json to stdout instead of the summary")
     return run_build
 
 
-def add_gate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
-                   help="quality gate: held-out top-1 agreement with the unpruned model (exit 4 below); default "
-                        "0.9 on real calibration data for models with class logits, none on random data; 0 turns it "
-                        "off")
-    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
-                   help="quality gate: held-out accuracy drop in percentage points (labelled recipes; exit 4 above)")
-    p.add_argument("--evaluate", default=None, metavar="pkg.module:function",
-                   help="your metric: a function (also path/to/file.py:function) taking the torch module (eval mode, "
-                        "CPU) and returning a number, higher is better; run on the unpruned and the pruned model, in "
-                        "the report")
-    p.add_argument("--max-metric-drop", type=float, default=None, metavar="DROP",
-                   help="quality gate: the drop of --evaluate's metric, in its own units (exit 4 above)")
-    p.add_argument("--evaluate-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="longest one call of --evaluate may take (default 300); past it the job stops with exit 2")
-
-
-def gate_options(args: argparse.Namespace) -> dict:
-    from edgeprune.inputs.models import load_callable
-
-    return {"min_agreement": args.min_agreement, "max_accuracy_drop": args.max_accuracy_drop,
-            "max_metric_drop": args.max_metric_drop, "evaluate_timeout": args.evaluate_timeout,
-            "evaluate": load_callable(args.evaluate, "--evaluate") if args.evaluate else None}
-
-
-def parse_output_weights(items: list[str]) -> tuple[tuple[str, float], ...]:
-    """`--output-weight NAME=W` flags as (name, weight) pairs; a malformed one is refused."""
-    out = []
-    for item in items:
-        name, eq, value = item.rpartition("=")
-        try:
-            out.append((name, float(value)))
-        except ValueError:
-            name = ""
-        if not eq or not name:
-            raise EdgePruneError(f"--output-weight must be NAME=WEIGHT (e.g. boxes=2), found {item!r}")
-    return tuple(out)
-
-
 def run_build(args: argparse.Namespace) -> int:
     from edgeprune.api import run_build as typed
-    from edgeprune.config import BuildConfig
+    from edgeprune.config import BuildConfig, load_options
     from edgeprune.jobs.build_job import build
 
-    config = BuildConfig(prune=prune_config(args), device=args.device, latency=args.latency,
-                         tolerance=args.tolerance, max_steps=args.max_steps, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache, lut=args.lut, force_lut=args.force_lut, proxy=args.proxy,
-                         allocation=args.allocation, margin_k=args.noise_margin, search=args.search,
-                         recover=args.recover,
-                         output_weights=parse_output_weights(args.output_weight), **gate_options(args))
+    config = BuildConfig.from_dict({**(load_options(args.config) if args.config else {}), **given_options(args)})
     with Progress(enabled=not args.json) as progress:
-        def on_step(c) -> None:
-            progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
-
-        result = typed(config, args.out, run=build, stages=lambda d, total=None: progress.stage(d, total),
-                       on_step=None if args.json else on_step, force=args.force)
+        result = typed(config, args.out, run=build, force=args.force, **progress_callbacks(progress, args.json))
     return render_release(result, args.json)
+
+
+def progress_callbacks(progress: Progress, as_json: bool) -> dict[str, Any]:
+    """`stages` and `on_step` for a job that builds or releases: each measured candidate a line (none with --json)."""
+    def on_step(c) -> None:
+        progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
+
+    return {"stages": lambda d, total=None: progress.stage(d, total), "on_step": None if as_json else on_step}
 
 
 def render_release(result: BuildResult, as_json: bool) -> int:
@@ -261,10 +190,11 @@ def add_release(sub: argparse._SubParsersAction) -> Handler:
                    help="fine-tuned weights: torch.save(model.state_dict(), PATH) of the module load_pruned gave")
     p.add_argument("--input-shape", default=None, help="N,C,H,W (must be the shape the model was pruned for)")
     add_calibration_arg(p)
-    p.add_argument("--device", default="cpu", help="target name, alias or TOML file (default cpu)")
-    p.add_argument("--latency", default="0.5x", help="budget: 10ms, 800us, or 0.5x of the unpruned latency")
+    p.add_argument("--device", default=None, help="target name, alias or TOML file (default cpu)")
+    p.add_argument("--latency", default=None, help="budget: 10ms, 800us, or 0.5x of the unpruned latency "
+                                                   "(default 0.5x)")
     add_gate_args(p)
-    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    add_exporter_arg(p, BUILD_DEFAULTS)
     add_cache_args(p)
     p.add_argument("--out", default="out", metavar="DIR", help="output folder, as for build (default ./out)")
     add_force_arg(p)
@@ -274,19 +204,17 @@ def add_release(sub: argparse._SubParsersAction) -> Handler:
 
 def run_release(args: argparse.Namespace) -> int:
     from edgeprune.api import run_build as typed
-    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.config import BuildConfig
     from edgeprune.jobs.release_job import release_inputs, release_job
     from edgeprune.inputs.models import parse_shape
     from edgeprune.jobs.session import Inputs
 
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter=args.exporter), device=args.device,
-                         latency=args.latency, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                         **gate_options(args))
+    config = BuildConfig.from_dict(given_options(args, skip=("model", "weights", "input_shape")))
     pruned = release_inputs(args.model, None, None, None, Inputs(), args.weights, 0, input_shape=shape)
     with Progress(enabled=not args.json) as progress:
-        result = typed(config, args.out, run=release_job, pruned=pruned,
-                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+        result = typed(config, args.out, run=release_job, pruned=pruned, force=args.force,
+                       **progress_callbacks(progress, args.json))
     return render_release(result, args.json)
 
 
@@ -320,7 +248,7 @@ def add_lut(sub: argparse._SubParsersAction) -> Handler:
 
 def run_lut(args: argparse.Namespace) -> int:
     from edgeprune.inputs.models import parse_shape
-    from edgeprune.jobs.lut_job import lut_check_job, lut_job
+    from edgeprune.jobs.lut_job import TableModel, lut_check_job, lut_job
 
     if args.check_only and args.fresh:
         raise EdgePruneError("--fresh starts a table anew; --check-only checks one that exists: give one of them")
@@ -334,15 +262,16 @@ def run_lut(args: argparse.Namespace) -> int:
         boards = BoardState(pool)
         pooled = {"measure_fn": pooled_measure(boards, kind, []), "workers": len(pool.of_kind(kind))}
     shape = parse_shape(args.input_shape) if args.input_shape else None
+    model = TableModel(args.model, args.weights, shape, tuple(args.ignore))
     with Progress(enabled=not args.json) as progress:
         stages = progress.stage
         if args.check_only:
             pooled.pop("workers", None)
-            summary = lut_check_job(args.check_only, args.model, args.device, args.weights, shape, stages=stages,
-                                    ignore=tuple(args.ignore), check=args.check, seed=args.seed, **pooled)
+            summary = lut_check_job(args.check_only, model, args.device, stages=stages, check=args.check,
+                                    seed=args.seed, **pooled)
         else:
-            summary = lut_job(args.model, args.device, args.out, args.weights, shape, resume=not args.fresh,
-                              stages=stages, ignore=tuple(args.ignore), check=args.check, seed=args.seed, **pooled)
+            summary = lut_job(model, args.device, args.out, resume=not args.fresh, stages=stages, check=args.check,
+                              seed=args.seed, **pooled)
     if args.devices:
         summary["boards"] = boards.summary()
     if args.report:
@@ -399,6 +328,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--device", default=None, help="target (default: the source build's, else cpu)")
     p.add_argument("--latency", default=None, help="budget (default: the source build's, else 0.5x)")
     add_gate_args(p)
+    add_exporter_arg(p, BUILD_DEFAULTS)
     add_cache_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the batches and the clustering (default 0)")
     p.add_argument("--out", required=True, metavar="NEWDIR", help="output folder, as for build; never OUTDIR")
@@ -409,7 +339,7 @@ def add_finetune(sub: argparse._SubParsersAction) -> Handler:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from edgeprune.api import run_build as typed
-    from edgeprune.config import BuildConfig, PruneConfig
+    from edgeprune.config import BuildConfig
     from edgeprune.jobs.finetune_job import finetune_job, read_source
     from edgeprune.recovery.train import FinetuneConfig
 
@@ -417,12 +347,10 @@ def run_finetune(args: argparse.Namespace) -> int:
                               lr=args.lr, validation=args.validation, seed=args.seed)
     source = read_source(args.source)
     device, latency = source.release_settings(args.device, args.latency)
-    config = BuildConfig(prune=PruneConfig(calibration=args.calibration, exporter="torchscript", seed=args.seed),
-                         device=device, latency=latency, cache_dir=args.cache_dir,
-                         use_cache=not args.no_cache, **gate_options(args))
+    config = BuildConfig.from_dict({**given_options(args), "device": device, "latency": latency})
     with Progress(enabled=not args.json) as progress:
-        result = typed(config, args.out, run=finetune_job, source=source, recovery=recovery,
-                       stages=lambda d, total=None: progress.stage(d, total), force=args.force)
+        result = typed(config, args.out, run=finetune_job, source=source, recovery=recovery, force=args.force,
+                       **progress_callbacks(progress, args.json))
     ft = result.report["finetune"]
     if not args.json:
         print(f"finetune {ft['stage']} of {ft['from']}: {ft['steps']} steps in {ft['seconds']:.0f} s, {ft['loss']} "

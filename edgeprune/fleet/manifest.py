@@ -10,8 +10,8 @@ The manifest:
 
     targets = ["jetson-orin-nano", "rpi5"]       # every model on every target at every budget ...
     budgets = ["0.5x", "10ms"]
-    [build]                                      # build settings for every entry (the CLI's flags)
-    max_steps = 8
+    [build]                                      # build options for every entry (`BuildConfig.from_dict`'s keys;
+    max_steps = 8                                # noise_margin and cache: the old spellings of margin_k, use_cache)
     [gates]                                      # quality gates for every entry
     min_agreement = 0.98
     [[models]]
@@ -35,17 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.common.tomlcheck import check_folder_name, check_keys, read_toml, take
-from edgeprune.config import BUILD_DEFAULTS, BuildConfig, PruneConfig, parse_budget
+from edgeprune.config import OPTION_KINDS, BuildConfig, parse_budget, typed_options
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.targets import load_target
 
 _TOP_KEYS = ("targets", "budgets", "build", "gates", "models")
 _MODEL_KEYS = ("name", "model", "weights", "calibration", "input_shape", "targets", "budgets", "gates")
 _GATE_KEYS = ("min_agreement", "max_accuracy_drop", "max_metric_drop", "evaluate")
-# [build] keys -> BuildConfig / PruneConfig fields (the CLI's flags)
-_BUILD_KEYS = {"max_steps": int, "tolerance": float, "noise_margin": float, "proxy": str, "allocation": str,
-               "criterion": str, "repair": str, "exporter": str, "seed": int, "channel_multiple": int,
-               "cache": bool}
+# [build] keys: `BuildConfig.from_dict`'s (and ALIASES), but those the manifest sets elsewhere (a model's table, its
+# targets, budgets and gates; the command's --cache-dir) and paths (read from the working directory, not the manifest's)
+_BUILD_KEYS = tuple(k for k in OPTION_KINDS if k not in (
+    "model", "weights", "calibration", "input_shape", "device", "latency", *_GATE_KEYS, "cache_dir", "lut",
+    "force_lut"))
 # The exit code that speaks for a matrix with failed entries: the most urgent first (a bug, an unreachable device
 
 
@@ -72,20 +73,10 @@ class Entry:
         return out / self.name / self.target_name / self.budget
 
     def config(self, cache_dir: str | None = None) -> BuildConfig:
-        from edgeprune.inputs.models import load_callable
-
-        b, g = dict(self.build), dict(self.gates)
-        prune = PruneConfig(model=self.model, weights=self.weights, input_shape=self.input_shape,
-                            calibration=self.calibration, criterion=b.get("criterion", "cap"),
-                            repair=b.get("repair", "auto"), exporter=b.get("exporter", BUILD_DEFAULTS["exporter"]),
-                            seed=b.get("seed", 0), channel_multiple=b.get("channel_multiple"))
-        evaluate = load_callable(g["evaluate"], "evaluate") if "evaluate" in g else None
-        return BuildConfig(prune=prune, device=self.target, latency=self.budget,
-                           tolerance=b.get("tolerance", 0.05), max_steps=b.get("max_steps", 12),
-                           proxy=b.get("proxy", "auto"), allocation=b.get("allocation", "auto"),
-                           margin_k=b.get("noise_margin", 2.0), use_cache=b.get("cache", True), cache_dir=cache_dir,
-                           min_agreement=g.get("min_agreement"), max_accuracy_drop=g.get("max_accuracy_drop"),
-                           max_metric_drop=g.get("max_metric_drop"), evaluate=evaluate)
+        return BuildConfig.from_dict({
+            **dict(self.build), **dict(self.gates), "model": self.model, "weights": self.weights,
+            "input_shape": self.input_shape, "calibration": self.calibration, "device": self.target,
+            "latency": self.budget, "cache_dir": cache_dir})
 
 
 @dataclass(frozen=True)
@@ -120,6 +111,13 @@ def _model_spec(spec: str, base: Path) -> str:
     return spec
 
 
+def _frozen(value: Any) -> Any:
+    """A [build] value as an Entry holds it: lists as tuples, tables as sorted pairs."""
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _gates(table: Any, where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise EdgePruneError(f"{where}: gates must be a table, found {table!r}")
@@ -141,10 +139,8 @@ def load_manifest(path: str | Path) -> Manifest:
     base = path.parent
     targets = _strings(table, "targets", where, None)
     budgets = _strings(table, "budgets", where, None)
-    build = take(table, "build", dict, where, {})
-    check_keys(build, tuple(_BUILD_KEYS), f"{where} [build]")
-    settings = tuple(sorted((k, take(build, k, kind, f"{where} [build]")) for k, kind in _BUILD_KEYS.items()
-                            if k in build))
+    build = typed_options(take(table, "build", dict, where, {}), _BUILD_KEYS, f"{where} [build]")
+    settings = tuple(sorted((k, _frozen(v)) for k, v in build.items()))
     gates = _gates(take(table, "gates", dict, where, {}), f"{where} [gates]")
     models = take(table, "models", list, where)
     if not models:

@@ -184,7 +184,8 @@ def check_table(run: BuildRun, verify: Verification, result: SearchResult) -> Se
     if not (1 - config.tolerance) * run.budget_ms <= got.median <= run.budget_ms:
         oracle.correction = got.median / result.best.latency_ms
         with timed(run.timings_s, "search"):
-            result = search(run.inner.widths_for, oracle, run.budget_ms, config.tolerance, config.max_steps)
+            result = search(run.inner.widths_for, oracle, Band(run.budget_ms, config.tolerance),
+                            max_steps=config.max_steps)
         trace += [dataclasses.replace(c, step=len(trace) + i + 1) for i, c in enumerate(result.trace)]
     return dataclasses.replace(result, trace=tuple(trace))
 
@@ -199,9 +200,9 @@ def resume_search(run: BuildRun, res: SearchResult, verified: dict[str, LatencyS
     known = {c.widths_digest: Probe(c.latency_ms, c.source, c.spread) for c in res.trace}
     known.update({d: Probe(v.median, "verified", v.spread) for d, v in verified.items()})
     with timed(run.timings_s, "search"):
-        more = search(inner.widths_for, run.oracle, run.budget_ms, config.tolerance,
-                      len(known) + config.max_steps - used, on_step=None, known=known, remeasure=run.oracle.remeasure,
-                      error_of=inner.error_of, margin_k=config.margin_k, options=inner.options.__getitem__)
+        more = search(inner.widths_for, run.oracle, Band(run.budget_ms, config.tolerance, config.margin_k),
+                      max_steps=len(known) + config.max_steps - used, known=known, remeasure=run.oracle.remeasure,
+                      error_of=inner.error_of, options=inner.options.__getitem__)
     seen = {c.widths_digest for c in res.trace}
     new = [c for c in more.trace if c.widths_digest not in seen]
     trace = list(res.trace) + [dataclasses.replace(c, step=len(res.trace) + i + 1) for i, c in enumerate(new)]

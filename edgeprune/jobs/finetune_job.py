@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from edgeprune.jobs.release_job import Pruned, check_labels_fit, release_job, sa
 from edgeprune.jobs.session import Inputs
 from edgeprune.plan import Plan
 from edgeprune.recovery.train import FinetuneConfig, gram_offdiag, producers, train
+from edgeprune.search.strength import Candidate
 
 NEEDED = ("pruned.pt", "plan.json", "report.json")
 logger = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def check_out(source: Source, out: str | Path, force: bool) -> None:
 
 def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recovery: FinetuneConfig,
                  stages: Stages = no_progress, force: bool = False, inputs: Inputs | None = None,
-                 on_step: Any = None) -> BuildOutcome:
+                 on_step: Callable[[Candidate], None] | None = None) -> BuildOutcome:
     """Train `source` by `recovery`, then release it into `out` (a `delivery.BuildOutcome`, exit codes as build's)."""
     from edgeprune.inputs.data import load_data
     from edgeprune.common.parallel import compute_threads
@@ -150,7 +152,7 @@ def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recove
     pruned = Pruned(module, plan, original, f"finetune {recovery.stage} of {source.folder}", notes)
     config = dataclasses.replace(config, prune=dataclasses.replace(config.prune, calibration=spec))
     return release_job(config, out, stages, force, Inputs(loaded=original, recipe=recipe, arrays=inputs.arrays),
-                       pruned)
+                       pruned, on_step)
 
 
 def _distill(source: Source, data: Any, recovery: FinetuneConfig, stages: Stages) -> tuple[nn.Module, Plan, dict]:

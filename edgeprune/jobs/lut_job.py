@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeprune.common.parallel import compute_threads, retained_memory
 from edgeprune.common.progress import Stages, no_progress
+from edgeprune.config import BUILD_DEFAULTS
 from edgeprune.dependency.graph import Graph, check_patterns, trace
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.models import LoadedModel, load_model
@@ -25,27 +27,36 @@ log = logging.getLogger(__name__)
 CHECK_STREAM = 33  # the self-check's random plans come from their own stream: never the calibration plans
 
 
-def lut_job(spec: str | None, device: str, out: str | Path, weights: str | None = None,
-            input_shape: tuple[int, ...] | None = None, resume: bool = True, stages: Stages = no_progress,
-            ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None,
-            workers: int = 1, check: int = CHECK_PLANS, seed: int = 0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TableModel:
+    """The model a latency table is measured for: its spec (None: the bundled example; `--check-only`: the table's
+    one model), weights, input shape (`--check-only`: None is the one the table was made with) and the modules whose
+    channels are left alone."""
+
+    spec: str | None = None
+    weights: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    ignore: tuple[str, ...] = ()
+
+
+def lut_job(model: TableModel | str | None, device: str, out: str | Path, resume: bool = True,
+            stages: Stages = no_progress, measure_fn: Callable[..., Any] | None = None, workers: int = 1,
+            check: int = CHECK_PLANS, seed: int = 0) -> dict[str, Any]:
     """`edgeprune lut`: measure a model's layer table on a target (merging into `out`), check it on `check` random
     plans seeded by `seed` (0: no check), and summarise it (`measure_fn`, `workers`: see `measure_table.build_lut`;
-    `lut --devices` splits the entries over boards)."""
+    `lut --devices` splits the entries over boards). `model`: a `TableModel`, or a spec alone."""
+    model = model if isinstance(model, TableModel) else TableModel(model)
     with compute_threads(), retained_memory():
-        return _lut_job(spec, device, out, weights, input_shape, resume, stages, ignore, measure_fn, workers,
-                        (check, seed))
+        return _lut_job(model, device, out, resume, stages, measure_fn, workers, (check, seed))
 
 
-def lut_check_job(path: str | Path, spec: str | None, device: str, weights: str | None = None,
-                  input_shape: tuple[int, ...] | None = None, stages: Stages = no_progress,
-                  ignore: tuple[str, ...] = (), measure_fn: Callable[..., Any] | None = None, check: int = CHECK_PLANS,
+def lut_check_job(path: str | Path, model: TableModel, device: str, stages: Stages = no_progress,
+                  measure_fn: Callable[..., Any] | None = None, check: int = CHECK_PLANS,
                   seed: int = 0) -> dict[str, Any]:
     """`edgeprune lut --check-only TABLE`: the self-check of an existing table, measured again on `check` random plans
-    and stored in it (`spec` None: the table's one model; `input_shape` None: the one the table was made with)."""
+    and stored in it."""
     with compute_threads(), retained_memory():
-        return _lut_check_job(Path(path), spec, device, weights, input_shape, stages, ignore, measure_fn,
-                              (check, seed))
+        return _lut_check_job(Path(path), model, device, stages, measure_fn, (check, seed))
 
 
 class PlanMeasurer:
@@ -63,7 +74,7 @@ class PlanMeasurer:
         plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
                     channels={g.name: g.channels for g in self.graph.groups}, compensation=False)
         pruned = prune(self.loaded.module, self.loaded.example_input, plan, None, self.ignore)
-        export_candidate(pruned, self.loaded.example_input, self.path, "torchscript")
+        export_candidate(pruned, self.loaded.example_input, self.path, BUILD_DEFAULTS["exporter"])
         return self.measure_fn(self.path, self.target, cache=None, repeats=self.target.measure.final_repeats).median
 
 
@@ -115,20 +126,20 @@ def _reported(table: Any, model: Any, path: Path, check: dict[str, Any] | None) 
     return {"check": check, "check_line": check_line(check), "check_warning": warning}
 
 
-def _lut_job(spec: str | None, device: str, out: str | Path, weights: str | None, input_shape: tuple[int, ...] | None,
-             resume: bool, stages: Stages, ignore: tuple[str, ...], measure_fn: Callable[..., Any] | None,
-             workers: int, count_seed: tuple[int, int]) -> dict[str, Any]:
+def _lut_job(source: TableModel, device: str, out: str | Path, resume: bool, stages: Stages,
+             measure_fn: Callable[..., Any] | None, workers: int, count_seed: tuple[int, int]) -> dict[str, Any]:
     import tempfile
 
     from edgeprune.latency.measure_table import best_channel_multiple, build_lut, check_lut_out
     from edgeprune.latency.table import LayerModel
 
+    ignore = source.ignore
     check_patterns(ignore)
     _check_count(count_seed[0])
     check_lut_out(Path(out), resume)
     target, measure_fn = _target(device, measure_fn)
     t0 = time.perf_counter()
-    loaded = load_model(spec, weights, input_shape)
+    loaded = load_model(source.spec, source.weights, source.input_shape)
     graph = trace(loaded.module, loaded.example_input, ignore)
     model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
@@ -155,13 +166,13 @@ def _target(device: str, measure_fn: Callable[..., Any] | None) -> tuple[Any, Ca
     return target, measure_fn or measure
 
 
-def _lut_check_job(path: Path, spec: str | None, device: str, weights: str | None,
-                   input_shape: tuple[int, ...] | None, stages: Stages, ignore: tuple[str, ...],
+def _lut_check_job(path: Path, source: TableModel, device: str, stages: Stages,
                    measure_fn: Callable[..., Any] | None, count_seed: tuple[int, int]) -> dict[str, Any]:
     import tempfile
 
     from edgeprune.latency.table import LayerModel, calibration_key, check_table_for, load_lut
 
+    spec, ignore = source.spec, source.ignore
     check_patterns(ignore)
     _check_count(count_seed[0])
     if count_seed[0] == 0:
@@ -172,7 +183,7 @@ def _lut_check_job(path: Path, spec: str | None, device: str, weights: str | Non
     check_table_for(table, target, path=str(path))
     key = calibration_key(table, spec) if spec else _only_model(table, path)
     t0 = time.perf_counter()
-    loaded = load_model(spec or key, weights, input_shape or _stored_shape(table.models[key]))
+    loaded = load_model(spec or key, source.weights, source.input_shape or _stored_shape(table.models[key]))
     graph = trace(loaded.module, loaded.example_input, ignore)
     model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:

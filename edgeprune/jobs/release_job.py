@@ -39,6 +39,8 @@ from edgeprune.plan import Plan
 from edgeprune.quality.gates import assess, run_metric
 from edgeprune.report.artifacts import load_pruned_with_original
 from edgeprune.report.contract import verdict
+from edgeprune.runtimes.stats import LatencyStats
+from edgeprune.search.allocate import widths_digest
 from edgeprune.search.strength import Candidate
 
 
@@ -86,6 +88,13 @@ def check_labels_fit(original: LoadedModel, data: CalibrationData) -> None:
             check_label_range(original.module.eval()(original.example_input), data, original.spec)
 
 
+def measured_step(plan: Plan, final: LatencyStats, base: LatencyStats) -> Candidate:
+    """The released model as a search's step: its strength the latency it saves (as evolution's candidates)."""
+    widths = {g: len(k) for g, k in plan.kept.items()}
+    return Candidate(step=1, strength=round(1 - final.median / base.median, 6), widths_digest=widths_digest(widths),
+                     latency_ms=final.median, source=final.source, widths=widths, spread=final.spread)
+
+
 def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progress, force: bool = False,
                 inputs: Inputs | None = None, pruned: Pruned | None = None,
                 on_step: Callable[[Candidate], None] | None = None) -> BuildOutcome:
@@ -104,11 +113,11 @@ def release_job(config: BuildConfig, out: str | Path, stages: Stages = no_progre
         data = load_data(recipe, original.input_shape, arrays=inputs.arrays)
         check_labels_fit(original, data)
         with OutputDir(out, force) as outdir:
-            return _release_into(config, outdir, stages, target, original, data, pruned)
+            return _release_into(config, outdir, stages, target, original, data, pruned, on_step)
 
 
 def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target: Target, original: LoadedModel,
-                  data: CalibrationData, pruned: Pruned) -> BuildOutcome:
+                  data: CalibrationData, pruned: Pruned, on_step: Callable[[Candidate], None] | None) -> BuildOutcome:
     t: dict[str, float] = {}
     example = original.example_input
     measurer = Measurer(target, measurement_cache(config), stages, t)
@@ -125,6 +134,8 @@ def _release_into(config: BuildConfig, outdir: OutputDir, stages: Stages, target
         base_float = measurer.float_figure(base_path, "measuring unpruned float model") if q is not None else None
         final = measurer(path, "measuring the released model", cached=False,
                          repeats=target.measure.final_repeats, stage="verify")
+        if on_step is not None:  # the one measured candidate, as a build reports each of its own
+            on_step(measured_step(plan, final, base))
         run = ReleaseRun(config, target, measurer, original, data, t, base, base_float, config.budget.ms(base.median))
         with timed(t, "fidelity"):
             a = assess(config, original.module, pruned.module, example, data, None,

@@ -46,7 +46,7 @@ from torch import nn
 from edgeprune.common.progress import Stages, no_progress
 from edgeprune.dependency.graph import Graph, Group
 from edgeprune.plan import Plan
-from edgeprune.recovery.train import FinetuneConfig, TrainLog, train
+from edgeprune.recovery.train import FinetuneConfig, Optimisation, TrainLog, train
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def centripetal_train(model: nn.Module, graph: Graph, clusters: Clusters, x: np.
         return means
 
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, momentum=0.9)
-    return train(model, teacher, x, labels, config, optimizer=opt, after_backward=after_backward,
-                 penalty_weights=cluster_means, stages=stages, anneal=False)
+    return train(model, teacher, x, labels, config, stages=stages,
+                 optimisation=Optimisation(opt, after_backward, cluster_means, anneal=False))
 
 
 def spread(model: nn.Module, graph: Graph, clusters: Clusters) -> float:

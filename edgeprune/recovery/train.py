@@ -170,22 +170,33 @@ class _Teacher:
             return [t.detach() for _, t in flatten_outputs(self.teacher(self.x[idx]))]
 
 
+@dataclass(frozen=True)
+class Optimisation:
+    """How a training run's optimisation departs from distillation's (C-SGD's, recovery/csgd.py): its `optimizer`
+    (default Adam at the config's rate), `after_backward`, which may rewrite gradients (the centripetal update),
+    `penalty_weights`, the tensors OrthoReg sees (default the `layers`' weights; C-SGD: the cluster means), and
+    `anneal`: the learning rate follows a cosine from its value to 0 over the run (steps, or minutes elapsed)."""
+
+    optimizer: torch.optim.Optimizer | None = None
+    after_backward: Callable[[], None] | None = None
+    penalty_weights: Callable[[], list[torch.Tensor]] | None = None
+    anneal: bool = True
+
+
 def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: np.ndarray | None,
-          config: FinetuneConfig, layers: list[str] = (), *, optimizer: torch.optim.Optimizer | None = None,
-          after_backward: Callable[[], None] | None = None, anneal: bool = True,
-          penalty_weights: Callable[[], list[torch.Tensor]] | None = None,
+          config: FinetuneConfig, layers: list[str] = (), *, optimisation: Optimisation | None = None,
           stages: Stages = no_progress, keep_best: bool = False) -> TrainLog:
     """Train `student` in place (train mode; left in eval mode) on the samples `x`: distillation from `teacher`, or
-    cross-entropy on `labels` when given. `layers` get the OrthoReg penalty (`penalty_weights` overrides which
-    tensors it sees: C-SGD's cluster means). `after_backward` may rewrite gradients (C-SGD's centripetal update).
-    `anneal`: the learning rate follows a cosine from its value to 0 over the run (steps, or minutes elapsed).
+    cross-entropy on `labels` when given. `layers` get the OrthoReg penalty; `optimisation` changes the optimizer,
+    the gradients, the penalty's tensors and the schedule (`Optimisation`).
     `keep_best`: hold back `config.validation` of the samples, take their loss (without OrthoReg) before training and
     after each epoch, and leave `student` at its best (the untrained model when no epoch beat it): on a calibration
     set of 1000 images, distillation fits the rest within a minute while the error on other images grows (FashionNet
     at 0.5x: held-out output error 0.12 untrained, 0.33 after 1 min, 0.54 after 5). Not for C-SGD, whose training
     moves the unpruned model away from its outputs on purpose (its merge is what is judged).
     Raises `QualityGateFailed` (exit 4) when the loss stops being finite."""
-    if config.orthoreg and not layers and penalty_weights is None:
+    o = optimisation or Optimisation()
+    if config.orthoreg and not layers and o.penalty_weights is None:
         raise ValueError("orthoreg needs the layers it acts on (`producers` of the model's groups)")
     gen = torch.Generator().manual_seed(config.seed)
     xt = torch.from_numpy(np.ascontiguousarray(x))
@@ -199,9 +210,9 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
         teacher.eval()
     targets = _Teacher(teacher if yt is None else None, xt, batch)
     modules = dict(student.named_modules())
-    penalty = penalty_weights or (lambda: [modules[n].weight for n in layers])
+    penalty = o.penalty_weights or (lambda: [modules[n].weight for n in layers])
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.Adam(params, lr=config.learning_rate)
+    opt = o.optimizer or torch.optim.Adam(params, lr=config.learning_rate)
     what = f"{config.stage} ({'cross-entropy on labels' if yt is not None else 'distillation'})"
     tick = stages(f"fine-tuning: {what}", steps if steps is not None else int(config.minutes * 60))
     best = _Best(student, lambda: _held_loss(student, xt, yt, targets, held, batch, config)) \
@@ -229,9 +240,9 @@ def train(student: nn.Module, teacher: nn.Module | None, x: np.ndarray, labels: 
             losses.append(value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if after_backward is not None:
-                after_backward()
-            if anneal:
+            if o.after_backward is not None:
+                o.after_backward()
+            if o.anneal:
                 progress = done / steps if steps is not None else (time.monotonic() - start) / (config.minutes * 60)
                 for group in opt.param_groups:
                     group["lr"] = config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

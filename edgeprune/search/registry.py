@@ -64,9 +64,8 @@ def run_strength(task: SearchTask) -> SearchResult:
     measurement), but a table's."""
     known = ({widths_digest(task.full): Probe(task.base.latency_ms, "baseline", task.base.spread)}
              if task.base.source != "lut" else None)
-    return search(task.widths_for, task.oracle, task.band.budget_ms, task.band.tolerance, task.max_steps,
-                  on_step=task.on_step, known=known, remeasure=task.remeasure, error_of=task.error_of,
-                  margin_k=task.band.k, options=task.options.__getitem__)
+    return search(task.widths_for, task.oracle, task.band, max_steps=task.max_steps, on_step=task.on_step, known=known,
+                  remeasure=task.remeasure, error_of=task.error_of, options=task.options.__getitem__)
 
 
 def run_evolution(task: SearchTask) -> SearchResult:

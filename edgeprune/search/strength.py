@@ -73,8 +73,8 @@ class Band:
     """
 
     budget_ms: float
-    tolerance: float
-    k: float
+    tolerance: float = 0.05
+    k: float = 2.0  # BuildConfig.margin_k's default
 
     def ceiling(self, spread: float) -> float:
         return self.budget_ms / (1 + self.k * spread)
@@ -295,13 +295,11 @@ def _bisect(probe: _Prober, a: int, b: int, setting: Callable[[int], tuple[float
 def search(
     widths_for: Callable[[float], dict[str, int]],
     oracle: Callable[[dict[str, int]], Probe],
-    budget_ms: float,
-    tolerance: float = 0.05,
+    budget_ms: float | Band,
+    *,
     max_steps: int = 12,
     on_step: Callable[[Candidate], None] | None = None,
     known: dict[str, Probe] | None = None,
-    *,
-    margin_k: float = 2.0,
     remeasure: Callable[[dict[str, int]], Probe] | None = None,
     error_of: Callable[[dict[str, int]], float] | None = None,
     options: Callable[[str], Sequence[int]] | None = None,
@@ -312,8 +310,9 @@ def search(
     regula falsi on log latency (see `_narrow_strength`), then bisects over the groups that differ between the bracket
     ends, and, given `options` (a group's admissible widths), over the width of the one group left between them; when
     that group's narrowing steps over the whole band, it holds the group wider and narrows the others (`_hold_step`,
-    with `error_of` only). A figure counts as within budget only when latency·(1 + margin_k·spread) <= budget, and
-    the search stops in the band [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±margin_k·spread
+    with `error_of` only). `budget_ms` is a `Band` (the budget, its tolerance and noise margin k) or the budget alone
+    (tolerance 0.05, k 2). A figure counts as within budget only when latency·(1 + k·spread) <= budget, and
+    the search stops in the band [(1 - tolerance)·C, C] under that ceiling C. A figure whose ±k·spread
     straddles the budget is measured once more with `remeasure` (not the cache), when given, and the mean of the two
     enters the trace;
     remeasurements count towards `max_steps`. `best` is the feasible candidate with the lowest `error_of(widths)`
@@ -324,9 +323,9 @@ def search(
         result = search(widths_for, oracle, budget_ms=10.0, remeasure=oracle, error_of=error)
         print(result.best.widths if result.best else result.fastest.latency_ms)
     """
-    if budget_ms <= 0:
-        raise EdgePruneError(f"latency budget must be positive, found {budget_ms} ms")
-    band = Band(budget_ms, tolerance, margin_k)
+    band = budget_ms if isinstance(budget_ms, Band) else Band(budget_ms)
+    if band.budget_ms <= 0:
+        raise EdgePruneError(f"latency budget must be positive, found {band.budget_ms} ms")
     probe = _Prober(band, oracle, max_steps, known, remeasure, error_of, on_step)
     lo = probe(0.0, widths_for(0.0))
     if band.feasible(lo):

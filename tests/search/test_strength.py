@@ -13,7 +13,7 @@ from edgeprune.scoring.base import Ranking
 from edgeprune.search.allocate import (AllocationInputs, WidthsFn, allowed_widths, fidelity_widths, min_widths,
                                        step_allocation, step_constrained_widths, uniform_strength_widths, width_options,
                                        widths_digest)
-from edgeprune.search.strength import Candidate, Probe, search
+from edgeprune.search.strength import Band, Candidate, Probe, search
 
 
 def toy_graph(widths: list[int]) -> Graph:
@@ -83,7 +83,7 @@ def test_search_lands_in_band(fraction: float) -> None:
     base = oracle({gr.name: gr.channels for gr in g.groups}).latency_ms
     budget = fraction * base
     calls = []
-    res = search(step_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], budget, tolerance=0.05,
+    res = search(step_fn(g, ranks, 8), lambda w: (calls.append(w), oracle(w))[1], budget,
                  max_steps=12)
     assert res.best is not None and res.best.latency_ms <= budget
     assert res.best.latency_ms >= 0.85 * budget
@@ -200,7 +200,7 @@ def test_search_bisects_over_groups_when_widths_jump_across_the_band() -> None:
     g = toy_graph([64] * 32)
     wide, narrow = {gr.name: 64 for gr in g.groups}, {gr.name: 16 for gr in g.groups}
     oracle = lambda w: Probe(sum(w.values()) / 100, "measured")  # noqa: E731 - latency proportional to total width
-    r = search(lambda u: wide if u < 0.5 else narrow, oracle, budget_ms=12.0, tolerance=0.05)  # 5.12 to 20.48 ms
+    r = search(lambda u: wide if u < 0.5 else narrow, oracle, budget_ms=12.0)  # 5.12 to 20.48 ms
     assert r.converged and r.best is not None and 11.4 <= r.best.latency_ms <= 12.0
     assert len(r.trace) <= 12 and r.best.strength < 0.5
 
@@ -213,10 +213,10 @@ def test_search_bisects_one_groups_width_when_it_alone_jumps_across_the_band() -
     wide, narrow = {"g0": 32, "g1": 128, "g2": 32}, {"g0": 32, "g1": 16, "g2": 32}
     oracle = lambda w: Probe(sum(w.values()) / 100, "measured")  # noqa: E731 - 0.80 ms to 1.92 ms
     widths_for = lambda u: {gr.name: gr.channels for gr in g.groups} if u == 0 else (wide if u < 0.5 else narrow)  # noqa: E731
-    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05, options=width_options(g, 16).__getitem__)
+    r = search(widths_for, oracle, budget_ms=1.5, options=width_options(g, 16).__getitem__)
     assert r.converged and r.best is not None and 1.425 <= r.best.latency_ms <= 1.5
     assert r.best.widths["g1"] not in (16, 128) and len(r.trace) <= 12
-    r = search(widths_for, oracle, budget_ms=1.5, tolerance=0.05)
+    r = search(widths_for, oracle, budget_ms=1.5)
     assert not r.converged and r.best is not None and r.best.latency_ms == 0.8
 
 
@@ -235,14 +235,14 @@ def test_search_holds_a_group_whose_narrowing_steps_over_the_band_and_narrows_th
     def error_of(w: dict[str, int]) -> float:  # g1's channels matter three times as much as the others'
         return (1 - w["g0"] / 64) ** 2 + 3 * (1 - w["g1"] / 32) ** 2 + (1 - w["g2"] / 64) ** 2
 
-    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, error_of=error_of,
+    r = search(widths_for, oracle, budget_ms=3.0, error_of=error_of,
                options=width_options(g, 16).__getitem__)
     assert r.converged and r.best is not None and 2.85 <= r.best.latency_ms <= 3.0
     assert r.best.widths == {"g0": 32, "g1": 32, "g2": 32} and len(r.trace) <= 12
     # without a proxy error the held settings could not be chosen (their labels u lie on another path): no hold
-    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, options=width_options(g, 16).__getitem__)
+    r = search(widths_for, oracle, budget_ms=3.0, options=width_options(g, 16).__getitem__)
     assert not r.converged and all(c.widths["g1"] == 16 or c.widths["g0"] >= 48 for c in r.trace)
-    r = search(widths_for, oracle, budget_ms=3.0, tolerance=0.05, error_of=error_of)
+    r = search(widths_for, oracle, budget_ms=3.0, error_of=error_of)
     assert not r.converged and r.best is not None and r.best.latency_ms == 2.72
 
 
@@ -341,12 +341,12 @@ def test_search_rarely_chooses_a_model_truly_over_budget_under_noise(name: str) 
 
 def test_search_margin_rejects_a_figure_within_noise_of_the_budget() -> None:
     """At 0.99x budget a figure with a 1% standard error is not taken as within budget (k = 2); the same figure
-    taken as exact is, and margin_k=0 turns the margin off."""
+    taken as exact is, and a Band with k = 0 turns the margin off."""
     widths = {0.0: 12.0, 1.0: 9.9}
     wf = lambda u: {"g": int(u)}  # noqa: E731 - two width settings only
     noisy = lambda w: Probe(widths[w["g"]], "measured", 0.01)  # noqa: E731
     assert search(wf, noisy, 10.0).best is None
-    assert search(wf, noisy, 10.0, margin_k=0.0).best is not None
+    assert search(wf, noisy, Band(10.0, 0.05, 0.0)).best is not None
     assert search(wf, lambda w: Probe(widths[w["g"]], "measured"), 10.0).best is not None
 
 
