@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.common.tomlcheck import read_toml, take
-from edgeprune.dependency.graph import check_patterns
 from edgeprune.errors import EdgePruneError
-from edgeprune.inputs.models import check_seed, load_callable, parse_shape
-from edgeprune.plan import REPAIRS
-from edgeprune.scoring.registry import CRITERIA
+
+# The checks' registries and helpers (plan, scoring, dependency, inputs) load torch: they are imported where a config
+# is checked, so that the command line's parser (its defaults are here) and `edgeprune agent` never load it.
 
 
 EXPORTERS = ("dynamo", "torchscript")  # torch.onnx's exporters (export/onnx.py's, which a test holds equal)
@@ -59,6 +58,11 @@ class PruneConfig:
     pseudo_labels: bool = False
 
     def __post_init__(self) -> None:
+        from edgeprune.dependency.graph import check_patterns
+        from edgeprune.inputs.models import check_seed
+        from edgeprune.plan import REPAIRS
+        from edgeprune.scoring.registry import CRITERIA
+
         if self.exporter not in EXPORTERS:
             raise EdgePruneError(f"--exporter must be {' or '.join(EXPORTERS)}, found {self.exporter!r}")
         if self.repair not in ("auto",) + REPAIRS:
@@ -261,6 +265,8 @@ def canonical(d: Mapping[str, Any], known: Collection[str], where: str = "") -> 
 
 def _plain(key: str, value: Any) -> Any:
     """A plain value (a TOML file's, a keyword argument's) as the config's field holds it."""
+    from edgeprune.inputs.models import load_callable, parse_shape
+
     if key == "input_shape" and isinstance(value, str):
         return parse_shape(value)
     if key == "input_shape" and isinstance(value, (list, tuple)):

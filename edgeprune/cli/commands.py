@@ -59,8 +59,10 @@ def add_export(sub: argparse._SubParsersAction) -> Handler:
     add_model_args(p)
     p.add_argument("-o", "--out", required=True, metavar="PATH", help="ONNX file to write")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter (default dynamo; torchscript is several times faster)")
+    from edgeprune.config import EXPORTERS, PRUNE_DEFAULTS
+
+    p.add_argument("--exporter", choices=EXPORTERS, default=PRUNE_DEFAULTS["exporter"],
+                   help="torch.onnx exporter (default dynamo, as prune's; torchscript is several times faster)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--force", action="store_true", help="overwrite -o even if it is not an .onnx file")
     p.add_argument("--int8", action="store_true",

@@ -13,7 +13,6 @@ from edgeprune.cli.common import (Handler, Progress, add_cache_args, add_calibra
                                   add_model_args, emit_json)
 from edgeprune.cli.options import (add_config_arg, add_exporter_arg, add_gate_args, add_pruning_args,
                                    add_search_args, given_options)
-from edgeprune.config import BUILD_DEFAULTS, PRUNE_DEFAULTS
 from edgeprune.errors import EdgePruneError
 from edgeprune.report.contract import BuildReport
 
@@ -21,6 +20,8 @@ if TYPE_CHECKING:
     from edgeprune.results import BuildResult
 
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
+    from edgeprune.config import PRUNE_DEFAULTS
+
     p = sub.add_parser("prune", help="prune channels by a ratio or a plan, with compensation; no latency target",
                        description="Prune every channel group by --ratio (or exactly as --plan says), compensate the "
                                    "following layers in closed form, export, and report fidelity on held-out data.")
@@ -70,6 +71,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def add_build(sub: argparse._SubParsersAction) -> Handler:
+    from edgeprune.config import BUILD_DEFAULTS
+
     p = sub.add_parser("build", help="prune to a latency budget measured on the target (the main job)",
                        description="Search per-group widths until the pruned, compensated, exported model measures "
                                    "within the latency budget on the target; write model.onnx, pruned.pt, plan.json, "
@@ -177,6 +180,8 @@ def int8_summary(r: BuildReport) -> str:
 
 
 def add_release(sub: argparse._SubParsersAction) -> Handler:
+    from edgeprune.config import BUILD_DEFAULTS
+
     p = sub.add_parser("release", help="release a pruned (fine-tuned) model: export, parity, measure, gates",
                        description="The way back in after fine-tuning: take a pruned.pt from build or prune (with "
                                    "--weights, the fine-tuned state dict), export and simplify it, check ONNX parity, "
@@ -302,6 +307,8 @@ def print_lut(summary: dict[str, Any]) -> None:
 
 
 def add_finetune(sub: argparse._SubParsersAction) -> Handler:
+    from edgeprune.config import BUILD_DEFAULTS
+
     p = sub.add_parser("finetune", help="a recovery stage (distillation or C-SGD) on a build or prune output, "
                                         "released again",
                        description="Train the model of a build or prune output folder for a few epochs, --steps or "

@@ -103,10 +103,11 @@ def add_gate_args(p: argparse.ArgumentParser) -> None:
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="build.toml",
-                   help="a TOML file of build options, one key per flag in Python spelling (max_steps = 8, "
-                        "noise_margin = 1.0, no_cache as use_cache = false, ignore = [...], [output_weights]); flags "
-                        "given on the command line override its values; paths in it are read from the working "
-                        "directory")
+                   help="a TOML file of build options, a key per flag in Python spelling (max_steps = 8, "
+                        "margin_k = 1.0 for --noise-margin, use_cache = false for --no-cache, compensation = false "
+                        "for --no-compensation, ignore = [...], an [output_weights] table; noise_margin and cache "
+                        "as in old manifests); flags given on the command line override its values; paths in it "
+                        "are read from the working directory")
 
 
 def parse_output_weights(items: list[str]) -> tuple[tuple[str, float], ...]:

@@ -2,7 +2,7 @@
 verification of the model to release.
 
     measurer = Measurer(target, cache, stages, timings)             # runtimes.measure, counting device runs
-    oracle = MeasuredOracle(session, measurer, work_dir, "torchscript")   # or TableOracle(session, table, ...)
+    oracle = MeasuredOracle(session, measurer, work_dir, config.prune.exporter)   # or TableOracle(session, ...)
     base = oracle.baseline(relative=True)                           # the unpruned model, this run
     probe = oracle(widths)                                          # search.strength.Probe
     release, result = verify_release(result, budget_ms, Verification(...), resume)

@@ -81,3 +81,15 @@ def test_release_and_finetune_export_as_build_does(command: str) -> None:
     assert BuildConfig.from_dict(given).prune.exporter == "dynamo"
     with pytest.raises(SystemExit):
         parser.parse_args([*first, "--exporter", "onnx"])
+
+
+def test_the_parser_reads_config_defaults_without_loading_torch() -> None:
+    """`edgeprune agent` runs on boards without torch (docs/remote.md): the flags' defaults come from config.py,
+    which loads torch only where a config is checked."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgeprune.cli.commands import build_parser\nbuild_parser()\n"
+            "print([m for m in ('torch', 'onnxruntime') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
