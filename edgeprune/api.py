@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -32,6 +32,11 @@ from edgeprune.inputs.targets import Target
 from edgeprune.jobs.session import Inputs
 from edgeprune.results import BuildResult, PruneResult
 from edgeprune.runtimes.stats import LatencyStats
+
+if TYPE_CHECKING:
+    from edgeprune.jobs.delivery import BuildOutcome
+    from edgeprune.plan import Plan
+    from edgeprune.search.strength import Candidate
 
 # The options each call takes (`BuildConfig.from_dict`'s keys; model and calibration are arguments of their own)
 _PRUNE_OPTIONS = set(PRUNE_OPTIONS) - {"model", "calibration"}
@@ -126,7 +131,7 @@ def _out(out: str | Path | None, kind: str) -> Path:
 @_keeps_random_state
 def build(model: nn.Module | str, *, example_input: Any = None, calibration: Any = None, device: str = "cpu",
           latency: str = "0.5x", evaluate: Callable[[nn.Module], float] | None = None, out: str | Path | None = None,
-          force: bool = False, on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
+          force: bool = False, on_step: Callable[[Candidate], None] | None = None, **options: Any) -> BuildResult:
     """Prune `model` until its latency measured on `device` meets `latency` ("10ms", "800us", "0.5x").
 
     `evaluate(module) -> float` (higher is better) is your metric, run on the unpruned and the pruned torch module
@@ -143,7 +148,7 @@ def build(model: nn.Module | str, *, example_input: Any = None, calibration: Any
     return run_build(config, _out(out, "build"), force=force, on_step=on_step, inputs=inputs, run=run)
 
 
-def run_build(config: BuildConfig, out: str | Path, run: Callable[..., Any], **kw: Any) -> BuildResult:
+def run_build(config: BuildConfig, out: str | Path, run: Callable[..., BuildOutcome], **kw: Any) -> BuildResult:
     """A `BuildConfig` through the pipeline, as a typed result (the CLI comes in here too)."""
     return BuildResult.of(run(config, out, **kw))
 
@@ -206,9 +211,10 @@ def lut(model: str, device: str, out: str | Path, *, weights: str | None = None,
 
 
 @_keeps_random_state
-def release(model: nn.Module | str | Path, *, original: nn.Module | str | None = None, plan: Any = None,
-            example_input: Any = None, calibration: Any = None, out: str | Path | None = None, force: bool = False,
-            on_step: Callable[[Any], None] | None = None, **options: Any) -> BuildResult:
+def release(model: nn.Module | str | Path, *, original: nn.Module | str | None = None,
+            plan: Plan | str | Path | None = None, example_input: Any = None, calibration: Any = None,
+            out: str | Path | None = None, force: bool = False, on_step: Callable[[Candidate], None] | None = None,
+            **options: Any) -> BuildResult:
     """The way back in: a pruned model you changed (fine-tuned) exported, simplified, parity-checked, measured on
     `device` against `latency` (options, default "cpu" and "0.5x"), its fidelity to `original` taken, the gates run
     (`evaluate=`, `min_agreement=`, ...), and the same artifacts and report written, without pruning. `model` is a
@@ -244,7 +250,7 @@ def matrix(manifest: str | Path, devices: str | Path | None, out: str | Path, *,
 
 @_keeps_random_state
 def finetune(source: str | Path, *, original: nn.Module | None = None, calibration: Any = None,
-             out: str | Path | None = None, force: bool = False, on_step: Callable[[Any], None] | None = None,
+             out: str | Path | None = None, force: bool = False, on_step: Callable[[Candidate], None] | None = None,
              **options: Any) -> BuildResult:
     """A recovery stage on the output folder of a build or prune (`stage` "distill", the default: distillation from
     the unpruned model; "csgd": C-SGD on the unpruned model, merged to the same widths; `orthoreg` > 0 adds

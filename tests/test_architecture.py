@@ -1,7 +1,8 @@
 """The package's layout holds to docs/architecture.md: its layers (folders, and the few modules at the top level) in
 import order, every module in its folder's row; a module imports only its own layer and the layers listed above it
 (imports inside functions and `importlib` registries included), without cycles inside a folder; every module is at
-most 450 lines long, no folder holds more than 12 modules, and no folder or module is named after an API verb."""
+most 450 lines long, no folder holds more than 12 modules, no folder or module is named after an API verb, and
+no parameter that always holds one of the package's types is annotated `Any`."""
 
 from __future__ import annotations
 
@@ -231,3 +232,27 @@ def test_no_function_takes_more_than_10_parameters():
                 if count > MAX_PARAMETERS:
                     over.append(f"{rel}:{node.lineno} {node.name} ({count})")
     assert not over, f"functions over {MAX_PARAMETERS} parameters (group them in a dataclass): {over}"
+
+
+# Parameters of these names always hold one of the package's own types (a `Target`, a `Measurer`, a `Stages`, `Tick`
+# or CLI `Progress`, a `Prepared` session, a `BuildRun`, a `LoadedModel`, a latency oracle, an `on_step(Candidate)`,
+# `runtimes.measure` or a stand-in returning `LatencyStats`): an annotation naming `Any` there, or none, hides a type
+# that exists (issue 30). Names that also hold foreign values stay off this list: `graph`, `group`, `dg` and `node`
+# (torch-pruning's), `table` (also a TOML table), `cache` (also TensorRT's calibration cache), `session` (also an
+# ONNX Runtime session), `entry` and `plan` (also JSON), `data` and `calibration` (also what a user hands over).
+PROJECT_TYPED = {"target", "measurer", "progress", "stages", "prep", "run", "loaded", "oracle", "on_step", "measure_fn"}
+
+
+def test_no_parameter_that_always_holds_a_project_type_is_annotated_any():
+    loose = []
+    for rel in package_modules():
+        for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                for p in a.posonlyargs + a.args + a.kwonlyargs:
+                    if p.arg in PROJECT_TYPED and (p.annotation is None or any(
+                            isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(p.annotation))):
+                        shown = "no annotation" if p.annotation is None else ast.unparse(p.annotation)
+                        loose.append(f"{rel}:{node.lineno} {node.name}({p.arg}: {shown})")
+    assert not loose, "parameters that hold a project type, annotated Any or not at all (name the type; " \
+                      "TYPE_CHECKING imports for types of other modules):\n" + "\n".join(loose)

@@ -11,12 +11,19 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from edgeprune._version import __version__
 from edgeprune.cli.common import Handler, Progress, add_cache_args, add_model_args, emit_json, make_cache
 from edgeprune.cli.job_commands import add_build, add_finetune, add_lut, add_prune, add_release
 from edgeprune.cli.matrix_command import add_matrix
 from edgeprune.errors import EdgePruneError, ExitCode, Terminated, first_line
+
+if TYPE_CHECKING:
+    from edgeprune.fleet.agent import AgentServer
+    from edgeprune.inputs.models import LoadedModel
+    from edgeprune.inputs.recipe import Recipe
+    from edgeprune.inputs.targets import Target
 
 
 # ---------------------------------------------------------------- targets
@@ -78,7 +85,7 @@ def add_export(sub: argparse._SubParsersAction) -> Handler:
     return run_export
 
 
-def check_int8_args(args: argparse.Namespace):  # -> the int8 target
+def check_int8_args(args: argparse.Namespace) -> Target | None:
     """`export --int8`: a calibration recipe and an int8 target, checked before the model loads."""
     from edgeprune.inputs.targets import load_target
 
@@ -129,7 +136,8 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export_int8(args: argparse.Namespace, loaded, recipe, target, progress: Progress) -> int:
+def run_export_int8(args: argparse.Namespace, loaded: LoadedModel, recipe: Recipe, target: Target,
+                    progress: Progress) -> int:
     from edgeprune.inputs.data import load_data
     from edgeprune.export.quantize import warn_random_calibration
     from edgeprune.jobs.int8_export import export_quantized
@@ -227,7 +235,7 @@ def run_agent(args: argparse.Namespace) -> int:
                          max_request_bytes=int(args.max_request_mb * 1024 * 1024), max_seconds=args.max_seconds,
                          max_queue=args.max_queue)
 
-    def ready(server) -> None:
+    def ready(server: AgentServer) -> None:
         host, port = server.server_address[:2]
         auth = "token required" if token else "no token: loopback only"
         print(f"edgeprune agent listening on {host}:{port} ({auth}); Ctrl-C stops it", flush=True)

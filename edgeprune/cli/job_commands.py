@@ -18,6 +18,7 @@ from edgeprune.report.contract import BuildReport
 
 if TYPE_CHECKING:
     from edgeprune.results import BuildResult
+    from edgeprune.search.strength import Candidate
 
 def add_prune(sub: argparse._SubParsersAction) -> Handler:
     from edgeprune.config import PRUNE_DEFAULTS
@@ -116,7 +117,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 def progress_callbacks(progress: Progress, as_json: bool) -> dict[str, Any]:
     """`stages` and `on_step` for a job that builds or releases: each measured candidate a line (none with --json)."""
-    def on_step(c) -> None:
+    def on_step(c: Candidate) -> None:
         progress.note(f"  step {c.step}: strength {c.strength:.4f} -> {c.latency_ms:.3f} ms ({c.source})")
 
     return {"stages": lambda d, total=None: progress.stage(d, total), "on_step": None if as_json else on_step}

@@ -58,6 +58,7 @@ from typing import Any
 
 from edgeprune._version import __version__
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
+from edgeprune.inputs.targets import Target
 from edgeprune.runtimes.remote import HEALTH_PATH, MEASURE_PATH, REPEATS_HEADER, TARGET_HEADER
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,9 @@ class _Stopped(Exception):
         self.client_gone = client_gone
 
 
-def parse_target_header(value: str | None) -> Any:  # -> Target
+def parse_target_header(value: str | None) -> Target:
     """The target a request asks for: JSON of `Target.to_dict()`, or the name of a bundled profile."""
-    from edgeprune.inputs.targets import Target, bundled_targets
+    from edgeprune.inputs.targets import bundled_targets
 
     if not value or not value.strip():
         raise _HttpError(400, f"missing {TARGET_HEADER} header: send the target profile as one line of JSON "

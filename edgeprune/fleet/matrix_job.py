@@ -37,6 +37,7 @@ from edgeprune.inputs.targets import load_target
 if TYPE_CHECKING:
     from edgeprune.jobs.delivery import BuildOutcome
     from edgeprune.report.contract import BuildReport
+    from edgeprune.runtimes.stats import LatencyStats
 
 __all__ = ["INDEX_FORMAT", "Entry", "Manifest", "digest", "entry_inputs", "load_manifest", "run_matrix"]
 
@@ -129,7 +130,8 @@ def entry_record(entry: Entry, out: Path, outcome: BuildOutcome | None = None,
             "metric": r.metric, "report": str(report.relative_to(out))}
 
 
-def run_entry(entry: Entry, out: Path, measure_fn: Callable[..., Any], cache_dir: str | None = None) -> dict[str, Any]:
+def run_entry(entry: Entry, out: Path, measure_fn: Callable[..., LatencyStats],
+              cache_dir: str | None = None) -> dict[str, Any]:
     """One entry's build (its measurements through `measure_fn`), as its row of the index; never raises for an
     entry's failure (bad input, unreachable boards, a bug): the row says what it was."""
     from edgeprune.jobs.build_job import build

@@ -24,11 +24,19 @@ import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.common.resources import install_hint
 from edgeprune.errors import DeviceUnreachable, EdgePruneError, ExitCode
-from edgeprune.fleet.pool import BoardState, Pool, local_measure, measure_on_pool
+from edgeprune.fleet.pool import Board, BoardState, Pool, local_measure, measure_on_pool
+
+if TYPE_CHECKING:
+    from edgeprune.common.progress import Tick
+    from edgeprune.fleet.manifest import Entry
+    from edgeprune.inputs.targets import Target
+    from edgeprune.runtimes.base import Calibration
+    from edgeprune.runtimes.cache import MeasurementCache
+    from edgeprune.runtimes.stats import LatencyStats
 
 POLL_S = 0.5  # how often the driver looks at finished entries and the boards' counts
 
@@ -95,7 +103,7 @@ class ActorBoards:
     def __init__(self, actor: Any) -> None:
         self.actor = actor
 
-    def acquire(self, kind: str) -> Any:
+    def acquire(self, kind: str) -> Board | None:
         status, value = _ray().get(self.actor.acquire.remote(kind))
         if status == "down":
             raise DeviceUnreachable(value)
@@ -134,8 +142,8 @@ class BoardActor:
         return self.state.summary()
 
 
-def measure_task(actor: Any, kind: str, name: str, data: bytes, target: Any, cache: Any, repeats: int | None,
-                 calibration: Any) -> tuple[str, Any, Any]:
+def measure_task(actor: Any, kind: str, name: str, data: bytes, target: Target, cache: MeasurementCache | None,
+                 repeats: int | None, calibration: Calibration | None) -> tuple[str, Any, Any]:
     """One measurement (a Ray task holding one unit of `kind:KIND`): the model's bytes written here, measured on a
     board of the kind (failing over), the figure and the board back; an error as (code, message)."""
     from edgeprune.runtimes.stats import LatencyStats  # noqa: F401 - loaded before the figure is pickled back
@@ -159,7 +167,7 @@ def _remote(fn: Callable[..., Any], **options: Any) -> Any:
     return _REMOTE[fn.__name__]
 
 
-def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, kind: str | None, actor: Any,
+def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Entry, out: Path, kind: str | None, actor: Any,
                cache_dir: str | None) -> dict[str, Any]:
     """One entry's build (a Ray task holding one CPU), each of its measurements a task on a board of `kind`; kind
     None (a target no board runs): measured by the task itself, on the node that runs it."""
@@ -171,8 +179,8 @@ def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, 
         return {**run_entry(entry, out, local_measure(log), cache_dir), "measurements": log}
     measure = _remote(measure_task, num_cpus=0, max_retries=0)
 
-    def measure_fn(path: str | Path, target: Any, cache: Any = None, repeats: int | None = None, progress: Any = None,
-                   calibration: Any = None) -> Any:
+    def measure_fn(path: str | Path, target: Target, cache: MeasurementCache | None = None, repeats: int | None = None,
+                   progress: Tick | None = None, calibration: Calibration | None = None) -> LatencyStats:
         path = Path(path)
         ref = measure.options(resources={f"kind:{kind}": 1}).remote(actor, kind, path.name, path.read_bytes(), target,
                                                                     cache, repeats, calibration)
@@ -186,8 +194,9 @@ def entry_task(run_entry: Callable[..., dict[str, Any]], entry: Any, out: Path, 
     return {**rec, "measurements": log}
 
 
-def run_on_ray(entries: list[Any], kinds: dict[str, str | None], out: Path, pool: Pool, run_entry: Callable[..., Any],
-               cache_dir: str | None, finish: Callable[[Any, dict[str, Any], dict[str, Any]], None],
+def run_on_ray(entries: list[Entry], kinds: dict[str, str | None], out: Path, pool: Pool,
+               run_entry: Callable[..., dict[str, Any]], cache_dir: str | None,
+               finish: Callable[[Entry, dict[str, Any], dict[str, Any]], None],
                on_counts: Callable[[dict[str, int]], None]) -> dict[str, Any]:
     """Every entry as a Ray task on a connected cluster; `finish(entry, record, boards)` as each one ends. Returns
     the boards' summary (state, measurements, why a board went down)."""

@@ -29,12 +29,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgeprune.common.tomlcheck import check_keys, read_toml, take
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
 from edgeprune.inputs.targets import RemoteConfig, Target, check_agent_url
 from edgeprune.runtimes.stats import LatencyStats
+
+if TYPE_CHECKING:
+    from edgeprune.common.progress import Tick
+    from edgeprune.runtimes.base import Calibration
+    from edgeprune.runtimes.cache import MeasurementCache
 
 _KIND_KEYS = ("boards",)
 _BOARD_KEYS = ("name", "agent", "ssh", "token_env", "timeout_s")
@@ -248,8 +253,8 @@ class BoardState:
 WAIT_S = 0.05  # how often a measurement waiting for a free board looks again
 
 
-def measure_on_pool(boards: Boards, kind: str, path: str | Path, target: Target, cache: Any = None,
-                    repeats: int | None = None, progress: Any = None, calibration: Any = None,
+def measure_on_pool(boards: Boards, kind: str, path: str | Path, target: Target, cache: MeasurementCache | None = None,
+                    repeats: int | None = None, progress: Tick | None = None, calibration: Calibration | None = None,
                     ) -> tuple[LatencyStats, str]:
     """`runtimes.measure` of `path` on a free board of `kind` (waiting for one), failing over to another board of the
     kind when one is unreachable. Returns the figure and the board that measured it. Boards of a kind share cache
@@ -280,8 +285,8 @@ def local_measure(log: list[dict[str, Any]]) -> Callable[..., LatencyStats]:
     from edgeprune.runtimes import measure
     from edgeprune.runtimes.cache import file_sha256
 
-    def measure_fn(path: str | Path, target: Target, cache: Any = None, repeats: int | None = None,
-                   progress: Any = None, calibration: Any = None) -> LatencyStats:
+    def measure_fn(path: str | Path, target: Target, cache: MeasurementCache | None = None, repeats: int | None = None,
+                   progress: Tick | None = None, calibration: Calibration | None = None) -> LatencyStats:
         stats = measure(path, target, cache=cache, repeats=repeats, progress=progress, calibration=calibration)
         board = "local" if target.remote is None else (target.remote.agent or f"ssh {target.remote.ssh}")
         log.append({"board": board, "model": file_sha256(path)[:12], "ms": stats.median, "source": stats.source})
@@ -295,8 +300,8 @@ def pooled_measure(boards: Boards, kind: str, log: list[dict[str, Any]]) -> Call
     which model (`board`, `model`: the ONNX file's SHA-256 prefix, `ms`, `source`)."""
     from edgeprune.runtimes.cache import file_sha256
 
-    def measure_fn(path: str | Path, target: Target, cache: Any = None, repeats: int | None = None,
-                   progress: Any = None, calibration: Any = None) -> LatencyStats:
+    def measure_fn(path: str | Path, target: Target, cache: MeasurementCache | None = None, repeats: int | None = None,
+                   progress: Tick | None = None, calibration: Calibration | None = None) -> LatencyStats:
         stats, name = measure_on_pool(boards, kind, path, target, cache, repeats, progress, calibration)
         log.append({"board": name, "model": file_sha256(path)[:12], "ms": stats.median, "source": stats.source})
         return stats

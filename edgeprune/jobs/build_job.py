@@ -51,7 +51,7 @@ WARN_UNDER = 0.5
 
 def build(config: BuildConfig, out: str | Path, stages: Stages = no_progress,
           on_step: Callable[[Candidate], None] | None = None, force: bool = False, inputs: Inputs | None = None,
-          measure_fn: Callable[..., Any] | None = None, measurer: type[Measurer] = Measurer) -> BuildOutcome:
+          measure_fn: Callable[..., LatencyStats] | None = None, measurer: type[Measurer] = Measurer) -> BuildOutcome:
     """`edgeprune build`: search widths until the pruned model's measured latency on the target meets the budget.
 
     A build that misses its budget (exit 3) or a quality gate (exit 4) writes its artifacts to `OUT.failed/` and
@@ -81,7 +81,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
     pc = dataclasses.replace(config.prune, channel_multiple=target.channel_multiple) \
         if config.prune.channel_multiple is None else config.prune
     session = prepare(pc, stages, inputs=inputs)
-    check_gates_apply(config, session)
+    check_gates_apply(config, session.data)
     metric_before = run_metric(config, session.loaded.module, "the unpruned model")
     measurer.start(session.timings_s, calibration=session.data.calib_x, kind=session.data.recipe.kind)
     with scratch_dir("build") as work:  # named with this PID: the next job removes it after a kill -9

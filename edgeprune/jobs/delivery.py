@@ -14,7 +14,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.common.atomic import OutputDir
 from edgeprune.common.versions import versions
@@ -31,6 +31,9 @@ from edgeprune.report.contract import BuildReport
 from edgeprune.report.render import int8_entries, latency_entry
 from edgeprune.runtimes.stats import LatencyStats
 from edgeprune.search.strength import Candidate
+
+if TYPE_CHECKING:
+    from edgeprune.runtimes.cache import MeasurementCache
 
 
 @dataclass
@@ -65,7 +68,7 @@ class ReleaseRun:
     budget_ms: float
 
 
-def measurement_cache(config: BuildConfig) -> Any:
+def measurement_cache(config: BuildConfig) -> MeasurementCache | None:
     """The on-disk measurement cache a build or release uses (None with --no-cache)."""
     from edgeprune.runtimes import MeasurementCache
 

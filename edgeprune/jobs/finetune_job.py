@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -40,6 +40,9 @@ from edgeprune.jobs.session import Inputs
 from edgeprune.plan import Plan
 from edgeprune.recovery.train import FinetuneConfig, gram_offdiag, producers, train
 from edgeprune.search.strength import Candidate
+
+if TYPE_CHECKING:
+    from edgeprune.inputs.data import CalibrationData
 
 NEEDED = ("pruned.pt", "plan.json", "report.json")
 logger = logging.getLogger(__name__)
@@ -155,7 +158,8 @@ def finetune_job(config: BuildConfig, out: str | Path, *, source: Source, recove
                        pruned, on_step)
 
 
-def _distill(source: Source, data: Any, recovery: FinetuneConfig, stages: Stages) -> tuple[nn.Module, Plan, dict]:
+def _distill(source: Source, data: CalibrationData, recovery: FinetuneConfig,
+             stages: Stages) -> tuple[nn.Module, Plan, dict]:
     from edgeprune.dependency.graph import trace
 
     student = copy.deepcopy(source.module)
@@ -174,7 +178,8 @@ def _distill(source: Source, data: Any, recovery: FinetuneConfig, stages: Stages
     return student, plan, notes
 
 
-def _csgd(source: Source, data: Any, recovery: FinetuneConfig, stages: Stages) -> tuple[nn.Module, Plan, dict]:
+def _csgd(source: Source, data: CalibrationData, recovery: FinetuneConfig,
+          stages: Stages) -> tuple[nn.Module, Plan, dict]:
     from edgeprune.recovery.csgd import centripetal_train, cluster_filters, merge, spread
     from edgeprune.dependency.graph import trace
 

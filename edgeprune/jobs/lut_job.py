@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeprune.common.parallel import compute_threads, retained_memory
 from edgeprune.common.progress import Stages, no_progress
@@ -18,9 +18,13 @@ from edgeprune.dependency.graph import Graph, check_patterns, trace
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.models import LoadedModel, load_model
 from edgeprune.jobs.oracle import export_candidate
-from edgeprune.latency.table import CHECK_PLANS
+from edgeprune.latency.table import CHECK_PLANS, LatencyTable, LayerModel
 from edgeprune.plan import Plan, keep_first
 from edgeprune.surgery.apply import prune
+
+if TYPE_CHECKING:
+    from edgeprune.inputs.targets import Target
+    from edgeprune.runtimes.stats import LatencyStats
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class TableModel:
 
 
 def lut_job(model: TableModel | str | None, device: str, out: str | Path, resume: bool = True,
-            stages: Stages = no_progress, measure_fn: Callable[..., Any] | None = None, workers: int = 1,
+            stages: Stages = no_progress, measure_fn: Callable[..., LatencyStats] | None = None, workers: int = 1,
             check: int = CHECK_PLANS, seed: int = 0) -> dict[str, Any]:
     """`edgeprune lut`: measure a model's layer table on a target (merging into `out`), check it on `check` random
     plans seeded by `seed` (0: no check), and summarise it (`measure_fn`, `workers`: see `measure_table.build_lut`;
@@ -51,7 +55,7 @@ def lut_job(model: TableModel | str | None, device: str, out: str | Path, resume
 
 
 def lut_check_job(path: str | Path, model: TableModel, device: str, stages: Stages = no_progress,
-                  measure_fn: Callable[..., Any] | None = None, check: int = CHECK_PLANS,
+                  measure_fn: Callable[..., LatencyStats] | None = None, check: int = CHECK_PLANS,
                   seed: int = 0) -> dict[str, Any]:
     """`edgeprune lut --check-only TABLE`: the self-check of an existing table, measured again on `check` random plans
     and stored in it."""
@@ -64,8 +68,8 @@ class PlanMeasurer:
     exports its candidates, and measured on the target over its `final_repeats` sessions, as a verification is: the
     calibration plans and the self-check's plans alike."""
 
-    def __init__(self, loaded: LoadedModel, graph: Graph, ignore: tuple[str, ...], target: Any,
-                 measure_fn: Callable[..., Any], work: Path) -> None:
+    def __init__(self, loaded: LoadedModel, graph: Graph, ignore: tuple[str, ...], target: Target,
+                 measure_fn: Callable[..., LatencyStats], work: Path) -> None:
         self.loaded, self.graph, self.ignore, self.target = loaded, graph, ignore, target
         self.measure_fn, self.path = measure_fn, work / "plan.onnx"
 
@@ -90,8 +94,8 @@ def random_plans(graph: Graph, multiple: int, count: int, seed: int) -> list[dic
     return [{g: int(rng.choice(ws)) for g, ws in options.items()} for _ in range(count)]
 
 
-def self_check(table: Any, model: Any, graph: Graph, measured: PlanMeasurer, count_seed: tuple[int, int],
-               stages: Stages) -> dict[str, Any] | None:
+def self_check(table: LatencyTable, model: LayerModel, graph: Graph, measured: PlanMeasurer,
+               count_seed: tuple[int, int], stages: Stages) -> dict[str, Any] | None:
     """The table's predictions of random plans against their measured latencies (`latency.table.check_figures`),
     stored under the model in `table` (not saved); None, and no check stored, for a count of 0."""
     from edgeprune.latency.table import calibration_key, check_figures, predict
@@ -116,7 +120,7 @@ def _check_count(count: int, flag: str = "--check") -> None:
         raise EdgePruneError(f"{flag} takes a number of random plans, 0 or more (0: no check); found {count!r}")
 
 
-def _reported(table: Any, model: Any, path: Path, check: dict[str, Any] | None) -> dict[str, Any]:
+def _reported(table: LatencyTable, model: LayerModel, path: Path, check: dict[str, Any] | None) -> dict[str, Any]:
     """The check's figures for a summary, its warning logged."""
     from edgeprune.latency.table import check_line, check_warning
 
@@ -127,11 +131,11 @@ def _reported(table: Any, model: Any, path: Path, check: dict[str, Any] | None) 
 
 
 def _lut_job(source: TableModel, device: str, out: str | Path, resume: bool, stages: Stages,
-             measure_fn: Callable[..., Any] | None, workers: int, count_seed: tuple[int, int]) -> dict[str, Any]:
+             measure_fn: Callable[..., LatencyStats] | None, workers: int,
+             count_seed: tuple[int, int]) -> dict[str, Any]:
     import tempfile
 
     from edgeprune.latency.measure_table import best_channel_multiple, build_lut, check_lut_out
-    from edgeprune.latency.table import LayerModel
 
     ignore = source.ignore
     check_patterns(ignore)
@@ -156,7 +160,7 @@ def _lut_job(source: TableModel, device: str, out: str | Path, resume: bool, sta
             "build_s": time.perf_counter() - t0}
 
 
-def _target(device: str, measure_fn: Callable[..., Any] | None) -> tuple[Any, Callable[..., Any]]:
+def _target(device: str, measure_fn: Callable[..., LatencyStats] | None) -> tuple[Target, Callable[..., LatencyStats]]:
     from edgeprune.inputs.targets import load_target
     from edgeprune.runtimes import measure, runtime_for
 
@@ -167,10 +171,10 @@ def _target(device: str, measure_fn: Callable[..., Any] | None) -> tuple[Any, Ca
 
 
 def _lut_check_job(path: Path, source: TableModel, device: str, stages: Stages,
-                   measure_fn: Callable[..., Any] | None, count_seed: tuple[int, int]) -> dict[str, Any]:
+                   measure_fn: Callable[..., LatencyStats] | None, count_seed: tuple[int, int]) -> dict[str, Any]:
     import tempfile
 
-    from edgeprune.latency.table import LayerModel, calibration_key, check_table_for, load_lut
+    from edgeprune.latency.table import calibration_key, check_table_for, load_lut
 
     spec, ignore = source.spec, source.ignore
     check_patterns(ignore)
@@ -194,7 +198,7 @@ def _lut_check_job(path: Path, source: TableModel, device: str, stages: Stages,
             "check_s": time.perf_counter() - t0}
 
 
-def _only_model(table: Any, path: Path) -> str:
+def _only_model(table: LatencyTable, path: Path) -> str:
     if len(table.models) != 1:
         raise EdgePruneError(f"latency table {path} holds {len(table.models)} models "
                              f"({', '.join(table.models) or 'none'}): name the one to check with --model")

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -31,7 +31,14 @@ from edgeprune.jobs.session import Prepared
 from edgeprune.plan import Plan
 from edgeprune.runtimes.stats import LatencyStats, agree, consensus, interleaved
 from edgeprune.search.allocate import widths_digest
-from edgeprune.search.strength import Probe
+from edgeprune.search.strength import Candidate, Probe, SearchResult
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgeprune.inputs.targets import Target
+    from edgeprune.latency.table import LatencyTable
+    from edgeprune.runtimes.cache import MeasurementCache
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,8 @@ def export_candidate(model: nn.Module, example: torch.Tensor, path: Path, export
 class Verified:
     """A candidate rebuilt as it would ship (direct solve), exported and measured over the verification's sessions."""
 
-    candidate: Any
-    stats: Any  # LatencyStats
+    candidate: Candidate
+    stats: LatencyStats
     pruned: nn.Module
     plan: Plan
     path: Path  # the file measured and released (int8 targets: the quantised model)
@@ -70,8 +77,9 @@ PAIR_SPREAD, PAIRS_LIMIT = 0.0125, 3
 FAR_UNDER = 0.9  # a release below this fraction of the budget wastes accuracy: the search resumes instead
 
 
-def verify_release(result: Any, budget_ms: float, verify_one: Callable[[Any], Verified],
-                   resume: Callable[[Any, dict[str, Any]], Any], max_resumes: int = 2) -> tuple[Verified, Any]:
+def verify_release(result: SearchResult, budget_ms: float, verify_one: Callable[[Candidate], Verified],
+                   resume: Callable[[SearchResult, dict[str, LatencyStats]], SearchResult | None],
+                   max_resumes: int = 2) -> tuple[Verified, SearchResult]:
     """The model to release: the search's best if its verification is within budget, else the nearest feasible
     candidate that verifies. When the next fallback would be far under budget (< FAR_UNDER) and the search has steps
     left, the search resumes with the verified figures in place of its own (`resume` returns None when it cannot),
@@ -79,7 +87,7 @@ def verify_release(result: Any, budget_ms: float, verify_one: Callable[[Any], Ve
     extended) search result."""
     tried: dict[str, Verified] = {}
 
-    def order(res: Any) -> list[Any]:
+    def order(res: SearchResult) -> list[Candidate]:
         first = [res.best] if res.best is not None else []
         rest = sorted((c for c in res.trace if c.latency_ms <= budget_ms and c not in first),
                       key=lambda c: -c.latency_ms)
@@ -114,8 +122,8 @@ class Measurer:
     `interleave`: whether a relative budget's figures are taken beside the baseline (`anchor_to`); default the
     target's `[measure] interleave`, and off with a `measure_fn` (a pool of boards would split a pair over two)."""
 
-    def __init__(self, target: Any, cache: Any, stages: Stages, timings: dict[str, float],
-                 measure_fn: Callable[..., LatencyStats] | None = None, calibration: Any = None,
+    def __init__(self, target: Target, cache: MeasurementCache | None, stages: Stages, timings: dict[str, float],
+                 measure_fn: Callable[..., LatencyStats] | None = None, calibration: np.ndarray | None = None,
                  interleave: bool | None = None) -> None:
         self.target, self.cache, self.stages, self.timings = target, cache, stages, timings
         self.measure_fn = measure_fn
@@ -130,7 +138,7 @@ class Measurer:
         if self.interleave and stats.source == "measured":
             self.anchor = (path, stats)
 
-    def start(self, timings: dict[str, float], calibration: Any = None, kind: str | None = None) -> None:
+    def start(self, timings: dict[str, float], calibration: np.ndarray | None = None, kind: str | None = None) -> None:
         """Time into `timings` from now on, and pass `calibration` (when the target is INT8; `kind`: its recipe's)."""
         self.timings = timings
         self.anchor: tuple[Path, LatencyStats] | None = None  # see `anchor_to`
@@ -259,7 +267,7 @@ class TableOracle:
 
     remeasure = None
 
-    def __init__(self, session: Prepared, table: Any, target: Any, lut_path: str) -> None:
+    def __init__(self, session: Prepared, table: LatencyTable, target: Target, lut_path: str) -> None:
         from edgeprune.latency.table import LayerModel, calibration_key, stored_check
 
         spec = session.loaded.spec
@@ -306,7 +314,7 @@ class Verification:
     def plan(self, widths: dict[str, int]) -> Plan:
         return dataclasses.replace(self.session.plan(widths, **self.plan_meta), target=self.target_name)
 
-    def __call__(self, cand: Any) -> Verified:
+    def __call__(self, cand: Candidate) -> Verified:
         plan = self.plan(cand.widths)
         t = self.session.timings_s
         with timed(t, "prune"):

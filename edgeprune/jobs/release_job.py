@@ -53,8 +53,9 @@ class Pruned:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)  # added to report.json (finetune: its stage)
 
 
-def release_inputs(model: Any, original: Any, plan: Any, example_input: Any, inputs: Inputs,
-                   weights: str | None, seed: int, input_shape: tuple[int, ...] | None = None) -> Pruned:
+def release_inputs(model: nn.Module | str | Path, original: nn.Module | str | None, plan: Plan | str | Path | None,
+                   example_input: Any, inputs: Inputs, weights: str | None, seed: int,
+                   input_shape: tuple[int, ...] | None = None) -> Pruned:
     """The pruned model and its plan: a module with `plan` (a Plan or plan.json), or a pruned.pt with optional
     fine-tuned `weights` (a state dict saved with torch.save(model.state_dict(), PATH))."""
     if isinstance(model, nn.Module):

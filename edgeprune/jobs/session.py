@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from edgeprune.scoring.base import Ranking
 from edgeprune.scoring.papers import with_merges
 from edgeprune.scoring.registry import NEEDS_STATS, check_labels, criterion_signals, rank_all
 from edgeprune.surgery.apply import prune
+
+if TYPE_CHECKING:
+    from edgeprune.latency.table import LatencyTable
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +284,7 @@ def fidelity_error(prep: Prepared, timings: dict[str, float],
     return error
 
 
-def allocation_cost(prep: Prepared, table: Any) -> Callable[[dict[str, int]], float]:
+def allocation_cost(prep: Prepared, table: LatencyTable | None) -> Callable[[dict[str, int]], float]:
     """The latency model of the latency-aware allocation: the table's prediction with --lut, else MACs."""
     from edgeprune.latency.cost import macs_cost, relative_cost, table_cost
     from edgeprune.latency.table import LayerModel

@@ -25,7 +25,7 @@ from edgeprune.inputs.targets import Target
 from edgeprune.latency.table import (LUT_FORMAT, LatencyTable, Layer, LayerModel, check_table_for, entry_latency,
                                      fit_calibration, load_lut, model_key, table_meta)
 from edgeprune.plan import round_width
-from edgeprune.runtimes import measure
+from edgeprune.runtimes import LatencyStats, measure
 
 
 def build_layer_onnx(spec: dict[str, Any], cin: int, cout: int, path: Path) -> Path:
@@ -149,7 +149,7 @@ ENTRY_SESSIONS = 3
 
 def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths: Callable[[dict[str, int]], float],
               resume: bool = True, progress: Callable[[int, int], None] | None = None,
-              repeats: int = ENTRY_SESSIONS, measure_fn: Callable[..., Any] | None = None,
+              repeats: int = ENTRY_SESSIONS, measure_fn: Callable[..., LatencyStats] | None = None,
               workers: int = 1) -> LatencyTable:
     """Measure every layer signature of `model` on `target` and calibrate the model; merges into `out`.
 
@@ -211,7 +211,7 @@ def build_lut(model: LayerModel, target: Target, out: str | Path, measure_widths
     return table
 
 
-def _measure_entry(layer: Layer, target: Target, path: Path, measure_fn: Callable[..., Any], repeats: int,
+def _measure_entry(layer: Layer, target: Target, path: Path, measure_fn: Callable[..., LatencyStats], repeats: int,
                    tick: Callable[[], None]) -> dict[str, Any]:
     """A layer signature's table entry: its grid of widths measured on `target`, and the staircase sweep."""
     cins, couts = _layer_points(layer, target.channel_multiple)

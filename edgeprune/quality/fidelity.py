@@ -11,7 +11,7 @@ equal weights (one output: its error); top-1 agreement and accuracy come from th
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +20,10 @@ from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.data import CalibrationData
 from edgeprune.inputs.outputs import flatten_outputs, is_class_logits
 from edgeprune.quality.replay import Replay
+
+if TYPE_CHECKING:
+    from edgeprune.dependency.graph import Graph
+    from edgeprune.plan import Plan
 
 Named = dict[str, torch.Tensor]  # output name -> held-out outputs, N x ... (float64)
 
@@ -139,7 +143,7 @@ class MaskedProxy:
     calibration part, never the held-out part, so the reported held-out fidelity stays an independent figure.
     """
 
-    def __init__(self, model: nn.Module, graph: Any, stats: dict, x: torch.Tensor, repair: bool = True,
+    def __init__(self, model: nn.Module, graph: Graph, stats: dict, x: torch.Tensor, repair: bool = True,
                  orders: dict[str, tuple[int, ...]] | None = None, solvers: dict | None = None,
                  weights: dict[str, float] | None = None) -> None:
         import copy
@@ -163,7 +167,7 @@ class MaskedProxy:
         (None: run it whole)."""
         return {n: t.double() for n, t in flatten_outputs(self.replay.run(changed))}
 
-    def error(self, plan: Any) -> float:
+    def error(self, plan: Plan) -> float:
         """||y_plan - y|| / ||y|| over the samples, a weighted mean over outputs (each weighing 1 unless given)."""
         from edgeprune.surgery.apply import compensate_consumers, removed_coords
 

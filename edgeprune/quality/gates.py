@@ -49,8 +49,8 @@ def agreement_gate(config: BuildConfig, recipe_kind: str) -> tuple[float | None,
     return (None, False) if recipe_kind == "random" else (DEFAULT_MIN_AGREEMENT, True)
 
 
-def check_gates_apply(config: BuildConfig, session: Any) -> None:
-    if config.max_accuracy_drop is not None and not session.data.labelled:
+def check_gates_apply(config: BuildConfig, data: CalibrationData) -> None:
+    if config.max_accuracy_drop is not None and not data.labelled:
         raise EdgePruneError("--max-accuracy-drop needs a labelled calibration recipe (digits, imagefolder with class "
                              "folders, npy with labels); use --min-agreement for unlabelled data")
 

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -27,6 +27,9 @@ from edgeprune.scoring.cap import rank_cap
 from edgeprune.scoring.kfac import output_factors
 from edgeprune.scoring.papers import rank_epruner, rank_functionality, rank_nap, rank_similarity
 from edgeprune.scoring.signals import Signals, collect_signals
+
+if TYPE_CHECKING:
+    from edgeprune.inputs.data import CalibrationData
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ def check_labels(name: str, labelled: bool, pseudo_labels: bool, recipe: str) ->
                              f"predictions as labels")
 
 
-def criterion_signals(name: str, model: nn.Module, graph: Graph, data: Any, seed: int = 0,
+def criterion_signals(name: str, model: nn.Module, graph: Graph, data: CalibrationData, seed: int = 0,
                       pseudo_labels: bool = False) -> Signals | None:
-    """The statistics pass criterion `name` needs over the calibration part of `data` (`CalibrationData`), or None."""
+    """The statistics pass criterion `name` needs over the calibration part of `data`, or None."""
     needs = CRITERIA[name].signals if name in CRITERIA else frozenset()
     if not needs:
         return None
