@@ -57,10 +57,20 @@ def _check_same_boxes(module: nn.Module, onnx_path: Path, size: int) -> None:
     np.testing.assert_allclose(got[iou.argmax(1), 4].numpy(), best[:, 4].numpy(), rtol=1e-3)
 
 
-def test_yolov8n_prunes_outside_its_splits_and_keeps_ultralytics_boxes(tmp_path: Path) -> None:
+def test_yolov8n_prunes_its_c2f_splits_in_equal_halves_and_keeps_ultralytics_boxes(tmp_path: Path) -> None:
+    """C2f's `chunk(2)` groups are pruned (dependency/splits.py), each half losing as many channels as the other:
+    the pruned model runs, and ONNX Runtime finds its boxes again."""
+    from edgeprune.inputs.models import load_model
+
     r, module = _prune("ultralytics:yolov8n.yaml", 320, tmp_path / "yolo")
     splits = [g for g, why in r["excluded_groups"].items() if "split along channels" in why]
-    assert splits and all(".m." in g or ".cv" in g for g in splits)  # C2f's chunked groups, said why
+    assert not splits, splits
+    base = dict(load_model("ultralytics:yolov8n.yaml", input_shape=(1, 3, 320, 320)).module.named_modules())
+    pruned = dict(module.named_modules())
+    for c2f in (2, 4, 6, 8, 12, 15, 18, 21):
+        cv1 = f"model.{c2f}.cv1.conv"
+        assert pruned[cv1].out_channels < base[cv1].out_channels and pruned[cv1].out_channels % 2 == 0
+        assert pruned[f"model.{c2f}.m.0.cv1.conv"].in_channels == pruned[cv1].out_channels // 2  # reads one half
     _check_head_whole(module)
     _check_same_boxes(module, tmp_path / "yolo" / "model.onnx", 320)
 
