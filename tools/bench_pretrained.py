@@ -83,12 +83,13 @@ def model(name: str) -> dict:
     return {"spec": f"{HERE / 'pretrained.py'}:{name}", "input_shape": f"1,3,{size},{size}"}
 
 
-def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work: Path) -> dict:
+def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work: Path,
+          extra: tuple[str, ...] = ()) -> dict:
     out = work / "out"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     args = harness.build_args(model(name), budget, recipe, out, work / "cache",
-                              ["--recover", f"{recover:g}"] if recover else [], seed=seed)
+                              (["--recover", f"{recover:g}"] if recover else []) + list(extra), seed=seed)
     code, stdout, wall = harness.run_edgeprune(REPO, args, work / "build.log")
     row: dict = {"exit_code": code, "wall_s": round(wall, 1)}
     if code not in (0, 4):
@@ -104,7 +105,7 @@ def build(name: str, budget: str, seed: int, recipe: Path, recover: float, work:
 
 
 def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], passes: int, work: Path,
-               photo_set: str, calib: int = CALIB) -> list[dict]:
+               photo_set: str, calib: int = CALIB, extra: tuple[str, ...] = ()) -> list[dict]:
     recipe, judge, photos = make_data(name, seed, work / f"{name}-{photo_set}-{calib}-data-{seed}", photo_set, calib)
     base_onnx = harness.export_base(REPO, model(name), recipe.parent)
     int8_onnx = harness.export_base(REPO, model(name), recipe.parent, recipe)
@@ -115,9 +116,9 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
     rows = []
     for budget in budgets:
         for rec in recovers:
-            b = build(name, budget, seed, recipe, rec, work / f"{name}-{budget}-{seed}-r{rec:g}")
+            b = build(name, budget, seed, recipe, rec, work / f"{name}-{budget}-{seed}-r{rec:g}", extra)
             row = {"model": name, "budget": budget, "seed": seed, "recover_min": rec, "photo_set": photo_set,
-                   "calibration_crops": calib,
+                   "calibration_crops": calib, "build_args": list(extra),
                    "photos": photos,
                    "judged_crops": len(judge), "confident_share": confident, "int8": ref, **b}
             if b["onnx"]:
@@ -158,6 +159,8 @@ def main() -> None:
                          "out; packages: the 23 only, 7 held out (the figures before 2026-12-07)")
     ap.add_argument("--calib", type=int, default=CALIB, help=f"calibration crops in the recipe (default {CALIB}; "
                     "a fifth of them the build's own held-out part)")
+    ap.add_argument("--build-args", default="", help="more arguments for every build, one string (A/B runs: "
+                    "'--ignore conv_head')")
     ap.add_argument("--work", default="/tmp/bench-pretrained")
     ap.add_argument("--out", default="bench/pretrained.json")
     a = ap.parse_args()
@@ -168,7 +171,7 @@ def main() -> None:
     for name in a.models.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
             rows += bench_case(name, a.budgets.split(","), seed, [float(m) for m in a.recover.split(",")],
-                               a.passes, Path(a.work), a.photos, a.calib)
+                               a.passes, Path(a.work), a.photos, a.calib, tuple(a.build_args.split()))
             out.write_text(json.dumps({"rows": rows, "seconds": time.time() - t0}, indent=1) + "\n")
             out.with_suffix(".md").write_text(markdown(rows))
     print(markdown(rows))
