@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -220,17 +221,23 @@ def test_module_is_at_most_450_lines(rel: str):
 MAX_PARAMETERS = 10  # STYLE.md §9: more go into a config dataclass
 
 
-def test_no_function_takes_more_than_10_parameters():
-    """Counted without `self` / `cls`, with `*args` and `**options` as one each."""
-    over = []
+def package_functions() -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """Every function and method of the package, with its module's path."""
     for rel in package_modules():
         for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
-                count = len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None) + (a.kwarg is not None)
-                if count > MAX_PARAMETERS:
-                    over.append(f"{rel}:{node.lineno} {node.name} ({count})")
+                yield rel, node
+
+
+def test_no_function_takes_more_than_10_parameters():
+    """Counted without `self` / `cls`, with `*args` and `**options` as one each."""
+    over = []
+    for rel, node in package_functions():
+        a = node.args
+        names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+        count = len(names) - (names[:1] in (["self"], ["cls"])) + (a.vararg is not None) + (a.kwarg is not None)
+        if count > MAX_PARAMETERS:
+            over.append(f"{rel}:{node.lineno} {node.name} ({count})")
     assert not over, f"functions over {MAX_PARAMETERS} parameters (group them in a dataclass): {over}"
 
 
@@ -245,14 +252,12 @@ PROJECT_TYPED = {"target", "measurer", "progress", "stages", "prep", "run", "loa
 
 def test_no_parameter_that_always_holds_a_project_type_is_annotated_any():
     loose = []
-    for rel in package_modules():
-        for node in ast.walk(ast.parse((PACKAGE / rel).read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                for p in a.posonlyargs + a.args + a.kwonlyargs:
-                    if p.arg in PROJECT_TYPED and (p.annotation is None or any(
-                            isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(p.annotation))):
-                        shown = "no annotation" if p.annotation is None else ast.unparse(p.annotation)
-                        loose.append(f"{rel}:{node.lineno} {node.name}({p.arg}: {shown})")
+    for rel, node in package_functions():
+        a = node.args
+        for p in a.posonlyargs + a.args + a.kwonlyargs:
+            if p.arg in PROJECT_TYPED and (p.annotation is None or any(
+                    isinstance(n, ast.Name) and n.id == "Any" for n in ast.walk(p.annotation))):
+                shown = "no annotation" if p.annotation is None else ast.unparse(p.annotation)
+                loose.append(f"{rel}:{node.lineno} {node.name}({p.arg}: {shown})")
     assert not loose, "parameters that hold a project type, annotated Any or not at all (name the type; " \
                       "TYPE_CHECKING imports for types of other modules):\n" + "\n".join(loose)
