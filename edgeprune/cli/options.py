@@ -59,6 +59,8 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                    help="distil the released model from the unpruned one for MINUTES on the calibration images "
                         "(random flips and shifts; the best epoch on a held-back fifth kept, the untrained model if "
                         "none beats it) before its gates: for pretrained models that pruning alone moves too far")
+    p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
+                   help="Adam's learning rate for --recover (default 5e-3; ImageNet-pretrained models want ~1e-4)")
     p.add_argument("--noise-margin", dest="margin_k", type=float, default=None, metavar="K",
                    help="a candidate counts as within budget when latency x (1 + K x its relative standard error) "
                         "<= budget (default 2; lower on a quiet device: releases land nearer the budget, the "

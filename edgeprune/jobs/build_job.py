@@ -245,7 +245,8 @@ def recovered(run: BuildRun, release: Verified) -> tuple[Verified, dict[str, Any
 
     minutes, session = run.config.recover, run.session
     student = copy.deepcopy(release.pruned)
-    rc = FinetuneConfig(stage="distill", minutes=minutes, seed=session.config.seed, augment=True, freeze_bn=True)
+    rc = FinetuneConfig(stage="distill", minutes=minutes, seed=session.config.seed, augment=True, freeze_bn=True,
+                        lr=run.config.recover_lr)
     with timed(run.timings_s, "recover"):
         done = train(student, run.loaded.module, run.data.calib_x, None, rc, keep_best=True)
         float_path = release.path.parent / "recovered.onnx"

@@ -271,11 +271,12 @@ def test_build_recover_distils_the_release_and_ships_what_it_trained(tmp_path: P
 
     out = tmp_path / "b"
     code = main(["build", "--latency", "0.5x", "--tolerance", "0.5", "--max-steps", "4", "--recover", "0.1",
-                 "--min-agreement", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json"])
+                 "--recover-lr", "0.002", "--min-agreement", "0", "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(out), "--json"])
     assert code == 0
     r = json.loads((out / "report.json").read_text())
     rec = r["recovery"]
-    assert rec["minutes"] == 0.1 and rec["steps"] > 0 and rec["loss"] == "distillation"
+    assert rec["minutes"] == 0.1 and rec["steps"] > 0 and rec["loss"] == "distillation" and rec["lr"] == 0.002
     v = rec["validation"]
     assert v["best"] <= v["before"] and (v["best_step"] == 0) == (v["best"] == v["before"])
     assert r["quality_gates"]["onnx_parity"]["passed"]
@@ -286,3 +287,8 @@ def test_build_recover_distils_the_release_and_ships_what_it_trained(tmp_path: P
     got = np.concatenate([sess.run(None, {name: x[i:i + 1].numpy()})[0] for i in range(3)])
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_recover_lr_out_of_range_exits_2_before_loading(capsys: pytest.CaptureFixture) -> None:
+    assert main(["build", "--latency", "0.5x", "--recover", "1", "--recover-lr", "0"]) == 2
+    assert "--recover-lr is a learning rate in (0, 1), found 0" in capsys.readouterr().err
