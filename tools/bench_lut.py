@@ -73,7 +73,8 @@ def model_spec(name: str) -> tuple[str, tuple[int, ...] | None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet18;mobilenet_v2",
-                    help="';'-separated: torchvision names or specs with an optional @input,shape (model_spec)")
+                    help="torchvision names or specs with an optional @input,shape (model_spec); ';'-separated, or "
+                         "','-separated when no shape is given")
     ap.add_argument("--plans", type=int, default=50)
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--rescore", metavar="JSON", help="recompute the accuracy figures of an earlier run's points")
@@ -90,7 +91,7 @@ def main() -> None:
     target = load_target(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(";"):
+        for name in args.models.split(";" if ";" in args.models or "@" in args.models else ","):
             spec, shape = model_spec(name)
             t0 = time.perf_counter()
             summary = lut_job(TableModel(spec, input_shape=shape), args.device, Path(tmp) / "lut.json")
