@@ -30,7 +30,7 @@ from edgeprune.inputs.targets import load_target
 from edgeprune.jobs.lut_job import TableModel, lut_job
 from edgeprune.jobs.oracle import export_candidate
 from edgeprune.latency.table import LayerModel, load_lut, predict
-from edgeprune.plan import Plan, round_width
+from edgeprune.plan import Plan, keep_first, round_width
 from edgeprune.runtimes import measure
 from edgeprune.surgery.apply import prune
 
@@ -105,7 +105,8 @@ def main() -> None:
             for i in range(args.plans):
                 widths = {g.name: round_width(g.channels * rng.uniform(0.15, 1.0), g.channels, target.channel_multiple)
                           for g in graph.groups}
-                plan = Plan(kept={k: tuple(range(w)) for k, w in widths.items()},
+                groups = {g.name: g for g in graph.groups}  # keep_first: every concat branch and split piece served
+                plan = Plan(kept={k: keep_first(groups[k], range(groups[k].channels), w) for k, w in widths.items()},
                             channels={g.name: g.channels for g in graph.groups}, compensation=False)
                 path = Path(tmp) / f"plan-{i}.onnx"
                 export_candidate(prune(m.module, m.example_input, plan), m.example_input, path, "torchscript")
