@@ -172,9 +172,9 @@ def fix_split_mappings(dg: Any, calls: dict[int, tuple[Any, SplitCall]]) -> int:
     _guard_updates()
     dg.edgeprune_splits = []
     for node in list(dg.module2node.values()):
-        if node.type != ops.OPTYPE.SPLIT or _piece_sizes(node.grad_fn) is None:
+        sizes = _piece_sizes(node.grad_fn) if node.type == ops.OPTYPE.SPLIT else None
+        if sizes is None:
             continue
-        sizes = _piece_sizes(node.grad_fn)
         call = calls.get(id(node.grad_fn), (None, None))[1]
         read = _pieces_read(node)
         reason = _reason(sizes, call, read is not None)

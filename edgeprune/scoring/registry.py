@@ -129,7 +129,11 @@ def rank_pieces(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group
     uneven = reads and any(len({len(x) for x in c.coords}) > 1 for c in group.consumers if c.compensable)
     if not uneven:
         r = fn(modules, group, stats, signals, seed)
-        return Ranking(order=_interleave([[ch for ch in r.order if ch in set(p)] for p in group.pieces]), loss=r.loss)
+        piece_of = {ch: k for k, piece in enumerate(group.pieces) for ch in piece}
+        orders: list[list[int]] = [[] for _ in group.pieces]
+        for ch in r.order:  # each piece's channels in the whole group's order
+            orders[piece_of[ch]].append(ch)
+        return Ranking(order=_interleave(orders), loss=r.loss)
     orders, losses = [], []
     for piece in group.pieces:
         consumers = tuple(dataclasses.replace(c, coords=tuple(c.coords[ch] for ch in piece))
