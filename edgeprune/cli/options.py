@@ -70,10 +70,11 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                         "calibration samples (fidelity: better models, dozens of forward passes per search step), the "
                         "CaP residual-loss curves (loss: free), or auto (default): fidelity on real calibration data, "
                         "loss on random data")
-    p.add_argument("--allocation", choices=("auto", "step", "latency", "epruner", "nap", "itpruner"), default=None,
+    p.add_argument("--allocation", default=None,
+                   choices=("auto", "step", "latency", "latency-joint", "epruner", "nap", "itpruner"),
                    help="how the proxy is spent over groups: the step constraint (an equal share of error per group, "
                         "in forward order), latency (error + lambda * latency cost, the cost from --lut or MACs: "
-                        "error goes to the groups whose channels cost most), itpruner (ITPruner: nHSIC layer "
+                        "error goes to the groups whose channels cost most; each group's error judged alone, once per width, so the proxy's cost does not grow with the strengths tried; latency-joint: judged with the earlier groups pruned, a proxy run per width and strength), itpruner (ITPruner: nHSIC layer "
                         "importance, widths by a linear program under the latency model), or auto (default): latency "
                         "for the fidelity proxy with compensation, else step; epruner and nap: that method's "
                         "own width rule (exemplar counts, one global importance threshold), with its --criterion")

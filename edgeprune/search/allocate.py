@@ -220,7 +220,7 @@ def step_allocation(a: AllocationInputs) -> WidthsFn:
 
 
 def latency_allocation(a: AllocationInputs) -> WidthsFn:
-    """`latency`: the proxy traded against the latency model `a.cost` instead of the step constraint, with
+    """`latency-joint`: the proxy traded against the latency model `a.cost` instead of the step constraint, with
     λ = λ0·(u / (1 - u))² (see `latency_aware_widths`); without a latency model, or without a proxy (no error and no
     loss curves), the step allocation."""
     if a.cost is None or (a.error is None and not a.has_curves()):
@@ -228,10 +228,38 @@ def latency_allocation(a: AllocationInputs) -> WidthsFn:
     return _latency_widths_fn(a.graph, a.rankings, a.multiple, a.min_width, a.error, a.cost)
 
 
+def separable_latency_allocation(a: AllocationInputs) -> WidthsFn:
+    """`latency` (the default on real data) with the proxy's error read as separable: a plan's squared error the sum
+    of each narrowed group's squared error alone, `error({every group whole, g: w})**2` (independent errors add in
+    squares, see `fidelity_widths`). Each (group, width) is evaluated once for every strength the outer level tries,
+    replayed from the group's own first layer rather than from the first narrowed group's. `latency-joint`
+    (`latency_allocation`) judges each group with the earlier ones at their chosen widths: a proxy run per group,
+    width and strength. A/B, both on a quiet machine: EfficientNet-Lite0 (pretrained, 640 photo crops) at 0.7x: the
+    proxy took 64 s instead of 195 s (the build 205 s instead of 339 s), agreement with the unpruned model on 300
+    crops of held-out photos 44.3% against 39.7% (at 0.68x and 0.66x); FashionNet (tools.bench_accuracy, seed 0) kept
+    99.3 / 98.1 / 95.4% of its test accuracy at 0.43 / 0.29 / 0.17x against 99.3 / 98.2 / 95.1% at 0.44 / 0.29 /
+    0.19x."""
+    if a.cost is None or a.error is None:
+        return latency_allocation(a)
+    error, full = a.error, {g.name: g.channels for g in a.graph.groups}
+    alone: dict[tuple[str, int], float] = {}
+
+    def sum_alone(widths: dict[str, int]) -> float:
+        total = 0.0
+        for g, w in widths.items():
+            if w < full[g]:
+                if (g, w) not in alone:
+                    alone[g, w] = error({**full, g: w}) ** 2
+                total += alone[g, w]
+        return total ** 0.5
+
+    return _latency_widths_fn(a.graph, a.rankings, a.multiple, a.min_width, sum_alone, a.cost)
+
+
 def _latency_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None,
                        error: Callable[[dict[str, int]], float] | None,
                        cost: Callable[[dict[str, int]], float]) -> Callable[[float], dict[str, int]]:
-    """The "latency" allocation: u = 0 the unpruned model, u = 1 every group at its minimum, and between
+    """The "latency" allocations: u = 0 the unpruned model, u = 1 every group at its minimum, and between
     them λ from λ0·(u/(1-u))², λ0 the penalty of the minimum widths per unit of the latency they save."""
     import functools
 

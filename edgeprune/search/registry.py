@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeprune.errors import EdgePruneError
-from edgeprune.search.allocate import AllocationInputs, WidthsFn, latency_allocation, step_allocation, widths_digest
+from edgeprune.search.allocate import (
+    AllocationInputs,
+    WidthsFn,
+    latency_allocation,
+    separable_latency_allocation,
+    step_allocation,
+    widths_digest,
+)
 from edgeprune.search.evolution import Space, evolution_search
 from edgeprune.search.itpruner import itpruner_allocation
 from edgeprune.search.method_widths import epruner_allocation, nap_allocation
@@ -23,13 +30,14 @@ from edgeprune.search.strength import Band, Candidate, Probe, SearchResult, sear
 PROXIES = ("loss", "fidelity")  # the CaP loss curves, or the masked network's output error (`session.fidelity_error`)
 ALLOCATIONS: dict[str, Callable[[AllocationInputs], WidthsFn]] = {
     "step": step_allocation,
-    "latency": latency_allocation,
+    "latency": separable_latency_allocation,  # error + λ·latency, the error separable over groups
+    "latency-joint": latency_allocation,  # the same, each group judged with the earlier ones pruned
     "epruner": epruner_allocation,  # a criterion's own width rule: needs that criterion's rankings
     "nap": nap_allocation,
     "itpruner": itpruner_allocation,  # the job's feature maps
 }
 METHOD_ALLOCATIONS = ("epruner", "nap")  # allocations that are a criterion's own rule (--criterion must match)
-NEEDS_COST = ("latency", "itpruner")  # allocations that read a latency model of widths
+NEEDS_COST = ("latency", "latency-joint", "itpruner")  # allocations that read a latency model of widths
 
 
 def make_widths_fn(allocation: str, inputs: AllocationInputs) -> WidthsFn:
