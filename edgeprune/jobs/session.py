@@ -96,7 +96,7 @@ class Prepared:
         if plan.compensation and plan.repair == "sequential":  # forward passes, like the statistics: all threads
             with heavy_stage_threads(self.data.batch_values):  # fitted without the held-back scenes, as the stats
                 return prune(self.loaded.module, self.loaded.example_input, plan, self.stats, self.config.ignore,
-                             graph=self.graph, batches=list(self.data.calib_batches(start=self.data.held_back)))
+                             graph=self.graph, batches=sequential_batches(self.data))
         with group_workers(self.data.batch_values) as workers:
             return prune(self.loaded.module, self.loaded.example_input, plan,
                          self.stats if plan.compensation else None, self.config.ignore, orders,
@@ -240,6 +240,25 @@ def _zero_biases(model: nn.Module, graph: Graph, widths: dict[str, int]) -> nn.M
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is None:
                 m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], dtype=m.weight.dtype))
     return model
+
+
+SEQUENTIAL_VALUES = 24_000_000  # input values the sequential repair runs on: 159 images at 224x224, 30k at 28x28
+
+
+def sequential_batches(data: CalibrationData) -> list[torch.Tensor]:
+    """The calibration batches the sequential repair is fitted on: those after the held-back samples, at most
+    `SEQUENTIAL_VALUES` input values (the first ones). Its two networks' passes cost like two forward passes over
+    them, memory-bound at high resolution (EfficientNet-Lite0 on 512 images at 224x224: 40 s, half of it BatchNorm),
+    while each layer's statistics keep only `MAX_POSITIONS` patches per image."""
+    per_sample = int(np.prod(data.calib_x.shape[1:]))
+    keep = max(1, SEQUENTIAL_VALUES // max(per_sample, 1))
+    out, n = [], 0
+    for b in data.calib_batches(start=data.held_back):
+        if n >= keep:
+            break
+        out.append(b[:keep - n])
+        n += len(out[-1])
+    return out
 
 
 PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224
