@@ -51,6 +51,14 @@ class MeasureConfig:
     interleave: bool = False
 
     MIN_ITERATIONS = 10
+    MIN_WARMUP = 3  # warm-up runs a slow model gets at least (the first allocates; two more settle the caches)
+
+    def warmup_done(self, done: int, elapsed_s: float) -> bool:
+        """Whether `done` warm-up runs in `elapsed_s` seconds are enough: `warmup` of them, or with `max_seconds` set
+        at least MIN_WARMUP once half of it has passed (resnet50 at ~95 ms a run: 3 runs, not 10, per session)."""
+        if done >= self.warmup:
+            return True
+        return self.max_seconds > 0 and elapsed_s >= self.max_seconds / 2 and done >= self.MIN_WARMUP
 
     def runs_done(self, done: int, elapsed_s: float) -> bool:
         """Whether a repeat that has `done` timed runs in `elapsed_s` seconds is complete."""

@@ -92,6 +92,7 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         # int8: the unpruned float model too, for the speed-up over it (the budget rests on the quantised one)
         base_float = measurer.float_figure(work_dir / "base.onnx", "measuring unpruned float model") \
             if measurer.quantizer is not None and table is None else None
+        measurer.aim_ms = config.budget.ms(base.median)  # figures far from it need one pair (`Measurer`)
         run = BuildRun(config, target, measurer, session.loaded, session.data, session.timings_s, base, base_float,
                        config.budget.ms(base.median), session, oracle, inner_level(config, session, table),
                        table is not None)

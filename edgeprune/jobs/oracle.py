@@ -74,6 +74,7 @@ class Verified:
 # (5%) and noise margin (k = 2) the margin k x spread then fits in half the band, where 3 pairs at a 7% scatter kept
 # the search's ceiling at 0.92 of the budget and its band down to 0.87 of it (lraspp at 0.7x released at 0.75-0.86).
 PAIR_SPREAD, PAIRS_LIMIT = 0.0125, 3
+FAR_FROM_AIM = 0.3  # a candidate's first pair this far from the budget (either way) is its figure
 FAR_UNDER = 0.9  # a release below this fraction of the budget wastes accuracy: the search resumes instead
 
 
@@ -129,6 +130,7 @@ class Measurer:
         self.measure_fn = measure_fn
         self.interleave = target.measure.interleave and measure_fn is None if interleave is None else interleave
         self.device_runs = 0
+        self.aim_ms: float | None = None  # a build's budget: pairs beside the anchor stop early far from it
         self.start(timings, calibration)
 
     def anchor_to(self, path: Path, stats: LatencyStats) -> None:
@@ -177,15 +179,24 @@ class Measurer:
     def _beside_anchor(self, fn: Callable[..., LatencyStats], path: Path, what: str, repeats: int,
                        stage: str) -> LatencyStats:
         """`repeats` pairs of one fresh session of the anchor's model, then one of `path`'s (`anchor_to`); more pairs,
-        up to `PAIRS_LIMIT` x repeats, while the ratio's relative standard error is above `PAIR_SPREAD`."""
+        up to `PAIRS_LIMIT` x repeats, while the ratio's relative standard error is above `PAIR_SPREAD`. A search
+        candidate (`stage` "measure") whose first pair puts it further than `FAR_FROM_AIM` from the build's budget
+        (`aim_ms`) stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model)
+        would move it into the band, and the search only needs its side of the budget and a rough distance."""
         base_path, anchor = self.anchor  # type: ignore[misc]
         limit = PAIRS_LIMIT * repeats
         tick = self.stages(f"{what} on {self.target.name}, beside the unpruned model", repeats)
         figures: list[LatencyStats] = []
         bases: list[LatencyStats] = []
+
+        def far() -> bool:
+            aim = self.aim_ms if stage == "measure" else None
+            return aim is not None and abs(interleaved(figures, bases, anchor.median).median / aim - 1) > FAR_FROM_AIM
+
         with timed(self.timings, stage):
-            while len(figures) < repeats or (len(figures) < limit and
-                                             interleaved(figures, bases, anchor.median).spread > PAIR_SPREAD):
+            while not (figures and far()) and (
+                    len(figures) < repeats or (len(figures) < limit and
+                                               interleaved(figures, bases, anchor.median).spread > PAIR_SPREAD)):
                 bases.append(fn(base_path, self.target, cache=None, repeats=1, progress=None, **self.extra))
                 figures.append(fn(path, self.target, cache=None, repeats=1, progress=None, **self.extra))
                 tick(len(figures), max(repeats, len(figures)))

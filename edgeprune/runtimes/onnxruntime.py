@@ -144,8 +144,10 @@ def measure(onnx_path: str | Path, target: Target, repeats: int | None = None, p
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise EdgePruneError(f"ONNX Runtime cannot load {onnx_path}: {first_line(e, 300)}") from None
         feeds = random_feeds(sess)
-        for _ in range(cfg.warmup):
+        warm, start = 0, time.perf_counter()
+        while not cfg.warmup_done(warm, time.perf_counter() - start):
             _run(sess, feeds, onnx_path)
+            warm += 1
             if progress is not None:
                 progress(r * cfg.iterations, total)
         times: list[float] = []

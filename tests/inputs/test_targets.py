@@ -144,3 +144,12 @@ def test_a_target_name_that_is_not_one_folder_name_is_refused(tmp_path: Path, na
     want = rf"target file {re.escape(str(path))}: target name .* must be one plain folder name"
     with pytest.raises(EdgePruneError, match=want):
         load_target(path)
+
+
+def test_warm_up_of_a_slow_model_stops_after_half_of_max_seconds_with_three_runs_at_least() -> None:
+    from edgeprune.inputs.targets import MeasureConfig
+
+    cfg = MeasureConfig(warmup=10, max_seconds=0.5)
+    assert not cfg.warmup_done(2, 5.0) and cfg.warmup_done(3, 0.26) and not cfg.warmup_done(3, 0.2)
+    assert cfg.warmup_done(10, 0.01)  # a fast model: its `warmup` runs, as before
+    assert not MeasureConfig(warmup=10, max_seconds=0.0).warmup_done(9, 100.0)  # no cap: every warm-up run

@@ -126,6 +126,26 @@ def test_an_anchored_measurer_takes_more_pairs_of_a_noisy_model_until_its_ratio_
     assert spreads["noisy"] > spreads["steady"]
 
 
+def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_verification_takes_them_all() -> None:
+    """With the build's budget known (`aim_ms`), a search candidate whose first pair puts it more than FAR_FROM_AIM
+    from it is measured by that pair alone; one near the budget, and any verification, take every pair."""
+    from edgeprune.jobs.oracle import FAR_FROM_AIM
+
+    true = {"base.onnx": 2.0, "far.onnx": 0.4, "near.onnx": 1.0}
+    pairs = {}
+    for name, stage in (("far.onnx", "measure"), ("near.onnx", "measure"), ("far.onnx", "verify")):
+        machine = Machine(true, [1.0] * 40)
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=True)
+        m.aim_ms = 1.0
+        before = len(machine.calls)
+        fig = m(Path(name), "measuring", stage=stage)
+        pairs[name, stage] = (len(machine.calls) - before) // 2
+        assert fig.median == pytest.approx(true[name], rel=0.02)
+    assert abs(0.4 / 1.0 - 1) > FAR_FROM_AIM
+    assert pairs == {("far.onnx", "measure"): 1, ("near.onnx", "measure"): 3, ("far.onnx", "verify"): 3}
+
+
 def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_before() -> None:
     """Only the cpu profiles interleave, only for a relative budget, and not through a measure_fn of their own
     unless asked (a pool of boards would split each pair over two boards)."""
