@@ -31,7 +31,7 @@ from edgeprune.jobs.oracle import (
     Verified,
     verify_release,
 )
-from edgeprune.jobs.session import Inputs, Prepared, allocation_cost, fidelity_error, prepare
+from edgeprune.jobs.session import Inputs, Prepared, ProxyError, allocation_cost, fidelity_error, prepare
 from edgeprune.quality.gates import Assessment, assess, check_gates_apply, run_metric
 from edgeprune.report.contract import BuildReport, verdict
 from edgeprune.runtimes.stats import LatencyStats
@@ -277,6 +277,7 @@ def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Asse
         "tolerance": run.config.tolerance, "converged": result.converged,
         "far_under_budget": met and final < FAR_UNDER * run.budget_ms,
         "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
+        **({"proxy_evaluations": run.inner.error_of.evaluations} if isinstance(run.inner.error_of, ProxyError) else {}),
         "trace": [c.to_dict() for c in result.trace]}
     return release_report(run, release, a, widths, search_entry, lut=run.config.lut, lut_check=lut_check(run),
                           excluded_groups=session.graph.excluded, exporter=pc.exporter, recovery=recovery)

@@ -74,6 +74,7 @@ class Verified:
 # (5%) and noise margin (k = 2) the margin k x spread then fits in half the band, where 3 pairs at a 7% scatter kept
 # the search's ceiling at 0.92 of the budget and its band down to 0.87 of it (lraspp at 0.7x released at 0.75-0.86).
 PAIR_SPREAD, PAIRS_LIMIT = 0.0125, 3
+FRESH_PAIRS = 2  # new pairs a figure that reuses earlier ones takes at least (`Measurer._beside_anchor`)
 FAR_FROM_AIM = 0.3  # a candidate's first pair this far from the budget (either way) is its figure
 FAR_UNDER = 0.9  # a release below this fraction of the budget wastes accuracy: the search resumes instead
 
@@ -131,6 +132,7 @@ class Measurer:
         self.interleave = target.measure.interleave and measure_fn is None if interleave is None else interleave
         self.device_runs = 0
         self.aim_ms: float | None = None  # a build's budget: pairs beside the anchor stop early far from it
+        self.pairs: dict[Path, tuple[list[LatencyStats], list[LatencyStats]]] = {}  # by file, beside the anchor
         self.start(timings, calibration)
 
     def anchor_to(self, path: Path, stats: LatencyStats) -> None:
@@ -151,12 +153,15 @@ class Measurer:
             warn_random_calibration(kind)
 
     def __call__(self, path: Path, what: str, cached: bool = True, repeats: int | None = None,
-                 stage: str = "measure") -> LatencyStats:
+                 stage: str = "measure", reuse: Path | None = None) -> LatencyStats:
+        """`path`'s figure. `reuse`: a file of the same architecture measured beside the anchor before (a search
+        candidate, for its release's verification), whose pairs count towards `repeats` (see `_beside_anchor`)."""
         from edgeprune import runtimes
 
         fn = self.measure_fn or runtimes.measure
         if self.anchor is not None and path != self.anchor[0]:
-            return self._beside_anchor(fn, path, what, repeats or self.target.measure.repeats, stage)
+            prior = self.pairs.get(reuse) if reuse is not None else None
+            return self._beside_anchor(fn, path, what, repeats or self.target.measure.repeats, stage, prior)
         with timed(self.timings, stage):
             stats = fn(path, self.target, cache=self.cache if cached else None, repeats=repeats,
                        progress=self.stages(f"{what} on {self.target.name}", None), **self.extra)
@@ -176,18 +181,26 @@ class Measurer:
             self.anchor_to(path, stats)
         return stats
 
-    def _beside_anchor(self, fn: Callable[..., LatencyStats], path: Path, what: str, repeats: int,
-                       stage: str) -> LatencyStats:
+    def _beside_anchor(self, fn: Callable[..., LatencyStats], path: Path, what: str, repeats: int, stage: str,
+                       prior: tuple[list[LatencyStats], list[LatencyStats]] | None = None) -> LatencyStats:
         """`repeats` pairs of one fresh session of the anchor's model, then one of `path`'s (`anchor_to`); more pairs,
         up to `PAIRS_LIMIT` x repeats, while the ratio's relative standard error is above `PAIR_SPREAD`. A search
         candidate (`stage` "measure") whose first pair puts it further than `FAR_FROM_AIM` from the build's budget
         (`aim_ms`) stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model)
-        would move it into the band, and the search only needs its side of the budget and a rough distance."""
+        would move it into the band, and the search only needs its side of the budget and a rough distance.
+
+        `prior`: pairs of the same architecture taken before (the search's, of the candidate a verification
+        measures), counted among the `repeats` after at least `FRESH_PAIRS` new ones: they are ratios to the anchor
+        taken the same way, so the machine's speed since then cancels as it does between pairs (resnet50's
+        verification: 2 new pairs instead of 5, about 9 s)."""
         base_path, anchor = self.anchor  # type: ignore[misc]
         limit = PAIRS_LIMIT * repeats
         tick = self.stages(f"{what} on {self.target.name}, beside the unpruned model", repeats)
-        figures: list[LatencyStats] = []
-        bases: list[LatencyStats] = []
+        figures: list[LatencyStats] = list(prior[0]) if prior else []
+        bases: list[LatencyStats] = list(prior[1]) if prior else []
+        old = len(figures)
+        repeats = max(repeats, old + FRESH_PAIRS) if old else repeats
+        limit = max(limit, repeats)
 
         def far() -> bool:
             aim = self.aim_ms if stage == "measure" else None
@@ -201,6 +214,7 @@ class Measurer:
                 figures.append(fn(path, self.target, cache=None, repeats=1, progress=None, **self.extra))
                 tick(len(figures), max(repeats, len(figures)))
         self.device_runs += 1
+        self.pairs[path] = (figures, bases)
         return interleaved(figures, bases, anchor.median)
 
     def float_figure(self, path: Path, what: str) -> LatencyStats:
@@ -224,6 +238,12 @@ class LatencyOracle(Protocol):
     def baseline(self, relative: bool) -> LatencyStats: ...
 
 
+def measured_file(work_dir: Path, widths: dict[str, int], int8: bool) -> Path:
+    """The file a search candidate of `widths` was measured as (`MeasuredOracle`): its export, or on an int8 target
+    the export's quantised twin."""
+    return work_dir / (f"cand-{widths_digest(widths)}" + (".int8.onnx" if int8 else ".onnx"))
+
+
 class MeasuredOracle:
     """Candidates pruned with the fast independent repair (latency does not depend on the weights), exported,
     simplified and measured on the target."""
@@ -237,8 +257,7 @@ class MeasuredOracle:
         return self.work_dir / f"cand-{widths_digest(widths)}.onnx"
 
     def _measured(self, widths: dict[str, int]) -> Path:
-        path = self._path(widths)
-        return path.with_name(f"{path.stem}.int8.onnx") if self.measurer.quantizer is not None else path
+        return measured_file(self.work_dir, widths, self.measurer.quantizer is not None)
 
     def baseline(self, relative: bool) -> LatencyStats:
         """The unpruned model. A relative budget rests on a figure measured in this run, under this run's load: a
@@ -335,7 +354,9 @@ class Verification:
             path = export_candidate(pruned, self.session.loaded.example_input, float_path, self.exporter,
                                     self.measurer.quantizer)
         repeats = self.measurer.target.measure.final_repeats
-        stats = self.measurer(path, "verifying the final model", cached=self.cached, repeats=repeats, stage="verify")
+        reuse = measured_file(self.work_dir, cand.widths, self.measurer.quantizer is not None)  # the search's pairs
+        stats = self.measurer(path, "verifying the final model", cached=self.cached, repeats=repeats, stage="verify",
+                              reuse=reuse)
         if stats.median > self.budget_ms and cand.source != "lut" and cand.latency_ms <= self.budget_ms:
             stats = self.measurer(path, "verifying the final model again", cached=False, repeats=2 * repeats,
                                   stage="verify")

@@ -300,27 +300,38 @@ def held_back_error(base: nn.Module, pruned: nn.Module, x: torch.Tensor) -> floa
     return float(torch.linalg.norm(outputs(pruned) - yb) / torch.linalg.norm(yb).clamp_min(1e-30))
 
 
-def fidelity_error(prep: Prepared, timings: dict[str, float],
-                   weights: dict[str, float] | None = None) -> Callable[[dict[str, int]], float]:
-    """The `fidelity` proxy: output error of the masked, compensated network on calibration samples (a weighted mean
-    over outputs, `weights` by output name), memoised by widths (the inner level and the search's choice among
-    feasible candidates ask for the same widths)."""
-    from edgeprune.quality.fidelity import MaskedProxy
-    from edgeprune.search.allocate import widths_digest
+class ProxyError:
+    """The `fidelity` proxy as a function of widths: output error of the masked, compensated network on calibration
+    samples (a weighted mean over outputs, `weights` by output name), memoised by widths (the inner level and the
+    search's choice among feasible candidates ask for the same widths); `evaluations` counts the distinct widths
+    evaluated (report.json search.proxy_evaluations), the time goes to `timings["proxy"]`."""
 
-    x = torch.from_numpy(prep.data.calib_x[:proxy_samples(prep.data)].copy())
-    proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
-                        orders=prep.orders(), solvers=prep.solvers, weights=weights)
-    memo: dict[str, float] = {}
+    def __init__(self, prep: Prepared, timings: dict[str, float], weights: dict[str, float] | None = None) -> None:
+        from edgeprune.quality.fidelity import MaskedProxy
 
-    def error(widths: dict[str, int]) -> float:
+        x = torch.from_numpy(prep.data.calib_x[:proxy_samples(prep.data)].copy())
+        self.proxy = MaskedProxy(prep.loaded.module, prep.graph, prep.stats, x, repair=prep.config.compensation,
+                                 orders=prep.orders(), solvers=prep.solvers, weights=weights)
+        self.prep, self.timings, self.memo = prep, timings, {}
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.memo)
+
+    def __call__(self, widths: dict[str, int]) -> float:
+        from edgeprune.search.allocate import widths_digest
+
         key = widths_digest(widths)
-        if key not in memo:
-            with timed(timings, "proxy"):
-                memo[key] = proxy.error(prep.plan(widths))
-        return memo[key]
+        if key not in self.memo:
+            with timed(self.timings, "proxy"):
+                self.memo[key] = self.proxy.error(self.prep.plan(widths))
+        return self.memo[key]
 
-    return error
+
+def fidelity_error(prep: Prepared, timings: dict[str, float],
+                   weights: dict[str, float] | None = None) -> ProxyError:
+    """The `fidelity` proxy of `prep` (see `ProxyError`)."""
+    return ProxyError(prep, timings, weights)
 
 
 def allocation_cost(prep: Prepared, table: LatencyTable | None) -> Callable[[dict[str, int]], float]:

@@ -127,7 +127,9 @@ def render_markdown(report: BuildReport | dict[str, Any], plots: list[str]) -> s
     lines += ["", "## Search", "",
               f"Criterion `{s['criterion']}`, compensation {'on' if s['compensation'] else 'off'}, proxy "
               f"`{s['proxy']}`, channel multiple {s['channel_multiple']}, tolerance {100 * s['tolerance']:.0f}%, "
-              f"{s['measured_candidates']} measured candidates, {'converged' if s['converged'] else 'not converged'}."]
+              f"{s['measured_candidates']} measured candidates"
+              + (f", {s['proxy_evaluations']} proxy evaluations" if "proxy_evaluations" in s else "")
+              + f", {'converged' if s['converged'] else 'not converged'}."]
     if r.lut_check:  # the --lut table's stored self-check (`latency.table.stored_check`)
         c = r.lut_check
         lines += ["", f"Latency table `{c['table']}`: {c['line']}." + (f" **{c['warning']}**" if c["warning"] else "")]

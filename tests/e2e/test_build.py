@@ -68,6 +68,12 @@ def test_build_example_meets_budget_and_keeps_accuracy(cap_build: tuple[int, dic
     acc = r["fidelity"]["accuracy"]
     assert acc["after"] >= 0.95 * acc["before"]
     assert r["search"]["measured_candidates"] <= 12
+    # the separable latency allocation: one proxy run per (group, width), whatever the strengths tried, plus one per
+    # measured candidate's widths (the search's choice among feasible ones)
+    n_widths = sum(w["before"] // 8 + 1 for w in r["widths"].values())
+    assert r["search"]["allocation"] == "latency" and r["search"]["proxy"] == "fidelity"
+    assert 0 < r["search"]["proxy_evaluations"] <= n_widths + 1 + r["search"]["measured_candidates"]
+    assert r["timings_s"]["proxy"] > 0
     assert r["interleaved"] is True  # the candidates and the release measured beside the unpruned model
     for key in ("target", "budget_ms", "met", "base", "final", "widths", "fidelity", "search", "timings_s", "versions"):
         assert key in r
@@ -171,8 +177,8 @@ def build_with(env: dict[str, Path], name: str, measurer: type, **config: object
 class VerifyTenfold(Measurer):
     """The verification's figures (real measurements) raised tenfold: every candidate misses on verification."""
 
-    def __call__(self, path, what, cached=True, repeats=None, stage="measure"):  # noqa: ANN001, ANN204
-        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage)
+    def __call__(self, path, what, cached=True, repeats=None, stage="measure", reuse=None):  # noqa: ANN001, ANN204
+        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage, reuse=reuse)
         return dataclasses.replace(stats, median=stats.median * 10) if stage == "verify" else stats
 
 
@@ -188,8 +194,8 @@ def test_build_verification_miss_is_not_called_unreachable(env: dict[str, Path])
 class VerifyTenfoldOnce(Measurer):
     """The first verification figure raised tenfold, the others real: records what each verification asked for."""
 
-    def __call__(self, path, what, cached=True, repeats=None, stage="measure"):  # noqa: ANN001, ANN204
-        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage)
+    def __call__(self, path, what, cached=True, repeats=None, stage="measure", reuse=None):  # noqa: ANN001, ANN204
+        stats = super().__call__(path, what, cached=False, repeats=repeats, stage=stage, reuse=reuse)
         if stage != "verify":
             return stats
         self.calls = getattr(self, "calls", []) + [(repeats, stats.median)]

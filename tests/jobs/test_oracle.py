@@ -146,6 +146,24 @@ def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_ver
     assert pairs == {("far.onnx", "measure"): 1, ("near.onnx", "measure"): 3, ("far.onnx", "verify"): 3}
 
 
+def test_a_verification_counts_the_search_pairs_of_its_candidate_and_takes_two_fresh_ones_at_least() -> None:
+    """The release of a candidate measured beside the anchor in 3 pairs is verified over 5 (`final_repeats`): 2 new
+    pairs, pooled with the 3 (ratios to the anchor, as taken); without `reuse`, or for a file never measured, all 5."""
+    from edgeprune.jobs.oracle import FRESH_PAIRS
+
+    true = {"base.onnx": 2.0, "cand.onnx": 1.0, "final.onnx": 1.0}
+    machine = Machine(true, [1.0] * 80)
+    m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+    m.baseline(Path("base.onnx"), relative=True)
+    m(Path("cand.onnx"), "measuring candidate")
+    for reuse, new_pairs in ((Path("cand.onnx"), FRESH_PAIRS), (None, 5), (Path("other.onnx"), 5)):
+        before = len(machine.calls)
+        fig = m(Path("final.onnx"), "verifying", repeats=5, stage="verify", reuse=reuse)
+        assert (len(machine.calls) - before) // 2 == new_pairs
+        assert len(fig.repeat_medians) == 5 and fig.median == pytest.approx(1.0, rel=0.02)
+    assert machine.calls[-1] == ("final.onnx", None, 1)  # fresh sessions, never the cache
+
+
 def test_an_absolute_budget_a_non_interleaving_target_or_a_pool_measures_as_before() -> None:
     """Only the cpu profiles interleave, only for a relative budget, and not through a measure_fn of their own
     unless asked (a pool of boards would split each pair over two boards)."""
