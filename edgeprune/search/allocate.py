@@ -238,22 +238,53 @@ def separable_latency_allocation(a: AllocationInputs) -> WidthsFn:
     proxy took 64 s instead of 195 s (the build 205 s instead of 339 s), agreement with the unpruned model on 300
     crops of held-out photos 44.3% against 39.7% (at 0.68x and 0.66x); FashionNet (tools.bench_accuracy, seed 0) kept
     99.3 / 98.1 / 95.4% of its test accuracy at 0.43 / 0.29 / 0.17x against 99.3 / 98.2 / 95.1% at 0.44 / 0.29 /
-    0.19x."""
+    0.19x. Each group's curve is run on at most `SEPARABLE_GRID` widths (`_AloneCurve`): on Lite0 159 proxy runs
+    instead of 333, the proxy 35 s instead of 60 s, the build 113 s; agreement on the held-out crops 42.0% against
+    44.3% (300 crops: a standard error of about 2.9 points), KL divergence 0.812 against 0.814; FashionNet's and the
+    example's groups have at most 9 admissible widths, so their curves are run whole, as before."""
     if a.cost is None or a.error is None:
         return latency_allocation(a)
     error, full = a.error, {g.name: g.channels for g in a.graph.groups}
-    alone: dict[tuple[str, int], float] = {}
+    curves = {name: _AloneCurve(opts, lambda w, n=name: error({**full, n: w}) ** 2, SEPARABLE_GRID)
+              for name, opts in width_options(a.graph, a.multiple, a.min_width).items()}
 
     def sum_alone(widths: dict[str, int]) -> float:
-        total = 0.0
-        for g, w in widths.items():
-            if w < full[g]:
-                if (g, w) not in alone:
-                    alone[g, w] = error({**full, g: w}) ** 2
-                total += alone[g, w]
-        return total ** 0.5
+        return sum(curves[g](w) for g, w in widths.items() if w < full[g]) ** 0.5
 
     return _latency_widths_fn(a.graph, a.rankings, a.multiple, a.min_width, sum_alone, a.cost)
+
+
+SEPARABLE_GRID = 9  # widths per group the separable allocation runs the proxy on; between them, interpolated
+
+
+class _AloneCurve:
+    """One group's squared error alone by width: the proxy run on at most `grid` of its admissible widths, evenly
+    spaced by index (the narrowest and the whole width among them; the whole width costs nothing: no error), and a
+    monotone cubic (SciPy's PCHIP) through them elsewhere. Smooth, so the allocation's argmin can fall between grid
+    widths; monotone, so it never invents a dip that the proxy did not see. Evaluated lazily: a group the search
+    never narrows runs nothing."""
+
+    def __init__(self, options: list[int], run: Callable[[int], float], grid: int) -> None:
+        n = len(options)
+        self.options, self.run, self.index = options, run, {w: j for j, w in enumerate(options)}
+        self.grid = sorted({round(j * (n - 1) / (grid - 1)) for j in range(grid)}) if n > grid else list(range(n))
+        self.values: dict[int, float] = {}
+        self.fit: Callable[[float], float] | None = None
+
+    def _at(self, j: int) -> float:
+        if j not in self.values:
+            self.values[j] = 0.0 if j == len(self.options) - 1 else float(self.run(self.options[j]))
+        return self.values[j]
+
+    def __call__(self, w: int) -> float:
+        j = self.index[w]
+        if j in self.grid:
+            return self._at(j)
+        if self.fit is None:
+            from scipy.interpolate import PchipInterpolator
+
+            self.fit = PchipInterpolator(self.grid, [self._at(i) for i in self.grid])
+        return max(float(self.fit(j)), 0.0)
 
 
 def _latency_widths_fn(graph: Graph, rankings: dict[str, Ranking], multiple: int, min_width: int | None,

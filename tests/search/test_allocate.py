@@ -95,3 +95,26 @@ def test_latency_allocation_widths_shrink_with_u_and_need_a_known_name() -> None
     assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
     with pytest.raises(EdgePruneError, match="allocation must be"):
         make_widths_fn("lagrange", AllocationInputs(g, {}, 8))
+
+
+def test_alone_curve_runs_the_proxy_on_its_grid_only_exact_there_and_monotone_between() -> None:
+    """The separable allocation's curve of one group: 72 admissible widths, the proxy run on 8 of them (the whole width
+    is no error without a run), the true values at those, and between them a monotone interpolation that stays
+    within the neighbouring grid values."""
+    from edgeprune.search.allocate import SEPARABLE_GRID, _AloneCurve
+
+    options = list(range(16, 1153, 16))
+    runs: list[int] = []
+
+    def truth(w: int) -> float:
+        runs.append(w)
+        return ((1152 - w) / 1152) ** 3
+
+    curve = _AloneCurve(options, truth, SEPARABLE_GRID)
+    values = [curve(w) for w in options]
+    assert len(runs) == SEPARABLE_GRID - 1 and 1152 not in runs and curve(1152) == 0.0
+    assert all(values[options.index(w)] == ((1152 - w) / 1152) ** 3 for w in runs)
+    assert all(a >= b for a, b in zip(values, values[1:]))  # narrower never less error
+    assert max(abs(v - ((1152 - w) / 1152) ** 3) for v, w in zip(values, options)) < 0.01
+    small = _AloneCurve([16, 32, 48, 64], lambda w: (64 - w) / 64, SEPARABLE_GRID)
+    assert [small(w) for w in (16, 32, 48, 64)] == [0.75, 0.5, 0.25, 0.0]  # few widths: every one run, none guessed
