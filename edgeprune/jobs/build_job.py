@@ -114,6 +114,7 @@ class InnerLevel:
     error_of: Callable[[dict[str, int]], float] | None
     widths_for: Callable[[float], dict[str, int]]
     options: dict[str, list[int]]  # each group's admissible widths, for the search's bisection of one group's width
+    predict: Callable[[dict[str, int]], float] | None = None  # the latency model that aims the search's first step
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,11 @@ def inner_level(config: BuildConfig, session: Prepared, table: LatencyTable | No
     multiple = session.config.channel_multiple
     inputs = AllocationInputs(session.graph, session.rankings, multiple, error=error_of, cost=cost,
                               model=session.loaded.module, samples=session.data.calib_x)
+    # the first step aimed by the latency model where widths_for is cheap to call again (`strength._predicted_u`)
+    cheap = allocation == "latency" or (allocation == "step" and error_of is None)
+    predict = (cost or allocation_cost(session, table)) if cheap else None
     return InnerLevel(proxy, allocation, error_of, make_widths_fn(allocation, inputs),
-                      width_options(session.graph, multiple))
+                      width_options(session.graph, multiple), predict)
 
 
 def run_search(run: BuildRun, on_step: Callable[[Candidate], None] | None, stages: Stages) -> SearchResult:
@@ -157,7 +161,7 @@ def run_search(run: BuildRun, on_step: Callable[[Candidate], None] | None, stage
                           Band(run.budget_ms, config.tolerance, config.margin_k), config.max_steps,
                           Probe(base.median, base.source, base.spread),
                           {g.name: g.channels for g in session.graph.groups},
-                          functools.partial(evolution_space, run), on_step)
+                          functools.partial(evolution_space, run), on_step, inner.predict)
         return SEARCHES[config.search](task)
 
 

@@ -65,6 +65,7 @@ class SearchTask:
     full: dict[str, int]  # the unpruned model's widths
     space: Callable[[], Space]
     on_step: Callable[[Candidate], None] | None = None
+    predict: Callable[[dict[str, int]], float] | None = None  # a latency model of widths that aims the first step
 
 
 def run_strength(task: SearchTask) -> SearchResult:
@@ -73,7 +74,8 @@ def run_strength(task: SearchTask) -> SearchResult:
     known = ({widths_digest(task.full): Probe(task.base.latency_ms, "baseline", task.base.spread)}
              if task.base.source != "lut" else None)
     return search(task.widths_for, task.oracle, task.band, max_steps=task.max_steps, on_step=task.on_step, known=known,
-                  remeasure=task.remeasure, error_of=task.error_of, options=task.options.__getitem__)
+                  remeasure=task.remeasure, error_of=task.error_of, options=task.options.__getitem__,
+                  predict=task.predict)
 
 
 def run_evolution(task: SearchTask) -> SearchResult:
