@@ -38,7 +38,8 @@ def run(prune: PruneConfig, latency: str, cache: str, out: str, proxy: str = "lo
             "final_ms": r["final"]["latency_ms"]["median"],
             "final_over_budget": r["final"]["latency_ms"]["median"] / r["budget_ms"],
             "measured_candidates": r["search"]["measured_candidates"], "steps": len(r["search"]["trace"]),
-            "timings_s": r["timings_s"], "fidelity": r["fidelity"], "macs": [r["base"]["macs"], r["final"]["macs"]]}
+            "timings_s": r["timings_s"], "fidelity": r["fidelity"], "macs": [r["base"]["macs"], r["final"]["macs"]],
+            "trace": [{k: v for k, v in c.items() if k != "widths"} for c in r["search"]["trace"]]}
 
 
 def remeasured(prune: PruneConfig, latency: str, out: str, passes: int = 5) -> dict:
