@@ -92,9 +92,9 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         # int8: the unpruned float model too, for the speed-up over it (the budget rests on the quantised one)
         base_float = measurer.float_figure(work_dir / "base.onnx", "measuring unpruned float model") \
             if measurer.quantizer is not None and table is None else None
-        measurer.aim_ms = config.budget.ms(base.median)  # figures far from it need one pair (`Measurer`)
+        measurer.aim_ms = budget_ms = config.budget.ms(base.median)  # far from it: one pair (`Measurer`)
         run = BuildRun(config, target, measurer, session.loaded, session.data, session.timings_s, base, base_float,
-                       config.budget.ms(base.median), session, oracle, inner_level(config, session, table),
+                       budget_ms, session, oracle, inner_level(config, session, table),
                        table is not None)
         result = run_search(run, on_step, stages)
         verify = Verification(session, measurer, work_dir, pc.exporter, run.budget_ms,
@@ -114,7 +114,7 @@ class InnerLevel:
     error_of: Callable[[dict[str, int]], float] | None
     widths_for: Callable[[float], dict[str, int]]
     options: dict[str, list[int]]  # each group's admissible widths, for the search's bisection of one group's width
-    predict: Callable[[dict[str, int]], float] | None = None  # the latency model that aims the search's first step
+    predict: Callable[[dict[str, int]], float] | None = None  # the latency model that aims the search's steps
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def inner_level(config: BuildConfig, session: Prepared, table: LatencyTable | No
     multiple = session.config.channel_multiple
     inputs = AllocationInputs(session.graph, session.rankings, multiple, error=error_of, cost=cost,
                               model=session.loaded.module, samples=session.data.calib_x)
-    # the first step aimed by the latency model where widths_for is cheap to call again (`strength._predicted_u`)
+    # the search's steps aimed by the latency model where widths_for is cheap to call again (`strength._predicted_u`)
     cheap = allocation == "latency" or (allocation == "step" and error_of is None)
     predict = (cost or allocation_cost(session, table)) if cheap else None
     return InnerLevel(proxy, allocation, error_of, make_widths_fn(allocation, inputs),

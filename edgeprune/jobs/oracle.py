@@ -254,7 +254,7 @@ class MeasuredOracle:
 
     def _path(self, widths: dict[str, int]) -> Path:
         """The candidate's exported file; the measured one is its quantised twin on an int8 target."""
-        return self.work_dir / f"cand-{widths_digest(widths)}.onnx"
+        return measured_file(self.work_dir, widths, int8=False)
 
     def _measured(self, widths: dict[str, int]) -> Path:
         return measured_file(self.work_dir, widths, self.measurer.quantizer is not None)

@@ -87,20 +87,18 @@ class Prepared:
         so the measured graph is the released one's. A released model always takes the direct solve, which
         `prune --plan` reproduces bit for bit."""
         orders = self.orders() if probe and self.rankings else None
-        if probe and plan.compensation:
+        biased = probe and plan.compensation  # the release's consumers get the repair's biases
+        if probe:
             plan = dataclasses.replace(plan, compensation=False)
-            with group_workers(self.data.batch_values) as workers:
-                model = prune(self.loaded.module, self.loaded.example_input, plan, None, self.config.ignore, orders,
-                              graph=self.graph, workers=workers)
-            return _zero_biases(model, self.graph, plan.widths())
         if plan.compensation and plan.repair == "sequential":  # forward passes, like the statistics: all threads
             with heavy_stage_threads(self.data.batch_values):  # fitted without the held-back scenes, as the stats
                 return prune(self.loaded.module, self.loaded.example_input, plan, self.stats, self.config.ignore,
                              graph=self.graph, batches=sequential_batches(self.data))
         with group_workers(self.data.batch_values) as workers:
-            return prune(self.loaded.module, self.loaded.example_input, plan,
-                         self.stats if plan.compensation else None, self.config.ignore, orders,
-                         self.solvers if probe else None, graph=self.graph, workers=workers)
+            model = prune(self.loaded.module, self.loaded.example_input, plan,
+                          self.stats if plan.compensation else None, self.config.ignore, orders,
+                          graph=self.graph, workers=workers)
+        return _zero_biases(model, self.graph, plan.widths()) if biased else model
 
     def prune_release(self, plan: Plan) -> tuple[Plan, nn.Module]:
         """The released model of `plan`, and the plan it follows. With `--repair auto` on real data the sequential
@@ -250,15 +248,10 @@ def sequential_batches(data: CalibrationData) -> list[torch.Tensor]:
     `SEQUENTIAL_VALUES` input values (the first ones). Its two networks' passes cost like two forward passes over
     them, memory-bound at high resolution (EfficientNet-Lite0 on 512 images at 224x224: 40 s, half of it BatchNorm),
     while each layer's statistics keep only `MAX_POSITIONS` patches per image."""
+    from edgeprune.surgery.repair import first_samples
+
     per_sample = int(np.prod(data.calib_x.shape[1:]))
-    keep = max(1, SEQUENTIAL_VALUES // max(per_sample, 1))
-    out, n = [], 0
-    for b in data.calib_batches(start=data.held_back):
-        if n >= keep:
-            break
-        out.append(b[:keep - n])
-        n += len(out[-1])
-    return out
+    return first_samples(data.calib_batches(start=data.held_back), max(1, SEQUENTIAL_VALUES // max(per_sample, 1)))
 
 
 PROXY_VALUES = 4_000_000  # input values per evaluation of the fidelity proxy: 256 digits, 26 images at 224x224

@@ -65,7 +65,7 @@ class SearchTask:
     full: dict[str, int]  # the unpruned model's widths
     space: Callable[[], Space]
     on_step: Callable[[Candidate], None] | None = None
-    predict: Callable[[dict[str, int]], float] | None = None  # a latency model of widths that aims the first step
+    predict: Callable[[dict[str, int]], float] | None = None  # a latency model of widths that aims the steps
 
 
 def run_strength(task: SearchTask) -> SearchResult:

@@ -213,12 +213,13 @@ def _narrow_strength(probe: _Prober, widths_for: Callable[[float], dict[str, int
     # % on a CPU) decides more than u does: the group bisection takes over
     while not probe.exhausted() and u_hi - u_lo > max(1e-4, 0.02 * u_hi):
         aim = band.log_aim(probe.last_spread)
-        f_lo = weight_lo * max(math.log(max(l_lo, 1e-9)) - aim, 1e-12)  # a prediction can be ~0, never a crash
-        f_hi = weight_hi * min(math.log(max(l_hi, 1e-9)) - aim, -1e-12)
-        u = u_lo + min(0.9, max(0.1, f_lo / (f_lo - f_hi))) * (u_hi - u_lo)
         if predict is not None:  # a latency model's aim (`_predicted_u`) in place of the interpolation in u
             u = _predicted_u(widths_for, predict, (u_lo, l_lo), (u_hi, l_hi), math.exp(aim))
             u = min(u_hi - 0.02 * (u_hi - u_lo), max(u_lo + 0.02 * (u_hi - u_lo), u))
+        else:
+            f_lo = weight_lo * max(math.log(max(l_lo, 1e-9)) - aim, 1e-12)  # a prediction can be ~0, never a crash
+            f_hi = weight_hi * min(math.log(max(l_hi, 1e-9)) - aim, -1e-12)
+            u = u_lo + min(0.9, max(0.1, f_lo / (f_lo - f_hi))) * (u_hi - u_lo)
         c = probe(u, widths_for(u))
         if band.in_band(c):
             return True, u_lo, u_hi
@@ -346,7 +347,7 @@ def search(
     enters the trace;
     remeasurements count towards `max_steps`. `best` is the feasible candidate with the lowest `error_of(widths)`
     when given, else the one with the lowest strength u. `predict` (a latency model of widths, relative to the
-    unpruned ones) aims the first step between the brackets (`_predicted_u`). Candidates whose widths repeat are not
+    unpruned ones) aims every step between the brackets (`_predicted_u`). Candidates whose widths repeat are not
     measured again, nor
     those in `known` (widths digest -> probe: the build's baseline measurement of the unpruned model, the u = 0
     bracket).

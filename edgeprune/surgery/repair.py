@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,11 @@ def _within_memory(graph_fx: Any, model: nn.Module, batches: list[torch.Tensor])
     log.warning("sequential repair on the first %d of %d calibration images: their activations in both networks "
                 "need %.1f GB, %.0f%% of the %.1f GB available", keep, total, per_image * keep / 2**30,
                 100 * MEMORY_SHARE, free / 2**30)
+    return first_samples(batches, keep)
+
+
+def first_samples(batches: Iterable[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """The first `keep` samples of `batches` (the last batch cut short), reading no batch after them."""
     out, n = [], 0
     for b in batches:
         out.append(b[: keep - n])
