@@ -286,7 +286,12 @@ def _calibration_copy(model: nn.Module, consumers: list[str]) -> tuple[nn.Module
         log.debug("calibration pass without BatchNorm folding (torch.fx: %s)", first_line(e))
     conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if conv:
-        model = model.to(memory_format=torch.channels_last)
+        try:
+            model = model.to(memory_format=torch.channels_last)
+        except RuntimeError:  # a 5-D parameter or buffer (timm's Swin: its attention mask) refuses it: the convs only
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.to(memory_format=torch.channels_last)
     return model, conv
 
 

@@ -20,6 +20,7 @@ from edgeprune.compensation.solve import PrefixSolver, compensate_layer
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Graph, build_dependency_graph, trace
 from edgeprune.dependency.groupconv import is_grouped
+from edgeprune.dependency.heads import prune_heads
 from edgeprune.dependency.splits import resize
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import Plan
@@ -193,6 +194,9 @@ def prune(
     for g in graph.groups:
         idxs = plan.pruned(g.name) if g.name in plan.kept else []
         if not idxs:
+            continue
+        if g.heads:  # whole attention heads: q, k, v and proj sliced, num_heads rewritten (dependency/heads.py)
+            prune_heads(model, g, plan.kept[g.name])
             continue
         root = modules[g.name]
         fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
