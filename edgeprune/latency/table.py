@@ -57,7 +57,9 @@ class Layer:
             c = w.get(self.out_group, self.cout) if self.out_group else self.cout
             return c, c
         cin = self.cin - sum((channels[g] - w.get(g, channels[g])) * per for g, per in self.in_groups)
-        cout = w.get(self.out_group, self.cout) if self.out_group else self.cout
+        cout = self.cout
+        if self.out_group:  # a producer that makes several outputs per group channel (attention's q, k and v) keeps
+            cout = w.get(self.out_group, self.cout) * max(1, self.cout // channels[self.out_group])  # them all
         return cin, cout
 
 

@@ -90,14 +90,16 @@ def sequential_repair(model: nn.Module, graph: Graph, plan: Plan, batches: list[
     if not todo:
         return {}
     orig = copy.deepcopy(model).eval()
-    work = copy.deepcopy(model).eval()
-    fits = _Fits(orig, work, todo, max_positions, seed, ridge)
-    fits.priors = priors or {}
-    try:
+    try:  # traced before `work` is copied from it: the trace keeps tensors forward() makes on it (timm's Swin)
         graph_fx = fx_graph(orig)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the slower per-consumer passes give the same result
         log.info("sequential repair without torch.fx (%s): one truncated pass per consumer",
                  first_line(e, 160))
+        graph_fx = None
+    work = copy.deepcopy(orig).eval()
+    fits = _Fits(orig, work, todo, max_positions, seed, ridge)
+    fits.priors = priors or {}
+    if graph_fx is None:
         return _by_passes(fits, orig, work, batches)
     return _by_interpretation(fits, graph_fx, orig, work, _within_memory(graph_fx, orig, batches))
 
@@ -229,8 +231,8 @@ def _run(root: nn.Module, node: Any, env: dict, x: torch.Tensor) -> Any:
     """One fx node on one batch, with `root`'s modules and attributes; inputs are read from `env`."""
     from torch.fx.node import map_arg
 
-    if node.op == "placeholder":
-        return x
+    if node.op == "placeholder":  # the input; a later argument of forward() keeps its default (timm's is_causal)
+        return node.args[0] if node.args else x
     args = map_arg(node.args, lambda n: env[n])
     kwargs = map_arg(node.kwargs, lambda n: env[n])
     if node.op == "get_attr":

@@ -88,3 +88,28 @@ def test_timm_mobile_heads_prune_and_export(name: str, tmp_path: Path) -> None:
     with torch.no_grad():
         want = r.module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_linear_reading_tokens_takes_every_token_as_a_sample() -> None:
+    """A transformer's Linear reads (B, N, C) tokens: its statistics are the mean and covariance over all B·N tokens
+    (the token axis is a sample axis), as the closed-form repair of fc2 or proj needs (issue 31, item 3)."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 6, 2, stride=2)
+            self.fc = nn.Linear(6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.tanh(self.embed(x)).flatten(2).transpose(1, 2))  # (B, 16, 6) tokens
+
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    xs = batches(2)
+    stats = collect_statistics(model, ["fc"], xs, shrink=False)["fc"]
+    with torch.no_grad():
+        tokens = torch.cat([torch.tanh(model.embed(x)).flatten(2).transpose(1, 2).reshape(-1, 6) for x in xs])
+    t = tokens.double().numpy()
+    assert stats.count == 2 * 8 * 16 and stats.block == 1
+    assert np.allclose(stats.mean, t.mean(0), atol=1e-6)
+    assert np.allclose(stats.cov, np.cov(t, rowvar=False, bias=True), atol=1e-6)
