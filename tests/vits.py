@@ -12,7 +12,7 @@ def timm_vit(seed: int = 0, **kw: object) -> nn.Module:
     import timm
 
     torch.manual_seed(seed)
-    args = dict(img_size=32, patch_size=4, depth=2, embed_dim=48, num_heads=4, num_classes=10)
+    args = {"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 4, "num_classes": 10}
     return timm.create_model("vit_tiny_patch16_224", **{**args, **kw}).eval()
 
 

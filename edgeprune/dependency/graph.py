@@ -326,7 +326,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
             elif mname not in members:
                 members.append(mname)
                 mixing = _norm_mixing(module)
-                if mixing is not None and reason is None:
+                if mixing is not None and (reason is None or "LayerNorm" in mixing and "LayerNorm" not in reason):
                     reason = f"{mname} is a {mixing}: removing channels changes the statistics the kept ones are " \
                              f"normalised with, which neither the repair nor the search's proxy can account for"
         if reason is None and not producers:

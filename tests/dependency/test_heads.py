@@ -4,6 +4,7 @@ layout checked numerically against masking, the MLP widths beside them, and the 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_timm_attention_gives_a_head_group_beside_the_mlp_width_and_the_stream_s
 def test_prune_heads_computes_what_the_model_computes_with_those_heads_masked(name: str) -> None:
     """Slicing q, k, v, proj and Swin's relative position table of the dropped heads, with num_heads rewritten,
     gives the unpruned model's outputs with the dropped heads' proj columns zeroed (nothing else reads them)."""
-    build, attns, _ = TIMM[name]
+    build, _, _ = TIMM[name]
     model = build()
     graph = trace(model, X)
     x = images(4, seed=3)
@@ -90,7 +91,7 @@ def test_cap_ranks_heads_by_the_compensated_loss_of_their_whole_block() -> None:
     assert loss(heads[0]) == pytest.approx(min(per_head), rel=1e-9)
     assert min(per_head) < 0.9 * max(per_head)  # the heads differ (random weights: by about 20%)
     at_heads = [r.loss[k * g.unit] for k in range(len(g.units) + 1)]
-    assert all(a > b for a, b in zip(at_heads, at_heads[1:]))
+    assert all(a > b for a, b in itertools.pairwise(at_heads))
 
 
 @pytest.mark.parametrize("build,where", [(tv_vit, "encoder.layers.encoder_layer_0.self_attention"),
