@@ -92,7 +92,8 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         # int8: the unpruned float model too, for the speed-up over it (the budget rests on the quantised one)
         base_float = measurer.float_figure(work_dir / "base.onnx", "measuring unpruned float model") \
             if measurer.quantizer is not None and table is None else None
-        measurer.aim_ms = budget_ms = config.budget.ms(base.median)  # far from it: one pair (`Measurer`)
+        budget_ms = config.budget.ms(base.median)
+        measurer.aim = Band(budget_ms, config.tolerance, config.margin_k)  # its side clear: no more pairs
         run = BuildRun(config, target, measurer, session.loaded, session.data, session.timings_s, base, base_float,
                        budget_ms, session, oracle, inner_level(config, session, table),
                        table is not None)
@@ -140,7 +141,7 @@ def inner_level(config: BuildConfig, session: Prepared, table: LatencyTable | No
                     "them (--proxy fidelity uses them)", proxy)
     error_of = fidelity_error(session, session.timings_s, dict(config.output_weights)) if proxy == "fidelity" \
         else None
-    allocation = config.allocation_for(proxy)
+    allocation = config.allocation_for(proxy, session.config.compensation)
     cost = allocation_cost(session, table) if allocation in NEEDS_COST else None
     multiple = session.config.channel_multiple
     inputs = AllocationInputs(session.graph, session.rankings, multiple, error=error_of, cost=cost,

@@ -31,7 +31,7 @@ from edgeprune.jobs.session import Prepared
 from edgeprune.plan import Plan
 from edgeprune.runtimes.stats import LatencyStats, agree, consensus, interleaved
 from edgeprune.search.allocate import widths_digest
-from edgeprune.search.strength import Candidate, Probe, SearchResult
+from edgeprune.search.strength import Band, Candidate, Probe, SearchResult
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,7 +131,7 @@ class Measurer:
         self.measure_fn = measure_fn
         self.interleave = target.measure.interleave and measure_fn is None if interleave is None else interleave
         self.device_runs = 0
-        self.aim_ms: float | None = None  # a build's budget: pairs beside the anchor stop early far from it
+        self.aim: Band | None = None  # a build's budget: pairs beside the anchor stop once their verdict is clear
         self.pairs: dict[Path, tuple[list[LatencyStats], list[LatencyStats]]] = {}  # by file, beside the anchor
         self.start(timings, calibration)
 
@@ -169,25 +169,33 @@ class Measurer:
         return stats
 
     def baseline(self, path: Path, relative: bool) -> LatencyStats:
-        """The unpruned model's figure (`path`). For a relative budget: two fresh figures, pooled when they agree, else
-        a third and the odd one out dropped (`runtimes.stats.consensus`), and the later figures anchored to it
-        (`anchor_to`); otherwise one figure, from the cache where it has one."""
+        """The unpruned model's figure (`path`). For a relative budget on an interleaving target: one fresh figure,
+        the anchor of every later one (`anchor_to`): a candidate's figure is its ratio to the fresh sessions of this
+        model taken beside it, so the anchor only sets the units (the budget scales with it too) and a second figure
+        would decide nothing. For a relative budget elsewhere: two fresh figures, pooled when they agree, else a
+        third and the odd one out dropped (`runtimes.stats.consensus`). Otherwise one figure, from the cache where
+        it has one."""
         stats = self(path, "measuring unpruned model", cached=not relative)
-        if relative and stats.source == "measured":  # the budget scales with it: a second, fresh figure
+        if relative and stats.source == "measured" and self.interleave:
+            self.anchor_to(path, stats)
+        elif relative and stats.source == "measured":  # the budget scales with it: a second, fresh figure
             figures = [stats, self(path, "measuring unpruned model again", cached=False)]
             if not agree(*figures):
                 figures.append(self(path, "measuring unpruned model a third time", cached=False))
             stats = consensus(figures)
-            self.anchor_to(path, stats)
         return stats
 
     def _beside_anchor(self, fn: Callable[..., LatencyStats], path: Path, what: str, repeats: int, stage: str,
                        prior: tuple[list[LatencyStats], list[LatencyStats]] | None = None) -> LatencyStats:
         """`repeats` pairs of one fresh session of the anchor's model, then one of `path`'s (`anchor_to`); more pairs,
-        up to `PAIRS_LIMIT` x repeats, while the ratio's relative standard error is above `PAIR_SPREAD`. A search
-        candidate (`stage` "measure") whose first pair puts it further than `FAR_FROM_AIM` from the build's budget
-        (`aim_ms`) stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model)
-        would move it into the band, and the search only needs its side of the budget and a rough distance.
+        up to `PAIRS_LIMIT` x repeats, while the ratio's relative standard error is above `PAIR_SPREAD` and the
+        build's budget (`aim`) lies within its noise margin, `aim.k` standard errors either side of the figure: a
+        figure whose side of the budget is clear needs no more pairs to decide a search step or a release (the
+        search's ceiling and band take its spread into account), so only figures near the budget pay for precision
+        (mobilenet_v2 at 0.5x: a verification at 0.94 of the budget took 15 pairs, 10.6 s, where 5 decided it). A
+        search candidate (`stage` "measure") whose first pair puts it further than `FAR_FROM_AIM` from the budget
+        stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model) would move
+        it into the band.
 
         `prior`: pairs of the same architecture taken before (the search's, of the candidate a verification
         measures), counted among the `repeats` after at least `FRESH_PAIRS` new ones: they are ratios to the anchor
@@ -202,14 +210,19 @@ class Measurer:
         repeats = max(repeats, old + FRESH_PAIRS) if old else repeats
         limit = max(limit, repeats)
 
-        def far() -> bool:
-            aim = self.aim_ms if stage == "measure" else None
-            return aim is not None and abs(interleaved(figures, bases, anchor.median).median / aim - 1) > FAR_FROM_AIM
+        def done() -> bool:
+            if not figures:
+                return False
+            fig = interleaved(figures, bases, anchor.median)
+            if self.aim is not None and stage == "measure" and abs(fig.median / self.aim.budget_ms - 1) > FAR_FROM_AIM:
+                return True
+            if len(figures) < repeats:
+                return False
+            clear = self.aim is not None and not self.aim.ambiguous(Probe(fig.median, fig.source, fig.spread))
+            return len(figures) >= limit or fig.spread <= PAIR_SPREAD or clear
 
         with timed(self.timings, stage):
-            while not (figures and far()) and (
-                    len(figures) < repeats or (len(figures) < limit and
-                                               interleaved(figures, bases, anchor.median).spread > PAIR_SPREAD)):
+            while not done():
                 bases.append(fn(base_path, self.target, cache=None, repeats=1, progress=None, **self.extra))
                 figures.append(fn(path, self.target, cache=None, repeats=1, progress=None, **self.extra))
                 tick(len(figures), max(repeats, len(figures)))
@@ -250,7 +263,13 @@ class MeasuredOracle:
 
     def __init__(self, session: Prepared, measurer: Measurer, work_dir: Path, exporter: str) -> None:
         self.session, self.measurer, self.work_dir, self.exporter = session, measurer, work_dir, exporter
-        self.remeasure: Callable[[dict[str, int]], Probe] | None = self._remeasure
+
+    @property
+    def remeasure(self) -> Callable[[dict[str, int]], Probe] | None:
+        """A second figure of a candidate its first could not place against the budget; none where candidates are
+        measured beside the anchor (`Measurer._beside_anchor`), which already took pairs until the budget's side was
+        clear or its pair limit was spent: a second round repeated the same pairs (mobilenet_v2: 9 more, 8 s)."""
+        return None if self.measurer.anchor is not None else self._remeasure
 
     def _path(self, widths: dict[str, int]) -> Path:
         """The candidate's exported file; the measured one is its quantised twin on an int8 target."""

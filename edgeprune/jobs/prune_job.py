@@ -80,7 +80,7 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
     plan = given if given is not None else prep.plan(uniform_widths(prep.graph, ratio, config.channel_multiple),
                                                      ratio=ratio)
     with timed(t, "prune"):
-        stages("pruning and compensating", None)
+        stages("pruning and compensating" if plan.compensation else "pruning", None)
         plan, pruned = (plan, prep.prune(plan)) if given is not None else prep.prune_release(plan)
     with timed(t, "fidelity"):
         fid = prep.fidelity(pruned)

@@ -81,6 +81,23 @@ def rank_fpgm(modules: dict[str, nn.Module], group: Group, stats: dict[str, Laye
     return _scored(modules, group, per_filter)
 
 
+def rank_datafree(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
+                  signals: Signals | None = None, seed: int = 0) -> Ranking:
+    """Random calibration data's default (`config.PruneConfig.for_data`): the producers' filter L2 norms, and a loss
+    curve read from the weights alone, `loss[k]` = the share of the group's squared filter norm outside the first k
+    channels. Random inputs carry nothing CaP could learn (its statistics and repair on them are placeholders that
+    cost resnet50 ~35 s of a build), so a latency-work build ranks by magnitude, as a data-free method would, and
+    the step allocation still gets a curve to spend over."""
+    score = np.zeros(group.channels)
+    for f, where in producer_filters(modules, group):
+        np.add.at(score, where, (f ** 2).sum(1))
+    order = descending(score)
+    energy = score[list(order)]
+    total = max(float(energy.sum()), 1e-30)
+    kept = np.concatenate([[0.0], np.cumsum(energy)])
+    return Ranking(order=order, loss=tuple(float(max(0.0, 1 - k / total)) for k in kept))
+
+
 def rank_random(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
                 signals: Signals | None = None, seed: int = 0) -> Ranking:
     import zlib

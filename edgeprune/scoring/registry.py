@@ -22,7 +22,7 @@ from edgeprune.common.parallel import thread_map
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Graph, Group
 from edgeprune.errors import EdgePruneError
-from edgeprune.scoring.base import Ranking, rank_fpgm, rank_l1, rank_l2, rank_random
+from edgeprune.scoring.base import Ranking, rank_datafree, rank_fpgm, rank_l1, rank_l2, rank_random
 from edgeprune.scoring.cap import rank_cap
 from edgeprune.scoring.kfac import output_factors
 from edgeprune.scoring.papers import rank_epruner, rank_functionality, rank_nap, rank_similarity
@@ -48,6 +48,7 @@ CRITERIA: dict[str, Criterion] = {
     "l2": Criterion(rank_l2),
     "fpgm": Criterion(rank_fpgm),
     "random": Criterion(rank_random),
+    "datafree": Criterion(rank_datafree),  # random calibration data's default (`PruneConfig.for_data`)
     "epruner": Criterion(rank_epruner, units=False),
     "similarity": Criterion(rank_similarity, frozenset({"features"}), units=False),
     "functionality": Criterion(rank_functionality, frozenset({"means", "labels"}), units=False),

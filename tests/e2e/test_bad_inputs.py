@@ -377,8 +377,8 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 60) -> l
 SIGNAL_CASES = {
     "S02_build": (["build", "--device", "fx/t_long.toml", "--calibration", "fx/c_rand64.toml", "--out", "out/s2"],
                   "measuring unpruned model", "out/s2"),
-    "prune": ([*P, "--model", "fx/bad_models.py:slow", *TINY, "--calibration", "fx/c_rand64.toml", "--out",
-               "out/sp"], "collecting statistics", "out/sp"),
+    "prune": ([*P, "--model", "fx/bad_models.py:slow", *TINY, "--calibration", "fx/c_rand64.toml", "--criterion",
+               "cap", "--out", "out/sp"], "collecting statistics", "out/sp"),
     "U03_lut": (["lut", "--device", "fx/t_long.toml", "--out", "out/lut_term.json", "--fresh"], "measuring layers",
                 None),
     "export": ([*EXPORT[:-1], "out/se.onnx", "--model", "fx/bad_models.py:slow", *TINY], "exporting", "out/se.onnx"),

@@ -12,6 +12,7 @@ from edgeprune.common.progress import no_progress
 from edgeprune.inputs.targets import load_target
 from edgeprune.jobs.oracle import Measurer
 from edgeprune.runtimes.stats import stats_from_repeats
+from edgeprune.search.strength import Band
 
 
 def recording(calls: list[dict], source: str = "measured"):
@@ -77,16 +78,16 @@ class Machine:
 
 
 def test_an_anchored_measurer_takes_candidates_beside_the_baseline_so_a_spell_of_the_machine_cancels() -> None:
-    """The baseline is measured while the machine runs 30% slow (two agreeing figures), the candidate after the spell
+    """The baseline is measured while the machine runs 30% slow (one figure: the anchor), the candidate after the spell
     ended: without interleaving the candidate reads 0.38x of the baseline for a true 0.5x; with it, 0.5x exactly,
     in the units of the baseline's figure, and never from the cache."""
     true = {"base.onnx": 2.0, "cand.onnx": 1.0}
-    spells = [1.3, 1.3] + [1.0] * 20
+    spells = [1.3, 1.3] + [1.0] * 20  # without interleaving, two agreeing baseline figures in the slow spell
     ratios = {}
     for interleave in (False, True):
         target = load_target("cpu")
         target = dataclasses.replace(target, measure=dataclasses.replace(target.measure, interleave=interleave))
-        machine = Machine(true, spells)
+        machine = Machine(true, spells[1:] if interleave else spells)  # interleaving: one baseline figure
         m = Measurer(target, "CACHE", no_progress, {}, machine, interleave=None if not interleave else True)
         base = m.baseline(Path("base.onnx"), relative=True)
         assert base.median == pytest.approx(2.6, rel=0.02)
@@ -94,8 +95,8 @@ def test_an_anchored_measurer_takes_candidates_beside_the_baseline_so_a_spell_of
         ratios[interleave] = cand.median / base.median
         if interleave:
             # three pairs of one fresh session each, baseline first, nothing from the cache
-            assert machine.calls[2:] == [("base.onnx", None, 1), ("cand.onnx", None, 1)] * 3
-            assert m.device_runs == 3  # two baseline figures, one candidate figure
+            assert machine.calls[1:] == [("base.onnx", None, 1), ("cand.onnx", None, 1)] * 3
+            assert m.device_runs == 2  # one baseline figure (the anchor), one candidate figure
     assert ratios[False] == pytest.approx(1.0 / 2.6, rel=0.02)
     assert ratios[True] == pytest.approx(0.5, rel=1e-6)
 
@@ -126,8 +127,45 @@ def test_an_anchored_measurer_takes_more_pairs_of_a_noisy_model_until_its_ratio_
     assert spreads["noisy"] > spreads["steady"]
 
 
+def test_a_noisy_figure_whose_side_of_the_budget_is_clear_takes_no_more_pairs_than_repeats() -> None:
+    """With the build's budget known (`aim`), pairs scattering by ~8% stop at `repeats` once the budget lies outside
+    the figure's noise margin (k standard errors): a candidate at 0.8x of the budget, or a verification at 0.6x;
+    one within 2% of the budget keeps taking pairs up to the limit, as without an aim."""
+    from edgeprune.jobs.oracle import PAIRS_LIMIT
+
+    true = {"base.onnx": 2.0, "cand.onnx": 1.2}
+    noisy = [1.0] * 2 + [1.0 if i % 2 == 0 else 1.0 + 0.08 * ((i // 2) % 3 - 1) for i in range(80)]
+    pairs = {}
+    for budget, stage, repeats in ((1.5, "measure", 3), (2.0, "verify", 5), (1.19, "measure", 3)):
+        machine = Machine(true, noisy)
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=True)
+        m.aim = Band(budget)
+        before = len(machine.calls)
+        fig = m(Path("cand.onnx"), "measuring", repeats=repeats, stage=stage)
+        pairs[budget] = (len(machine.calls) - before) // 2
+        assert fig.spread > 0.0125  # the scatter is real: the spread alone would not stop it
+    assert pairs == {1.5: 3, 2.0: 5, 1.19: PAIRS_LIMIT * 3}
+
+
+def test_candidates_measured_beside_the_anchor_get_no_second_round() -> None:
+    """`MeasuredOracle.remeasure` is None once the measurer has an anchor: its pairs already ran until the budget's
+    side was clear or the pair limit was spent; without one (an absolute budget) a candidate near the budget may be
+    measured again."""
+    from types import SimpleNamespace
+
+    from edgeprune.jobs.oracle import MeasuredOracle
+
+    machine = Machine({"base.onnx": 2.0}, [1.0] * 10)
+    for relative in (True, False):
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=relative)
+        oracle = MeasuredOracle(SimpleNamespace(), m, Path("."), "torchscript")
+        assert (oracle.remeasure is None) == relative
+
+
 def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_verification_takes_them_all() -> None:
-    """With the build's budget known (`aim_ms`), a search candidate whose first pair puts it more than FAR_FROM_AIM
+    """With the build's budget known (`aim`), a search candidate whose first pair puts it more than FAR_FROM_AIM
     from it is measured by that pair alone; one near the budget, and any verification, take every pair."""
     from edgeprune.jobs.oracle import FAR_FROM_AIM
 
@@ -137,7 +175,7 @@ def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_ver
         machine = Machine(true, [1.0] * 40)
         m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
         m.baseline(Path("base.onnx"), relative=True)
-        m.aim_ms = 1.0
+        m.aim = Band(1.0)
         before = len(machine.calls)
         fig = m(Path(name), "measuring", stage=stage)
         pairs[name, stage] = (len(machine.calls) - before) // 2

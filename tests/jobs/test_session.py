@@ -16,7 +16,30 @@ def test_the_proxys_samples_are_not_in_the_statistics_on_real_data() -> None:
     assert head and head[0].count == calib - n  # the proxy grades the repair on samples it was not fitted to
 
 
-def test_random_calibration_keeps_every_sample_in_the_statistics() -> None:
-    prep = prepare(PruneConfig(calibration="random", model="example"))
+def test_random_calibration_keeps_every_sample_in_the_statistics_of_an_explicit_cap() -> None:
+    prep = prepare(PruneConfig(calibration="random", model="example", criterion="cap"))
     head = [s for name, s in prep.stats.items() if name == "fc"]
     assert head and head[0].count == len(prep.data.calib_x)
+    assert prep.config.criterion == "cap" and prep.config.compensation
+
+
+def test_the_default_criterion_on_random_data_is_datafree_without_statistics_or_repair() -> None:
+    """criterion auto: random activations teach CaP nothing, so no statistics are collected and no consumer is
+    repaired (the plan says so); the rankings are the weights' (`scoring.base.rank_datafree`), with loss curves for
+    the step allocation. On real data auto is CaP with its repair."""
+    import numpy as np
+    import torch
+
+    prep = prepare(PruneConfig(calibration="random", model="example"))
+    assert prep.config.criterion == "datafree" and not prep.config.compensation
+    assert prep.stats == {} and "statistics" not in prep.timings_s
+    plan = prep.plan({g.name: g.channels // 2 for g in prep.graph.groups})
+    assert plan.criterion == "datafree" and not plan.compensation
+    modules = dict(prep.loaded.module.named_modules())
+    for g in prep.graph.groups:  # the first-ranked channel is the producer filter of largest norm
+        w = modules[g.producers[0]].weight.detach()
+        norms = (w.reshape(w.shape[0], -1) ** 2).sum(1)[: g.channels]
+        assert prep.rankings[g.name].order[0] == int(torch.argmax(norms)) or len(g.producers) > 1
+        assert np.all(np.diff(prep.rankings[g.name].loss) <= 0)
+    real = prepare(PruneConfig(calibration="digits"))
+    assert real.config.criterion == "cap" and real.config.compensation and real.stats

@@ -76,14 +76,14 @@ def small_evolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ev, "DEFAULT_SETTINGS", EvolutionSettings(population=6, generations=2, topk=3, finalists=2))
 
 
-@pytest.mark.parametrize("flags", [(), ("--no-compensation",)], ids=["compensated", "sliced"])
+@pytest.mark.parametrize("flags", [("--criterion", "cap"), ("--no-compensation",)], ids=["compensated", "sliced"])
 def test_evolution_build_meets_budget_and_prune_plan_replays_it(method_env: dict,  # noqa: F811
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 small_evolution: None, flags: tuple[str, ...]) -> None:
     r = build_and_replay(method_env, monkeypatch, f"evolution-{len(flags)}", "--search", "evolution",
                          "--tolerance", "0.2", *flags)
     s = r["search"]
-    assert s["outer"] == "evolution" and s["compensation"] == (not flags)
+    assert s["outer"] == "evolution" and s["compensation"] == ("--no-compensation" not in flags)
     assert 1 <= s["measured_candidates"] <= 12
     assert all(c["error"] is not None for c in s["trace"])
 

@@ -206,12 +206,12 @@ def build_and_replay(env: dict, monkeypatch: pytest.MonkeyPatch, name: str, *fla
     return report
 
 
-@pytest.mark.parametrize("flags", [(), ("--no-compensation",)], ids=["compensated", "sliced"])
+@pytest.mark.parametrize("flags", [("--criterion", "cap"), ("--no-compensation",)], ids=["compensated", "sliced"])
 def test_itpruner_build_meets_budget_and_prune_plan_replays_it(method_env: dict,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                flags: tuple[str, ...]) -> None:
     r = build_and_replay(method_env, monkeypatch, f"itpruner-{len(flags)}", "--allocation", "itpruner", *flags)
-    assert r["search"]["allocation"] == "itpruner" and r["search"]["compensation"] == (not flags)
+    assert r["search"]["allocation"] == "itpruner" and r["search"]["compensation"] == ("--no-compensation" not in flags)
 
 
 def test_itpruner_build_on_a_latency_table(method_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
