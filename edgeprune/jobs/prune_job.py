@@ -91,11 +91,12 @@ def _prune_job(config: PruneConfig, outdir: OutputDir, ratio: float | None, give
         save_pruned(tmp / "pruned.pt", pruned, plan, prep.loaded, config.ignore)
         plan.save(tmp / "plan.json")
     before = {g.name: g.channels for g in prep.graph.groups}
+    units = {g.name: {"unit": g.unit} for g in prep.graph.groups if g.units}  # heads, groups of a grouped conv
     result = {
         "edgeprune": versions()["edgeprune"], "command": "prune",
         "model": prep.loaded.spec, "calibration": prep.data.recipe.name or prep.data.recipe.kind,
         "criterion": plan.criterion, "compensation": plan.compensation, "out": str(outdir.out),
-        "widths": {g: {"before": before[g], "after": len(k)} for g, k in plan.kept.items()},
+        "widths": {g: {"before": before[g], "after": len(k), **units.get(g, {})} for g, k in plan.kept.items()},
         "base": model_size(prep.loaded.module, prep.loaded.example_input),
         "pruned": model_size(pruned, prep.loaded.example_input),
         "fidelity": fid.to_dict(), "parity": exp.parity.to_dict() if exp.parity else None,
