@@ -143,11 +143,12 @@ def main() -> None:
     t = sub.add_parser("train")
     t.add_argument("--epochs", type=int, default=4)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights file (default {WEIGHTS})")
     e = sub.add_parser("evaluate")
     e.add_argument("out", nargs="+", type=Path)
     args = ap.parse_args()
     if args.cmd == "train":
-        print(json.dumps(train(args.epochs, args.lr)))
+        print(json.dumps(train(args.epochs, args.lr, args.out)))
     else:
         for out in args.out:
             print(json.dumps(evaluate(out)))

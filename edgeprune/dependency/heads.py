@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from edgeprune.dependency.groups import Consumer, Group
+from edgeprune.errors import first_line
 
 TABLES = ("relative_position_bias_table",)  # per-head parameters sliced with the heads (last dim: the heads)
 
@@ -97,7 +98,7 @@ def _reached(dg: Any, m: nn.Module, heads: Heads, names: dict[nn.Module, str]) -
                 made.setdefault(int(r), set()).add(int(i))
         elif isinstance(target, nn.Parameter) and id(target) not in own:
             return f"torch-pruning couples its heads with a parameter of shape {tuple(target.shape)}"
-        elif isinstance(target, nn.Module) and target not in (qkv, proj) and any(target.parameters(recurse=False)):
+        elif isinstance(target, nn.Module) and target not in (qkv, proj) and any(True for _ in target.parameters(False)):
             inside = names.get(target, "").startswith(heads.module + ".")
             if not (inside and isinstance(target, nn.LayerNorm) and target.normalized_shape == (heads.head_dim,)):
                 return f"torch-pruning couples its heads with {names.get(target, type(target).__name__)}"
@@ -121,7 +122,10 @@ def head_groups(model: nn.Module, dg: Any, names: dict[nn.Module, str], excluded
         if isinstance(found, Heads) and ({id(m.qkv), id(m.proj)} & skip or
                                          (m.qkv in dg.module2node and key not in excluded)):
             continue  # an --ignore or output layer, or grouped some other way: left as it is
-        reason = found if isinstance(found, str) else _reached(dg, m, found, names)
+        try:
+            reason = found if isinstance(found, str) else _reached(dg, m, found, names)
+        except (IndexError, ValueError, KeyError, RuntimeError) as e:  # torch-pruning's walk failed: left whole
+            reason = f"torch-pruning cannot follow its heads ({type(e).__name__}: {first_line(e, 80)})"
         if reason is not None:
             excluded[key] = f"attention heads of {name or type(m).__name__}: {reason}"
             continue
