@@ -2,12 +2,12 @@
 pruned on real data, and the accuracy the repair keeps.
 
 The model is timm's `VisionTransformer`: 28x28 images in 4x4 patches (49 tokens and a class token), 64 wide, 3
-blocks of 4 heads of 16 and an MLP of 256. It trains on the 60k training images in a few minutes on one core
+blocks of 4 heads of 16 and an MLP of 256. It trains on the 60k training images in about 11 minutes on one quiet core (8 epochs, 84.0% on the unseen test images)
 (`train`: AdamW under a one-cycle schedule, the CNN's light augmentation, deterministic). It is calibrated and
 pruned on the CNN's recipe (`bench/fashion/recipe.toml`: 2000 test images, 1000 held out; `python -m tools.fashion`
 writes it), and `evaluate` grades a release on the 8000 test images the recipe never draws.
 
-    python -m tools.fashion_vit train                      # tools/fashion_vit_weights.pt (about 6 minutes, one core)
+    python -m tools.fashion_vit train                      # tools/fashion_vit_weights.pt (about 11 minutes, one core)
     edgeprune build --model tools/fashion_vit.py:make_vit --input-shape 1,1,28,28 \\
                     --calibration bench/fashion/recipe.toml --latency 0.7x --out out/fashion_vit
     python -m tools.fashion_vit evaluate out/fashion_vit   # top-1 of the unpruned model and of pruned.pt
@@ -77,7 +77,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(x)
 
 
-def train(epochs: int = 4, lr: float = 2e-3, out: Path = WEIGHTS) -> dict:
+def train(epochs: int = 8, lr: float = 2e-3, out: Path = WEIGHTS) -> dict:
     """Train on the 60k training images (one thread, deterministic) and save the weights; a summary."""
     from tools.train_fashion import augment
 
@@ -141,7 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--epochs", type=int, default=8)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--out", type=Path, default=WEIGHTS, help=f"weights file (default {WEIGHTS})")
     e = sub.add_parser("evaluate")
