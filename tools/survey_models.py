@@ -155,15 +155,21 @@ with open(result, "w") as f:
 """
 
 
-def run_limited(cmd: list[str], cwd: Path, stdout: Path, log: Path, timeout: float) -> tuple[int | None, float, float]:
+def run_limited(cmd: list[str], cwd: Path, stdout: Path, log: Path, timeout: float
+                ) -> tuple[int | None, float, float | None]:
     """Run `cmd` under `PARENT_SCRIPT`: exit code (None when stopped at `timeout` seconds: SIGTERM, SIGKILL 30 s
     later), wall seconds, and the peak resident memory in MiB of `cmd` and the children it waited for."""
     t0 = time.perf_counter()
     result = cwd / ".peak.json"
     result.unlink(missing_ok=True)
     with open(stdout, "w") as out, open(log, "w") as err:
-        subprocess.run([sys.executable, "-c", PARENT_SCRIPT, str(timeout), str(result), *cmd], check=False, cwd=cwd,
-                       stdout=out, stderr=err, env=edgeprune_env(ROOT), timeout=timeout + 300)
+        try:
+            subprocess.run([sys.executable, "-c", PARENT_SCRIPT, str(timeout), str(result), *cmd], check=False,
+                           cwd=cwd, stdout=out, stderr=err, env=edgeprune_env(ROOT), timeout=timeout + 300)
+        except subprocess.TimeoutExpired:  # the parent itself hung: no figure, but the survey goes on
+            pass
+    if not result.is_file():
+        return None, time.perf_counter() - t0, None
     r = json.loads(result.read_text())
     result.unlink()
     return r["exit_code"], time.perf_counter() - t0, r["peak_rss_kib"] / 1024
@@ -206,7 +212,7 @@ def survey_one(m: Spec, budget: str, timeout: float, passes: int, work: Path, fl
            str(work / "cache"), "--json", "--out", str(out), *flags]
     code, wall, rss = run_limited(cmd, work, work / "report.out", work / "build.log", timeout)
     row.update(exit_code=code, reason=reason_of(work / "build.log", code, timeout), wall_s=round(wall, 1),
-               peak_rss_mib=round(rss, 1))
+               peak_rss_mib=None if rss is None else round(rss, 1))
     try:
         r = json.loads((work / "report.out").read_text()) if code in (0, 3, 4) else None
     except json.JSONDecodeError:

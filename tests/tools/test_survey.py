@@ -97,6 +97,10 @@ def test_summary_and_table_of_a_hand_made_run(tmp_path: Path) -> None:
     assert lines[-1] == ("**6 models at 0.7x: 3 built (50.0%); 2 of the 3 built re-measured within [0.90, 1.05] of "
                          "the budget (66.7%); failures by exit code: exit 2: 1, exit 3: 1, timeout: 1; largest peak "
                          "RSS 2.93 GiB (timm:b).**")
+    # --resume keeps every row and builds none of the models already there
+    survey.main(["--resume", "--models", "timm:a,timm:f", "--out", str(out), "--work", str(tmp_path / "work")])
+    again = json.loads(out.read_text())
+    assert again["rows"] == rows and again["summary"] == s and not (tmp_path / "work").exists()
 
 
 def test_channel_share_counts_excluded_roots_and_lists_the_unresolved() -> None:
