@@ -26,7 +26,8 @@ Per model of `MODELS` (its spec as `--model` takes it and the input shape given 
   build, interleaved in `--passes` passes of fresh 1-thread ONNX Runtime sessions (`harness.interleaved`):
   `remeasured_ratio` = released / unpruned (their medians over the passes, as bench_build and bench_families),
   `remeasured_over_budget` = that ratio / 0.7, `in_band` when in [0.90, 1.05]; `remeasured_pass_ratios`, each pass's
-  released / unpruned, show how much the machine moved under the figure.
+  released / unpruned, show how much the machine moved under the figure;
+- `unpruned_error` / `survey_error` where loading or exporting the unpruned model here, or the measurement, failed.
 
 The JSON (`--out`) is rewritten after every model, so a killed run keeps what it did; `--resume` skips the models
 already in it. The Markdown table (the JSON's name with .md) has the issue's columns and a summary line: the built
@@ -199,6 +200,32 @@ def channel_share(report: dict, excluded_widths: dict[str, int | None]) -> dict[
             "kept_share": kept / prunable if prunable else None}
 
 
+def measure(m: Spec, r: dict, code: int, budget: str, passes: int, work: Path, out: Path) -> dict[str, Any]:
+    """What a row takes from a build's report `r`, the share of prunable channels and, for a model that built, its
+    release re-measured interleaved with the unpruned model exported here."""
+    row: dict[str, Any] = {
+        "base_ms": r["base"]["latency_ms"]["median"], "final_ms": r["final"]["latency_ms"]["median"],
+        "budget_ms": r["budget_ms"], "final_over_budget": r["final"]["latency_ms"]["median"] / r["budget_ms"],
+        "measured_candidates": r["search"]["measured_candidates"], "timings_s": r.get("timings_s"),
+        "groups": len(r["widths"]), "excluded_groups": r.get("excluded_groups") or {}}
+    built = code in BUILT
+    base = work / "unpruned.onnx"
+    p = run_python(ROOT, UNPRUNED_SCRIPT, m.spec, m.input_shape, str(base) if built else "",
+                   r.get("exporter") or "torchscript", json.dumps(row["excluded_groups"]), cwd=work)
+    if p.returncode != 0:
+        row["unpruned_error"] = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return row
+    row.update(channel_share(r, json.loads(p.stdout.strip().splitlines()[-1])))
+    if built:
+        lat = interleaved({"unpruned": base, "released": released_folder(r, out, code) / "model.onnx"}, passes)
+        ratio = lat["released"]["median_ms"] / lat["unpruned"]["median_ms"]
+        pairs = [a / b for a, b in zip(lat["released"]["passes_ms"], lat["unpruned"]["passes_ms"], strict=True)]
+        row.update(remeasured=lat, remeasured_pass_ratios=[round(v, 4) for v in pairs], remeasured_ratio=ratio,
+                   remeasured_over_budget=ratio / float(budget.rstrip("x")))
+        row["in_band"] = LOW <= row["remeasured_over_budget"] <= HIGH
+    return row
+
+
 def survey_one(m: Spec, budget: str, timeout: float, passes: int, work: Path, flags: list[str],
                keep: bool = False) -> dict[str, Any]:
     """Build one model, measure what it released; a row of the survey (see the module's docstring)."""
@@ -218,26 +245,10 @@ def survey_one(m: Spec, budget: str, timeout: float, passes: int, work: Path, fl
     except json.JSONDecodeError:
         r = None
     if r is not None:
-        row.update(base_ms=r["base"]["latency_ms"]["median"], final_ms=r["final"]["latency_ms"]["median"],
-                   budget_ms=r["budget_ms"], final_over_budget=r["final"]["latency_ms"]["median"] / r["budget_ms"],
-                   measured_candidates=r["search"]["measured_candidates"], timings_s=r.get("timings_s"),
-                   groups=len(r["widths"]), excluded_groups=r.get("excluded_groups") or {})
-        built = code in BUILT
-        base = work / "unpruned.onnx"
-        p = run_python(ROOT, UNPRUNED_SCRIPT, m.spec, m.input_shape, str(base) if built else "",
-                       r.get("exporter") or "torchscript", json.dumps(row["excluded_groups"]), cwd=work)
-        if p.returncode != 0:
-            row["remeasure_error"] = (p.stderr.strip().splitlines() or ["no output"])[-1]
-        else:
-            row.update(channel_share(r, json.loads(p.stdout.strip().splitlines()[-1])))
-            if built:
-                released = released_folder(r, out, code) / "model.onnx"
-                lat = interleaved({"unpruned": base, "released": released}, passes)
-                ratio = lat["released"]["median_ms"] / lat["unpruned"]["median_ms"]
-                pairs = [r / u for r, u in zip(lat["released"]["passes_ms"], lat["unpruned"]["passes_ms"], strict=True)]
-                row.update(remeasured=lat, remeasured_pass_ratios=[round(v, 4) for v in pairs], remeasured_ratio=ratio,
-                           remeasured_over_budget=ratio / float(budget.rstrip("x")))
-                row["in_band"] = LOW <= row["remeasured_over_budget"] <= HIGH
+        try:
+            row.update(measure(m, r, code, budget, passes, work, out))
+        except Exception as e:  # noqa: BLE001 - a survey records what went wrong and goes on with the next model
+            row["survey_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     if not keep:  # the logs stay; the models and caches go
         for p in work.iterdir():
             if p.name not in ("build.log", "report.out"):
@@ -288,6 +299,8 @@ def markdown(result: dict) -> str:
                                                  if r["channels"]["unresolved"] else "") + ")")
         over = r.get("remeasured_over_budget")
         measured = "-" if over is None else f"{over:.3f}" + ("" if r.get("in_band") else " (out of band)")
+        if over is None and code in BUILT:  # built, but not re-measured: why
+            measured = "not measured: " + _cell(r.get("unpruned_error") or r.get("survey_error"), 80)
         rss = r.get("peak_rss_mib")
         rows.append([r["model"], r["family"], r["input_shape"].split(",", 1)[-1].replace(",", "x"),
                      "yes" if code in BUILT else "no",
