@@ -26,6 +26,14 @@ def timm_swin(seed: int = 0) -> nn.Module:
                              depths=(2, 2), num_heads=(2, 4), num_classes=10).eval()
 
 
+def timm_mobilevit(seed: int = 0) -> nn.Module:
+    """timm's MobileViT-XXS (convolutions, then transformers of 4 heads over unfolded patches), random weights."""
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("mobilevit_xxs", num_classes=10).eval()
+
+
 def tv_vit(seed: int = 0) -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 

@@ -17,12 +17,14 @@ from edgeprune.dependency.heads import prune_heads
 from edgeprune.plan import width_step
 from edgeprune.scoring.base import consumer_weight
 from edgeprune.scoring.registry import rank
-from tests.vits import images, timm_swin, timm_vit, tv_swin, tv_vit
+from tests.vits import images, timm_mobilevit, timm_swin, timm_vit, tv_swin, tv_vit
 
 X = torch.zeros(1, 3, 32, 32)
+MOBILEVIT = [f"stages.{s}.1.transformer.{b}.attn" for s, n in ((2, 2), (3, 4), (4, 3)) for b in range(n)]
 TIMM = {"vit": (timm_vit, ["blocks.0.attn", "blocks.1.attn"], {"blocks.0.attn": 4, "blocks.1.attn": 4}),
         "vit_qk_norm": (lambda: timm_vit(qk_norm=True), ["blocks.0.attn", "blocks.1.attn"],  # LayerNorms of head_dim
                         {"blocks.0.attn": 4, "blocks.1.attn": 4}),
+        "mobilevit": (timm_mobilevit, MOBILEVIT, dict.fromkeys(MOBILEVIT, 4)),  # a hybrid: convs, then transformers
         "swin": (timm_swin, [f"layers.{s}.blocks.{b}.attn" for s in (0, 1) for b in (0, 1)],
                  {"layers.0.blocks.0.attn": 2, "layers.0.blocks.1.attn": 2, "layers.1.blocks.0.attn": 4,
                   "layers.1.blocks.1.attn": 4})}
