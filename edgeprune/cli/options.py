@@ -15,9 +15,9 @@ from typing import Any
 
 from edgeprune.errors import EdgePruneError
 
-CRITERION_HELP = ("channel ranking: auto (default: cap with its repair on real calibration data; on random data "
-                  "datafree, filter magnitude, and no repair), cap, datafree, l1, l2, fpgm, random, or a method from "
-                  "its paper: epruner "
+CRITERION_HELP = ("channel ranking: auto (default: cap with its repair; datafree, filter magnitude without a "
+                  "repair, for a zoo model with random weights on random calibration data), cap, datafree, l1, l2, "
+                  "fpgm, random, or a method from its paper: epruner "
                   "(affinity-propagation exemplars), similarity (feature-map clustering, channels merged), "
                   "functionality (class-wise activations; labels), nap (K-FAC Hessian; labels)")
 

@@ -26,6 +26,7 @@ from edgeprune.errors import EdgePruneError, first_line
 from edgeprune.inputs.outputs import check_outputs
 
 DEFAULT_SPEC = "example"
+ZOOS = ("torchvision:", "timm:", "ultralytics:")  # specs built here with random weights unless --weights
 
 
 @dataclass
@@ -38,6 +39,12 @@ class LoadedModel:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.example_input.shape)
+
+    @property
+    def random_weights(self) -> bool:
+        """A zoo model without --weights: its seeded random initialisation (nothing is downloaded). A factory's or
+        the example's weights are the user's, trained as far as edgeprune can tell."""
+        return self.weights is None and self.spec.startswith(ZOOS)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

@@ -183,7 +183,7 @@ def _prepare(config: PruneConfig, stages: Stages, rank_groups: bool, inputs: Inp
         loaded = inputs.loaded or load_model(config.model, config.weights, config.input_shape, seed=config.seed)
         recipe = inputs.recipe or load_recipe(config.recipe_spec())
         data = hold_back(load_data(recipe, loaded.input_shape, arrays=inputs.arrays), config.seed)
-        config = config.for_data(data.recipe.kind)  # criterion auto: cap on real data, datafree on random
+        config = config.for_data(data.recipe.kind, loaded.random_weights)  # criterion auto: datafree or cap
         if rank_groups:  # before any work: a criterion that needs labels on unlabelled data
             check_labels(config.criterion, data.labelled, config.pseudo_labels, recipe.name or recipe.kind)
     with timed(t, "trace"):

@@ -83,11 +83,11 @@ def rank_fpgm(modules: dict[str, nn.Module], group: Group, stats: dict[str, Laye
 
 def rank_datafree(modules: dict[str, nn.Module], group: Group, stats: dict[str, LayerStats],
                   signals: Signals | None = None, seed: int = 0) -> Ranking:
-    """Random calibration data's default (`config.PruneConfig.for_data`): the producers' filter L2 norms, and a loss
-    curve read from the weights alone, `loss[k]` = the share of the group's squared filter norm outside the first k
-    channels. Random inputs carry nothing CaP could learn (its statistics and repair on them are placeholders that
-    cost resnet50 ~35 s of a build), so a latency-work build ranks by magnitude, as a data-free method would, and
-    the step allocation still gets a curve to spend over."""
+    """The default for a model with random weights on random calibration data (`config.PruneConfig.for_data`): the
+    producers' filter L2 norms, and a loss curve read from the weights alone, `loss[k]` = the share of the group's
+    squared filter norm outside the first k channels. There is nothing to keep in such a model (latency work), and
+    CaP's statistics and ranking of it cost resnet50 ~35 s of a build; the step allocation still gets a curve to
+    spend over."""
     score = np.zeros(group.channels)
     for f, where in producer_filters(modules, group):
         np.add.at(score, where, (f ** 2).sum(1))

@@ -23,14 +23,17 @@ def test_random_calibration_keeps_every_sample_in_the_statistics_of_an_explicit_
     assert prep.config.criterion == "cap" and prep.config.compensation
 
 
-def test_the_default_criterion_on_random_data_is_datafree_without_statistics_or_repair() -> None:
-    """criterion auto: random activations teach CaP nothing, so no statistics are collected and no consumer is
-    repaired (the plan says so); the rankings are the weights' (`scoring.base.rank_datafree`), with loss curves for
-    the step allocation. On real data auto is CaP with its repair."""
+def test_the_default_criterion_is_datafree_only_for_random_weights_on_random_data() -> None:
+    """criterion auto: a zoo model with random weights on random calibration data holds nothing to keep, so no
+    statistics are collected and no consumer is repaired (the plan says so); the rankings are the weights'
+    (`scoring.base.rank_datafree`), with loss curves for the step allocation. A trained model (the example) keeps
+    CaP with its repair, on random data as on real data: its repair fits the network's own responses."""
     import numpy as np
     import torch
 
-    prep = prepare(PruneConfig(calibration="random", model="example"))
+    prep = prepare(PruneConfig(calibration="random", model="torchvision:mobilenet_v3_small",
+                               input_shape=(1, 3, 32, 32)))
+    assert prep.loaded.random_weights
     assert prep.config.criterion == "datafree" and not prep.config.compensation
     assert prep.stats == {} and "statistics" not in prep.timings_s
     plan = prep.plan({g.name: g.channels // 2 for g in prep.graph.groups})
@@ -41,5 +44,7 @@ def test_the_default_criterion_on_random_data_is_datafree_without_statistics_or_
         norms = (w.reshape(w.shape[0], -1) ** 2).sum(1)[: g.channels]
         assert prep.rankings[g.name].order[0] == int(torch.argmax(norms)) or len(g.producers) > 1
         assert np.all(np.diff(prep.rankings[g.name].loss) <= 0)
-    real = prepare(PruneConfig(calibration="digits"))
-    assert real.config.criterion == "cap" and real.config.compensation and real.stats
+    for trained in (prepare(PruneConfig(calibration="random", model="example")),
+                    prepare(PruneConfig(calibration="digits"))):
+        assert not trained.loaded.random_weights
+        assert trained.config.criterion == "cap" and trained.config.compensation and trained.stats
