@@ -95,9 +95,15 @@ class Band:
 
 
 def _combine(a: Probe, b: Probe) -> Probe:
-    """Two figures of the same model: their mean, with the standard error of a mean of two."""
+    """Two figures of the same model: their inverse-variance weighted mean and its standard error (a tight figure
+    counts for more than a noisy one); the plain mean of two when either has no spread to weigh by."""
     source = f"{a.source} x2" if a.source == b.source else f"{a.source}+{b.source}"
-    return Probe((a.latency_ms + b.latency_ms) / 2, source, math.hypot(a.spread, b.spread) / 2)
+    va, vb = (a.spread * a.latency_ms) ** 2, (b.spread * b.latency_ms) ** 2
+    if va <= 0 or vb <= 0:
+        return Probe((a.latency_ms + b.latency_ms) / 2, source, math.hypot(a.spread, b.spread) / 2)
+    wa, wb = 1 / va, 1 / vb
+    mean = (wa * a.latency_ms + wb * b.latency_ms) / (wa + wb)
+    return Probe(mean, source, math.sqrt(1 / (wa + wb)) / mean)
 
 
 def pick_best(feasible: list[Candidate]) -> Candidate | None:

@@ -352,7 +352,7 @@ def test_search_margin_rejects_a_figure_within_noise_of_the_budget() -> None:
 
 def test_search_remeasures_an_ambiguous_figure_once_and_counts_it() -> None:
     """A figure whose ±2 standard errors straddle the budget is measured once more before it moves a bracket; the
-    mean of the two enters the trace, and the second measurement counts towards max_steps."""
+    inverse-variance mean of the two enters the trace, and the second measurement counts towards max_steps."""
     curve, budget = CURVES["late drop"], 6.0
     calls: list[str] = []
 
@@ -372,8 +372,12 @@ def test_search_remeasures_an_ambiguous_figure_once_and_counts_it() -> None:
         first = curve(c.strength)
         ambiguous = first * (1 - 0.04) <= budget < first * (1 + 0.04)
         assert (c in twice) == ambiguous  # remeasured exactly when the first figure could not decide
-        if c in twice:  # the mean of the two figures, with the standard error of a mean of two
-            assert math.isclose(c.latency_ms, first * 0.99) and math.isclose(c.spread, 0.02 / math.sqrt(2))
+        if c in twice:  # the inverse-variance mean of the two figures (the second, lower one is the tighter in ms)
+            wa, wb = 1 / (0.02 * first) ** 2, 1 / (0.02 * 0.98 * first) ** 2
+            mean = (wa * first + wb * 0.98 * first) / (wa + wb)
+            assert first * 0.98 < mean < first * 0.99 and math.isclose(c.latency_ms, mean)
+            assert math.isclose(c.spread, math.sqrt(1 / (wa + wb)) / mean)
+            assert c.spread < 0.02 / math.sqrt(2) * 1.01  # about a mean of two's standard error
     plain = search(by_strength, oracle, budget, max_steps=9)
     assert all(c.source == "measured" for c in plain.trace)  # without remeasure nothing is measured twice
 
