@@ -50,7 +50,11 @@ class MeasureConfig:
     # Costs a second measurement per candidate and bypasses the cache for them; for the local CPU targets.
     interleave: bool = False
 
-    MIN_ITERATIONS = 10
+    # 5: the pairs of fresh sessions a relative budget is measured in scatter by their sessions' state, not by the
+    # runs in each: on this CPU, pairs of 0.25 s sessions of >= 5 runs gave pair-to-pair scatter of 6.2 / 5.2 / 5.3%
+    # (mobilenet_v2 / resnet18 / resnet50) where 0.5 s of >= 10 runs gave 7.6 / 6.4 / 8.7%, in 59 / 56 / 66% of the time
+    # (20 pairs each, interleaved; docs/benchmarks.md)
+    MIN_ITERATIONS = 5
     MIN_WARMUP = 3  # warm-up runs a slow model gets at least (the first allocates; two more settle the caches)
 
     def warmup_done(self, done: int, elapsed_s: float) -> bool:

@@ -335,7 +335,7 @@ def test_R07_ssh_profile_keeps_every_measure_setting() -> None:
     for t in bundled_targets().values():
         back = Target.from_dict(tomllib.loads(target_toml(t)))
         assert back.measure == t.measure and back.fingerprint() == t.fingerprint(), t.name
-    assert "max_seconds = 0.5" in target_toml(bundled_targets()["cpu"])
+    assert "max_seconds = 0.25" in target_toml(bundled_targets()["cpu"])
 
 
 def test_build_with_non_finite_pruned_outputs_fails_its_implicit_gate() -> None:
