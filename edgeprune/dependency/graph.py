@@ -269,8 +269,10 @@ def _consumer(name: str, module: nn.Module, idxs: list[int], root_idxs: list[int
 
 
 def _reads_whole(c: Consumer, pieces: tuple[tuple[int, ...], ...]) -> bool:
-    """Whether a consumer reads every channel of the group, or of the split pieces it reads."""
-    return all(c.coords) or all(all(c.coords[ch] for ch in p) or not any(c.coords[ch] for ch in p) for p in pieces)
+    """Whether a consumer reads every channel of the group, or of the split pieces it reads. Without pieces, a channel
+    it does not read is a mapping torch-pruning got wrong (levit's Subsample: a view, a strided slice and a reshape
+    between the residual stream and the downsampling attention's q left half the channels with no coordinate)."""
+    return all(c.coords) or bool(pieces) and all(all(c.coords[ch] for ch in p) or not any(c.coords[ch] for ch in p) for p in pieces)
 
 
 TRACE_SECONDS = 300.0  # the longest the grouping may take (EDGEPRUNE_TRACE_SECONDS): fcn_resnet50 takes 7 s

@@ -360,3 +360,32 @@ def test_trace_roots_a_ghost_module_at_its_primary_conv(tmp_path: Path) -> None:
     result = edgeprune.prune(model, ratio=0.5, calibration=torch.randn(64, 3, 16, 16), out=tmp_path / "p")
     assert result.module.primary.out_channels == 8 and result.module.dw.out_channels == 16
     assert result.module(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+class _SubsampledTokens(nn.Module):
+    """LeViT's downsampling attention: tokens (B, N, C) viewed as a grid, strided, reshaped back, read by q."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.q = nn.Linear(16, 12)
+        self.kv = nn.Linear(16, 12)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.fc1(x)  # (B, 16 tokens, 16 channels)
+        b, n, c = t.shape
+        sub = t.view(b, 4, 4, c)[:, ::2, ::2].reshape(b, -1, c)
+        return self.head(torch.cat([self.q(sub).mean(1), self.kv(t).mean(1)], 1))
+
+
+def test_a_consumer_torch_pruning_maps_onto_half_its_inputs_excludes_the_group() -> None:
+    """levit_128s exited 1 with a shape error in its first candidate: torch-pruning mapped the residual stream through
+    the Subsample (view, strided slice, reshape) onto half of q's inputs, and the group was pruned with a consumer that
+    did not read it channel by channel. Now such a group is excluded with its reason, and every kept group gives each
+    channel a coordinate in each consumer."""
+    torch.manual_seed(0)
+    model = _SubsampledTokens().eval()
+    graph = trace(model, torch.randn(2, 16, 8))
+    assert "does not map channel by channel" in graph.excluded["fc1"]
+    assert all(all(c.coords) for g in graph.groups for c in g.consumers)
