@@ -103,6 +103,13 @@ def check_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def onnx_output_names(names: list[str]) -> list[str]:
+    """Every output named as parity reports it, except that a name of digits alone (the first output of a model that
+    returns a tuple: "0") becomes "output_0": TorchScript reserves such names for its own values and refuses them
+    ("Invalid name: '0'": yolov8n-seg, which returns (detections, mask prototypes), exited 2)."""
+    return [f"output_{n}" if n.isdigit() else n for n in names]
+
+
 def export_onnx(
     model: torch.nn.Module,
     example_input: torch.Tensor,
@@ -121,7 +128,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
     with torch.no_grad():
-        names = [n for n, _ in flatten_outputs(model(example_input))]  # every output named, as parity reports them
+        names = onnx_output_names([n for n, _ in flatten_outputs(model(example_input))])
     try:
         # The dynamo exporter prints its progress to stdout; keep stdout clean for --json.
         with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings(), \

@@ -34,6 +34,36 @@ def test_export_torchscript_exporter_matches_dynamo(tmp_path: Path) -> None:
     assert a.parity.rel_error <= 1e-5 and b.parity.rel_error <= 1e-5
 
 
+class _TupleOutputs(torch.nn.Module):
+    """Returns (logits, (features, features pooled)), as a segmenter returns (detections, mask prototypes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        f = torch.relu(self.conv(x))
+        return self.fc(f.mean((2, 3))), (f, f.amax((2, 3)))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_a_model_returning_a_tuple_exports_with_every_output_named(exporter: str, tmp_path: Path) -> None:
+    """yolov8n-seg exited 2: TorchScript refused the output name "0" (a name of digits alone); now the first output
+    is "output_0", the nested ones keep their parity names, and ONNX Runtime matches torch on each."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    m, x = _TupleOutputs().eval(), torch.randn(1, 3, 16, 16)
+    path = export_onnx(m, x, tmp_path / "m.onnx", exporter=exporter)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["output_0", "1.0", "1.1"]
+    with torch.no_grad():
+        logits, (f, pooled) = m(x)
+    for got, want in zip(sess.run(None, {"input": x.numpy()}), (logits, f, pooled)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_simplify_folds_constant_subgraph(tmp_path: Path) -> None:
     """y = x * (c + 1): onnxsim folds the Add of two constants, leaving one Mul with the same result."""
     from onnx import TensorProto, helper, numpy_helper
