@@ -29,7 +29,9 @@ Security: with a token every request needs `Authorization: Bearer <token>` (comp
 token the agent only binds to a loopback address, and refuses to start otherwise. Measurements run one at a time
 (a lock), since two at once would time each other; up to `max_queue` (default 8, `--max-queue`) wait their turn,
 each holding its upload, and the next ones are answered 503 at once. A measurement stops when its client disconnects
-or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the lock for ever. Uploads live in one temporary folder per agent, removed when it stops (Ctrl-C or SIGTERM).
+or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the lock for ever.
+Uploads live in one temporary folder per agent (`edgeprune-agent-PID-*`), removed when it stops (Ctrl-C or SIGTERM),
+or by the next agent or job when it was killed (SIGKILL).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import math
 import platform
 import re
 import select
-import shutil
 import socket
 import stat
 import tempfile
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune._version import __version__
+from edgeprune.common.atomic import scratch_dir
 from edgeprune.errors import DeviceUnreachable, EdgePruneError
 from edgeprune.inputs.targets import Target
 from edgeprune.runtimes.remote import HEALTH_PATH, MEASURE_PATH, REPEATS_HEADER, TARGET_HEADER
@@ -200,7 +202,10 @@ class AgentServer(ThreadingHTTPServer):
         self.measurements = 0
         self.stopped = 0  # measurements stopped because their client went away or their time ran out
         super().__init__((config.host, config.port), _Handler)
-        self.upload_dir = Path(tempfile.mkdtemp(prefix="edgeprune-agent-"))  # every upload, removed on close
+        # every upload, removed on close; `edgeprune-agent-PID-*`, so that the next agent or job removes the folder of
+        # an agent killed with SIGKILL (scratch_dir's sweep of dead PIDs' folders)
+        self._scratch = scratch_dir("agent")
+        self.upload_dir = Path(self._scratch.name)
 
     def hide_paths(self, text: str) -> str:
         """An error message without this machine's paths: any path in the upload folder becomes 'the upload folder'
@@ -229,7 +234,7 @@ class AgentServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        shutil.rmtree(self.upload_dir, ignore_errors=True)
+        self._scratch.cleanup()
 
     @property
     def url(self) -> str:

@@ -342,6 +342,40 @@ def test_A28_sigterm_removes_the_agents_uploads(model, tmp_path):
     assert [p.name for p in tmpdir.iterdir() if p.name != ".ses"] == []
 
 
+def test_an_agent_killed_with_sigkill_has_its_upload_folder_removed_by_the_next_agent(tmp_path):
+    """SIGKILL leaves no chance to clean up: the folder stays until the next agent starts in the same temporary
+    folder, which removes the dead agent's (its PID is in the name) and keeps its own."""
+    import signal
+    import subprocess
+    import sys
+
+    tmpdir = tmp_path / "TMPDIR"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "edgeprune", "agent", "--port", "0"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        assert "127.0.0.1:" in proc.stdout.readline()
+        return proc
+
+    first = start()
+    try:
+        folders = list(tmpdir.glob(f"edgeprune-agent-{first.pid}-*"))
+        assert len(folders) == 1
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(30) == -signal.SIGKILL and folders[0].is_dir()  # left behind
+        second = start()
+        try:
+            assert not folders[0].exists() and len(list(tmpdir.glob(f"edgeprune-agent-{second.pid}-*"))) == 1
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=30)
+    finally:
+        first.kill()
+    assert not list(tmpdir.glob("edgeprune-agent-*"))
+
+
 def _ignore_errors(fn, *args):  # noqa: ANN001, ANN202
     try:
         return fn(*args)
