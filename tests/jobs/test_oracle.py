@@ -12,7 +12,7 @@ from edgeprune.common.progress import no_progress
 from edgeprune.inputs.targets import load_target
 from edgeprune.jobs.oracle import Measurer
 from edgeprune.runtimes.stats import stats_from_repeats
-from edgeprune.search.strength import Band
+from edgeprune.search.strength import Band, Probe
 
 
 def recording(calls: list[dict], source: str = "measured"):
@@ -238,3 +238,29 @@ def test_a_table_oracle_warns_of_a_table_below_90_percent_within_10_or_without_a
             oracle = TableOracle(session, table, target, "lut.json")  # type: ignore[arg-type]
         assert oracle.check["check"] == check
         assert (warned in caplog.text) if warned else "latency table" not in caplog.text
+
+
+def test_a_wide_figure_far_under_budget_that_the_band_would_accept_takes_more_pairs() -> None:
+    """A candidate at 0.86 of the budget with a ~6% standard error after `repeats` pairs is on a clear side of the
+    budget, but the search's band (its floor falls with the spread) would accept it and release a model far under
+    budget (mobilenetv3_small_050 at 0.86, hardcorenas_a at 0.87 of theirs): it takes more pairs, until its spread no
+    longer lets the band accept it (or the limit); a figure at 0.70 of the budget with the same scatter, which the
+    band rejects whatever its spread, stops at `repeats`."""
+    from edgeprune.jobs.oracle import FAR_UNDER, PAIRS_LIMIT
+
+    true = {"base.onnx": 2.0, "cand.onnx": 1.2}
+    noisy = [1.0] * 2 + [1.0 if i % 2 == 0 else 1.0 + 0.16 * ((i // 2) % 3 - 1) for i in range(80)]
+    pairs, figures = {}, {}
+    for share in (0.86, 0.70):
+        machine = Machine(true, noisy)
+        m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+        m.baseline(Path("base.onnx"), relative=True)
+        m.aim = Band(1.2 / share)
+        before = len(machine.calls)
+        fig = m(Path("cand.onnx"), "measuring", repeats=3, stage="measure")
+        figures[share] = Probe(fig.median, fig.source, fig.spread)
+        pairs[share] = (len(machine.calls) - before) // 2
+        assert not m.aim.ambiguous(figures[share])  # the side of the budget is clear
+        assert fig.median < FAR_UNDER * m.aim.budget_ms
+        assert not m.aim.in_band(figures[share])  # the search goes on to a wider candidate
+    assert 3 < pairs[0.86] <= PAIRS_LIMIT * 3 and pairs[0.70] == 3
