@@ -97,6 +97,9 @@ def main() -> None:
             summary = lut_job(TableModel(spec, input_shape=shape), args.device, Path(tmp) / "lut.json")
             build_s = time.perf_counter() - t0
             table = load_lut(Path(tmp) / "lut.json")
+            kept = Path(args.out).with_suffix(".tables") / f"{len(rows)}.json"  # offline refits read the table again
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            table.save(kept)
             m = load_model(spec, input_shape=shape)
             graph = trace(m.module, m.example_input)
             lm = LayerModel.from_model(m.module, m.example_input, graph, spec)
@@ -126,7 +129,7 @@ def main() -> None:
             row = {"model": name, "target": target.name, "lut_build_s": build_s, "signatures": summary["signatures"],
                    "plans": args.plans, "passes": args.passes, **accuracy(points),
                    "best_channel_multiple": summary["best_channel_multiple"], "calibration": summary["calibration"],
-                   "points": points}
+                   "table": str(kept), "points": points}
             print(json.dumps({k: v for k, v in row.items() if k not in ("points", "calibration")}), flush=True)
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
