@@ -111,8 +111,9 @@ def round_width(width: float, channels: int, multiple: int, min_width: int | Non
 
 def width_step(group: Group, multiple: int) -> int:
     """The step a group's width moves by: `multiple` (the channel alignment), in whole units of a group pruned in
-    units (the groups of a grouped conv, see dependency/groupconv.py), times the pieces of a split along channels
-    (each piece keeps the same aligned count, see dependency/splits.py)."""
+    units (the groups of a grouped conv, see dependency/groupconv.py), times the pieces splits along channels cut
+    the group into (at the narrowest, each piece keeps one aligned step; equal pieces keep equal aligned shares at
+    every step, see dependency/shares.py)."""
     return math.lcm(multiple, group.unit) * max(1, len(group.pieces))
 
 
@@ -123,13 +124,14 @@ def uniform_widths(graph: Graph, ratio: float, multiple: int = 1) -> dict[str, i
     return {g.name: round_width(g.channels * (1 - ratio), g.channels, width_step(g, multiple)) for g in graph.groups}
 
 
-def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tuple[int, ...]:
+def keep_first(group: Group, order: tuple[int, ...] | range, width: int, multiple: int = 1) -> tuple[int, ...]:
     """The first `width` channels of `order`, except that every branch of a concat keeps at least one: a branch
     left empty would leave its conv with no output channel (a crash at pruning). The branch's best channel then
     replaces the worst kept one whose branch keeps another. A group pruned in units keeps whole units, in the order
-    their first channel comes, enough of them for `width`."""
+    their first channel comes, enough of them for `width`. A group cut into pieces by splits shares `width` over
+    them (`keep_shares`, aligned to `multiple` where it can)."""
     if group.pieces and width < group.channels:
-        return keep_shares(group, order, width)
+        return keep_shares(group, order, width, multiple)
     if group.units:
         unit_of = group.unit_of()
         units = list(dict.fromkeys(unit_of[c] for c in order))[: -(-width // group.unit)]
@@ -149,21 +151,24 @@ def keep_first(group: Group, order: tuple[int, ...] | range, width: int) -> tupl
     return tuple(sorted(kept))
 
 
-def keep_shares(group: Group, order: tuple[int, ...] | range, width: int) -> tuple[int, ...]:
-    """The first channels of `order` within each piece of a split, width / pieces of each (one at least): every piece
-    keeps as many channels as the others, so the split's pieces keep their positions (dependency/splits.py)."""
-    share = max(1, width // len(group.pieces))
+def keep_shares(group: Group, order: tuple[int, ...] | range, width: int, multiple: int = 1) -> tuple[int, ...]:
+    """The first channels of `order` within each piece the splits cut the group into, as many in each as
+    `Group.piece_widths` shares `width` out (in proportion to the pieces' sizes, one at least; equal shares for a
+    chunk's pieces): the same counts the latency model reads, whatever the ranking (dependency/shares.py)."""
+    share = group.piece_widths(width, multiple)
     piece_of = {ch: k for k, piece in enumerate(group.pieces) for ch in piece}
     counts = [0] * len(group.pieces)
     kept = []
     for ch in order:
-        if counts[piece_of[ch]] < share:
+        if counts[piece_of[ch]] < share[piece_of[ch]]:
             counts[piece_of[ch]] += 1
             kept.append(ch)
     return tuple(sorted(kept))
 
 
 def plan_from_rankings(graph: Graph, rankings: dict[str, Ranking], widths: dict[str, int], **kw: Any) -> Plan:
-    """Keep the first `widths[g]` channels of each group's ranking (each concat branch keeping one at least)."""
-    kept = {g.name: keep_first(g, rankings[g.name].order, widths[g.name]) for g in graph.groups}
+    """Keep the first `widths[g]` channels of each group's ranking (each concat branch keeping one at least, the
+    pieces of a split sharing the width at `channel_multiple`)."""
+    multiple = int(kw.get("channel_multiple", 1))
+    kept = {g.name: keep_first(g, rankings[g.name].order, widths[g.name], multiple) for g in graph.groups}
     return Plan(kept=kept, channels={g.name: g.channels for g in graph.groups}, **kw)

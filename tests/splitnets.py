@@ -101,6 +101,83 @@ class FixedSplit(nn.Module):
         return self.fc(torch.cat([self.a(p), self.b(q)], 1).mean((2, 3)))
 
 
+class Mixed(nn.Module):
+    """timm's MixedConv2d in small: a conv of its own per piece of its input (split by the sizes it keeps as
+    `self.splits`), outputs concatenated; depthwise when `depthwise` (kernel 3, 5, 7, ... per piece)."""
+
+    def __init__(self, splits: list[int], outs: list[int], depthwise: bool = False) -> None:
+        super().__init__()
+        self.splits = list(splits)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3 + 2 * k if depthwise else 1, padding=1 + k if depthwise else 0,
+                                             groups=i if depthwise else 1, bias=False)
+                                   for k, (i, o) in enumerate(zip(splits, outs)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([conv(p) for conv, p in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class PieceOwners(nn.Module):
+    """Issue 31's first case (timm's mixnet blocks 1.0, 3.0, 4.0): `a` is two convs concatenated, and the next block's
+    `b.pw` splits that concat back into the same two pieces; the block's residual adds to each piece its own
+    projection conv. Each conv of `a` roots a group that owns one piece of `b.pw.splits` (and so do the convs of
+    `b.pw`, each one piece of `b.pwl.splits`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = Mixed([8, 8], [12, 12])
+        self.bn_a = nn.BatchNorm2d(24)
+        self.pw = Mixed([12, 12], [24, 24])
+        self.bn1 = nn.BatchNorm2d(48)
+        self.dw = nn.Conv2d(48, 48, 3, padding=1, groups=48, bias=False)
+        self.bn2 = nn.BatchNorm2d(48)
+        self.pwl = Mixed([24, 24], [12, 12])
+        self.bn3 = nn.BatchNorm2d(24)
+        self.head = nn.Sequential(nn.Conv2d(24, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn_a(self.a(self.stem(x)))
+        z = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.pw(y))))))
+        return self.fc(self.head(y + self.bn3(self.pwl(z))).mean((2, 3)))
+
+
+class SplitTwice(nn.Module):
+    """Issue 31's second case (timm's mixnet blocks 3.0, 4.x, 5.x): the expansion (two convs concatenated) is split
+    [8, 8, 8] for the depthwise MixConv, gated by a squeeze-excite, and split [12, 12] for the projection: one group,
+    rooted at the SE's expand conv, cut into the common refinement [8, 4, 4, 8]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.pw = Mixed([8, 8], [12, 12])
+        self.bn1 = nn.BatchNorm2d(24)
+        self.dw = Mixed([8, 8, 8], [8, 8, 8], depthwise=True)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.reduce = nn.Conv2d(24, 8, 1)
+        self.expand = nn.Conv2d(8, 24, 1)
+        self.pwl = Mixed([12, 12], [8, 8])
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.pw(x))))))
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.fc((x + self.bn3(self.pwl(y))).mean((2, 3)))
+
+
+def split_readers(model: nn.Module) -> list[tuple[str, list[int], list[int]]]:
+    """Every module that splits by a `splits` attribute: its name, the sizes, and the input channels of the convs
+    that read each piece (equal to the sizes in a model that runs as the sizes say)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "splits", None), list):
+            convs = list(m.convs) if hasattr(m, "convs") else list(m.dw) if hasattr(m, "dw") else list(m.values())
+            out.append((name, list(m.splits), [c.in_channels for c in convs]))
+    return out
+
+
 def build(cls: type[nn.Module], *args: object, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return settle(cls(*args), seed)

@@ -30,6 +30,7 @@ from edgeprune.dependency.groupconv import is_dense, is_depthwise, merge_grouped
 from edgeprune.dependency.groups import Consumer, Group
 from edgeprune.dependency.heads import head_groups
 from edgeprune.dependency.reshapes import cut_unmapped, guard_mapping, unmapped_reason
+from edgeprune.dependency.shares import parts
 from edgeprune.errors import EdgePruneError, first_line
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _mixing_op(node: Any) -> str | None:
     name = type(fn).__name__ if fn is not None else ""
     if any(name.startswith(m) for m in CHANNEL_MIXING):
         return name
-    split = splits.split_reason(node)  # a split along channels: pruned in equal shares where its pieces allow
+    split = splits.split_reason(node)  # a split along channels: pruned piece by piece where its pieces allow
     if split is not None:
         return split
     if any(name.startswith(m) for m in REDUCING) and _reduces_channels(fn):
@@ -304,6 +305,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         feeds: list[tuple[str, dict[int, int]]] = []  # grouped convs reading the group: {their input: group channel}
         reason = None
         seen: dict = {}  # the split nodes the group passes through (splits.note)
+        touched: dict[str, set[int]] = {}  # weighted layer -> the group channels it holds or reads (shares.parts)
         for item in tp_group:
             splits.note(seen, item)
             for node in (item.dep.source, item.dep.target):
@@ -317,6 +319,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
                 continue  # functional ops (add, concat, flatten, activations) carry channels without weights
             handler = item.dep.handler.__name__
             pairs = dict(zip((int(i) for i in item.idxs), (int(i) for i in item.root_idxs)))
+            touched.setdefault(mname, set()).update(pairs.values())
             if isinstance(module, (nn.Conv2d, nn.Linear)) and not is_depthwise(module):
                 if "out_channels" in handler:
                     producers.append(mname)
@@ -333,9 +336,9 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
                              f"normalised with, which neither the repair nor the search's proxy can account for"
         if reason is None and not producers:
             reason = "no conv or linear produces these channels"
-        pieces, resizes, split = splits.shares(seen, channels)
-        reason = reason or split
-        if reason is None and any(len(c.coords) != channels or not _reads_whole(c, pieces) for c in consumers):
+        cut = splits.shares(seen, channels)
+        reason = reason or cut.reason
+        if reason is None and any(len(c.coords) != channels or not _reads_whole(c, cut.pieces) for c in consumers):
             reason = "a consumer's input does not map channel by channel onto the group"
         if reason is not None:
             excluded[gname] = reason
@@ -343,7 +346,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         producers = list(dict.fromkeys(producers))
         produces = tuple(tuple(made[p][o] for o in sorted(made[p])) for p in producers)
         groups.append(Group(name=gname, channels=channels, producers=tuple(producers), consumers=tuple(consumers),
-                            members=tuple(members), produces=produces, pieces=pieces, resizes=resizes))
+                            members=tuple(members), produces=produces, pieces=cut.pieces, resizes=cut.resizes,
+                            equal=cut.equal, parts=parts(cut.pieces, touched) if cut.pieces else ()))
         if feeds:
             fed[gname] = feeds
     groups += head_groups(model, dg, names, excluded, ignored)  # attention heads, pruned whole

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from edgeprune.dependency.shares import piece_widths
+
 
 @dataclass(frozen=True)
 class Consumer:
@@ -23,6 +25,24 @@ class Consumer:
     coords: tuple[tuple[int, ...], ...]  # per group channel (in group order): coordinates in the unfolded input
     compensable: bool  # dense conv or linear: closed-form compensation applies
     bn_follows: bool  # a BatchNorm reads its output: rescale rows to keep BN's statistics valid (CAP.md §3)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """A list of sizes a module splits with (`SplitCall.attribute`: timm's `MixedConv2d.splits`) and the entries of it
+    one group owns: each as (the split's piece index, the group's pieces it is made of). The split's other pieces
+    belong to other groups, which rewrite their own entries."""
+
+    owner: str
+    attribute: str
+    entries: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def sizes(self, old: list[int] | tuple[int, ...], kept: tuple[int, ...]) -> list[int]:
+        """`old` with this group's entries set from the channels each of its pieces keeps."""
+        new = list(old)
+        for k, pieces in self.entries:
+            new[k] = sum(kept[p] for p in pieces)
+        return new
 
 
 @dataclass(frozen=True)
@@ -40,10 +60,14 @@ class Group:
     # channels removed only together: each group of a grouped conv the channels pass through (its input channels
     # and the output channels they make); empty when every channel stands alone
     units: tuple[tuple[int, ...], ...] = ()
-    # the channels of each piece of a split along channels (dependency/splits.py), in position order: every piece
-    # keeps as many as the others; and the (module, attribute) lists of sizes its split reads, rewritten after pruning
+    # the channels of each piece the splits along channels cut (dependency/splits.py, the common refinement of every
+    # split's pieces), in position order: a width is shared over them (`piece_widths`); the lists of sizes the
+    # splits read, rewritten after pruning; whether the pieces keep equal shares (a `chunk` cuts them); and the
+    # layers that hold or read only some of the pieces, with those pieces (`shares.parts`)
     pieces: tuple[tuple[int, ...], ...] = ()
-    resizes: tuple[tuple[str, str], ...] = ()
+    resizes: tuple[Resize, ...] = ()
+    equal: bool = False
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
     # the attention module whose whole heads the group's units are (dependency/heads.py): pruned by `prune_heads`,
     # its num_heads rewritten; empty for any other group
     heads: str = ""
@@ -52,6 +76,10 @@ class Group:
     def unit(self) -> int:
         """Channels per unit: a width must be a whole number of units."""
         return len(self.units[0]) if self.units else 1
+
+    def piece_widths(self, width: int, multiple: int = 1) -> tuple[int, ...]:
+        """Channels each piece keeps when the group keeps `width` (see `shares.piece_widths`)."""
+        return piece_widths(tuple(len(p) for p in self.pieces), width, multiple, self.equal)
 
     def unit_of(self) -> dict[int, int]:
         """Each channel's unit (empty when the group has no units)."""

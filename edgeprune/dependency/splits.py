@@ -1,12 +1,17 @@
-"""Splits along channels (`torch.split`, `chunk`, `split_with_sizes` on dim 1), pruned in equal shares.
+"""Splits along channels (`torch.split`, `chunk`, `split_with_sizes` on dim 1), pruned piece by piece.
 
 MixNet's MixConv splits a tensor into pieces that convs of different kernel sizes read; YOLO's C2f `chunk(2)`s a
 conv's output and concatenates both halves with later outputs. The pieces are sized by position: after pruning,
-piece k must still be the k-th run of channels of the split's input, so each piece keeps the same number of
-channels and the forward code's split must find the pruned pieces (`SplitCall.adapts`): `chunk(n)` does by itself
-(n equal pieces of whatever width comes in), a list of sizes does where the module that splits keeps that list as an
-attribute (timm's `MixedConv2d.splits`), rewritten after pruning (`resize`). A split by a fixed int size, or by
-sizes written in the forward code, cannot follow: its groups stay excluded, with that reason.
+piece k must still be the k-th run of channels of the split's input, so the forward code's split must find the
+pruned pieces (`SplitCall.adapts`). `chunk(n)` does by itself, but only for n equal pieces: a group it cuts keeps as
+many channels in each. A list of sizes does where the module that splits keeps that list as an attribute (timm's
+`MixedConv2d.splits`), rewritten after pruning (`resize`): its pieces may keep any number of channels, one at least,
+and a group may hold only some of them (timm's `conv_pwl` of two convs concatenated, split again by the next block:
+each conv's group owns its piece and rewrites that entry only). A group that several splits cut differently (MixNet's
+expansion, split in three for the depthwise convs and in two for the projection) is cut into their common
+refinement (dependency/shares.py), and the group's width is shared over those pieces in proportion to their sizes.
+A split by a fixed int size, or by sizes written in the forward code, cannot follow: its groups stay excluded, with
+that reason, and so does a group that holds part of a split's piece only.
 
 torch-pruning's own split mapping is wrong in two ways edgeprune corrects (`fix_split_mappings`): it gives the i-th
 *reader* of a split the i-th piece (the readers come in the order it met them, often reversed: MixConv's 5x5 conv
@@ -26,6 +31,9 @@ from typing import Any
 
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from edgeprune.dependency.groups import Resize
+from edgeprune.dependency.shares import refine
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +219,8 @@ def _reason(sizes: tuple[int, ...], call: SplitCall | None, mapped: bool) -> str
         return "a split along channels made outside any call edgeprune records (torch.split, chunk, split_with_sizes)"
     if not call.adapts:
         return call.why_not()
-    if len(set(sizes)) > 1:
-        return f"a split along channels into pieces of unequal sizes {list(sizes)}, which cannot keep equal shares"
+    if call.kind == "chunk" and len(set(sizes)) > 1:
+        return f"a split along channels by chunk into unequal sizes {list(sizes)}, which cannot keep equal shares"
     return None
 
 
@@ -280,34 +288,80 @@ def note(seen: Seen, item: Any) -> None:
 Pieces = tuple[tuple[int, ...], ...]
 
 
-def shares(seen: Seen, channels: int) -> tuple[Pieces, tuple[tuple[str, str], ...], str | None]:
-    """A group's pieces (the group channels of each piece, in position order) from the splits it passes through,
-    the (module, attribute) lists of sizes to rewrite after pruning, and why it cannot be pruned in shares (None
-    when it can). Every split must cut all the group's channels, and all into the same pieces."""
-    partition: Pieces = ()
-    resizes: list[tuple[str, str]] = []
+@dataclass(frozen=True)
+class Shares:
+    """What `shares` found of a group's splits: its pieces (`shares.refine`), the lists of sizes it rewrites after
+    pruning, whether its pieces keep equal shares (a `chunk` cuts them), and why it cannot be pruned (None when it
+    can)."""
+
+    pieces: Pieces = ()
+    resizes: tuple[Resize, ...] = ()
+    equal: bool = False
+    reason: str | None = None
+
+
+def _cut(node: Any, roots: dict[int, int]) -> tuple[list[tuple[int, tuple[int, ...]]], str | None]:
+    """The pieces of split `node` the group reaches, each as (piece index, group channels in position order); a
+    reason when a piece holds other channels besides the group's (the split's size for it would mix two groups)."""
+    info = node.edgeprune_split
+    offsets = [sum(info.sizes[:k]) for k in range(len(info.sizes) + 1)]
+    out = []
+    for k in range(len(info.sizes)):
+        piece = [roots.get(i) for i in range(offsets[k], offsets[k + 1])]
+        held = [r for r in piece if r is not None]
+        if held and len(held) < len(piece):
+            return [], (f"a split along channels (in {info.call.owner or 'the model'}) whose piece {k} holds other "
+                        f"channels besides these ({len(held)} of its {len(piece)})")
+        if held:
+            out.append((k, tuple(held)))
+    return out, None
+
+
+def shares(seen: Seen, channels: int) -> Shares:
+    """A group's pieces from the splits it passes through, the lists of sizes it rewrites, and why it cannot be
+    pruned (see `Shares`). A split by a list of sizes the module keeps may cut the group anywhere between pieces, and
+    the group may hold some of its pieces only (the others belong to other groups); the group's pieces are the common
+    refinement of all its splits' pieces. A `chunk` needs equal pieces: it must cut all the group's channels, and
+    all of its input, into the group's pieces."""
+    cuts: list[tuple[SplitInfo, list[tuple[int, tuple[int, ...]]]]] = []
     for node, roots in seen.values():
         info = node.edgeprune_split
         if info.reason is not None:
-            return (), (), info.reason
-        if sorted(roots) != list(range(sum(info.sizes))) or sorted(roots.values()) != list(range(channels)):
-            return (), (), "a split along channels of a tensor that holds other channels besides these"
-        offsets = [sum(info.sizes[:k]) for k in range(len(info.sizes) + 1)]
-        pieces = tuple(tuple(roots[i] for i in range(offsets[k], offsets[k + 1])) for k in range(len(info.sizes)))
-        if partition and sorted(map(sorted, pieces)) != sorted(map(sorted, partition)):
-            return (), (), "two splits along channels cut these channels into different pieces"
-        partition = partition or pieces
-        if info.call.kind == "sizes":
-            resizes.append((info.call.owner, str(info.call.attribute)))
-    return partition, tuple(dict.fromkeys(resizes)), None
+            return Shares(reason=info.reason)
+        cut, why = _cut(node, roots)
+        if why is not None:
+            return Shares(reason=why)
+        cuts.append((info, cut))
+    if not cuts:
+        return Shares()
+    pieces = refine([[p for _, p in cut] for _, cut in cuts], channels)
+    equal = any(info.call.kind == "chunk" for info, _ in cuts)
+    if equal and any(info.call.kind == "chunk" and (len(cut) != len(info.sizes) or len(pieces) != len(cut))
+                     for info, cut in cuts):
+        return Shares(reason="a split along channels by chunk of a tensor that holds other channels besides these, "
+                             "or cut again into other pieces: chunk's pieces would not stay equal")
+    return Shares(pieces, _resizes(cuts, pieces), equal)
 
 
-def resize(model: nn.Module, resizes: tuple[tuple[str, str], ...], per_piece: int) -> None:
-    """Rewrite the lists of sizes that modules split with (`SplitCall.attribute`) to `per_piece` channels a piece."""
+def _resizes(cuts: list[tuple[SplitInfo, list[tuple[int, tuple[int, ...]]]]], pieces: Pieces) -> tuple[Resize, ...]:
+    """Per (module, attribute) list of sizes, the split pieces the group owns and the group's pieces in each."""
+    piece_of = {ch: b for b, piece in enumerate(pieces) for ch in piece}
+    owned: dict[tuple[str, str], dict[int, tuple[int, ...]]] = {}
+    for info, cut in cuts:
+        if info.call is not None and info.call.kind == "sizes":
+            entries = owned.setdefault((info.call.owner, str(info.call.attribute)), {})
+            for k, chans in cut:
+                entries[k] = tuple(dict.fromkeys(piece_of[ch] for ch in chans))
+    return tuple(Resize(o, a, tuple(sorted(e.items()))) for (o, a), e in owned.items())
+
+
+def resize(model: nn.Module, resizes: tuple[Resize, ...], kept: tuple[int, ...]) -> None:
+    """Rewrite the entries a group owns of the lists of sizes modules split with (`SplitCall.attribute`), from the
+    channels each of the group's pieces keeps (`kept`, aligned with `Group.pieces`)."""
     modules = dict(model.named_modules())
-    for owner, attribute in resizes:
-        old = getattr(modules[owner], attribute)
-        setattr(modules[owner], attribute, type(old)([per_piece] * len(old)))
+    for r in resizes:
+        old = getattr(modules[r.owner], r.attribute)
+        setattr(modules[r.owner], r.attribute, type(old)(r.sizes(old, kept)))
 
 
 def widen(dg: Any, root: nn.Module, group: Any) -> Any:

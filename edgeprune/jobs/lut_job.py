@@ -75,7 +75,8 @@ class PlanMeasurer:
 
     def __call__(self, widths: dict[str, int]) -> float:
         groups = {g.name: g for g in self.graph.groups}
-        plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w) for g, w in widths.items()},
+        multiple = self.target.channel_multiple  # the pieces of a split share w as the layer model reads them
+        plan = Plan(kept={g: keep_first(groups[g], range(groups[g].channels), w, multiple) for g, w in widths.items()},
                     channels={g.name: g.channels for g in self.graph.groups}, compensation=False)
         pruned = prune(self.loaded.module, self.loaded.example_input, plan, None, self.ignore)
         export_candidate(pruned, self.loaded.example_input, self.path, BUILD_DEFAULTS["exporter"])
@@ -145,7 +146,7 @@ def _lut_job(source: TableModel, device: str, out: str | Path, resume: bool, sta
     t0 = time.perf_counter()
     loaded = load_model(source.spec, source.weights, source.input_shape)
     graph = trace(loaded.module, loaded.example_input, ignore)
-    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
+    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec, target.channel_multiple)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
         measured = PlanMeasurer(loaded, graph, ignore, target, measure_fn, Path(tmp))
         table = build_lut(model, target, out, measured, resume=resume, measure_fn=measure_fn, workers=workers,
@@ -189,7 +190,7 @@ def _lut_check_job(path: Path, source: TableModel, device: str, stages: Stages,
     t0 = time.perf_counter()
     loaded = load_model(spec or key, source.weights, source.input_shape or _stored_shape(table.models[key]))
     graph = trace(loaded.module, loaded.example_input, ignore)
-    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec)
+    model = LayerModel.from_model(loaded.module, loaded.example_input, graph, loaded.spec, target.channel_multiple)
     with tempfile.TemporaryDirectory(prefix="edgeprune-lut-") as tmp:
         measured = PlanMeasurer(loaded, graph, ignore, target, measure_fn, Path(tmp))
         check = self_check(table, model, graph, measured, count_seed, stages)

@@ -339,7 +339,8 @@ class TableOracle:
         self.check = stored_check(table, spec, lut_path)  # the table's self-check (`edgeprune lut --check`)
         if self.check["warning"]:
             log.warning("%s", self.check["warning"])
-        self.layers = LayerModel.from_model(session.loaded.module, session.loaded.example_input, session.graph, spec)
+        self.layers = LayerModel.from_model(session.loaded.module, session.loaded.example_input, session.graph, spec,
+                                            session.config.channel_multiple or target.channel_multiple)
         self.correction = 1.0
 
     def baseline(self, relative: bool) -> LatencyStats:

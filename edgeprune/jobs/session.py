@@ -333,6 +333,7 @@ def allocation_cost(prep: Prepared, table: LatencyTable | None) -> Callable[[dic
     from edgeprune.latency.cost import macs_cost, relative_cost, table_cost
     from edgeprune.latency.table import LayerModel
 
-    layers = LayerModel.from_model(prep.loaded.module, prep.loaded.example_input, prep.graph, prep.loaded.spec)
+    layers = LayerModel.from_model(prep.loaded.module, prep.loaded.example_input, prep.graph, prep.loaded.spec,
+                                   prep.config.channel_multiple or 1)
     cost = table_cost(table, layers) if table is not None else macs_cost(layers)
     return relative_cost(cost, layers.full())

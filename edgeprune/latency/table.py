@@ -30,6 +30,7 @@ from torch import nn
 from edgeprune.common.atomic import atomic_write_text
 from edgeprune.dependency.graph import Graph
 from edgeprune.dependency.groupconv import is_depthwise, is_grouped
+from edgeprune.dependency.shares import piece_widths
 from edgeprune.errors import EdgePruneError
 from edgeprune.inputs.targets import Target
 
@@ -37,6 +38,27 @@ log = logging.getLogger(__name__)
 
 LUT_FORMAT = "edgeprune.lookup/1"
 ACTIVATIONS = {nn.ReLU: "Relu", nn.ReLU6: "Clip6", nn.Hardswish: "HardSwish", nn.SiLU: "Sigmoid*", nn.Hardsigmoid: "HardSigmoid"}
+
+
+@dataclass(frozen=True)
+class PieceShare:
+    """The pieces of a group that splits along channels cut (dependency/shares.py) one layer holds or reads (MixNet's
+    depthwise conv of one piece, its projection conv reading two of four): the layer's width follows their share of
+    the group's width, as the plan shares it out (`Group.piece_widths`), not the group's whole width."""
+
+    group: str
+    sizes: tuple[int, ...]  # every piece's original size
+    pieces: tuple[int, ...]  # the pieces this layer holds or reads
+    equal: bool
+    multiple: int
+
+    @property
+    def full(self) -> int:
+        return sum(self.sizes[k] for k in self.pieces)
+
+    def kept(self, width: int) -> int:
+        shares = piece_widths(self.sizes, width, self.multiple, self.equal)
+        return sum(shares[k] for k in self.pieces)
 
 
 @dataclass(frozen=True)
@@ -51,15 +73,25 @@ class Layer:
     out_group: str | None  # the group its output channels belong to
     depthwise: bool  # input and output widths are both its group's: a depthwise conv, or a grouped conv (in units)
     spec: dict[str, Any]  # what build_layer_onnx needs
+    shares: tuple[PieceShare, ...] = ()  # the groups of which it holds or reads some pieces only
+
+    def held(self, group: str, w: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
+        """The channels of `group` this layer holds or reads, unpruned and at widths `w`."""
+        share = next((s for s in self.shares if s.group == group), None)
+        if share is None:
+            return channels[group], w.get(group, channels[group])
+        return share.full, share.kept(w[group]) if group in w else share.full
 
     def widths(self, w: dict[str, int], channels: dict[str, int]) -> tuple[int, int]:
         if self.depthwise:
-            c = w.get(self.out_group, self.cout) if self.out_group else self.cout
+            c = self.held(self.out_group, w, channels)[1] if self.out_group and self.out_group in w else self.cout
             return c, c
-        cin = self.cin - sum((channels[g] - w.get(g, channels[g])) * per for g, per in self.in_groups)
+        cin = self.cin - sum((full - kept) * per for g, per in self.in_groups
+                             for full, kept in [self.held(g, w, channels)])
         cout = self.cout
         if self.out_group:  # a producer that makes several outputs per group channel (attention's q, k and v) keeps
-            cout = w.get(self.out_group, self.cout) * max(1, self.cout // channels[self.out_group])  # them all
+            full, kept = self.held(self.out_group, w, channels)  # them all
+            cout = kept * max(1, self.cout // full)
         return cin, cout
 
 
@@ -72,7 +104,10 @@ class LayerModel:
     channels: dict[str, int]
 
     @classmethod
-    def from_model(cls, model: nn.Module, example_input: Any, graph: Graph, spec: str = "") -> LayerModel:
+    def from_model(cls, model: nn.Module, example_input: Any, graph: Graph, spec: str = "",
+                   multiple: int = 1) -> LayerModel:
+        """The layers of `model`; `multiple` is the channel multiple plans share a group's width over its split
+        pieces at (`Group.piece_widths`)."""
         import torch
 
         modules = dict(model.named_modules())
@@ -83,16 +118,20 @@ class LayerModel:
             model(example_input)
         for h in handles:
             h.remove()
-        out_group, in_groups = {}, {}
+        out_group, in_groups, shares = {}, {}, {}
         for g in graph.groups:
+            for name, ks in g.parts:
+                shares.setdefault(name, []).append(PieceShare(g.name, tuple(len(p) for p in g.pieces), ks, g.equal,
+                                                              multiple))
             for p in g.producers:
                 out_group[p] = g.name
             for mem in g.members:
                 if is_depthwise(modules[mem]) or is_grouped(modules[mem]):
                     out_group[mem] = g.name
             for c in g.consumers:
-                per = len(c.coords[0]) // (modules[c.module].kernel_size[0] * modules[c.module].kernel_size[1]) \
-                    if isinstance(modules[c.module], nn.Conv2d) else len(c.coords[0])
+                most = max(len(x) for x in c.coords)  # a consumer of some pieces reads no coordinate of the rest
+                per = most // (modules[c.module].kernel_size[0] * modules[c.module].kernel_size[1]) \
+                    if isinstance(modules[c.module], nn.Conv2d) else most
                 in_groups.setdefault(c.module, []).append((g.name, per))
         nxt = _following_activation(model)
         layers = []
@@ -118,7 +157,8 @@ class LayerModel:
                 cin, cout = m.in_features, m.out_features
             sig = json.dumps(lspec, sort_keys=True, separators=(",", ":"))
             layers.append(Layer(name=n, signature=sig, cin=cin, cout=cout, in_groups=tuple(in_groups.get(n, ())),
-                                out_group=out_group.get(n), depthwise=lspec["kind"] in ("dwconv", "gconv"), spec=lspec))
+                                out_group=out_group.get(n), depthwise=lspec["kind"] in ("dwconv", "gconv"), spec=lspec,
+                                shares=tuple(shares.get(n, ()))))
         return cls(model=model_key(spec), layers=layers, channels={g.name: g.channels for g in graph.groups})
 
     def full(self) -> dict[str, int]:

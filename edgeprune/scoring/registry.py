@@ -21,6 +21,7 @@ from torch import nn
 from edgeprune.common.parallel import thread_map
 from edgeprune.compensation.statistics import LayerStats
 from edgeprune.dependency.graph import Graph, Group
+from edgeprune.dependency.shares import piece_sequence
 from edgeprune.errors import EdgePruneError
 from edgeprune.scoring.base import Ranking, rank_datafree, rank_fpgm, rank_l1, rank_l2, rank_random
 from edgeprune.scoring.cap import rank_cap
@@ -121,12 +122,16 @@ def rank_units(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group:
 
 def rank_pieces(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group: Group,
                 stats: dict[str, LayerStats], signals: Signals | None, seed: int, reads: bool) -> Ranking:
-    """A group split into equal pieces (dependency/splits.py), ranked so that every prefix of k·n channels holds n of
-    each of its k pieces: the order interleaves the pieces' own orders, and a plan's kept channels are a prefix (the
-    compensation's prefix solver applies). A criterion that reads the consumers' inputs ranks each piece apart when a
-    consumer reads the pieces unevenly (C2f's last conv reads one half twice, its bottleneck the other half only: CaP
-    needs every channel of a consumer to fill as many coordinates), and the loss curve adds the pieces' curves at n
-    channels each; otherwise the whole group is ranked and its loss curve (of its own order) kept, an approximation."""
+    """A group the splits along channels cut into pieces (dependency/splits.py), ranked so that every prefix of its
+    order holds of each piece what `Group.piece_widths` shares out (at multiple 1: a plan aligned to a larger
+    multiple keeps other counts, and its repair solves directly instead of by prefix): the order interleaves the
+    pieces' own orders, and a plan's kept channels are a prefix (the compensation's prefix solver applies). A
+    criterion that reads the consumers' inputs ranks each piece apart when a consumer reads the pieces unevenly
+    (C2f's last conv reads one half twice, its bottleneck the other half only; timm's MixNet projects each piece by a
+    conv of its own: CaP needs every channel of a consumer to fill as many coordinates), and the loss curve adds the
+    pieces' curves at their shares; otherwise the whole group is ranked and its loss curve (of its own order) kept,
+    an approximation."""
+    sequence = piece_sequence(tuple(len(p) for p in group.pieces))
     uneven = reads and any(len({len(x) for x in c.coords}) > 1 for c in group.consumers if c.compensable)
     if not uneven:
         r = fn(modules, group, stats, signals, seed)
@@ -134,28 +139,32 @@ def rank_pieces(fn: Callable[..., Ranking], modules: dict[str, nn.Module], group
         orders: list[list[int]] = [[] for _ in group.pieces]
         for ch in r.order:  # each piece's channels in the whole group's order
             orders[piece_of[ch]].append(ch)
-        return Ranking(order=_interleave(orders), loss=r.loss)
+        return Ranking(order=_interleave(orders, sequence), loss=r.loss)
     orders, losses = [], []
     for piece in group.pieces:
         consumers = tuple(dataclasses.replace(c, coords=tuple(c.coords[ch] for ch in piece))
                           for c in group.consumers if any(c.coords[ch] for ch in piece))
         view = dataclasses.replace(group, channels=len(piece), consumers=consumers, producers=(), produces=(),
-                                   pieces=(), resizes=(), units=())
+                                   pieces=(), resizes=(), units=(), parts=(), equal=False)
         r = fn(modules, view, stats, signals, seed)
         orders.append([piece[j] for j in r.order])
         losses.append(r.loss)
-    order = _interleave(orders)
+    order = _interleave(orders, sequence)
     if any(loss is None for loss in losses):
         return Ranking(order=order)
-    n, k = len(group.pieces[0]), len(group.pieces)
-    per = np.arange(group.channels + 1) / k  # channels of each piece kept at each width
-    return Ranking(order=order, loss=tuple(float(v) for v in sum(np.interp(per, np.arange(n + 1), loss)
-                                                                 for loss in losses)))
+    counts = np.zeros((group.channels + 1, len(group.pieces)), dtype=np.int64)  # each piece's share at each width
+    for w, k in enumerate(sequence):
+        counts[w + 1] = counts[w]
+        counts[w + 1, k] += 1
+    return Ranking(order=order, loss=tuple(float(v) for v in sum(np.asarray(loss, dtype=np.float64)[counts[:, k]]
+                                                                 for k, loss in enumerate(losses))))
 
 
-def _interleave(orders: list[list[int]]) -> tuple[int, ...]:
-    """The first of each order, then the second of each, and so on."""
-    return tuple(ch for rank in zip(*orders) for ch in rank)
+def _interleave(orders: list[list[int]], sequence: tuple[int, ...]) -> tuple[int, ...]:
+    """The next channel of the piece `sequence` names, in turn (equal pieces: the first of each, then the second of
+    each, and so on)."""
+    heads = [iter(o) for o in orders]
+    return tuple(next(heads[k]) for k in sequence)
 
 
 def rank_all(name: str, model: nn.Module, groups: list[Group], stats: dict[str, LayerStats],

@@ -18,7 +18,7 @@ from torch import nn
 from edgeprune.common.parallel import thread_map
 from edgeprune.compensation.solve import PrefixSolver, compensate_layer
 from edgeprune.compensation.statistics import LayerStats
-from edgeprune.dependency.graph import Graph, build_dependency_graph, trace
+from edgeprune.dependency.graph import Graph, Group, build_dependency_graph, trace
 from edgeprune.dependency.groupconv import is_grouped
 from edgeprune.dependency.heads import prune_heads
 from edgeprune.dependency.splits import resize
@@ -43,14 +43,28 @@ def check_plan(graph: Graph, plan: Plan) -> None:
             if g in plan.kept and 0 < len(kept & set(unit)) < len(unit):
                 raise EdgePruneError(f"plan keeps part of a unit of group {g!r} (channels {unit[0]}..{unit[-1]}): the "
                                      f"channels of one group of a grouped conv go together; keep all {len(unit)} or none")
-        shares = {len(kept & set(piece)) for piece in names[g].pieces}
-        if g in plan.kept and len(shares) > 1:
-            raise EdgePruneError(f"plan keeps {sorted(shares)} channels in the pieces of group {g!r}'s split along "
-                                 f"channels: every piece must keep as many as the others")
+        if g in plan.kept and names[g].pieces:
+            _check_pieces(names[g], kept)
         for branch in names[g].branches:
             if g in plan.kept and not set(branch) & set(plan.kept[g]):
                 raise EdgePruneError(f"plan keeps no channel of group {g!r}'s concat branch {branch[0]}..{branch[-1]}: "
                                      f"its conv would have no output channel; keep at least one of them")
+
+
+def _check_pieces(group: Group, kept: set[int]) -> None:
+    """Every piece the splits along channels cut a group into keeps one channel at least (a split cannot make an
+    empty piece: its reader would have no input channel), and a chunk's pieces keep as many as each other (chunk
+    cuts equal pieces of whatever width comes in); a list of sizes the module keeps follows any other share."""
+    shares = [len(kept & set(piece)) for piece in group.pieces]
+    if 0 in shares:
+        k = shares.index(0)
+        piece = group.pieces[k]
+        raise EdgePruneError(f"plan keeps no channel of piece {k} (channels {min(piece)}..{max(piece)}) of group "
+                             f"{group.name!r}, which a split along channels cuts into pieces of {shares} kept channels: "
+                             f"every piece must keep one at least")
+    if group.equal and len(set(shares)) > 1:
+        raise EdgePruneError(f"plan keeps {shares} channels in the pieces of group {group.name!r}'s chunk along "
+                             f"channels: every piece must keep as many as the others")
 
 
 def removed_coords(graph: Graph, plan: Plan) -> dict[str, set[int]]:
@@ -206,8 +220,9 @@ def prune(
         group.prune()
         for it in grouped:
             _remove_conv_groups(dg, it.dep.target.module, sorted(int(i) for i in it.idxs))
-        if g.resizes:  # the lists of sizes a module splits by, to the pruned pieces
-            resize(model, g.resizes, len(plan.kept[g.name]) // len(g.pieces))
+        if g.resizes:  # the entries this group owns of the lists of sizes modules split by, to the pruned pieces
+            kept = set(plan.kept[g.name])
+            resize(model, g.resizes, tuple(len(kept & set(piece)) for piece in g.pieces))
     return model
 
 
