@@ -107,7 +107,7 @@ def test_piece_widths_are_proportional_aligned_nested_and_never_empty() -> None:
 
 
 def test_refine_cuts_a_group_into_what_every_split_puts_together_in_position_order() -> None:
-    three, two = [tuple(range(0, 8)), tuple(range(8, 16)), tuple(range(16, 24))], [tuple(range(12)), tuple(range(12, 24))]
+    three, two = [tuple(range(8)), tuple(range(8, 16)), tuple(range(16, 24))], [tuple(range(12)), tuple(range(12, 24))]
     assert [len(p) for p in refine([three, two])] == [8, 4, 4, 8]
     assert refine([three, two])[1] == tuple(range(8, 12))
     assert refine([[(3, 2), (1, 0)]], 6) == ((3, 2), (1, 0), (4, 5))  # channels no split reaches: one more piece

@@ -16,10 +16,23 @@ from torch import nn
 from edgeprune.compensation.statistics import collect_statistics
 from edgeprune.dependency.graph import Graph, trace
 from edgeprune.errors import EdgePruneError
-from edgeprune.plan import Plan, plan_from_rankings, round_width, uniform_widths, width_step
+from edgeprune.plan import (
+    Plan,
+    plan_from_rankings,
+    round_width,
+    uniform_widths,
+    width_step,
+)
 from edgeprune.scoring.registry import rank
 from edgeprune.surgery.apply import prune
-from tests.splitnets import C2fNet, MixNet, PieceOwners, SplitTwice, build, split_readers
+from tests.splitnets import (
+    C2fNet,
+    MixNet,
+    PieceOwners,
+    SplitTwice,
+    build,
+    split_readers,
+)
 
 NETS = {"mixnet": MixNet, "c2f": C2fNet, "owners": PieceOwners, "twice": SplitTwice}
 
