@@ -102,14 +102,15 @@ def main() -> None:
             table.save(kept)
             m = load_model(spec, input_shape=shape)
             graph = trace(m.module, m.example_input)
-            lm = LayerModel.from_model(m.module, m.example_input, graph, spec)
+            lm = LayerModel.from_model(m.module, m.example_input, graph, spec, target.channel_multiple)
             rng = np.random.default_rng(0)
             plans = []
             for i in range(args.plans):
                 widths = {g.name: round_width(g.channels * rng.uniform(0.15, 1.0), g.channels, target.channel_multiple)
                           for g in graph.groups}
                 groups = {g.name: g for g in graph.groups}  # keep_first: every concat branch and split piece served
-                plan = Plan(kept={k: keep_first(groups[k], range(groups[k].channels), w) for k, w in widths.items()},
+                plan = Plan(kept={k: keep_first(groups[k], range(groups[k].channels), w, target.channel_multiple)
+                                  for k, w in widths.items()},
                             channels={g.name: g.channels for g in graph.groups}, compensation=False)
                 path = Path(tmp) / f"plan-{i}.onnx"
                 export_candidate(prune(m.module, m.example_input, plan), m.example_input, path, "torchscript")
