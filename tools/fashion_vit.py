@@ -32,7 +32,6 @@ HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "fashion_vit_weights.pt"
 ARCH = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 3, "num_heads": 4,
         "mlp_ratio": 4.0, "num_classes": 10}
-BATCH = 128
 
 try:  # imported as tools.fashion_vit
     from . import fashion
@@ -78,32 +77,24 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(epochs: int = 8, lr: float = 2e-3, out: Path = WEIGHTS) -> dict:
-    """Train on the 60k training images (one thread, deterministic) and save the weights; a summary."""
-    from tools.train_fashion import augment
+    """Train on the 60k training images (one thread, deterministic; `train_fashion.train`'s loop with AdamW and a
+    one-cycle warm-up of 15%) and save the weights; a summary."""
+    from tools.train_fashion import train as train_loop
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     xtr_u8, ytr_np = fashion.load_split("train")
     xtr, ytr = torch.from_numpy(fashion.normalise(xtr_u8)), torch.from_numpy(ytr_np)
     model = build_vit()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    steps = epochs * ((len(xtr) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(0)
     t0 = time.time()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xtr), generator=g)
-        total = 0.0
-        for i in range(0, len(xtr), BATCH):
-            idx = order[i:i + BATCH]
-            loss = nn.functional.cross_entropy(model(augment(xtr[idx], g)), ytr[idx], label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        print(f"epoch {epoch + 1}/{epochs} train loss {total / len(xtr):.4f} ({time.time() - t0:.0f} s)", flush=True)
+
+    def adamw(params, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        print(f"epoch {epoch + 1}/{epochs} train loss {loss:.4f} ({time.time() - t0:.0f} s)", flush=True)
+
+    train_loop(model, xtr, ytr, epochs, lr, on_epoch, make_optimizer=adamw, pct_start=0.15, channels_last=False)
     x, y = unseen_test()
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, out)
     return {"epochs": epochs, "lr": lr, "train_s": round(time.time() - t0, 1), "unseen_test_accuracy":

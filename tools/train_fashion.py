@@ -58,12 +58,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
+def sgd(params, lr: float) -> torch.optim.Optimizer:
+    """FashionNet's optimizer: SGD with Nesterov momentum."""
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+
+
 def train(model: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, epochs: int, lr: float,
-          on_epoch=None) -> None:
-    """One-cycle SGD over `epochs`; `on_epoch(epoch, loss)` after each epoch."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+          on_epoch=None, make_optimizer=sgd, pct_start: float = 0.3, channels_last: bool = True) -> None:
+    """One-cycle schedule over `epochs` of `make_optimizer(params, lr)` (default `sgd`), augmented batches of
+    `BATCH`, label smoothing 0.1; `on_epoch(epoch, loss)` after each epoch. FashionNet and the Fashion ViT
+    (tools/fashion_vit.py: AdamW, pct_start 0.15, no channels-last batches) train through this one loop."""
+    opt = make_optimizer(model.parameters(), lr)
     steps_per_epoch = (len(xtr) + BATCH - 1) // BATCH
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=pct_start)
     g = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         model.train()
@@ -71,7 +79,8 @@ def train(model: nn.Module, xtr: torch.Tensor, ytr: torch.Tensor, epochs: int, l
         total = 0.0
         for i in range(0, len(xtr), BATCH):
             idx = order[i:i + BATCH]
-            xb = augment(xtr[idx], g).contiguous(memory_format=torch.channels_last)
+            xb = augment(xtr[idx], g)
+            xb = xb.contiguous(memory_format=torch.channels_last) if channels_last else xb
             loss = nn.functional.cross_entropy(model(xb), ytr[idx], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
