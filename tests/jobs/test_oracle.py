@@ -226,7 +226,8 @@ def test_a_table_oracle_warns_of_a_table_below_90_percent_within_10_or_without_a
     from edgeprune.latency.table import load_lut
 
     loaded = load_model("example")
-    session = SimpleNamespace(loaded=loaded, graph=trace(loaded.module, loaded.example_input))
+    session = SimpleNamespace(loaded=loaded, graph=trace(loaded.module, loaded.example_input),
+                              config=SimpleNamespace(channel_multiple=None))
     target = load_target(str(table_env["target"]))
     table = load_lut(table_env["table"])
     good = {**table.models["example"]["check"], "within_10": 0.9}
