@@ -75,7 +75,10 @@ class Verified:
 # the search's ceiling at 0.92 of the budget and its band down to 0.87 of it (lraspp at 0.7x released at 0.75-0.86).
 PAIR_SPREAD, PAIRS_LIMIT = 0.0125, 3
 FRESH_PAIRS = 2  # new pairs a figure that reuses earlier ones takes at least (`Measurer._beside_anchor`)
-FAR_FROM_AIM = 0.3  # a candidate's first pair this far from the budget (either way) is its figure
+FAR_FROM_AIM = 0.3  # a candidate's first two pairs this far from the budget (either way) are its figure
+# pairs a far figure takes: one pair alone once read resnet18 at u = 0.590 as 1.49x the budget, between a u = 0.571
+# of 0.97x and the u = 1 of 0.09x, and the search spent 8 more candidates and released at 0.86x
+FAR_PAIRS = 2
 FAR_UNDER = 0.9  # a release below this fraction of the budget wastes accuracy: the search resumes instead
 
 
@@ -193,8 +196,8 @@ class Measurer:
         figure whose side of the budget is clear needs no more pairs to decide a search step or a release (the
         search's ceiling and band take its spread into account), so only figures near the budget pay for precision
         (mobilenet_v2 at 0.5x: a verification at 0.94 of the budget took 15 pairs, 10.6 s, where 5 decided it). A
-        search candidate (`stage` "measure") whose first pair puts it further than `FAR_FROM_AIM` from the budget
-        stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model) would move
+        search candidate (`stage` "measure") whose first `FAR_PAIRS` pairs put it further than `FAR_FROM_AIM` from
+        the budget stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model) would move
         it into the band.
 
         `prior`: pairs of the same architecture taken before (the search's, of the candidate a verification
@@ -214,7 +217,8 @@ class Measurer:
             if not figures:
                 return False
             fig = interleaved(figures, bases, anchor.median)
-            if self.aim is not None and stage == "measure" and abs(fig.median / self.aim.budget_ms - 1) > FAR_FROM_AIM:
+            if (self.aim is not None and stage == "measure" and len(figures) >= FAR_PAIRS
+                    and abs(fig.median / self.aim.budget_ms - 1) > FAR_FROM_AIM):
                 return True
             if len(figures) < repeats:
                 return False

@@ -165,8 +165,8 @@ def test_candidates_measured_beside_the_anchor_get_no_second_round() -> None:
 
 
 def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_verification_takes_them_all() -> None:
-    """With the build's budget known (`aim`), a search candidate whose first pair puts it more than FAR_FROM_AIM
-    from it is measured by that pair alone; one near the budget, and any verification, take every pair."""
+    """With the build's budget known (`aim`), a search candidate whose first two pairs put it more than FAR_FROM_AIM
+    from it is measured by those pairs alone; one near the budget, and any verification, take every pair."""
     from edgeprune.jobs.oracle import FAR_FROM_AIM
 
     true = {"base.onnx": 2.0, "far.onnx": 0.4, "near.onnx": 1.0}
@@ -181,7 +181,23 @@ def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_ver
         pairs[name, stage] = (len(machine.calls) - before) // 2
         assert fig.median == pytest.approx(true[name], rel=0.02)
     assert abs(0.4 / 1.0 - 1) > FAR_FROM_AIM
-    assert pairs == {("far.onnx", "measure"): 1, ("near.onnx", "measure"): 3, ("far.onnx", "verify"): 3}
+    assert pairs == {("far.onnx", "measure"): 2, ("near.onnx", "measure"): 3, ("far.onnx", "verify"): 3}
+
+
+def test_one_spiked_pair_does_not_make_a_near_candidate_far() -> None:
+    """resnet18 at 0.5x: one pair read a candidate at 0.97 of the budget as 1.49 (the machine slow for the candidate's
+    session only), which stopped its measurement and sent the search through 8 more candidates. A near candidate
+    whose first pair spikes takes its pairs as any near one, and its figure stays near its true latency."""
+    true = {"base.onnx": 2.0, "cand.onnx": 0.97}
+    spells = [1.0, 1.0, 1.55] + [1.0] * 40  # baseline; then the first pair's base session, its candidate session slow
+    machine = Machine(true, spells)
+    m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
+    m.baseline(Path("base.onnx"), relative=True)
+    m.aim = Band(1.0)
+    before = len(machine.calls)
+    fig = m(Path("cand.onnx"), "measuring", stage="measure")
+    assert (len(machine.calls) - before) // 2 >= 3
+    assert fig.median == pytest.approx(0.97, rel=0.03)
 
 
 def test_a_verification_counts_the_search_pairs_of_its_candidate_and_takes_two_fresh_ones_at_least() -> None:
