@@ -28,10 +28,9 @@ cannot run on this device, or, with a `Retry-After` header (seconds), `max_queue
 Security: with a token every request needs `Authorization: Bearer <token>` (compared in constant time). Without a
 token the agent only binds to a loopback address, and refuses to start otherwise. Measurements run one at a time
 (a lock), since two at once would time each other; up to `max_queue` (default 8, `--max-queue`) wait their turn,
-each holding its upload, and the next ones are answered 503 at once. A measurement stops when its client disconnects
-or when it has run `max_seconds` (default 600 s, `--max-seconds`), so one request cannot hold the lock for ever.
-Uploads live in one temporary folder per agent (`edgeprune-agent-PID-*`), removed when it stops (Ctrl-C or SIGTERM),
-or by the next agent or job when it was killed (SIGKILL).
+each holding its upload, and the next ones are answered 503 at once. A measurement stops when its client leaves or
+after `max_seconds` (default 600 s, `--max-seconds`). Uploads live in one folder per agent (`edgeprune-agent-PID-*`),
+removed when it stops, or by the next agent or job when a SIGKILL stopped it.
 """
 
 from __future__ import annotations
@@ -202,14 +201,11 @@ class AgentServer(ThreadingHTTPServer):
         self.measurements = 0
         self.stopped = 0  # measurements stopped because their client went away or their time ran out
         super().__init__((config.host, config.port), _Handler)
-        # every upload, removed on close; `edgeprune-agent-PID-*`, so that the next agent or job removes the folder of
-        # an agent killed with SIGKILL (scratch_dir's sweep of dead PIDs' folders)
-        self._scratch = scratch_dir("agent")
+        self._scratch = scratch_dir("agent")  # every upload; a SIGKILLed agent's is swept by the next (its PID)
         self.upload_dir = Path(self._scratch.name)
 
     def hide_paths(self, text: str) -> str:
-        """An error message without this machine's paths: any path in the upload folder becomes 'the upload folder'
-        (the caller first names the model file itself 'the uploaded model')."""
+        """An error message whose upload-folder paths read 'the upload folder' (the model: 'the uploaded model')."""
         for p in {str(self.upload_dir), str(self.upload_dir.resolve())}:
             text = re.sub(re.escape(p) + r"[^\s'\"]*", "the upload folder", text)
         return text
