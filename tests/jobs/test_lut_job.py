@@ -53,8 +53,9 @@ def test_lut_stores_its_self_check_with_figures_that_follow_from_its_plans(table
     again = check_figures([p["predicted_ms"] for p in check["points"]], [p["measured_ms"] for p in check["points"]], 0)
     assert again == check
     assert 0 <= check["within_5"] <= check["within_10"] <= 1
-    # not wildly off (a bound the suite's other worker cannot break: it once slowed single plans by 30-60%)
-    assert check["mean_abs_error"] < 0.5 and sum(p["predicted_ms"] > p["measured_ms"] for p in check["points"]) >= 1
+    # not wildly off (a bound the suite's other worker cannot break: it once slowed single plans by 30-60%, and once
+    # every check plan by ~20%, so that no prediction was above its measurement: the sign is the machine's)
+    assert check["mean_abs_error"] < 0.5
     assert table.models["example"]["input_shape"] == list(load_model("example").input_shape)
 
 
