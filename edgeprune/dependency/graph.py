@@ -273,7 +273,8 @@ def _reads_whole(c: Consumer, pieces: tuple[tuple[int, ...], ...]) -> bool:
     """Whether a consumer reads every channel of the group, or of the split pieces it reads. Without pieces, a channel
     it does not read is a mapping torch-pruning got wrong (levit's Subsample: a view, a strided slice and a reshape
     between the residual stream and the downsampling attention's q left half the channels with no coordinate)."""
-    return all(c.coords) or bool(pieces) and all(all(c.coords[ch] for ch in p) or not any(c.coords[ch] for ch in p) for p in pieces)
+    return all(c.coords) or bool(pieces) and all(all(c.coords[ch] for ch in p) or not any(c.coords[ch] for ch in p)
+                                                 for p in pieces)
 
 
 TRACE_SECONDS = 300.0  # the longest the grouping may take (EDGEPRUNE_TRACE_SECONDS): fcn_resnet50 takes 7 s
@@ -347,7 +348,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, ignore: tuple[str, ...]
         produces = tuple(tuple(made[p][o] for o in sorted(made[p])) for p in producers)
         groups.append(Group(name=gname, channels=channels, producers=tuple(producers), consumers=tuple(consumers),
                             members=tuple(members), produces=produces, pieces=cut.pieces, resizes=cut.resizes,
-                            equal=cut.equal, parts=parts(cut.pieces, touched) if cut.pieces else ()))
+                            equal=cut.equal, parts=parts(cut.pieces, touched)))
         if feeds:
             fed[gname] = feeds
     groups += head_groups(model, dg, names, excluded, ignored)  # attention heads, pruned whole

@@ -197,8 +197,8 @@ class Measurer:
         search's ceiling and band take its spread into account), so only figures near the budget pay for precision
         (mobilenet_v2 at 0.5x: a verification at 0.94 of the budget took 15 pairs, 10.6 s, where 5 decided it). A
         search candidate (`stage` "measure") whose first `FAR_PAIRS` pairs put it further than `FAR_FROM_AIM` from
-        the budget stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model) would move
-        it into the band.
+        the budget stops there: no pair-to-pair scatter seen here (at most 15-25% for one figure of a 2 ms model)
+        would move it into the band.
 
         `prior`: pairs of the same architecture taken before (the search's, of the candidate a verification
         measures), counted among the `repeats` after at least `FRESH_PAIRS` new ones: they are ratios to the anchor

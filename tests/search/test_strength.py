@@ -436,8 +436,10 @@ def test_a_figure_whose_wide_spread_pulled_the_band_down_does_not_land_and_the_s
     band = Band(1.0)
     assert not band.in_band(Probe(0.80, "measured", 0.11))  # accepted before: ceiling 0.82, its floor 0.78
     assert band.in_band(Probe(0.90, "measured", 0.03)) and band.feasible(Probe(0.917, "measured", 0.016))
-    tight = Candidate(step=4, strength=0.5077, widths_digest="a", latency_ms=0.917, source="measured", widths={"g": 492}, spread=0.016)
-    wide = Candidate(step=5, strength=0.5027, widths_digest="b", latency_ms=0.80, source="measured", widths={"g": 497}, spread=0.11)
+    tight = Candidate(step=4, strength=0.5077, widths_digest="a", latency_ms=0.917, source="measured",
+                      widths={"g": 492}, spread=0.016)
+    wide = Candidate(step=5, strength=0.5027, widths_digest="b", latency_ms=0.80, source="measured",
+                     widths={"g": 497}, spread=0.11)
     assert band.feasible(wide) and pick_best([tight, wide]) is tight
 
     def widths_for(u: float) -> dict[str, int]:
