@@ -180,6 +180,9 @@ class BuildConfig:
     # Adam's learning rate of that distillation; None: the distillation's default (5e-3). An ImageNet-pretrained
     # EfficientNet-Lite0 wants about 1e-4: at 5e-3 and 1e-3 its held-back loss rose and the untrained model shipped
     recover_lr: float | None = None
+    # auto: the unpruned model at a smaller input size (resized inside, jobs/rescale.py) is measured too, and released
+    # when it meets the budget and keeps more on the held-out data; off: channels only
+    input_scale: str = "auto"
 
     @property
     def budget(self) -> Budget:
@@ -234,6 +237,8 @@ class BuildConfig:
             raise EdgePruneError(f"--recover is minutes of distillation in [0, 1440], found {self.recover!r}")
         if self.recover_lr is not None and not (isinstance(self.recover_lr, (int, float)) and 0 < self.recover_lr < 1):
             raise EdgePruneError(f"--recover-lr is a learning rate in (0, 1), found {self.recover_lr!r}")
+        if self.input_scale not in ("auto", "off"):
+            raise EdgePruneError(f"--input-scale must be auto or off, found {self.input_scale!r}")
         if self.min_agreement is not None and not 0 <= self.min_agreement <= 1:
             raise EdgePruneError(f"--min-agreement is a fraction in [0, 1], found {self.min_agreement}")
 
@@ -260,7 +265,7 @@ OPTION_KINDS: dict[str, type] = {
     "device": str, "latency": str, "tolerance": float, "max_steps": int, "min_agreement": float,
     "max_accuracy_drop": float, "cache_dir": str, "use_cache": bool, "lut": str, "force_lut": bool, "proxy": str,
     "allocation": str, "margin_k": float, "evaluate": str, "max_metric_drop": float, "evaluate_timeout": float,
-    "output_weights": dict, "search": str, "recover": float, "recover_lr": float,
+    "output_weights": dict, "search": str, "recover": float, "recover_lr": float, "input_scale": str,
 }
 
 

@@ -41,20 +41,38 @@ from .harness import pct
 CALIB, HELDOUT_IN_RECIPE, JUDGE = 640, 128, 600
 
 
-HELD_PHOTOS = {"packages": 7, "all": 14}  # photos held out of calibration, per photo set
+HELD_PHOTOS = {"packages": 7, "all": 14, "all+stamps": 14}  # scene photos held out of calibration, per photo set
+STAMPS_HELD = 0.2  # share of the stamp photos held out of calibration (all+stamps)
 
 
-def make_data(name: str, seed: int, work: Path, photos: str, calib: int = CALIB) -> tuple[Path, np.ndarray, dict]:
+def photo_split(seed: int, photos: str) -> tuple[list[str], list[str]]:
+    """Calibration and held-out photos. all+stamps: the scene photos split as `all`, the stamps split by seed too;
+    the held-out stamps are judged apart (`judge_stamps`), so the judged scene crops stay those of `all`."""
+    scenes = "all" if photos == "all+stamps" else photos
+    cal, held = pretrained.photo_split(seed, HELD_PHOTOS[scenes], scenes)
+    if photos != "all+stamps":
+        return cal, held
+    names = sorted(pretrained.stamps())
+    order = np.random.default_rng(2000 + seed).permutation(len(names))
+    out = set(names[i] for i in order[:round(STAMPS_HELD * len(names))])
+    return cal + [n for n in names if n not in out], held + sorted(out)
+
+
+def make_data(name: str, seed: int, work: Path, photos: str, calib: int = CALIB) -> tuple[Path, dict, dict]:
     """The recipe of the calibration photos' crops (`calib` crops, a fifth of them the build's own held-out part),
     the held-out photos' crops, and which photos went where."""
     size = pretrained.MODELS[name][2]
-    cal, held = pretrained.photo_split(seed, HELD_PHOTOS[photos], photos)
+    cal, held = photo_split(seed, photos)
+    held_scenes = [n for n in held if not n.startswith("stamp_")]
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "calib.npy", pretrained.crops(cal, calib, size, seed))
     recipe = work / "calib.toml"
     recipe.write_text(f'kind = "npy"\npath = "calib.npy"\nheldout = {calib * HELDOUT_IN_RECIPE // CALIB}\n'
                       f'batch_size = 32\nseed = {seed}\n')
-    return recipe, pretrained.crops(held, JUDGE, size, 10_000 + seed), {"calibration": cal, "heldout": held}
+    judge = {"scenes": pretrained.crops(held_scenes, JUDGE, size, 10_000 + seed)}
+    if len(held) > len(held_scenes):
+        judge["stamps"] = pretrained.crops(held[len(held_scenes):], JUDGE, size, 20_000 + seed)
+    return recipe, judge, {"calibration": cal, "heldout": held}
 
 
 def logits(onnx: str | Path, x: np.ndarray) -> np.ndarray:
@@ -109,10 +127,12 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
     recipe, judge, photos = make_data(name, seed, work / f"{name}-{photo_set}-{calib}-data-{seed}", photo_set, calib)
     base_onnx = harness.export_base(REPO, model(name), recipe.parent)
     int8_onnx = harness.export_base(REPO, model(name), recipe.parent, recipe)
-    base = logits(base_onnx, judge)
-    p = np.exp(base - base.max(1, keepdims=True))
+    base = {k: logits(base_onnx, x) for k, x in judge.items()}
+    p = np.exp(base["scenes"] - base["scenes"].max(1, keepdims=True))
     confident = float(np.mean((p / p.sum(1, keepdims=True)).max(1) > 0.5))
-    ref = agreement(base, logits(int8_onnx, judge))
+    int8 = {k: logits(int8_onnx, x) for k, x in judge.items()}
+    ref = agreement(base["scenes"], int8["scenes"])
+    apart = {f"int8_{k}": agreement(base[k], int8[k]) for k in judge if k != "scenes"}
     rows = []
     for budget in budgets:
         for rec in recovers:
@@ -120,16 +140,19 @@ def bench_case(name: str, budgets: list[str], seed: int, recovers: list[float], 
             row = {"model": name, "budget": budget, "seed": seed, "recover_min": rec, "photo_set": photo_set,
                    "calibration_crops": calib, "build_args": list(extra),
                    "photos": photos,
-                   "judged_crops": len(judge), "confident_share": confident, "int8": ref, **b}
+                   "judged_crops": len(judge["scenes"]), "confident_share": confident, "int8": ref, **apart, **b}
             if b["onnx"]:
-                row["released"] = agreement(base, logits(b["onnx"], judge))
+                row["released"] = agreement(base["scenes"], logits(b["onnx"], judge["scenes"]))
+                row.update({f"released_{k}": agreement(base[k], logits(b["onnx"], judge[k]))
+                            for k in judge if k != "scenes"})
                 lat = harness.interleaved({"unpruned": base_onnx, "released": b["onnx"]}, passes)
                 row["latency"] = {k: v["median_ms"] for k, v in lat.items()}
                 row["remeasured_ratio"] = lat["released"]["median_ms"] / (
                     float(budget.rstrip("x")) * lat["unpruned"]["median_ms"])
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("model", "budget", "seed", "recover_min", "exit_code",
-                                                      "wall_s", "released", "int8", "remeasured_ratio")}),
+                                                      "wall_s", "released", "int8", "released_stamps",
+                                                      "int8_stamps", "remeasured_ratio")}),
                   flush=True)
     return rows
 

@@ -63,6 +63,10 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
                         "none beats it) before its gates: for pretrained models that pruning alone moves too far")
     p.add_argument("--recover-lr", type=float, default=None, metavar="LR",
                    help="Adam's learning rate for --recover (default 5e-3; ImageNet-pretrained models want ~1e-4)")
+    p.add_argument("--input-scale", choices=("auto", "off"), default=None,
+                   help="auto (default): on real calibration data, also measure the unpruned model resized inside to "
+                        "a smaller input (the input shape stays) and release it where it meets the budget and keeps "
+                        "more of the predictions than the pruned channels (pretrained classifiers); off: channels only")
     p.add_argument("--noise-margin", dest="margin_k", type=float, default=None, metavar="K",
                    help="a candidate counts as within budget when latency x (1 + K x its relative standard error) "
                         "<= budget (default 2; lower on a quiet device: releases land nearer the budget, the "

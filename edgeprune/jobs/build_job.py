@@ -31,6 +31,7 @@ from edgeprune.jobs.oracle import (
     Verified,
     verify_release,
 )
+from edgeprune.jobs.rescale import rescaled_release
 from edgeprune.jobs.session import Inputs, Prepared, ProxyError, allocation_cost, fidelity_error, prepare
 from edgeprune.quality.gates import Assessment, assess, check_gates_apply, run_metric
 from edgeprune.report.contract import BuildReport, verdict
@@ -103,7 +104,8 @@ def _build_into(config: BuildConfig, outdir: OutputDir, stages: Stages, on_step:
         if run.from_table and config.search == "strength":
             result = check_table(run, verify, result)
         release, result = verify_release(result, run.budget_ms, verify, functools.partial(resume_search, run))
-        return finish_build(run, outdir, release, result, metric_before)
+        release, sized = rescaled_release(run, session, release, work_dir)
+        return finish_build(run, outdir, release, result, metric_before, sized)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ def resume_search(run: BuildRun, res: SearchResult, verified: dict[str, LatencyS
 
 
 def finish_build(run: BuildRun, outdir: OutputDir, release: Verified, result: SearchResult,
-                 metric_before: float | None) -> BuildOutcome:
+                 metric_before: float | None, sized: dict[str, Any] | None = None) -> BuildOutcome:
     """The release: fidelity, parity of its ONNX file, the user's metric, the gates, the report, the artifacts."""
     recovery = None
     if run.config.recover:
@@ -225,7 +227,7 @@ def finish_build(run: BuildRun, outdir: OutputDir, release: Verified, result: Se
         a = assess(run.config, run.loaded.module, release.pruned, run.loaded.example_input, run.data,
                    run.session.base_outputs, metric_before, release.float_path or release.path,
                    release.path if release.float_path else None)
-    report = build_report(run, release, result, a, recovery)
+    report = build_report(run, release, result, a, recovery, sized)
     final, budget_ms = release.stats.median, run.budget_ms
     if report.met and final < WARN_UNDER * budget_ms:
         log.warning("released at %.3f ms, %.0f%% of the %.3f ms budget: every candidate measured nearer the budget was "
@@ -268,7 +270,7 @@ def recovered(run: BuildRun, release: Verified) -> tuple[Verified, dict[str, Any
 
 
 def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Assessment,
-                 recovery: dict[str, Any] | None) -> BuildReport:
+                 recovery: dict[str, Any] | None, sized: dict[str, Any] | None = None) -> BuildReport:
     """report.json of a build: a release's (`delivery.release_report`) with the search that chose it."""
     pc, session, final = run.session.config, run.session, release.stats.median
     met = final <= run.budget_ms
@@ -283,7 +285,7 @@ def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Asse
         "far_under_budget": met and final < FAR_UNDER * run.budget_ms,
         "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
         **({"proxy_evaluations": run.inner.error_of.evaluations} if isinstance(run.inner.error_of, ProxyError) else {}),
-        "trace": [c.to_dict() for c in result.trace]}
+        "trace": [c.to_dict() for c in result.trace], **({"input_size": sized} if sized else {})}
     return release_report(run, release, a, widths, search_entry, lut=run.config.lut, lut_check=lut_check(run),
                           excluded_groups=session.graph.excluded, exporter=pc.exporter, recovery=recovery)
 

@@ -130,6 +130,7 @@ def render_markdown(report: BuildReport | dict[str, Any], plots: list[str]) -> s
               f"{s['measured_candidates']} measured candidates"
               + (f", {s['proxy_evaluations']} proxy evaluations" if "proxy_evaluations" in s else "")
               + f", {'converged' if s['converged'] else 'not converged'}."]
+    lines += input_size_markdown(s.get("input_size"))
     if r.lut_check:  # the --lut table's stored self-check (`latency.table.stored_check`)
         c = r.lut_check
         lines += ["", f"Latency table `{c['table']}`: {c['line']}." + (f" **{c['warning']}**" if c["warning"] else "")]
@@ -223,3 +224,22 @@ def write_report(out: Path, report: BuildReport) -> None:
     (out / "report.json").write_text(to_json(report.to_dict()) + "\n")
     plots = plot(out, report)
     (out / "report.md").write_text(render_markdown(BuildReport.from_dict(clean(report.to_dict())), plots))
+
+
+def input_size_markdown(sized: dict[str, Any] | None) -> list[str]:
+    """The input sizes a build measured against its channel release (`jobs/rescale.py`)."""
+    if not sized or not sized.get("searched"):
+        return [] if not sized else ["", f"Input size not searched: {sized['reason']}."]
+    ch = sized["channels"]
+    chosen = sized["chosen"]
+    lines = ["", ("**Released at input size " + "x".join(map(str, chosen)) + "** (resized inside the model; the input "
+                  "shape is unchanged): it keeps more than the pruned channels." if chosen else
+                  "Released with pruned channels: no input size measured kept more."),
+             "", f"Judged on {sized['judged_on']}.", "",
+             "| input size | latency | within budget | top-1 agreement | output error |", "|---|---|---|---|---|",
+             f"| channels pruned | | yes | {_num(ch['top1_agreement'], '.2f', 100)}% | "
+             f"{_num(ch['output_rel_error'], '.4f')} |"]
+    for t in sized["trials"]:
+        lines.append(f"| {'x'.join(map(str, t['size']))} | {_ms(t['latency_ms'])} | {'yes' if t['feasible'] else 'no'} "
+                     f"| {_num(t['top1_agreement'], '.2f', 100)}% | {_num(t['output_rel_error'], '.4f')} |")
+    return lines

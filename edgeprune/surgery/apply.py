@@ -25,6 +25,7 @@ from edgeprune.dependency.splits import resize
 from edgeprune.errors import EdgePruneError
 from edgeprune.plan import Plan
 from edgeprune.surgery.merge import fold
+from edgeprune.surgery.resize import INPUT_SIZE, with_input_size
 from edgeprune.surgery.weights import set_weights
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ def prune(
         if g.resizes:  # the entries this group owns of the lists of sizes modules split by, to the pruned pieces
             kept = set(plan.kept[g.name])
             resize(model, g.resizes, tuple(len(kept & set(piece)) for piece in g.pieces))
+    if plan.meta.get(INPUT_SIZE):  # the input resolution the plan chose (surgery/resize.py)
+        with_input_size(model, plan.meta[INPUT_SIZE])
     return model
 
 

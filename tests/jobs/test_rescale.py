@@ -1,0 +1,129 @@
+"""A build measures the unpruned model at smaller input sizes beside its channel release and ships the one that keeps
+more: real measurements on this machine, a net whose input is smooth enough that a smaller size loses little and
+whose 32 input channels are independent, so that every channel it prunes loses something (on a 3-channel smooth
+input the repair of a random net is all but exact, and channels win)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgeprune
+from edgeprune.jobs.rescale import next_size, sizes
+from edgeprune.surgery.resize import input_size
+
+TARGET = """name = "cpu-test"
+runtime = "onnxruntime"
+precision = "fp32"
+channel_multiple = 8
+threads = 1
+[measure]
+warmup = 2
+iterations = 5
+repeats = 2
+final_repeats = 3
+"""
+
+
+C = 32  # input channels
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(C, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def smooth_images(n: int, seed: int) -> np.ndarray:
+    """Images of detail at 12 x 12 shown at 96 x 96: a smaller input keeps nearly all of them."""
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, C, 12, 12, generator=g), size=(96, 96), mode="bilinear",
+                         align_corners=False).numpy()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, edgeprune.BuildResult]:
+    root = tmp_path_factory.mktemp("rescale")
+    (root / "cpu-test.toml").write_text(TARGET)
+    result = edgeprune.build(Net().eval(), calibration=smooth_images(160, 0), device=str(root / "cpu-test.toml"),
+                             latency="0.5x", out=root / "out", min_agreement=0.0)
+    return root, result
+
+
+def test_the_build_releases_the_size_that_keeps_more_and_says_what_it_measured(built: tuple) -> None:
+    import onnxruntime as ort
+
+    root, result = built
+    sized = result.report["search"]["input_size"]
+    assert sized["searched"] and sized["trials"]
+    assert result.met and result.exit_code == 0
+    # what the report says it compared, the choice it made: a feasible size keeping more than the channels
+    feasible = [t for t in sized["trials"] if t["feasible"]]
+    assert sized["chosen"] is not None, sized
+    pick = next(t for t in feasible if t["size"] == sized["chosen"])
+    assert pick["top1_agreement"] >= sized["channels"]["top1_agreement"]
+    assert pick["output_rel_error"] < sized["channels"]["output_rel_error"]
+    assert result.final.median <= result.budget_ms
+    # the release is the unpruned net at that size: every width kept, its outputs those of the resized input
+    assert all(w["before"] == w["after"] for w in result.report["widths"].values())
+    assert input_size(result.module) == tuple(sized["chosen"])
+    x = smooth_images(8, 1)
+    with torch.no_grad():
+        want = Net().eval()(F.interpolate(torch.from_numpy(x), size=tuple(sized["chosen"]), mode="bilinear",
+                                          align_corners=False)).numpy()
+    path = result.out / "model.onnx"
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [C, 96, 96]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert "Released at input size" in (result.out / "report.md").read_text()
+    assert json.loads((result.out / "plan.json").read_text())["meta"]["input_size"] == sized["chosen"]
+
+
+def test_input_scale_off_and_random_data_keep_to_channels(built: tuple) -> None:
+    root, _ = built
+    target = str(root / "cpu-test.toml")
+    off = edgeprune.build(Net().eval(), calibration=smooth_images(160, 0), device=target, latency="0.5x",
+                          out=root / "off", min_agreement=0.0, input_scale="off", max_steps=4)
+    assert off.report["search"]["input_size"] == {"searched": False, "reason": "--input-scale off"}
+    assert input_size(off.module) is None
+    rnd = edgeprune.build(Net().eval(), input_shape=(1, C, 96, 96), calibration="random", device=target,
+                          latency="0.5x", out=root / "random", max_steps=4)
+    assert "random calibration data" in rnd.report["search"]["input_size"]["reason"]
+
+
+def test_sizes_follow_the_area_on_a_grid_of_8_and_keep_the_aspect() -> None:
+    assert sizes((1, 3, 224, 224), 0.74)[:3] == [(192, 192), (184, 184), (176, 176)]
+    assert sizes((1, 3, 224, 320), 0.5)[0] == (152, 216)
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in sizes((1, 3, 224, 320), 0.9))
+
+
+def test_the_next_size_moves_down_from_an_infeasible_one_and_up_from_one_far_under() -> None:
+    run = SimpleNamespace(loaded=SimpleNamespace(input_shape=(1, 3, 224, 224)), budget_ms=7.0,
+                          base=SimpleNamespace(median=10.0), config=SimpleNamespace(tolerance=0.05))
+    first = next_size(run, [], 1.0)  # area nearest under 0.7 x 0.975 of the input's
+    assert first == (184, 184)
+    # measured over the budget, and slower than the area said: a smaller one, aimed with the measured scale
+    down = next_size(run, [{"size": [184, 184], "feasible": False}], 1.1)
+    assert down is not None and down[0] < 184 and down[0] * down[1] <= 0.7 / 1.1 * 0.975 * 224 * 224
+    # measured far under (faster than the area said): a larger one, but under the infeasible one
+    up = next_size(run, [{"size": [192, 192], "feasible": False}, {"size": [160, 160], "feasible": True}], 0.8)
+    assert up is not None and 160 < up[0] < 192
+    assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [176, 176], "feasible": True}],
+                     1.0) is None
