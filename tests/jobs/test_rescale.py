@@ -115,15 +115,15 @@ def test_sizes_follow_the_area_on_a_grid_of_8_and_keep_the_aspect() -> None:
 
 
 def test_the_next_size_moves_down_from_an_infeasible_one_and_up_from_one_far_under() -> None:
-    run = SimpleNamespace(loaded=SimpleNamespace(input_shape=(1, 3, 224, 224)), budget_ms=7.0,
-                          base=SimpleNamespace(median=10.0), config=SimpleNamespace(tolerance=0.05))
-    first = next_size(run, [], 1.0)  # area nearest under 0.7 x 0.975 of the input's
-    assert first == (184, 184)
-    # measured over the budget, and slower than the area said: a smaller one, aimed with the measured scale
-    down = next_size(run, [{"size": [184, 184], "feasible": False}], 1.1)
-    assert down is not None and down[0] < 184 and down[0] * down[1] <= 0.7 / 1.1 * 0.975 * 224 * 224
-    # measured far under (faster than the area said): a larger one, but under the infeasible one
-    up = next_size(run, [{"size": [192, 192], "feasible": False}, {"size": [160, 160], "feasible": True}], 0.8)
-    assert up is not None and 160 < up[0] < 192
+    run = SimpleNamespace(loaded=SimpleNamespace(input_shape=(1, 3, 224, 224)), base=SimpleNamespace(median=10.0))
+    area = 224 * 224
+    assert next_size(run, [], 6.825, 0.0) == (184, 184)  # latency in proportion to the area: 0.675 of it
+    assert next_size(run, [], 6.825, 0.15) == (176, 176)  # a fixed share of the latency: a smaller size
+    # measured over the budget, its fixed share larger than thought: smaller, within the aim by the new model
+    down = next_size(run, [{"size": [184, 184], "feasible": False}], 6.825, 0.3)
+    assert down is not None and down[0] < 184 and 10 * (0.3 + 0.7 * down[0] * down[1] / area) <= 6.825
+    # measured far under: larger, but under the infeasible one
+    assert next_size(run, [{"size": [192, 192], "feasible": False}, {"size": [160, 160], "feasible": True}],
+                     7.5, 0.0) == (184, 184)
     assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [176, 176], "feasible": True}],
-                     1.0) is None
+                     6.825, 0.0) is None
