@@ -6,19 +6,21 @@ A pretrained classifier run at a smaller input (resized inside the model, `surge
 channel pruning at the same latency when its weights were trained, not fitted here: on EfficientNet-Lite0 with
 ImageNet weights, judged on crops of photos no calibration crop came from (issue 28), 192 x 192 kept the unpruned
 top-1 on 73% at 0.74x of the latency and 184 x 184 on 66% at 0.73x, where the channel search's releases at 0.7x kept
-42%; resolution and then channels (208 x 208 and channels to 0.69x) kept 46%. On networks trained on small images
-here (FashionNet at 28 x 28) it is the other way round. So the build measures both and ships the one that keeps
-more (accuracy where labelled, else top-1 agreement; ties by the softmax's KL divergence) on the held-back scenes
-(`session.hold_back`: calibration samples the statistics, and so the repair, never saw; the recipe's held-out part where there are none).
-Not on the held-out part: its crops come from the photos the repair was fitted on, and there Lite0's channel release
-agreed on 52% against 44% for 168 x 168, where on the held-back scenes it was 37% against 69% and on other photos 40%
-against 64%. Nor by output error: 168 x 168 had the larger one on both (0.51 against 0.43 held back).
+42%; resolution and then channels (208 x 208 and channels to 0.69x) kept 46%. Where the repair is all but exact (a
+random-weight net on a smooth 3-channel input, tests/jobs/test_rescale.py) channels win. So the build measures both
+and ships the one that keeps more (accuracy where labelled, else top-1 agreement; ties by the softmax's KL
+divergence) on the held-back scenes (`session.hold_back`: calibration samples the statistics, and so the repair,
+never saw; the recipe's held-out part where there are none). Not on the held-out part: its crops come from the photos
+the repair was fitted on, and there Lite0's channel release agreed on 52% against 44% for 168 x 168, where on the
+held-back scenes it was 37% against 69% and on other photos 40% against 64%. Nor by output error: 168 x 168 had the
+larger one on both (0.51 against 0.43 held back).
 
 Sizes are tried on a grid of 8 pixels, aimed at the middle of the search's band by a latency model
 `base x (fixed + (1 - fixed) x area share)` whose fixed share each measurement corrects (Lite0: 176 x 176, 62% of the
-area, ran at 0.695 of the latency, the resize itself 1.4%), at most `TRIES` measured, each verified like the channel release (the target's final repeats, beside the
-baseline). Only for a single image input of at least `MIN_SIDE` pixels a side, on real calibration data (on random
-data fidelity means nothing), and a model whose outputs keep their shapes at the smaller size (`size_free_outputs`).
+area, ran at 0.695 of the latency, the resize itself 1.4%), at most `TRIES` measured, each verified like the channel
+release (the target's final repeats, beside the baseline). Only for a single image input of at least `MIN_SIDE`
+pixels a side, on real calibration data (on random data fidelity means nothing), and a model whose outputs keep their
+shapes at the smaller size (`size_free_outputs`).
 """
 
 from __future__ import annotations
