@@ -99,8 +99,8 @@ class Kept:
     def to_dict(self) -> dict[str, Any]:
         f = self.fidelity
         return {"top1_agreement": None if f.top1_agreement is None else float(f.top1_agreement),
-                "output_rel_error": round(float(f.output_rel_error), 6),
-                **({"kl": round(self.kl, 6)} if self.kl is not None else {}),
+                "output_rel_error": float(f"{f.output_rel_error:.6g}"),
+                **({"kl": float(f"{self.kl:.6g}")} if self.kl is not None else {}),
                 **({"accuracy": float(f.accuracy_after)} if f.accuracy_after is not None else {})}
 
 
