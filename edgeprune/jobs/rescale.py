@@ -50,7 +50,7 @@ MIN_SIDE = 64  # below this a row of pixels is a large share of the image: not r
 GRID = 8  # sizes on multiples of 8 pixels
 TRIES = 4  # sizes measured at most
 FIXED = 0.15  # the latency model's first fixed share (`next_size`)
-SPREAD = 0.015  # the relative standard error the first size is aimed with (a verified figure's, typically)
+SPREAD = 0.015  # the relative standard error every size is aimed with (a verified figure's, typically)
 
 
 def not_applicable(run: ReleaseRun) -> str | None:
@@ -73,7 +73,7 @@ def sizes(shape: tuple[int, ...], ratio: float) -> list[tuple[int, int]]:
     """Input sizes on the grid, largest first, from the largest whose area is at most `ratio` of the input's."""
     h, w = shape[2], shape[3]
     out = []
-    for side in range(h - GRID, 4 * GRID - 1, -GRID):
+    for side in range((h - 1) // GRID * GRID, 4 * GRID - 1, -GRID):
         size = (side, max(GRID, round(w * side / h / GRID) * GRID))
         if size[0] * size[1] <= ratio * h * w and size not in out:
             out.append(size)
@@ -118,22 +118,22 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
         channels = judge(release.pruned)
     trials: list[dict[str, Any]] = []
     best: tuple[Verified, Kept] | None = None
-    fixed, spread = FIXED, SPREAD
+    fixed, aim = FIXED, band.ceiling(SPREAD) * (1 - run.config.tolerance / 2)  # one figure's spread: not the next's
     for _ in range(TRIES):
-        size = next_size(run, trials, band.ceiling(spread) * (1 - run.config.tolerance / 2), fixed)
+        size = next_size(run, trials, aim, fixed)
         if size is None:
             break
         v, f = measure_size(run, session, release, size, work_dir, judge)
         area = size[0] * size[1] / math.prod(run.loaded.input_shape[2:])
         fixed = min(0.9, max(0.0, (v.stats.median / run.base.median - area) / (1 - area)))
-        spread = v.stats.spread
-        feasible = bool(band.feasible(Candidate(0, 0.0, "", v.stats.median, v.stats.source, {}, spread=v.stats.spread)))
+        probe = Candidate(0, 0.0, "", v.stats.median, v.stats.source, {}, spread=v.stats.spread)
+        feasible = bool(band.feasible(probe))
         trials.append({"size": list(size), "latency_ms": float(v.stats.median), "spread": float(v.stats.spread),
                        "feasible": feasible, **f.to_dict()})
         if feasible and (best is None or f.key > best[1].key):
             best = (v, f)
-        if feasible and v.stats.median >= (1 - run.config.tolerance) * band.ceiling(v.stats.spread):
-            break  # in the band: a smaller size would only be faster
+        if band.in_band(probe):  # not below it: a wide figure's margin, or a size far under, tries a larger one
+            break
     met = release.stats.median <= run.budget_ms
     chosen = best is not None and (not met or best[1].key > channels.key)
     entry = {"searched": True, "chosen": list(best[0].plan.meta[INPUT_SIZE]) if chosen and best else None,
