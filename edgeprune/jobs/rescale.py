@@ -69,12 +69,12 @@ def not_applicable(run: ReleaseRun) -> str | None:
     return None
 
 
-def sizes(shape: tuple[int, ...], ratio: float) -> list[tuple[int, int]]:
+def sizes(shape: tuple[int, ...], ratio: float, grid: int = GRID) -> list[tuple[int, int]]:
     """Input sizes on the grid, largest first, from the largest whose area is at most `ratio` of the input's."""
     h, w = shape[2], shape[3]
     out = []
-    for side in range((h - 1) // GRID * GRID, 4 * GRID - 1, -GRID):
-        size = (side, max(GRID, round(w * side / h / GRID) * GRID))
+    for side in range((h - 1) // grid * grid, 4 * GRID - 1, -grid):
+        size = (side, max(grid, round(w * side / h / grid) * grid))
         if size[0] * size[1] <= ratio * h * w and size not in out:
             out.append(size)
     return out
@@ -137,7 +137,7 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
     met = release.stats.median <= run.budget_ms
     chosen = best is not None and (not met or best[1].key > channels.key)
     entry = {"searched": True, "chosen": list(best[0].plan.meta[INPUT_SIZE]) if chosen and best else None,
-             "judged_on": judge.what, "channels": channels.to_dict(), "trials": trials}
+             "judged_on": judge.what, "channels": {"latency_ms": float(release.stats.median), "feasible": met, **channels.to_dict()}, "trials": trials}
     if chosen and best:
         log.info("released at input size %s: it keeps more than the channel release (%s against %s)",
                  best[0].plan.meta[INPUT_SIZE], best[1].key, channels.key)
@@ -147,11 +147,17 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
 
 def next_size(run: ReleaseRun, trials: list[dict[str, Any]], aim_ms: float, fixed: float) -> tuple[int, int] | None:
     """The largest size not yet tried whose predicted latency, base x (fixed + (1 - fixed) x its area share), is at
-    most `aim_ms`, between the largest feasible size tried and the smallest infeasible one; None when there is none."""
+    most `aim_ms`, between the largest feasible size tried and the smallest infeasible one, on the grid or else half
+    of it; None when there is none."""
     ratio = (aim_ms / run.base.median - fixed) / (1 - fixed)
     over = min((t["size"][0] for t in trials if not t["feasible"]), default=math.inf)
     under = max((t["size"][0] for t in trials if t["feasible"]), default=0)
-    return next((size for size in sizes(tuple(run.loaded.input_shape), ratio) if under < size[0] < over), None)
+    shape = tuple(run.loaded.input_shape)
+    for grid in (GRID, GRID // 2):  # half the grid where none lies between (Lite0 at 0.5x: 136 px over, 128 far under)
+        pick = next((size for size in sizes(shape, ratio, grid) if under < size[0] < over), None)
+        if pick is not None or not trials:
+            return pick
+    return None
 
 
 class Judge:

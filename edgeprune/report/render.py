@@ -236,10 +236,9 @@ def input_size_markdown(sized: dict[str, Any] | None) -> list[str]:
                   "shape is unchanged): it keeps more than the pruned channels." if chosen else
                   "Released with pruned channels: no input size measured kept more."),
              "", f"Judged on {sized['judged_on']}.", "",
-             "| input size | latency | within budget | top-1 agreement | output error |", "|---|---|---|---|---|",
-             f"| channels pruned | | yes | {_num(ch['top1_agreement'], '.2f', 100)}% | "
-             f"{_num(ch['output_rel_error'], '.4f')} |"]
-    for t in sized["trials"]:
-        lines.append(f"| {'x'.join(map(str, t['size']))} | {_ms(t['latency_ms'])} | {'yes' if t['feasible'] else 'no'} "
-                     f"| {_num(t['top1_agreement'], '.2f', 100)}% | {_num(t['output_rel_error'], '.4f')} |")
+             "| release | latency | within budget | top-1 agreement | KL | output error |", "|---|---|---|---|---|---|"]
+    for name, t in [("channels pruned", ch)] + [("input " + "x".join(map(str, t["size"])), t) for t in sized["trials"]]:
+        lines.append(f"| {name} | {_ms(t.get('latency_ms'))} | {'yes' if t.get('feasible', True) else 'no'} | "
+                     f"{_num(t['top1_agreement'], '.2f', 100)}% | {_num(t.get('kl'), '.4f')} | "
+                     f"{_num(t['output_rel_error'], '.4f')} |")
     return lines

@@ -106,7 +106,10 @@ def test_the_build_releases_the_size_that_keeps_more_and_says_what_it_measured(b
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 1]})[0] for i in range(len(x))])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert "Released at input size" in (result.out / "report.md").read_text()
+    md = (result.out / "report.md").read_text()
+    assert "Released at input size" in md
+    row = next(line for line in md.splitlines() if line.startswith("| channels pruned |"))
+    assert f"{ch['latency_ms']:.3f} ms" in row and f"| {'yes' if ch['feasible'] else 'no'} |" in row
     assert json.loads((result.out / "plan.json").read_text())["meta"]["input_size"] == sized["chosen"]
 
 
@@ -139,5 +142,8 @@ def test_the_next_size_moves_down_from_an_infeasible_one_and_up_from_one_far_und
     # measured far under: larger, but under the infeasible one
     assert next_size(run, [{"size": [192, 192], "feasible": False}, {"size": [160, 160], "feasible": True}],
                      7.5, 0.0) == (184, 184)
+    # nothing on the grid between: half of it (Lite0 at 0.5x measured 136 px over the budget and 128 px far under)
     assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [176, 176], "feasible": True}],
+                     6.825, 0.0) == (180, 180)
+    assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [180, 180], "feasible": True}],
                      6.825, 0.0) is None
