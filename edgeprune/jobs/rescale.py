@@ -105,9 +105,9 @@ class Kept:
 
 
 def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
-                     work_dir: Path) -> tuple[Verified, dict[str, Any] | None]:
+                     work_dir: Path) -> tuple[Verified, dict[str, Any]]:
     """`release`, or the unpruned model at a smaller input size when that meets the budget and keeps more; and the
-    report's entry of what was tried (None when the input was not resized: `not_applicable`)."""
+    report's entry of what was tried (`searched` false and the reason where `not_applicable`)."""
     why = not_applicable(run)
     if why is not None:
         log.info("input size not searched: %s", why)
@@ -137,7 +137,8 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
     met = release.stats.median <= run.budget_ms
     chosen = best is not None and (not met or best[1].key > channels.key)
     entry = {"searched": True, "chosen": list(best[0].plan.meta[INPUT_SIZE]) if chosen and best else None,
-             "judged_on": judge.what, "channels": {"latency_ms": float(release.stats.median), "feasible": met, **channels.to_dict()}, "trials": trials}
+             "judged_on": judge.what, "trials": trials,
+             "channels": {"latency_ms": float(release.stats.median), "feasible": met, **channels.to_dict()}}
     if chosen and best:
         log.info("released at input size %s: it keeps more than the channel release (%s against %s)",
                  best[0].plan.meta[INPUT_SIZE], best[1].key, channels.key)
