@@ -218,7 +218,7 @@ def resume_search(run: BuildRun, res: SearchResult, verified: dict[str, LatencyS
 
 
 def finish_build(run: BuildRun, outdir: OutputDir, release: Verified, result: SearchResult,
-                 metric_before: float | None, sized: dict[str, Any] | None = None) -> BuildOutcome:
+                 metric_before: float | None, sized: dict[str, Any]) -> BuildOutcome:
     """The release: fidelity, parity of its ONNX file, the user's metric, the gates, the report, the artifacts."""
     recovery = None
     if run.config.recover:
@@ -270,7 +270,7 @@ def recovered(run: BuildRun, release: Verified) -> tuple[Verified, dict[str, Any
 
 
 def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Assessment,
-                 recovery: dict[str, Any] | None, sized: dict[str, Any] | None = None) -> BuildReport:
+                 recovery: dict[str, Any] | None, sized: dict[str, Any]) -> BuildReport:
     """report.json of a build: a release's (`delivery.release_report`) with the search that chose it."""
     pc, session, final = run.session.config, run.session, release.stats.median
     met = final <= run.budget_ms
@@ -285,7 +285,7 @@ def build_report(run: BuildRun, release: Verified, result: SearchResult, a: Asse
         "far_under_budget": met and final < FAR_UNDER * run.budget_ms,
         "measured_candidates": sum(1 for c in result.trace if c.source.startswith("measured")),
         **({"proxy_evaluations": run.inner.error_of.evaluations} if isinstance(run.inner.error_of, ProxyError) else {}),
-        "trace": [c.to_dict() for c in result.trace], **({"input_size": sized} if sized else {})}
+        "trace": [c.to_dict() for c in result.trace], "input_size": sized}
     return release_report(run, release, a, widths, search_entry, lut=run.config.lut, lut_check=lut_check(run),
                           excluded_groups=session.graph.excluded, exporter=pc.exporter, recovery=recovery)
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from edgeprune.common.parallel import timed
 from edgeprune.jobs.oracle import Verified, export_candidate
-from edgeprune.quality.fidelity import Fidelity, fidelity, outputs
+from edgeprune.quality.fidelity import Fidelity, compare, outputs
 from edgeprune.search.strength import Band, Candidate
 from edgeprune.surgery.resize import INPUT_SIZE, size_free_outputs
 
@@ -126,7 +126,7 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
         v, f = measure_size(run, session, release, size, work_dir, judge)
         area = size[0] * size[1] / math.prod(run.loaded.input_shape[2:])
         fixed = min(0.9, max(0.0, (v.stats.median / run.base.median - area) / (1 - area)))
-        probe = Candidate(0, 0.0, "", v.stats.median, v.stats.source, {}, spread=v.stats.spread)
+        probe = v.candidate  # the size's figure as a search candidate: what the band judges
         feasible = bool(band.feasible(probe))
         trials.append({"size": list(size), "latency_ms": float(v.stats.median), "spread": float(v.stats.spread),
                        "feasible": feasible, **f.to_dict()})
@@ -179,12 +179,12 @@ class Judge:
 
         from edgeprune.inputs.outputs import is_class_logits
 
-        f = fidelity(self.session.loaded.module, model, self.data, self.base)
-        name = next((n for n, y in self.base[0].items() if is_class_logits(y)), None)
+        (yb, labels), yp = self.base, outputs(model, self.data)[0]  # one pass for both figures
+        f = compare(yb, labels, yp)
+        name = next((n for n, y in yb.items() if is_class_logits(y)), None)
         if name is None:
             return Kept(f, None)
-        mine, _ = outputs(model, self.data)
-        lb, lm = torch.log_softmax(self.base[0][name], 1), torch.log_softmax(mine[name], 1)
+        lb, lm = torch.log_softmax(yb[name], 1), torch.log_softmax(yp[name], 1)
         return Kept(f, float((lb.exp() * (lb - lm)).sum(1).mean()))
 
 
@@ -194,8 +194,7 @@ def measure_size(run: ReleaseRun, session: Prepared, release: Verified, size: tu
     measurer = run.measurer
     full = {g.name: g.channels for g in session.graph.groups}
     plan = dataclasses.replace(session.plan(full, **{**release.plan.meta, INPUT_SIZE: list(size)}),
-                               target=release.plan.target)
-    plan = dataclasses.replace(plan, compensation=False)  # nothing removed: nothing to repair
+                               target=release.plan.target, compensation=False)  # nothing removed: nothing to repair
     with timed(run.timings_s, "prune"):
         model = session.prune(plan)
     float_path = work_dir / f"size-{size[0]}x{size[1]}.onnx"

@@ -116,7 +116,11 @@ def fidelity(base: nn.Module, pruned: nn.Module, data: CalibrationData,
              base_outputs: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Fidelity:
     """Compare `pruned` with `base` on held-out data (pass `base_outputs` to reuse the base model's logits)."""
     yb, labels = base_outputs if base_outputs is not None else outputs(base, data)
-    yp, _ = outputs(pruned, data)
+    return compare(yb, labels, outputs(pruned, data)[0])
+
+
+def compare(yb: Named, labels: torch.Tensor | None, yp: Named) -> Fidelity:
+    """`fidelity` of outputs already computed: `yp` against the base model's `yb` (and the `labels`, if any)."""
     finite = torch.isfinite(joined(yp)).all(1) & torch.isfinite(joined(yb)).all(1)  # NaN's argmax "agrees" with NaN's
     # non-finite outputs give an infinite or NaN error, which reports write as null (report.clean)
     rels = relative_errors(yp, yb)

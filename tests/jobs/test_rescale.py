@@ -19,18 +19,10 @@ from torch import nn
 import edgeprune
 from edgeprune.jobs.rescale import next_size, sizes
 from edgeprune.surgery.resize import input_size
+from tests.test_api import TARGET as API_TARGET
 
-TARGET = """name = "cpu-test"
-runtime = "onnxruntime"
-precision = "fp32"
-channel_multiple = 8
-threads = 1
-[measure]
-warmup = 2
-iterations = 5
-repeats = 2
-final_repeats = 3
-"""
+TARGET = API_TARGET.replace("final_repeats = 2", "final_repeats = 3")  # the input sizes are verified figures
+assert "final_repeats = 3" in TARGET
 
 
 C = 32  # input channels
