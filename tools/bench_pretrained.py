@@ -47,7 +47,8 @@ STAMPS_HELD = 0.2  # share of the stamp photos held out of calibration (all+stam
 
 def photo_split(seed: int, photos: str) -> tuple[list[str], list[str]]:
     """Calibration and held-out photos. all+stamps: the scene photos split as `all`, the stamps split by seed too;
-    the held-out stamps are judged apart (`judge_stamps`), so the judged scene crops stay those of `all`."""
+    the held-out stamps are judged apart (`released_stamps`, `int8_stamps`), so the judged scene crops stay those of
+    `all`."""
     scenes = "all" if photos == "all+stamps" else photos
     cal, held = pretrained.photo_split(seed, HELD_PHOTOS[scenes], scenes)
     if photos != "all+stamps":
@@ -179,7 +180,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--photos", choices=sorted(HELD_PHOTOS), default="all",
                     help="all: the pip packages' 23 photos and OpenCV's 23 (apt-get install opencv-doc), 14 held "
-                         "out; packages: the 23 only, 7 held out (the figures before 2026-12-07)")
+                         "out; packages: the 23 only, 7 held out (the figures before 2026-12-07); all+stamps: all, and Tux Paint's "
+                         "photos of objects (apt-get install tuxpaint-stamps-default), a fifth held out and judged apart")
     ap.add_argument("--calib", type=int, default=CALIB, help=f"calibration crops in the recipe (default {CALIB}; "
                     "a fifth of them the build's own held-out part)")
     ap.add_argument("--build-args", default="", help="more arguments for every build, one string (A/B runs: "

@@ -20,6 +20,7 @@ This file is loaded by path, so it imports nothing from tools/ and only torch, n
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -163,8 +164,10 @@ def _stamp(path: Path) -> np.ndarray:
     return np.asarray(canvas.convert("RGB"))
 
 
+@functools.cache
 def stamps() -> dict:
-    """name -> loader of every stamp photo; SystemExit naming the package when it is not installed."""
+    """name -> loader of every stamp photo; SystemExit naming the package when it is not installed. Cached: every
+    stamp `load_photo` loads looks its loader up here, and the folder holds ~800 files."""
     if not STAMPS_DIR.is_dir():
         raise SystemExit(f"the stamp photos need Tux Paint's stamps in {STAMPS_DIR}: apt-get install "
                          "tuxpaint-stamps-default")
