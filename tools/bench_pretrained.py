@@ -55,7 +55,7 @@ def photo_split(seed: int, photos: str) -> tuple[list[str], list[str]]:
         return cal, held
     names = sorted(pretrained.stamps())
     order = np.random.default_rng(2000 + seed).permutation(len(names))
-    out = set(names[i] for i in order[:round(STAMPS_HELD * len(names))])
+    out = {names[i] for i in order[:round(STAMPS_HELD * len(names))]}
     return cal + [n for n in names if n not in out], held + sorted(out)
 
 
@@ -180,8 +180,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--photos", choices=sorted(HELD_PHOTOS), default="all",
                     help="all: the pip packages' 23 photos and OpenCV's 23 (apt-get install opencv-doc), 14 held "
-                         "out; packages: the 23 only, 7 held out (the figures before 2026-12-07); all+stamps: all, and Tux Paint's "
-                         "photos of objects (apt-get install tuxpaint-stamps-default), a fifth held out and judged apart")
+                         "out; packages: the 23 only, 7 held out (the figures before 2026-12-07); all+stamps: all, "
+                         "and Tux Paint's photos of objects (apt-get install tuxpaint-stamps-default), a fifth held "
+                         "out and judged apart")
     ap.add_argument("--calib", type=int, default=CALIB, help=f"calibration crops in the recipe (default {CALIB}; "
                     "a fifth of them the build's own held-out part)")
     ap.add_argument("--build-args", default="", help="more arguments for every build, one string (A/B runs: "
