@@ -15,12 +15,20 @@ the repair was fitted on, and there Lite0's channel release agreed on 52% agains
 held-back scenes it was 37% against 69% and on other photos 40% against 64%. Nor by output error: 168 x 168 had the
 larger one on both (0.51 against 0.43 held back).
 
-Sizes are tried on a grid of 8 pixels, aimed at the middle of the search's band by a latency model
+Sizes are tried on a grid of 16 pixels where the input's sides are multiples of 16 (else 8), square or not (the
+aspect within `ASPECT` of the input's), largest area first, aimed at the middle of the search's band by a latency model
 `base x (fixed + (1 - fixed) x area share)` whose fixed share each measurement corrects (Lite0: 176 x 176, 62% of the
 area, ran at 0.695 of the latency, the resize itself 1.4%), at most `TRIES` measured, each verified like the channel
 release (the target's final repeats, beside the baseline). Only for a single image input of at least `MIN_SIDE`
 pixels a side, on real calibration data (on random data fidelity means nothing), and a model whose outputs keep their
 shapes at the smaller size (`size_free_outputs`).
+
+Why 16: a network trained at 224 x 224 halves it evenly four times (112, 56, 28, 14); a side that is not a multiple
+of 16 puts an odd map into a stride-2 layer and shifts its sampling grid against what the weights learned. Lite0's
+top-1 agreement with itself on split 0's 600 judged crops (`/work/notes/exp40/sweep.py`): 200 x 200 70.3% against
+192 x 192 73.2%, 184 x 184 65.8% against 176 x 176 69.3%, 168 x 168 63.2%: each size off the 16-grid kept less than
+the smaller one on it. Non-square sizes fill the latency between the squares (192 x 176: 70.3%, 176 x 192: 70.2%, at
+0.673 of the area): ImageNet training crops vary their aspect from 3/4 to 4/3, so 15% costs little.
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 64  # below this a row of pixels is a large share of the image: not resized
-GRID = 8  # sizes on multiples of 8 pixels
+GRID = 8  # sizes on multiples of 8 pixels at least
+ALIGNED = 16  # and of 16 where the input's sides are (see the module's docstring)
+ASPECT = 0.15  # a size's aspect ratio within this fraction of the input's
 TRIES = 4  # sizes measured at most
 FIXED = 0.15  # the latency model's first fixed share (`next_size`)
 SPREAD = 0.015  # the relative standard error every size is aimed with (a verified figure's, typically)
@@ -69,15 +79,20 @@ def not_applicable(run: ReleaseRun) -> str | None:
     return None
 
 
+def grid_of(shape: tuple[int, ...]) -> int:
+    """The grid sizes are tried on: `ALIGNED` where both input sides are multiples of it, else `GRID`."""
+    return ALIGNED if shape[2] % ALIGNED == 0 and shape[3] % ALIGNED == 0 else GRID
+
+
 def sizes(shape: tuple[int, ...], ratio: float, grid: int = GRID) -> list[tuple[int, int]]:
-    """Input sizes on the grid, largest first, from the largest whose area is at most `ratio` of the input's."""
+    """Input sizes on the grid whose area is at most `ratio` of the input's and whose aspect is within `ASPECT` of
+    its, largest area first (ties: the aspect nearer the input's, then the taller)."""
     h, w = shape[2], shape[3]
-    out = []
-    for side in range((h - 1) // grid * grid, 4 * GRID - 1, -grid):
-        size = (side, max(grid, round(w * side / h / grid) * grid))
-        if size[0] * size[1] <= ratio * h * w and size not in out:
-            out.append(size)
-    return out
+    aspect, limit = h / w, math.log(1 + ASPECT)
+    sides = [range(side // grid * grid, 4 * GRID - 1, -grid) for side in (h, w)]
+    out = [(a, b) for a in sides[0] for b in sides[1]
+           if a * b <= ratio * h * w and (a, b) != (h, w) and abs(math.log(a / b / aspect)) <= limit]
+    return sorted(out, key=lambda s: (-s[0] * s[1], abs(math.log(s[0] / s[1] / aspect)), -s[0]))
 
 
 @dataclass(frozen=True)
@@ -148,14 +163,15 @@ def rescaled_release(run: ReleaseRun, session: Prepared, release: Verified,
 
 def next_size(run: ReleaseRun, trials: list[dict[str, Any]], aim_ms: float, fixed: float) -> tuple[int, int] | None:
     """The largest size not yet tried whose predicted latency, base x (fixed + (1 - fixed) x its area share), is at
-    most `aim_ms`, between the largest feasible size tried and the smallest infeasible one, on the grid or else half
-    of it; None when there is none."""
+    most `aim_ms`, in area between the largest feasible size tried and the smallest infeasible one, on the grid
+    (`grid_of`) or else half of it; None when there is none."""
     ratio = (aim_ms / run.base.median - fixed) / (1 - fixed)
-    over = min((t["size"][0] for t in trials if not t["feasible"]), default=math.inf)
-    under = max((t["size"][0] for t in trials if t["feasible"]), default=0)
+    over = min((t["size"][0] * t["size"][1] for t in trials if not t["feasible"]), default=math.inf)
+    under = max((t["size"][0] * t["size"][1] for t in trials if t["feasible"]), default=0)
     shape = tuple(run.loaded.input_shape)
-    for grid in (GRID, GRID // 2):  # half the grid where none lies between (Lite0 at 0.5x: 136 px over, 128 far under)
-        pick = next((size for size in sizes(shape, ratio, grid) if under < size[0] < over), None)
+    grid = grid_of(shape)
+    for g in (grid, grid // 2):  # half the grid where none lies between (Lite0 at 0.5x: 136 px over, 128 far under)
+        pick = next((size for size in sizes(shape, ratio, g) if under < size[0] * size[1] < over), None)
         if pick is not None or not trials:
             return pick
     return None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgeprune
-from edgeprune.jobs.rescale import next_size, sizes
+from edgeprune.jobs.rescale import grid_of, next_size, sizes
 from edgeprune.surgery.resize import input_size
 from tests.test_api import TARGET as API_TARGET
 
@@ -74,7 +74,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, edgeprune.Bui
 def test_the_build_releases_the_size_that_keeps_more_and_says_what_it_measured(built: tuple) -> None:
     import onnxruntime as ort
 
-    root, result = built
+    _root, result = built
     sized = result.report["search"]["input_size"]
     assert sized["searched"] and sized["trials"]
     assert result.met and result.exit_code == 0
@@ -118,24 +118,31 @@ def test_input_scale_off_and_random_data_keep_to_channels(built: tuple) -> None:
 
 
 def test_sizes_follow_the_area_on_a_grid_of_8_and_keep_the_aspect() -> None:
-    assert sizes((1, 3, 224, 224), 0.74)[:3] == [(192, 192), (184, 184), (176, 176)]
-    assert sizes((1, 3, 224, 320), 0.5)[0] == (152, 216)
+    assert sizes((1, 3, 224, 224), 0.74)[:3] == [(192, 192), (200, 184), (184, 200)]
+    assert sizes((1, 3, 224, 320), 0.5)[0] == (160, 224)
     assert all(h % 8 == 0 and w % 8 == 0 for h, w in sizes((1, 3, 224, 320), 0.9))
+    assert all(abs(h / w / (224 / 320) - 1) <= 0.16 for h, w in sizes((1, 3, 224, 320), 0.9))
+
+
+def test_an_input_on_the_16_grid_is_resized_on_it_square_or_not() -> None:
+    """Lite0 kept less at 200 x 200 than at 192 x 192 and at 184 x 184 than at 176 x 176 (module docstring)."""
+    assert grid_of((1, 3, 224, 224)) == 16 and grid_of((1, 3, 224, 200)) == 8
+    assert sizes((1, 3, 224, 224), 0.74, 16)[:4] == [(192, 192), (192, 176), (176, 192), (176, 176)]
 
 
 def test_the_next_size_moves_down_from_an_infeasible_one_and_up_from_one_far_under() -> None:
     run = SimpleNamespace(loaded=SimpleNamespace(input_shape=(1, 3, 224, 224)), base=SimpleNamespace(median=10.0))
     area = 224 * 224
-    assert next_size(run, [], 6.825, 0.0) == (184, 184)  # latency in proportion to the area: 0.675 of it
+    assert next_size(run, [], 6.825, 0.0) == (192, 176)  # latency in proportion to the area: 0.673 of it
     assert next_size(run, [], 6.825, 0.15) == (176, 176)  # a fixed share of the latency: a smaller size
     # measured over the budget, its fixed share larger than thought: smaller, within the aim by the new model
-    down = next_size(run, [{"size": [184, 184], "feasible": False}], 6.825, 0.3)
-    assert down is not None and down[0] < 184 and 10 * (0.3 + 0.7 * down[0] * down[1] / area) <= 6.825
+    down = next_size(run, [{"size": [192, 176], "feasible": False}], 6.825, 0.3)
+    assert down is not None and down[0] * down[1] < 192 * 176 and 10 * (0.3 + 0.7 * down[0] * down[1] / area) <= 6.825
     # measured far under: larger, but under the infeasible one
     assert next_size(run, [{"size": [192, 192], "feasible": False}, {"size": [160, 160], "feasible": True}],
-                     7.5, 0.0) == (184, 184)
+                     7.5, 0.0) == (192, 176)
     # nothing on the grid between: half of it (Lite0 at 0.5x measured 136 px over the budget and 128 px far under)
-    assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [176, 176], "feasible": True}],
-                     6.825, 0.0) == (180, 180)
-    assert next_size(run, [{"size": [184, 184], "feasible": False}, {"size": [180, 180], "feasible": True}],
+    assert next_size(run, [{"size": [192, 176], "feasible": False}, {"size": [176, 176], "feasible": True}],
+                     6.825, 0.0) == (184, 176)
+    assert next_size(run, [{"size": [192, 176], "feasible": False}, {"size": [184, 176], "feasible": True}],
                      6.825, 0.0) is None
