@@ -146,3 +146,5 @@ def test_the_next_size_moves_down_from_an_infeasible_one_and_up_from_one_far_und
                      6.825, 0.0) == (184, 176)
     assert next_size(run, [{"size": [192, 176], "feasible": False}, {"size": [184, 176], "feasible": True}],
                      6.825, 0.0) is None
+    # no infeasible size tried: no half-grid step that adds a sliver of area
+    assert next_size(run, [{"size": [176, 160], "feasible": True}], 6.0, 0.0) is None
