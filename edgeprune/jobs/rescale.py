@@ -25,7 +25,7 @@ shapes at the smaller size (`size_free_outputs`).
 
 Why 16: a network trained at 224 x 224 halves it evenly four times (112, 56, 28, 14); a side that is not a multiple
 of 16 puts an odd map into a stride-2 layer and shifts its sampling grid against what the weights learned. Lite0's
-top-1 agreement with itself on split 0's 600 judged crops (`/work/notes/exp40/sweep.py`): 200 x 200 70.3% against
+top-1 agreement with itself on split 0's 600 judged crops (docs/benchmarks.md): 200 x 200 70.3% against
 192 x 192 73.2%, 184 x 184 65.8% against 176 x 176 69.3%, 168 x 168 63.2%: each size off the 16-grid kept less than
 the smaller one on it. Non-square sizes fill the latency between the squares (192 x 176: 70.3%, 176 x 192: 70.2%, at
 0.673 of the area): ImageNet training crops vary their aspect from 3/4 to 4/3, so 15% costs little.
