@@ -69,25 +69,24 @@ class LatencyStats:
 
     SPREAD_FLOOR = 0.005  # three repeat medians can agree by chance; a CPU figure is never better than this
 
-    ROBUST_FROM = 5  # repeats from which the spread is the median absolute deviation's, not the standard deviation's
+    ROBUST_FROM = 5  # repeats from which the one farthest from their median is left out of the spread
 
     @property
     def spread(self) -> float:
         """Relative standard error of `median`: the spread of the repeat medians over √repeats (at least
         `SPREAD_FLOOR`; 0 for a figure of one repeat, which says nothing about its noise). From `ROBUST_FROM` repeats
-        the spread is 1.4826 x their median absolute deviation (the standard deviation's estimate for normal noise
-        that one spiked session does not move), as the figure is their median: nine interleaved pairs of which one
-        session ran 2.2x slow had a standard deviation 13% of the figure where the other eight agreed exactly, and the
-        search's noise margin (k = 2 spreads) then called a candidate at 0.90 of the budget infeasible. Below it,
-        the median absolute deviation of 2-4 values says too little (two of three can agree by chance)."""
+        the one farthest from their median is left out of the standard deviation, as it is out of the figure (their
+        median): nine interleaved pairs of which one session ran 2.2x slow had a standard deviation 13% of the figure
+        where the other eight agreed exactly, and the search's noise margin (k = 2 spreads) then called a candidate
+        at 0.90 of the budget infeasible. One value only, not a median absolute deviation: of five values three can
+        agree by chance, and a noise margin of the three alone would be too narrow."""
         r = len(self.repeat_medians)
         if r < 2 or self.median <= 0:
             return 0.0
         values = np.asarray(self.repeat_medians, dtype=np.float64)
         if r >= self.ROBUST_FROM:
-            sigma = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-        else:
-            sigma = float(np.std(values, ddof=1))
+            values = np.delete(values, int(np.argmax(np.abs(values - np.median(values)))))
+        sigma = float(np.std(values, ddof=1))
         return max(sigma / self.median / np.sqrt(r), self.SPREAD_FLOOR)
 
     def summary(self) -> dict[str, float | int]:

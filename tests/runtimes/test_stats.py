@@ -54,3 +54,19 @@ def test_interleaved_figures_are_ratios_to_the_reference_in_its_units() -> None:
     assert noisy.median == pytest.approx(1.1) and noisy.spread > 0.03
     with pytest.raises(ValueError):
         interleaved(figures, bases[:2], anchor_ms=2.0)
+
+
+def test_from_five_repeats_one_spiked_repeat_leaves_the_spread_and_two_do_not() -> None:
+    """The figure is the repeat medians' median, which one spike does not move; from five repeats the spread leaves
+    out the one farthest from it too. Two values off, or scatter throughout, still widen it."""
+    def of(medians: list[float]) -> LatencyStats:
+        return stats_from_repeats([[m, m] for m in medians], **META)
+
+    steady = [1.0] * 8
+    assert of([*steady, 2.2]).spread == LatencyStats.SPREAD_FLOOR  # one session 2.2x slow of nine
+    assert of([1.0, 1.0, 2.2]).spread > 0.3  # three repeats: all of them count
+    assert of([1.0, 1.0, 1.0, 1.3, 0.7]).spread > 0.05  # two off either way: not one spike
+    rng = np.random.default_rng(0)
+    noisy = list(1 + 0.05 * rng.standard_normal(9))
+    plain = float(np.std(noisy, ddof=1)) / of(noisy).median / 3
+    assert 0.6 * plain < of(noisy).spread <= plain  # normal scatter: near the plain standard error
