@@ -5,6 +5,7 @@ input the repair of a random net is all but exact, and channels win)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import edgeprune
-from edgeprune.jobs.rescale import grid_of, next_size, sizes
+from edgeprune.jobs.rescale import grid_of, next_size, not_applicable, sizes
 from edgeprune.surgery.resize import input_size
 from tests.test_api import TARGET as API_TARGET
 
@@ -46,13 +47,21 @@ def make_net() -> Net:
     standard deviations between inputs): a random head on raw features gives nearly the same logits for every input,
     where any release agrees on all of them."""
     net = Net().eval()
+    w, b = standardised_head()
     with torch.no_grad():
-        f = net.body(torch.from_numpy(smooth_images(256, 5))).mean((2, 3))
+        net.head.weight.copy_(w)
+        net.head.bias.copy_(b)
+    return net
+
+
+@functools.lru_cache(maxsize=1)
+def standardised_head() -> tuple[torch.Tensor, torch.Tensor]:
+    """`make_net`'s head weights and bias (the body's features over 256 images: seconds, so computed once)."""
+    with torch.no_grad():
+        f = Net().eval().body(torch.from_numpy(smooth_images(256, 5))).mean((2, 3))
         mu, sd = f.mean(0), f.std(0) + 1e-6
         w = torch.randn(10, 64, generator=torch.Generator().manual_seed(1)) * 3 / 64 ** 0.5 / sd
-        net.head.weight.copy_(w)
-        net.head.bias.copy_(-(w @ mu))
-    return net
+    return w, -(w @ mu)
 
 
 def smooth_images(n: int, seed: int) -> np.ndarray:
@@ -105,16 +114,30 @@ def test_the_build_releases_the_size_that_keeps_more_and_says_what_it_measured(b
     assert json.loads((result.out / "plan.json").read_text())["meta"]["input_size"] == sized["chosen"]
 
 
-def test_input_scale_off_and_random_data_keep_to_channels(built: tuple) -> None:
+def test_input_scale_off_keeps_to_channels_and_says_so(built: tuple) -> None:
     root, _ = built
-    target = str(root / "cpu-test.toml")
-    off = edgeprune.build(make_net(), calibration=smooth_images(160, 0), device=target, latency="0.5x",
-                          out=root / "off", min_agreement=0.0, input_scale="off", max_steps=4)
+    off = edgeprune.build(make_net(), calibration=smooth_images(160, 0), device=str(root / "cpu-test.toml"),
+                          latency="0.5x", out=root / "off", min_agreement=0.0, input_scale="off", max_steps=3)
     assert off.report["search"]["input_size"] == {"searched": False, "reason": "--input-scale off"}
     assert input_size(off.module) is None
-    rnd = edgeprune.build(make_net(), input_shape=(1, C, 96, 96), calibration="random", device=target,
-                          latency="0.5x", out=root / "random", max_steps=4)
-    assert "random calibration data" in rnd.report["search"]["input_size"]["reason"]
+
+
+def test_the_input_is_not_resized_on_random_data_a_lut_small_inputs_or_size_bound_outputs() -> None:
+    """Each reason `not_applicable` gives, on the run a build passes it (its config, data recipe and loaded model);
+    a classifier on a real recipe at 96 x 96 may be resized."""
+    def run(kind: str = "imagefolder", lut: str | None = None, shape: tuple = (1, C, 96, 96),
+            module: nn.Module | None = None) -> SimpleNamespace:
+        module = module or Net().eval()  # its outputs' shapes are what count here, not its head
+        return SimpleNamespace(config=SimpleNamespace(input_scale="auto", lut=lut),
+                               data=SimpleNamespace(recipe=SimpleNamespace(kind=kind)),
+                               loaded=SimpleNamespace(input_shape=shape, module=module, example_input=torch.zeros(shape)))
+
+    assert not_applicable(run()) is None
+    assert "random calibration data" in not_applicable(run("random"))
+    assert "--lut search" in not_applicable(run(lut="t.json"))
+    assert "at least 64 pixels" in not_applicable(run(shape=(1, C, 48, 48)))
+    mask = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1))  # a segmenter's mask: its shape follows the input's
+    assert "change shape with the input size" in not_applicable(run(module=mask))
 
 
 def test_sizes_follow_the_area_on_a_grid_of_8_and_keep_the_aspect() -> None:

@@ -29,6 +29,7 @@ def test_the_list_covers_the_issues_families_with_40_models_or_more() -> None:
         assert len(shape) == 4 and shape[:2] == [1, 3], m
 
 
+@pytest.mark.slow  # 37 s of CI's 10 minutes (594 s on 2026-12-07): a benchmark tool's test, run with -m slow
 def test_one_tiny_model_surveyed_end_to_end(tmp_path: Path) -> None:
     """timm's lcnet_050 at 64x64 (a 0.3 ms model: the whole survey of it takes about 45 s on one loaded core).
 
