@@ -82,6 +82,11 @@ FAR_PAIRS = 2
 FAR_UNDER = 0.9  # a release below this fraction of the budget wastes accuracy: the search resumes instead
 
 
+def probe_of(stats: LatencyStats) -> Probe:
+    """A measured figure as the search weighs it: its median, source and relative standard error."""
+    return Probe(stats.median, stats.source, stats.spread)
+
+
 def verify_release(result: SearchResult, budget_ms: float, verify_one: Callable[[Candidate], Verified],
                    resume: Callable[[SearchResult, dict[str, LatencyStats]], SearchResult | None],
                    max_resumes: int = 2) -> tuple[Verified, SearchResult]:
@@ -222,7 +227,7 @@ class Measurer:
             fig = interleaved(figures, bases, anchor.median)
             if (self.aim is not None and stage == "measure" and len(figures) >= FAR_PAIRS
                     and abs(fig.median / self.aim.budget_ms - 1) > FAR_FROM_AIM
-                    and not self.aim.ambiguous(Probe(fig.median, fig.source, fig.spread))):
+                    and not self.aim.ambiguous(probe_of(fig))):
                 return True
             if len(figures) < repeats:
                 return False
@@ -244,7 +249,7 @@ class Measurer:
         mobilenetv3_small_050, hardcorenas_a and deit_tiny were released at 0.86-0.90 after 5 pairs each)."""
         if self.aim is None:
             return False
-        p = Probe(fig.median, fig.source, fig.spread)
+        p = probe_of(fig)
         wide_in_band = self.aim.in_band(p) and p.latency_ms < FAR_UNDER * self.aim.budget_ms
         return not self.aim.ambiguous(p) and not wide_in_band
 
@@ -316,16 +321,13 @@ class MeasuredOracle:
         with timed(t, "export"):
             path = export_candidate(pruned, self.session.loaded.example_input, self._path(widths), self.exporter,
                                     self.measurer.quantizer, search=True)
-        return self._probe(self.measurer(path, "measuring candidate"))
+        return probe_of(self.measurer(path, "measuring candidate"))
 
     def _remeasure(self, widths: dict[str, int]) -> Probe:
         """A second, fresh measurement of a candidate too close to the budget to tell (the cache would only repeat
         the first figure)."""
-        return self._probe(self.measurer(self._measured(widths), "measuring candidate again", cached=False))
+        return probe_of(self.measurer(self._measured(widths), "measuring candidate again", cached=False))
 
-    @staticmethod
-    def _probe(stats: LatencyStats) -> Probe:
-        return Probe(stats.median, stats.source, stats.spread)
 
 
 class TableOracle:

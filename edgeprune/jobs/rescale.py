@@ -88,11 +88,13 @@ def sizes(shape: tuple[int, ...], ratio: float, grid: int = GRID) -> list[tuple[
     """Input sizes on the grid whose area is at most `ratio` of the input's and whose aspect is within `ASPECT` of
     its, largest area first (ties: the aspect nearer the input's, then the taller)."""
     h, w = shape[2], shape[3]
-    aspect, limit = h / w, math.log(1 + ASPECT)
+    def skew(size: tuple[int, int]) -> float:  # how far its aspect is from the input's
+        return abs(math.log(size[0] / size[1] / (h / w)))
+
     sides = [range(side // grid * grid, 4 * GRID - 1, -grid) for side in (h, w)]
     out = [(a, b) for a in sides[0] for b in sides[1]
-           if a * b <= ratio * h * w and (a, b) != (h, w) and abs(math.log(a / b / aspect)) <= limit]
-    return sorted(out, key=lambda s: (-s[0] * s[1], abs(math.log(s[0] / s[1] / aspect)), -s[0]))
+           if a * b <= ratio * h * w and (a, b) != (h, w) and skew((a, b)) <= math.log(1 + ASPECT)]
+    return sorted(out, key=lambda s: (-s[0] * s[1], skew(s), -s[0]))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from edgeprune.common.progress import no_progress
 from edgeprune.inputs.targets import load_target
 from edgeprune.jobs.oracle import Measurer
-from edgeprune.runtimes.stats import stats_from_repeats
+from edgeprune.runtimes.stats import LatencyStats, stats_from_repeats
 from edgeprune.search.strength import Band, Probe
 
 
@@ -186,19 +186,24 @@ def test_a_candidate_far_from_the_budget_takes_one_pair_and_one_near_it_or_a_ver
     assert pairs == {("far.onnx", "measure"): 2, ("near.onnx", "measure"): 3, ("far.onnx", "verify"): 3}
 
 
-def test_one_spiked_pair_does_not_make_a_near_candidate_far() -> None:
-    """resnet18 at 0.5x: one pair read a candidate at 0.97 of the budget as 1.49 (the machine slow for the candidate's
-    session only), which stopped its measurement and sent the search through 8 more candidates. A near candidate
-    whose first pair spikes takes its pairs as any near one, and its figure stays near its true latency."""
-    true = {"base.onnx": 2.0, "cand.onnx": 0.97}
-    spells = [1.0, 1.0, 1.55] + [1.0] * 40  # baseline; then the first pair's base session, its candidate session slow
-    machine = Machine(true, spells)
+def spiked_candidate(true_ms: float, slow: float) -> tuple[LatencyStats, int]:
+    """A search candidate of `true_ms` (budget 1 ms, unpruned model 2 ms) measured beside the anchor while its first
+    pair's candidate session runs `slow` times slower: its figure and the pairs it took."""
+    machine = Machine({"base.onnx": 2.0, "cand.onnx": true_ms}, [1.0, 1.0, slow] + [1.0] * 40)  # baseline, pair 1
     m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
     m.baseline(Path("base.onnx"), relative=True)
     m.aim = Band(1.0)
     before = len(machine.calls)
     fig = m(Path("cand.onnx"), "measuring", stage="measure")
-    assert (len(machine.calls) - before) // 2 >= 3
+    return fig, (len(machine.calls) - before) // 2
+
+
+def test_one_spiked_pair_does_not_make_a_near_candidate_far() -> None:
+    """resnet18 at 0.5x: one pair read a candidate at 0.97 of the budget as 1.49 (the machine slow for the candidate's
+    session only), which stopped its measurement and sent the search through 8 more candidates. A near candidate
+    whose first pair spikes takes its pairs as any near one, and its figure stays near its true latency."""
+    fig, pairs = spiked_candidate(0.97, 1.55)
+    assert pairs >= 3
     assert fig.median == pytest.approx(0.97, rel=0.03)
 
 
@@ -206,15 +211,8 @@ def test_two_far_pairs_that_disagree_across_the_budget_take_more_pairs() -> None
     """resnet18 at 0.5x (2026-12-07): one slow session made a candidate of about 0.9 of the budget read 1.40 over its
     first two pairs, with a 30% spread; as a far figure it stopped there and became the search's over-budget end.
     Two pairs whose noise margin straddles the budget are not far: more pairs, and a figure near the true 0.9."""
-    true = {"base.onnx": 2.0, "cand.onnx": 0.9}
-    spells = [1.0, 1.0, 2.2] + [1.0] * 40  # baseline; the first pair's candidate session 2.2x slow
-    machine = Machine(true, spells)
-    m = Measurer(load_target("cpu"), None, no_progress, {}, machine, interleave=True)
-    m.baseline(Path("base.onnx"), relative=True)
-    m.aim = Band(1.0)
-    before = len(machine.calls)
-    fig = m(Path("cand.onnx"), "measuring", stage="measure")
-    assert (len(machine.calls) - before) // 2 >= 3
+    fig, pairs = spiked_candidate(0.9, 2.2)
+    assert pairs >= 3
     assert fig.median == pytest.approx(0.9, rel=0.03) and Band(1.0).feasible(Probe(fig.median, "", fig.spread))
 
 
