@@ -29,6 +29,7 @@ from edgeprune.jobs.oracle import (
     TableOracle,
     Verification,
     Verified,
+    probe_of,
     verify_release,
 )
 from edgeprune.jobs.rescale import rescaled_release
@@ -162,7 +163,7 @@ def run_search(run: BuildRun, on_step: Callable[[Candidate], None] | None, stage
         stages(f"searching widths for {run.budget_ms:.3f} ms on {run.target.name}", None)
         task = SearchTask(inner.widths_for, inner.options, inner.error_of, run.oracle, run.oracle.remeasure,
                           Band(run.budget_ms, config.tolerance, config.margin_k), config.max_steps,
-                          Probe(base.median, base.source, base.spread),
+                          probe_of(base),
                           {g.name: g.channels for g in session.graph.groups},
                           functools.partial(evolution_space, run), on_step, inner.predict)
         return SEARCHES[config.search](task)
